@@ -1,0 +1,1 @@
+"""Checkpoint conversion (released safetensors -> Orbax). Not implemented yet: see the issue tracker."""

@@ -1,0 +1,329 @@
+"""DeepSeek-V3.2 chat prompt format (the release ships code, not a Jinja template).
+
+``encode_messages`` turns OpenAI-style messages into the exact prompt string; ``parse_message_from_completion_text``
+turns generated text back into an assistant message. Layout of a conversation::
+
+    BOS system[tools block]  <｜User｜>question<｜Assistant｜><think>   (or </think>)
+    reasoning</think>answer-or-empty[\\n\\n<｜DSML｜function_calls>...</｜DSML｜function_calls>]EOS
+    \\n\\n<function_results>\\n<result>...</result>...\\n</function_results>\\n\\n<think>   (or </think>)
+
+A turn opens thinking (``<think>``) only in thinking mode and only from the last user/developer message on,
+unless ``drop_thinking=False`` keeps every earlier turn's reasoning too. Pure standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+# Control tokens of the format; each is one added token of the V3.2 vocabulary (BOS=0, EOS=1).
+SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END]
+
+# DSML tool-call markup. "｜DSML｜" is written with fullwidth bars like the tokens above, but it is markup
+# text, not listed in SPECIAL_TOKENS.
+DSML = "｜DSML｜"
+FUNCTION_CALLS_START = f"<{DSML}function_calls>"
+FUNCTION_CALLS_END = f"</{DSML}function_calls>"
+INVOKE_START = f"<{DSML}invoke"
+INVOKE_END = f"</{DSML}invoke>"
+PARAMETER_START = f"<{DSML}parameter"
+PARAMETER_END = f"</{DSML}parameter>"
+FUNCTION_RESULTS_START = "<function_results>"
+FUNCTION_RESULTS_END = "</function_results>"
+
+THINKING_MODES = ("chat", "thinking")
+_USER_ROLES = ("user", "developer")
+_CALLS_OPENER = "\n\n" + FUNCTION_CALLS_START  # how a tool-call block follows the assistant's content
+_DEVELOPER_QUERY = "\n\n# The user's message is: "
+_RESPONSE_FORMAT_HEADER = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+_TOOLS_HEADER = f"""## Tools
+
+You have access to a set of tools you can use to answer the user's question.
+You can invoke functions by writing a "{FUNCTION_CALLS_START}" block like the following as part of your reply to \
+the user:
+{FUNCTION_CALLS_START}
+{INVOKE_START} name="$FUNCTION_NAME">
+{PARAMETER_START} name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE{PARAMETER_END}
+...
+{INVOKE_END}
+{INVOKE_START} name="$FUNCTION_NAME2">
+...
+{INVOKE_END}
+{FUNCTION_CALLS_END}
+
+String and scalar parameters should be specified as is without any escaping or quotes, while lists and objects \
+should use JSON format. The "string" attribute should be set to "true" for string type parameters and "false" for \
+other types (numbers, booleans, arrays, objects).
+
+If the thinking_mode is enabled, then after function results you should strongly consider outputting a thinking \
+block. Here is an example:
+
+{FUNCTION_CALLS_START}
+...
+{FUNCTION_CALLS_END}
+
+{FUNCTION_RESULTS_START}
+...
+{FUNCTION_RESULTS_END}
+
+{THINK_START}...thinking about results{THINK_END}
+
+Here are the functions available in JSONSchema format:
+<functions>
+"""
+
+
+class ChatFormatError(ValueError):
+    """A message list that cannot be encoded, or a completion that does not follow the format."""
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _is_thinking(thinking_mode: str) -> bool:
+    if thinking_mode not in THINKING_MODES:
+        raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
+    return thinking_mode == "thinking"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _role(msg: Any) -> str:
+    if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+        raise ChatFormatError(f"each message must be a dict with a string 'role', got {msg!r}")
+    return msg["role"]
+
+
+def _text(msg: dict, what: str = "content") -> str:
+    value = msg.get(what)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ChatFormatError(f"{msg['role']} message {what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _attachments(msg: dict) -> str:
+    """The tools block and the response-format block a system/developer message carries, each after a blank line."""
+    out = ""
+    if msg.get("tools"):
+        try:
+            schemas = [_json(tool["function"]) for tool in msg["tools"]]
+        except (KeyError, TypeError):
+            raise ChatFormatError("tools must look like [{'type': 'function', 'function': {...}}, ...]") from None
+        out += "\n\n" + _TOOLS_HEADER + "\n".join(schemas) + "\n</functions>\n"
+    if msg.get("response_format"):
+        out += "\n\n" + _RESPONSE_FORMAT_HEADER + _json(msg["response_format"])
+    return out
+
+
+def _encode_invoke(call: Any) -> str:
+    """One OpenAI tool call as a DSML invoke; strings go verbatim (string="true"), other values as JSON."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ChatFormatError(f"tool call must be {{'function': {{'name': ..., 'arguments': ...}}}}, got {call!r}")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as err:
+            raise ChatFormatError(f"arguments of tool call {fn['name']!r} are not valid JSON: {err}") from None
+    if not isinstance(args, dict):
+        raise ChatFormatError(f"arguments of tool call {fn['name']!r} must be a JSON object, got {args!r}")
+    params = "\n".join(
+        f'{PARAMETER_START} name="{key}" string="{"true" if isinstance(value, str) else "false"}">'
+        f"{value if isinstance(value, str) else _json(value)}{PARAMETER_END}"
+        for key, value in args.items()
+    )
+    return f'{INVOKE_START} name="{fn["name"]}">\n{params}\n{INVOKE_END}'
+
+
+def _encode_assistant(msg: dict, show_reasoning: bool, needs_reasoning: bool) -> str:
+    calls = msg.get("tool_calls") or []
+    reasoning = _text(msg, "reasoning_content")
+    if needs_reasoning and not (reasoning or calls):
+        raise ChatFormatError(
+            "in thinking mode an assistant message after the last user message needs reasoning_content or tool_calls"
+        )
+    out = (reasoning + THINK_END if show_reasoning else "") + _text(msg)
+    if calls:
+        invokes = "\n".join(_encode_invoke(call) for call in calls)
+        out += f"{_CALLS_OPENER}\n{invokes}\n{FUNCTION_CALLS_END}"
+    return out + EOS
+
+
+def _encode_tool_result(convo: list[dict], i: int, think_tag: str) -> str:
+    """The i-th message, a tool result: the n-th answer to the tool calls of the nearest assistant before it."""
+    j = i - 1
+    while j >= 0 and _role(convo[j]) == "tool":
+        j -= 1
+    calls = convo[j].get("tool_calls") if j >= 0 and _role(convo[j]) == "assistant" else None
+    if not calls:
+        raise ChatFormatError(f"tool message #{i} does not follow an assistant message with tool_calls")
+    n = i - j
+    if n > len(calls):
+        raise ChatFormatError(f"tool message #{i} is result {n}, but the assistant made only {len(calls)} tool call(s)")
+    out = ("\n\n" + FUNCTION_RESULTS_START if n == 1 else "") + f"\n<result>{_text(convo[i])}</result>"
+    if n == len(calls):
+        return out + f"\n{FUNCTION_RESULTS_END}\n\n{think_tag}"
+    if i + 1 < len(convo) and _role(convo[i + 1]) != "tool":
+        raise ChatFormatError(f"message #{i + 1} comes before all {len(calls)} tool results were given")
+    return out
+
+
+def _encode_one(convo: list[dict], i: int, think: bool, needs_reasoning: bool) -> str:
+    msg = convo[i]
+    role = _role(msg)
+    if msg.get("tools") and role not in ("system", "developer"):
+        raise ChatFormatError(f"tools can be attached to a system or developer message, not to a {role} message")
+    think_tag = THINK_START if think else THINK_END
+    if role == "system":
+        return _text(msg) + _attachments(msg)
+    if role == "user":
+        return USER + _text(msg) + ASSISTANT + think_tag
+    if role == "developer":
+        if not _text(msg):
+            raise ChatFormatError("a developer message needs non-empty content (the user's query)")
+        return USER + _attachments(msg) + _DEVELOPER_QUERY + _text(msg) + ASSISTANT + think_tag
+    if role == "tool":
+        return _encode_tool_result(convo, i, think_tag)
+    if role == "assistant":
+        return _encode_assistant(msg, think, needs_reasoning)
+    raise ChatFormatError(f"unknown role {role!r}; expected system, developer, user, assistant or tool")
+
+
+def encode_messages(
+    messages: list[dict],
+    thinking_mode: str = "thinking",
+    context: list[dict] | None = None,
+    drop_thinking: bool = True,
+    add_default_bos_token: bool = True,
+) -> str:
+    """Encode OpenAI-style ``messages`` into the V3.2 prompt string.
+
+    ``context``: earlier messages already in the prompt; only ``messages`` are encoded (no BOS), rendered as they
+    would be at the end of ``context + messages``. ``drop_thinking``: earlier turns' reasoning is left out (the
+    official behaviour); with False, turns before the last user message keep ``<think>reasoning</think>`` too, so
+    the prompt only ever grows by appending. Tools go in ``messages[i]["tools"]`` of a system/developer message.
+    """
+    thinking = _is_thinking(thinking_mode)
+    convo = [*(context or []), *messages]
+    last_user = max((i for i, msg in enumerate(convo) if _role(msg) in _USER_ROLES), default=-1)
+    start = len(convo) - len(messages)
+    out = BOS if add_default_bos_token and start == 0 else ""
+    for i in range(start, len(convo)):
+        think = thinking and (not drop_thinking or i >= last_user)
+        out += _encode_one(convo, i, think, needs_reasoning=thinking and i > last_user)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """A cursor over completion text; every unmet expectation raises ChatFormatError."""
+
+    def __init__(self, text: str, pos: int) -> None:
+        self.text, self.pos = text, pos
+
+    def at(self, literal: str) -> bool:
+        return self.text.startswith(literal, self.pos)
+
+    def expect(self, literal: str, where: str) -> None:
+        if not self.at(literal):
+            if self.pos >= len(self.text):
+                raise ChatFormatError(f"unterminated tool call: the text ends where {literal!r} was expected {where}")
+            raise ChatFormatError(f"expected {literal!r} {where}, found {self.text[self.pos : self.pos + 40]!r}")
+        self.pos += len(literal)
+
+    def until(self, literal: str, where: str) -> str:
+        end = self.text.find(literal, self.pos)
+        if end < 0:
+            raise ChatFormatError(f"unterminated tool call: expected {literal!r} {where}")
+        out, self.pos = self.text[self.pos : end], end + len(literal)
+        return out
+
+
+def _name(value: str, what: str) -> str:
+    if not value or any(c in value for c in '"<>\n'):
+        raise ChatFormatError(f"malformed {what} {value[:60]!r} in the tool-call block")
+    return value
+
+
+def _parse_invoke(reader: _Reader) -> dict:
+    reader.expect(f'{INVOKE_START} name="', f"(an invoke or {FUNCTION_CALLS_END!r})")
+    name = _name(reader.until('">\n', "after the tool name"), "tool name")
+    args: dict[str, Any] = {}
+    while reader.at(PARAMETER_START):
+        reader.expect(f'{PARAMETER_START} name="', "to start a parameter")
+        key = _name(reader.until('" string="', "after the parameter name"), "parameter name")
+        flag = reader.until('">', f"after the string attribute of parameter {key!r}")
+        raw = reader.until(PARAMETER_END, f"to close parameter {key!r}")
+        reader.expect("\n", f"after parameter {key!r}")
+        if flag not in ("true", "false"):
+            raise ChatFormatError(f'parameter {key!r} has string="{flag[:20]}", expected "true" or "false"')
+        if DSML in raw:
+            raise ChatFormatError(f"parameter {key!r} runs into DSML markup: {raw[:60]!r}")
+        if key in args:
+            raise ChatFormatError(f"duplicate parameter {key!r} in the call to {name!r}")
+        try:
+            args[key] = raw if flag == "true" else json.loads(raw)
+        except json.JSONDecodeError:
+            raise ChatFormatError(f'parameter {key!r} has string="false" but is not JSON: {raw[:60]!r}') from None
+    if not args:
+        reader.expect("\n", f"in the argument-less call to {name!r}")
+    reader.expect(INVOKE_END + "\n", f"(a parameter or the end of the call to {name!r})")
+    return {"type": "function", "function": {"name": name, "arguments": _json(args)}}
+
+
+def _parse_function_calls(reader: _Reader) -> list[dict]:
+    reader.expect(FUNCTION_CALLS_START + "\n", "to open the tool-call block")
+    calls = [_parse_invoke(reader)]
+    while not reader.at(FUNCTION_CALLS_END):
+        calls.append(_parse_invoke(reader))
+    reader.pos += len(FUNCTION_CALLS_END)
+    return calls
+
+
+def parse_message_from_completion_text(text: str, thinking_mode: str) -> dict:
+    """Parse generated text (everything after the prompt) into an OpenAI-style assistant message.
+
+    Thinking mode expects ``reasoning</think>``; then the answer, an optional DSML tool-call block after a blank
+    line, and EOS (which may be absent only right after a tool-call block). Returns ``role``, ``content``,
+    ``reasoning_content`` and ``tool_calls`` (without ids); raises ChatFormatError on anything else.
+    """
+    reasoning, rest = "", text
+    if _is_thinking(thinking_mode):
+        reasoning, closed, rest = text.partition(THINK_END)
+        if not closed:
+            raise ChatFormatError(f"a thinking-mode completion must close its reasoning with {THINK_END!r}")
+    calls_at, eos_at = rest.find(_CALLS_OPENER), rest.find(EOS)
+    if calls_at >= 0 and (eos_at < 0 or calls_at < eos_at):
+        content, reader = rest[:calls_at], _Reader(rest, calls_at + 2)
+        tool_calls = _parse_function_calls(reader)
+        tail = rest[reader.pos :]
+        if tail not in ("", EOS):
+            raise ChatFormatError(f"expected {EOS!r} after {FUNCTION_CALLS_END!r}, found {tail[:40]!r}")
+    else:
+        if eos_at < 0:
+            raise ChatFormatError(f"a completion without tool calls must end with {EOS!r}")
+        content, tool_calls = rest[:eos_at], []
+        if rest[eos_at + len(EOS) :]:
+            raise ChatFormatError(f"unexpected text after {EOS!r}: {rest[eos_at + len(EOS) :][:40]!r}")
+    for field, value in (("reasoning_content", reasoning), ("content", content)):
+        for token in (*SPECIAL_TOKENS, DSML):
+            if token in value:
+                raise ChatFormatError(f"unexpected {token!r} inside {field}")
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": tool_calls}

@@ -1,0 +1,314 @@
+"""One flat, frozen, hashable config. Defaults are the released DeepSeek-V3.2 (671B) sizes.
+
+Small presets are `dataclasses.replace(Config(), ...)`. A config comes from a Hugging Face
+`config.json` (`Config.from_hf`) or from the official reference's model-args JSON
+(`Config.from_reference_args`); both are validated, and so is every `replace` (via __post_init__).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+BLOCK = 128  # FP8 block size: 128x128 weight blocks, 128-wide activation blocks
+DTYPES = ("bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """An unsupported or inconsistent model config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # sizes (HF config.json names in comments)
+    vocab_size: int = 129280
+    dim: int = 7168  # hidden_size
+    inter_dim: int = 18432  # intermediate_size (dense FFN layers)
+    moe_inter_dim: int = 2048  # moe_intermediate_size
+    n_layers: int = 61  # num_hidden_layers
+    n_dense_layers: int = 3  # first_k_dense_replace
+    n_heads: int = 128  # num_attention_heads
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # MoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 8  # num_experts_per_tok
+    n_expert_groups: int = 8  # n_group
+    n_limited_groups: int = 4  # topk_group
+    route_scale: float = 2.5  # routed_scaling_factor
+    # lightning indexer
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    # YaRN rotary
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0
+    original_seq_len: int = 4096  # rope_scaling.original_max_position_embeddings
+    max_seq_len: int = 163840  # max_position_embeddings
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    rms_norm_eps: float = 1e-6
+    # checkpoint format
+    weight_dtype: str = "fp8"  # "fp8": e4m3 weights + 128x128 fp32 scales; "bf16": plain bf16
+    scale_fmt: str | None = "ue8m0"  # activation-scale format (None: unrounded fp32 scales)
+    n_mtp_layers: int = 1  # num_nextn_predict_layers (stored after the decoder; unused here)
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    # numerics (runtime choice, not part of the checkpoint)
+    dtype: str = "bfloat16"  # activation / compute dtype
+    fp8_activations: bool = True  # simulate the deployed FP8 activation quantization
+
+    def __post_init__(self):
+        _validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def yarn_active(self) -> bool:
+        return self.max_seq_len > self.original_seq_len
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        if self.yarn_active:
+            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            scale *= m * m
+        return scale
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_dtype == "fp8"
+
+    # ---- constructors --------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **overrides) -> "Config":
+        """From a HF `config.json` (path, directory or dict). `overrides` set numerics etc."""
+        hf = _read_json(source, "config.json")
+        where = _where(source, "config.json")
+        arch = hf.get("model_type")
+        if arch not in (None, "deepseek_v32"):
+            raise ConfigError(f"{where}: model_type {arch!r} is not 'deepseek_v32'")
+        if hf.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ConfigError(f"{where}: scoring_func {hf['scoring_func']!r}: only 'sigmoid' is supported")
+        if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ConfigError(f"{where}: topk_method {hf['topk_method']!r}: only 'noaux_tc' is supported")
+        if hf.get("moe_layer_freq", 1) != 1:
+            raise ConfigError(f"{where}: moe_layer_freq must be 1")
+        if hf.get("tie_word_embeddings", False):
+            raise ConfigError(f"{where}: tie_word_embeddings=true is not the V3.2 layout")
+        q = hf.get("quantization_config")
+        if q is None:
+            weight_dtype, scale_fmt = "bf16", None
+        else:
+            if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+                raise ConfigError(f"{where}: quantization_config {q}: only fp8 e4m3 is supported")
+            if list(q.get("weight_block_size", [BLOCK, BLOCK])) != [BLOCK, BLOCK]:
+                raise ConfigError(f"{where}: weight_block_size {q['weight_block_size']} must be [128, 128]")
+            weight_dtype, scale_fmt = "fp8", q.get("scale_fmt")
+        rs = hf.get("rope_scaling") or {}
+        if rs and rs.get("type", rs.get("rope_type", "yarn")) != "yarn":
+            raise ConfigError(f"{where}: rope_scaling type {rs.get('type')!r}: only 'yarn' is supported")
+        try:
+            kw = dict(
+                vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
+                moe_inter_dim=hf["moe_intermediate_size"], n_layers=hf["num_hidden_layers"],
+                n_dense_layers=hf["first_k_dense_replace"], n_heads=hf["num_attention_heads"],
+                q_lora_rank=hf["q_lora_rank"], kv_lora_rank=hf["kv_lora_rank"],
+                qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
+                v_head_dim=hf["v_head_dim"], n_routed_experts=hf["n_routed_experts"],
+                n_shared_experts=hf["n_shared_experts"], n_activated_experts=hf["num_experts_per_tok"],
+                n_expert_groups=hf["n_group"], n_limited_groups=hf["topk_group"],
+                route_scale=float(hf["routed_scaling_factor"]), index_n_heads=hf["index_n_heads"],
+                index_head_dim=hf["index_head_dim"], index_topk=hf["index_topk"],
+                rope_theta=float(hf["rope_theta"]), max_seq_len=hf["max_position_embeddings"],
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                n_mtp_layers=hf.get("num_nextn_predict_layers", 0),
+                bos_token_id=hf.get("bos_token_id", 0), eos_token_id=hf.get("eos_token_id", 1),
+                weight_dtype=weight_dtype, scale_fmt=scale_fmt,
+            )
+        except KeyError as e:
+            raise ConfigError(f"{where}: missing required field {e.args[0]!r}") from None
+        if rs:
+            kw.update(rope_factor=float(rs["factor"]),
+                      original_seq_len=rs["original_max_position_embeddings"],
+                      beta_fast=rs.get("beta_fast", 32), beta_slow=rs.get("beta_slow", 1),
+                      mscale=float(rs.get("mscale", 1.0)))
+            if rs.get("mscale_all_dim", kw["mscale"]) != kw["mscale"]:
+                raise ConfigError(f"{where}: rope_scaling mscale_all_dim != mscale is not supported")
+        else:  # no YaRN: make the condition max_seq_len > original_seq_len false
+            kw.update(rope_factor=1.0, original_seq_len=kw["max_seq_len"])
+        kw.update(overrides)
+        return cls(**_checked_types(kw, where))
+
+    @classmethod
+    def from_reference_args(cls, source: str | os.PathLike | Mapping[str, Any], **overrides) -> "Config":
+        """From the official reference's ModelArgs JSON (e.g. `config_671B_v3.2.json`)."""
+        a = _read_json(source, "reference_args.json")
+        where = _where(source, "reference_args.json")
+        if a.get("score_func", "sigmoid") != "sigmoid":
+            raise ConfigError(f"{where}: score_func {a['score_func']!r}: only 'sigmoid' is supported")
+        # our field names are the reference's, except its "dtype" (the weight format)
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "fp8_activations"}
+        kw = {k: v for k, v in a.items() if k in names}
+        if "dtype" in a:
+            kw["weight_dtype"] = a["dtype"]
+        kw.update(overrides)
+        return cls(**_checked_types(kw, where))
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict of this config (numerics fields are not part of it)."""
+        hf: dict[str, Any] = {
+            "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "first_k_dense_replace": self.n_dense_layers, "hidden_act": "silu",
+            "hidden_size": self.dim, "index_head_dim": self.index_head_dim,
+            "index_n_heads": self.index_n_heads, "index_topk": self.index_topk,
+            "intermediate_size": self.inter_dim, "kv_lora_rank": self.kv_lora_rank,
+            "max_position_embeddings": self.max_seq_len, "moe_intermediate_size": self.moe_inter_dim,
+            "moe_layer_freq": 1, "n_group": self.n_expert_groups,
+            "n_routed_experts": self.n_routed_experts, "n_shared_experts": self.n_shared_experts,
+            "norm_topk_prob": True, "num_attention_heads": self.n_heads,
+            "num_experts_per_tok": self.n_activated_experts, "num_hidden_layers": self.n_layers,
+            "num_key_value_heads": self.n_heads, "num_nextn_predict_layers": self.n_mtp_layers,
+            "q_lora_rank": self.q_lora_rank, "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "routed_scaling_factor": self.route_scale,
+            "scoring_func": "sigmoid", "tie_word_embeddings": False,
+            "topk_group": self.n_limited_groups, "topk_method": "noaux_tc",
+            "torch_dtype": "bfloat16", "v_head_dim": self.v_head_dim, "vocab_size": self.vocab_size,
+        }
+        if self.yarn_active:
+            hf["rope_scaling"] = {
+                "beta_fast": self.beta_fast, "beta_slow": self.beta_slow, "factor": self.rope_factor,
+                "mscale": self.mscale, "mscale_all_dim": self.mscale,
+                "original_max_position_embeddings": self.original_seq_len, "type": "yarn"}
+        if self.quantized:
+            hf["quantization_config"] = {
+                "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": [BLOCK, BLOCK]}
+            if self.scale_fmt is not None:
+                hf["quantization_config"]["scale_fmt"] = self.scale_fmt
+        return hf
+
+
+def _read_json(source, filename: str) -> dict:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def _where(source, filename: str) -> str:
+    if isinstance(source, Mapping):
+        return filename
+    path = os.fspath(source)
+    return os.path.join(path, filename) if os.path.isdir(path) else path
+
+
+def _checked_types(kw: dict, where: str) -> dict:
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    out = {}
+    for k, v in kw.items():
+        if k not in types:
+            raise ConfigError(f"{where}: unknown config field {k!r}")
+        t = types[k]
+        if t == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                if isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                else:
+                    raise ConfigError(f"{where}: {k} must be an integer, got {v!r}")
+        elif t == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{where}: {k} must be a number, got {v!r}")
+            v = float(v)
+        out[k] = v
+    return out
+
+
+def _validate(c: Config) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    for f in dataclasses.fields(c):
+        v = getattr(c, f.name)
+        if f.type == "int" and f.name not in ("bos_token_id", "eos_token_id", "n_mtp_layers", "n_dense_layers"):
+            need(isinstance(v, int) and v > 0, f"{f.name} must be a positive integer, got {v!r}")
+    need(c.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {c.dtype!r}")
+    need(isinstance(c.fp8_activations, bool), f"fp8_activations must be a bool, got {c.fp8_activations!r}")
+    need(c.weight_dtype in ("fp8", "bf16"), f"weight_dtype must be 'fp8' or 'bf16', got {c.weight_dtype!r}")
+    need(c.scale_fmt in (None, "ue8m0"), f"scale_fmt must be None or 'ue8m0', got {c.scale_fmt!r}")
+    need(0 <= c.n_dense_layers <= c.n_layers,
+         f"first_k_dense_replace={c.n_dense_layers} must be within [0, num_hidden_layers={c.n_layers}]")
+    need(c.n_routed_experts % c.n_expert_groups == 0,
+         f"n_routed_experts={c.n_routed_experts} is not divisible by n_group={c.n_expert_groups}")
+    per_group = c.n_routed_experts // c.n_expert_groups
+    need(c.n_expert_groups == 1 or per_group >= 2,
+         f"group-limited routing scores a group by its top-2 experts: n_routed_experts/n_group="
+         f"{per_group} must be >= 2")
+    need(c.n_limited_groups <= c.n_expert_groups,
+         f"topk_group={c.n_limited_groups} exceeds n_group={c.n_expert_groups}")
+    need(c.n_activated_experts <= c.n_limited_groups * per_group,
+         f"num_experts_per_tok={c.n_activated_experts} exceeds the experts in the kept groups "
+         f"(topk_group*experts_per_group={c.n_limited_groups * per_group})")
+    need(c.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={c.qk_rope_head_dim} must be even")
+    hd = c.index_head_dim
+    need(hd & (hd - 1) == 0, f"index_head_dim={hd} must be a power of two (Hadamard rotation)")
+    need(c.qk_rope_head_dim <= hd, f"qk_rope_head_dim={c.qk_rope_head_dim} exceeds index_head_dim={hd}")
+    need(c.beta_fast > c.beta_slow, f"beta_fast={c.beta_fast} must exceed beta_slow={c.beta_slow}")
+    if c.fp8_activations:
+        need(hd == BLOCK, f"index_head_dim={hd}: the FP8 indexer quantizes one 128-wide block per head; "
+                          "it must be 128 (or set fp8_activations=False)")
+        need(c.kv_lora_rank % BLOCK == 0,
+             f"kv_lora_rank={c.kv_lora_rank} must be a multiple of 128 for the FP8 latent cache")
+    if c.quantized and c.fp8_activations:
+        for name, k in (("hidden_size", c.dim), ("q_lora_rank", c.q_lora_rank),
+                        ("kv_lora_rank", c.kv_lora_rank), ("num_attention_heads*v_head_dim",
+                                                            c.n_heads * c.v_head_dim),
+                        ("intermediate_size", c.inter_dim), ("moe_intermediate_size", c.moe_inter_dim)):
+            need(k % BLOCK == 0, f"{name}={k} is the input width of an FP8 linear layer and must be a "
+                                 "multiple of 128 (activations are quantized in 128-wide blocks)")
+
+
+def preset(name: str, **overrides) -> Config:
+    """Small configs for tests and the demo (`tiny` mirrors the shared fixtures' shapes)."""
+    presets = {
+        "671b": {},
+        "tiny": dict(vocab_size=2048, dim=256, inter_dim=512, moe_inter_dim=128, n_layers=3,
+                     n_dense_layers=1, n_heads=4, q_lora_rank=256, kv_lora_rank=128,
+                     qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=8,
+                     n_activated_experts=2, n_expert_groups=4, n_limited_groups=2, index_n_heads=16,
+                     index_topk=16, rope_factor=4.0, original_seq_len=32, max_seq_len=128),
+        "small": dict(vocab_size=4096, dim=512, inter_dim=1024, moe_inter_dim=256, n_layers=4,
+                      n_dense_layers=1, n_heads=8, q_lora_rank=256, kv_lora_rank=128,
+                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16,
+                      n_activated_experts=4, n_expert_groups=4, n_limited_groups=2, index_n_heads=8,
+                      index_topk=64, rope_factor=4.0, original_seq_len=1024, max_seq_len=8192),
+    }
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    return dataclasses.replace(Config(), **{**presets[name], **overrides})

@@ -1,0 +1,94 @@
+"""Loading the released Hugging Face layout (config.json + index + safetensors shards) into the
+stacked param tree, tensor by tensor from memory maps.
+
+Every param is built with `jax.make_array_from_callback`: the callback reads only the slice a
+device asks for, from memory-mapped shards, so host memory holds at most one device's slice of one
+param at a time (for a single device: the largest stacked param).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from dsv32_jax.config import Config
+from dsv32_jax.safetensors_io import ShardedCheckpoint
+from dsv32_jax.weights import ParamSpec, abstract_params, flatten, hf_names, is_mtp_tensor, unflatten
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the config/model: names the tensor and what was expected."""
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    p = os.fspath(path)
+    return os.path.isfile(os.path.join(p, "config.json")) and any(
+        f.endswith(".safetensors") for f in os.listdir(p))
+
+
+def check(ckpt: ShardedCheckpoint, cfg: Config, specs: dict | None = None) -> dict:
+    """Validate names, shapes and dtypes of every tensor against the abstract params.
+
+    Returns {param path: HF names array}. Raises CheckpointError on missing, mis-shaped,
+    wrongly-typed or unexpected tensors (the MTP layer is recognized and skipped).
+    """
+    specs = flatten(specs if specs is not None else abstract_params(cfg))
+    where = ckpt.directory
+    sources, expected = {}, set()
+    for path, spec in specs.items():
+        names = hf_names(cfg, path)
+        sources[path] = names
+        per_tensor = spec.shape[names.ndim:]
+        for name in names.reshape(-1):
+            expected.add(name)
+            if name not in ckpt:
+                raise CheckpointError(f"{where}: missing tensor {name!r} (for param "
+                                      f"{'/'.join(path)}, expected shape {per_tensor})")
+            shape, dtype = ckpt.shape(name), ckpt.dtype(name)
+            if tuple(shape) != tuple(per_tensor):
+                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {tuple(shape)},"
+                                      f" expected {tuple(per_tensor)} from config")
+            if np.dtype(dtype) != np.dtype(spec.dtype):
+                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype "
+                                      f"{np.dtype(dtype).name}, expected {np.dtype(spec.dtype).name}")
+    extra = sorted(n for n in ckpt.keys() if n not in expected and not is_mtp_tensor(cfg, n))
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckpointError(f"{where}: unexpected tensors not used by the model: {extra[:5]}{more}")
+    return sources
+
+
+def _reader(ckpt: ShardedCheckpoint, names: np.ndarray, spec: ParamSpec):
+    """Callback for make_array_from_callback: reads just the requested slice."""
+    lead = names.ndim
+
+    def read(index):
+        index = tuple(index) + (slice(None),) * (len(spec.shape) - len(index))
+        sub, tail = names[index[:lead]], index[lead:]
+        if lead == 0:
+            return np.array(ckpt.get(str(sub))[tail])
+        first = ckpt.get(sub.reshape(-1)[0])[tail]
+        out = np.empty(sub.shape + first.shape, spec.dtype)
+        for pos in np.ndindex(sub.shape):
+            out[pos] = ckpt.get(sub[pos])[tail]
+        return out
+
+    return read
+
+
+def load_params(directory: str | os.PathLike, cfg: Config, shardings=None) -> dict:
+    """Params from a HF checkpoint dir. `shardings`: a tree of jax.sharding.Sharding like the
+    params (default: everything on the first device)."""
+    specs = abstract_params(cfg)
+    with ShardedCheckpoint(directory) as ckpt:
+        sources = check(ckpt, cfg, specs)
+        flat_shard = flatten(shardings) if shardings is not None else {}
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        out = {}
+        for path, spec in flatten(specs).items():
+            sharding = flat_shard.get(path, default)
+            out[path] = jax.make_array_from_callback(spec.shape, sharding,
+                                                     _reader(ckpt, sources[path], spec))
+    return unflatten(out)

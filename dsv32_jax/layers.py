@@ -1,0 +1,156 @@
+"""Basic layers: FP8 block-scaled / plain Linear, RMSNorm with fused residual, LayerNorm, Embed.
+
+Params are stored in the checkpoint's dtypes (e4m3 + float32 scales, bf16 otherwise) and every
+param carries logical axis names (see `sharding.rules`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dsv32_jax.config import BLOCK, Config
+from dsv32_jax.quant import FP8, HIGHEST, act_quant, block_scaled_matmul, dequant
+
+Axes = tuple[str, ...]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def param(module: nn.Module, name: str, shape, dtype, axes: Axes, init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def normal_init(stddev: float):
+    def init(key, shape, dtype):
+        return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return init
+
+
+def fp8_init(key, shape, dtype):
+    """Random e4m3 weights ~N(0, 1); the matching scale init sets the real magnitude."""
+    return jnp.clip(jax.random.normal(key, shape, jnp.float32), -8, 8).astype(dtype)
+
+
+def const_init(value: float):
+    def init(key, shape, dtype):
+        return jnp.full(shape, value, dtype)
+    return init
+
+
+def precision(dtype) -> jax.lax.Precision | None:
+    return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """Two-operand einsum with inputs in `dtype`, float32 accumulation, result in `dtype`.
+
+    XLA:CPU lacks some bf16 x bf16 -> f32 dots; there the bf16 inputs are widened to float32,
+    which is the same math (bf16 products are exact in float32)."""
+    dtype = jnp.dtype(dtype)
+    in_dtype = jnp.float32 if jax.default_backend() == "cpu" else dtype
+    y = jnp.einsum(spec, a.astype(dtype).astype(in_dtype), b.astype(dtype).astype(in_dtype),
+                   precision=precision(in_dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T with W (out, in). FP8 W (`quantized`) keeps e4m3 weight + 128x128 `scale`.
+
+    With cfg.fp8_activations the input is quantized per 128-block and the product is the
+    blockwise sum of the release; otherwise W is dequantized to the compute dtype.
+    `f32=True` computes in float32 whatever the compute dtype (router, indexer weights, head).
+    """
+
+    cfg: Config
+    in_features: int
+    features: int
+    axes: Axes  # logical names of (out, in)
+    quantized: bool = False
+    f32: bool = False
+
+    def setup(self):
+        n, k = self.features, self.in_features
+        if self.quantized:
+            self.weight = param(self, "weight", (n, k), FP8, self.axes, fp8_init)  # (out, in) e4m3
+            self.scale = param(self, "scale", (cdiv(n, BLOCK), cdiv(k, BLOCK)), jnp.float32,
+                               self.axes, const_init(k**-0.5))  # (out/128, in/128) f32
+        else:
+            self.weight = param(self, "weight", (n, k), jnp.bfloat16, self.axes, normal_init(k**-0.5))
+
+    @property
+    def dtype(self):
+        return jnp.float32 if self.f32 else jnp.dtype(self.cfg.dtype)
+
+    def dense_weight(self) -> jax.Array:
+        """W (out, in) in the compute dtype (dequantized if FP8)."""
+        if self.quantized:
+            return dequant(self.weight, self.scale, self.dtype)
+        return self.weight.astype(self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.quantized and self.cfg.fp8_activations:
+            return fp8_linear(x, self.weight, self.scale, self.cfg.scale_fmt, self.dtype)
+        return matmul(x, self.dense_weight(), self.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x (..., K) @ w (N, K)^T in `dtype`, float32 accumulation."""
+    return einsum("...k,nk->...n", x, w, dtype)
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, scale_fmt, dtype) -> jax.Array:
+    """act_quant(x) (..., K) times FP8 w (N, K) with block scales s (N/128, K/128), blockwise."""
+    n, k = w.shape
+    lead = x.shape[:-1]
+    xq, xs = act_quant(x.reshape(-1, k), scale_fmt)
+    return block_scaled_matmul(xq, xs, w, s).reshape(*lead, n).astype(dtype)
+
+
+class RMSNorm(nn.Module):
+    """w * h / sqrt(mean(h^2) + eps) in float32, h = x (+ residual, fused; returned in x.dtype)."""
+
+    eps: float
+    axis: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None):
+        w = param(self, "weight", (x.shape[-1],), jnp.bfloat16, (self.axis,), const_init(1.0))
+        h = x.astype(jnp.float32)
+        if residual is not None:
+            h = h + residual.astype(jnp.float32)
+        y = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        y = (w.astype(jnp.float32) * y).astype(x.dtype)
+        return y if residual is None else (y, h.astype(x.dtype))
+
+
+class LayerNorm(nn.Module):
+    """Standard LayerNorm (weight and bias) in float32, output in x.dtype."""
+
+    eps: float
+    axis: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        w = param(self, "weight", (d,), jnp.bfloat16, (self.axis,), const_init(1.0))
+        b = param(self, "bias", (d,), jnp.bfloat16, (self.axis,), const_init(0.0))
+        h = x.astype(jnp.float32)
+        mu = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mu), axis=-1, keepdims=True)
+        y = (h - mu) * jax.lax.rsqrt(var + self.eps) * w.astype(jnp.float32) + b.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Embed(nn.Module):
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        w = param(self, "weight", (cfg.vocab_size, cfg.dim), jnp.bfloat16, ("vocab", "embed"),
+                  normal_init(1.0))
+        return jnp.take(w, tokens, axis=0).astype(cfg.dtype)

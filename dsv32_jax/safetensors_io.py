@@ -1,0 +1,340 @@
+"""Memory-mapped safetensors reader and streaming writer (numpy + ml_dtypes only).
+
+File layout: 8-byte little-endian header length ``N``; ``N`` bytes of UTF-8 JSON mapping
+each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to
+the first byte after the header) plus an optional ``"__metadata__"`` str->str dict; then data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "DTYPES",
+    "LazyTensor",
+    "SafetensorsError",
+    "SafetensorsFile",
+    "ShardedCheckpoint",
+    "TensorNotFoundError",
+    "dtype_name",
+    "write_safetensors",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+_META = "__metadata__"
+
+
+class SafetensorsError(ValueError):
+    """Malformed or inconsistent safetensors file / checkpoint directory."""
+
+
+class TensorNotFoundError(KeyError):
+    """Tensor name absent from a file or checkpoint."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+DTYPES: dict[str, np.dtype] = {
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "I8": np.dtype("i1"),
+    "I16": np.dtype("<i2"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "U8": np.dtype("u1"),
+    "U16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"),
+    "U64": np.dtype("<u8"),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(np_dtype: Any) -> str:
+    """Safetensors dtype string for a numpy dtype (ValueError if unsupported, e.g. big-endian)."""
+    dt = np.dtype(np_dtype)
+    if dt not in _NAMES:
+        raise ValueError(f"dtype {dt!r} is not supported by safetensors (supported: {sorted(DTYPES)})")
+    return _NAMES[dt]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(type(d) is int for d in x)
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: header parsed and validated eagerly, data memory-mapped lazily."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        size = os.path.getsize(self.path)
+        if size < 8:
+            raise SafetensorsError(f"{self.path}: file is {size} bytes, shorter than the 8-byte header length")
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                raise SafetensorsError(f"{self.path}: header length {n} exceeds the {size - 8} bytes after it")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise SafetensorsError(f"{self.path}: header is not valid UTF-8 JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: header is a JSON {type(header).__name__}, expected an object")
+        meta = header.pop(_META, {})
+        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise SafetensorsError(f"{self.path}: {_META} must map str to str, found {meta!r}")
+        self.metadata: dict[str, str] = meta
+        self._data_start = 8 + n
+        self._entries = {name: self._parse_entry(name, info, size - 8 - n) for name, info in header.items()}
+        spans = sorted((e.begin, e.end, k) for k, e in self._entries.items() if e.end > e.begin)
+        for (_, end0, k0), (begin1, _, k1) in zip(spans, spans[1:]):
+            if begin1 < end0:
+                raise SafetensorsError(f"{self.path}: tensors {k0!r} and {k1!r} overlap in the data section")
+        self._mm: np.memmap | None = None
+
+    def _parse_entry(self, name: str, info: Any, data_size: int) -> _Entry:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{where}: header entry is {info!r}, expected an object")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dt not in DTYPES:
+            raise SafetensorsError(f"{where}: unknown dtype {dt!r}, expected one of {sorted(DTYPES)}")
+        if not _is_int_list(shape) or any(d < 0 for d in shape):
+            raise SafetensorsError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+        if not _is_int_list(offs) or len(offs) != 2:
+            raise SafetensorsError(f"{where}: data_offsets {offs!r} is not a [begin, end] pair of ints")
+        begin, end = offs
+        if not 0 <= begin <= end:
+            raise SafetensorsError(f"{where}: data_offsets [{begin}, {end}] are negative or inverted")
+        expected = math.prod(shape) * DTYPES[dt].itemsize
+        if end - begin != expected:
+            raise SafetensorsError(
+                f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, "
+                f"expected {expected} for {dt} shape {shape}"
+            )
+        if end > data_size:
+            raise SafetensorsError(
+                f"{where}: data ends at byte {end} but the data section has only {data_size} bytes (truncated file?)"
+            )
+        return _Entry(DTYPES[dt], tuple(shape), begin, end)
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}") from None
+
+    def keys(self) -> list[str]:
+        """Sorted tensor names."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entry(name).dtype
+
+    def nbytes(self, name: str) -> int:
+        e = self._entry(name)
+        return e.end - e.begin
+
+    def get(self, name: str) -> np.ndarray:
+        """Zero-copy, read-only ``np.memmap`` view of tensor ``name``."""
+        e = self._entry(name)
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start = self._data_start + e.begin
+        return self._mm[start : self._data_start + e.end].view(e.dtype).reshape(e.shape)
+
+    def close(self) -> None:
+        """Drop this object's mapping; arrays already returned by ``get`` stay valid."""
+        self._mm = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ShardedCheckpoint:
+    """A HF checkpoint directory: ``model.safetensors.index.json`` if present, else all ``*.safetensors``."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.fspath(directory)
+        self._files: dict[str, SafetensorsFile] = {}
+        index_path = os.path.join(self.directory, INDEX_NAME)
+        if os.path.exists(index_path):
+            self._weight_map = self._read_index(index_path)
+            first_tensor = {f: n for n, f in sorted(self._weight_map.items(), reverse=True)}
+            for fname, name in sorted(first_tensor.items()):
+                if not os.path.isfile(fname):
+                    raise SafetensorsError(f"{index_path}: shard {fname} (holding tensor {name!r}) does not exist")
+            return
+        paths = sorted(glob.glob(os.path.join(glob.escape(self.directory), "*.safetensors")))
+        if not paths:
+            raise SafetensorsError(f"{self.directory}: no {INDEX_NAME} and no *.safetensors files")
+        self._weight_map = {}
+        for p in paths:
+            self._files[p] = f = SafetensorsFile(p)
+            for name in f.keys():
+                if name in self._weight_map:
+                    other = self._weight_map[name]
+                    raise SafetensorsError(f"{self.directory}: tensor {name!r} is in both {other} and {p}")
+                self._weight_map[name] = p
+
+    def _read_index(self, index_path: str) -> dict[str, str]:
+        try:
+            with open(index_path, encoding="utf-8") as fh:
+                wm = json.load(fh)["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SafetensorsError(f"{index_path}: not a valid index with a 'weight_map' ({e!r})") from None
+        if not (isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())):
+            raise SafetensorsError(f"{index_path}: 'weight_map' must map tensor names to file names")
+        return {k: os.path.join(self.directory, v) for k, v in wm.items()}
+
+    def keys(self) -> list[str]:
+        """Sorted tensor names."""
+        return sorted(self._weight_map)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._weight_map
+
+    def file_of(self, name: str) -> str:
+        """Path of the shard holding ``name``."""
+        try:
+            return self._weight_map[name]
+        except KeyError:
+            raise TensorNotFoundError(f"{self.directory}: checkpoint has no tensor named {name!r}") from None
+
+    def _file(self, name: str) -> SafetensorsFile:
+        path = self.file_of(name)
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path)
+        f = self._files[path]
+        if name not in f:
+            raise SafetensorsError(f"{path}: tensor {name!r} is listed in {INDEX_NAME} but missing from this shard")
+        return f
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._file(name).dtype(name)
+
+    def nbytes(self, name: str) -> int:
+        return self._file(name).nbytes(name)
+
+    def get(self, name: str) -> np.ndarray:
+        """Zero-copy, read-only ``np.memmap`` view of tensor ``name``."""
+        return self._file(name).get(name)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self) -> ShardedCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """Declared ``shape``/``dtype`` plus a zero-arg ``fn`` producing the array when it is written."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    fn: Callable[[], Any]
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Stream ``tensors`` to a safetensors file at ``path``, sorted by name.
+
+    Each value is an array with ``.shape``/``.dtype`` (numpy, jax, ...; converted with ``np.asarray``
+    only when its turn comes) or a callable with ``.shape``/``.dtype`` such as :class:`LazyTensor`,
+    called once, at write time. The header is built from the declared shapes/dtypes, then tensors
+    are produced and written one at a time, so at most one is materialised at once. A produced
+    array whose shape/dtype differs from its declaration raises ValueError. Data goes to
+    ``path + ".tmp"``, renamed onto ``path`` only on success (removed on failure).
+    """
+    path = os.fspath(path)
+    meta = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError(f"{path}: metadata must map str to str, got {meta!r}")
+    header: dict[str, Any] = {_META: meta} if meta else {}
+    declared: list[tuple[str, tuple[int, ...], np.dtype]] = []
+    offset = 0
+    for name in sorted(tensors):
+        v = tensors[name]
+        if not isinstance(name, str) or name == _META:
+            raise ValueError(f"{path}: invalid tensor name {name!r}")
+        if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+            raise TypeError(f"{path}: tensor {name!r} is a {type(v).__name__} without .shape/.dtype")
+        shape, dt = tuple(int(d) for d in v.shape), np.dtype(v.dtype)
+        nbytes = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": dtype_name(dt), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        declared.append((name, shape, dt))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-aligned
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name, shape, dt in declared:
+                v = tensors[name]
+                arr = np.asarray(v() if callable(v) else v)
+                if arr.shape != shape or arr.dtype != dt:
+                    raise ValueError(
+                        f"{path}: tensor {name!r} produced shape {arr.shape} dtype {arr.dtype}, "
+                        f"declared shape {shape} dtype {dt}"
+                    )
+                f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,147 @@
+"""Random, well-conditioned checkpoints in the released HF layout, for any config.
+
+FP8 e4m3 weights + 128x128 `weight_scale_inv` (or bf16), sharded safetensors + index, the MTP
+layer included. Each tensor is generated from (seed, tensor name) when its turn comes, so writing
+a multi-GB checkpoint holds one tensor in memory at a time. Residual-branch outputs (o_proj,
+down_proj) are scaled down so every layer writes a small update, like a trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+from dsv32_jax.config import BLOCK, Config
+from dsv32_jax.safetensors_io import LazyTensor, write_safetensors
+from dsv32_jax.weights import abstract_params, flatten, hf_names
+
+FP8_MAX = 448.0
+
+
+def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{HF tensor name: (shape, dtype)} of a checkpoint for `cfg` (the MTP layer optionally)."""
+    specs = {}
+    for path, spec in flatten(abstract_params(cfg)).items():
+        names = hf_names(cfg, path)
+        for name in names.reshape(-1):
+            specs[str(name)] = (tuple(spec.shape[names.ndim:]), np.dtype(spec.dtype))
+    if include_mtp:
+        last = f"model.layers.{cfg.n_layers - 1}."
+        block = {k[len(last):]: v for k, v in specs.items() if k.startswith(last)}
+        if cfg.n_layers == cfg.n_dense_layers:  # the MTP block is MoE; no MoE layer to copy from
+            block = {}
+        for i in range(cfg.n_layers, cfg.n_layers + cfg.n_mtp_layers):
+            p = f"model.layers.{i}."
+            specs.update({p + k: v for k, v in block.items()})
+            d, bf16 = cfg.dim, np.dtype(ml_dtypes.bfloat16)
+            specs.update({p + "enorm.weight": ((d,), bf16), p + "hnorm.weight": ((d,), bf16),
+                          p + "shared_head.norm.weight": ((d,), bf16),
+                          p + "shared_head.head.weight": ((cfg.vocab_size, d), bf16),
+                          p + "embed_tokens.weight": ((cfg.vocab_size, d), bf16)})
+            if cfg.quantized:
+                specs[p + "eh_proj.weight"] = ((d, 2 * d), np.dtype(ml_dtypes.float8_e4m3fn))
+                specs[p + "eh_proj.weight_scale_inv"] = ((-(-d // BLOCK), -(-2 * d // BLOCK)),
+                                                         np.dtype(np.float32))
+            else:
+                specs[p + "eh_proj.weight"] = ((d, 2 * d), bf16)
+    return specs
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _stddev(name: str, fan_in: int) -> float:
+    residual_out = ("o_proj" in name) or ("down_proj" in name)
+    return (0.25 if residual_out else 1.0) / np.sqrt(fan_in)
+
+
+def _quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (out, in) -> e4m3 (out, in), fp32 scales (ceil(out/128), ceil(in/128))."""
+    n, k = w.shape
+    nb, kb = -(-n // BLOCK), -(-k // BLOCK)
+    padded = np.zeros((nb * BLOCK, kb * BLOCK), np.float32)
+    padded[:n, :k] = w
+    blocks = padded.reshape(nb, BLOCK, kb, BLOCK)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / FP8_MAX
+    q = np.clip(blocks / scale[:, None, :, None], -FP8_MAX, FP8_MAX)
+    q = q.reshape(nb * BLOCK, kb * BLOCK)[:n, :k].astype(ml_dtypes.float8_e4m3fn)
+    return q, scale.astype(np.float32)
+
+
+def _make(seed: int, name: str, shape, dtype) -> np.ndarray:
+    """Deterministic values for one non-FP8 tensor."""
+    base, _, leaf = name.rpartition(".")
+    rng = _rng(seed, name)
+    if "norm" in base.rsplit(".", 1)[-1]:  # RMSNorm / LayerNorm params
+        v = 0.1 * rng.standard_normal(shape) + (0.0 if leaf == "bias" else 1.0)
+    elif leaf == "e_score_correction_bias":
+        v = 0.01 * rng.standard_normal(shape)
+    elif base.endswith("embed_tokens"):
+        v = rng.standard_normal(shape, np.float32)
+    else:
+        v = rng.standard_normal(shape, np.float32) * _stddev(base, shape[-1])
+    return v.astype(dtype)
+
+
+def _fp8_pair(seed: int, base: str, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(e4m3 weight, fp32 block scales) of FP8 linear `base`; both come from one generator."""
+    rng = _rng(seed, base)
+    w = rng.standard_normal(shape, np.float32) * _stddev(base, shape[1])
+    return _quantize_blocks(w)
+
+
+def _producer(seed: int, name: str, shape, dtype, specs):
+    fp8 = np.dtype(ml_dtypes.float8_e4m3fn)
+    if name.endswith(".weight_scale_inv"):
+        base = name.removesuffix(".weight_scale_inv")
+        w_shape = specs[base + ".weight"][0]
+        return lambda: _fp8_pair(seed, base, w_shape)[1]
+    if dtype == fp8:
+        base = name.removesuffix(".weight")
+        return lambda: _fp8_pair(seed, base, shape)[0]
+    return lambda: _make(seed, name, shape, dtype)
+
+
+def write_checkpoint(cfg: Config, directory: str | os.PathLike, seed: int = 0, n_shards: int = 2,
+                     include_mtp: bool = True) -> str:
+    """Write a random checkpoint for `cfg` into `directory` (created; must not exist or be empty).
+
+    Written to `directory.partial` and renamed at the end. Returns the directory path.
+    """
+    out = os.fspath(directory)
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"{out}: exists and is not empty")
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    specs = tensor_specs(cfg, include_mtp)
+    names = sorted(specs)
+    sizes = [int(np.prod(specs[n][0])) * specs[n][1].itemsize for n in names]
+    total = sum(sizes)
+    shards: list[list[str]] = [[] for _ in range(max(1, n_shards))]
+    acc = 0
+    for name, size in zip(names, sizes):  # contiguous, roughly equal-size shards
+        shards[min(len(shards) - 1, acc * len(shards) // max(total, 1))].append(name)
+        acc += size
+    shards = [s for s in shards if s]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: LazyTensor(specs[n][0], specs[n][1], _producer(seed, n, *specs[n], specs))
+                   for n in shard}
+        write_safetensors(os.path.join(tmp, fname), tensors, {"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg.to_hf(), f, indent=2)
+    if os.path.exists(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,134 @@
+"""The one abstract description of the weights: shape, dtype and logical axes of every param,
+derived from the Flax modules, and its mapping to tensor names of the released HF layout.
+
+It drives random init, sharding specs (`sharding.rules`), checkpoint loading and its checks, and
+(later) Orbax restore targets and the converter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from dsv32_jax.config import Config
+from dsv32_jax.model import Transformer
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    dtype: Any
+    names: tuple[str, ...]  # logical axis names, one per dim
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def abstract_params(cfg: Config) -> dict:
+    """Nested dict of ParamSpec, mirroring the model's `params` collection. No memory is used."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"]
+    return jax.tree.map(lambda b: ParamSpec(tuple(b.value.shape), b.value.dtype, tuple(b.names)),
+                        boxed, is_leaf=_is_box)
+
+
+def init_params(cfg: Config, seed: int = 0) -> dict:
+    """Random params (plain arrays) with the real layout; for tests and benchmarks."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed), tokens)["params"]
+    return nn.unbox(boxed)
+
+
+def flatten(tree: dict) -> dict[Path, Any]:
+    """Nested dict -> {path tuple: leaf}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update({(k, *p): leaf for p, leaf in flatten(v).items()})
+        else:
+            out[(k,)] = v
+    return out
+
+
+def unflatten(flat: dict[Path, Any]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+# ---- HF tensor names ---------------------------------------------------------------------------
+_GLOBAL = {("embed", "weight"): "model.embed_tokens.weight", ("norm", "weight"): "model.norm.weight",
+           ("head", "weight"): "lm_head.weight"}
+_MODULES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn.wq_a": "self_attn.q_a_proj", "attn.q_norm": "self_attn.q_a_layernorm",
+    "attn.wq_b": "self_attn.q_b_proj", "attn.wkv_a": "self_attn.kv_a_proj_with_mqa",
+    "attn.kv_norm": "self_attn.kv_a_layernorm", "attn.wkv_b": "self_attn.kv_b_proj",
+    "attn.wo": "self_attn.o_proj", "attn.indexer.wq_b": "self_attn.indexer.wq_b",
+    "attn.indexer.wk": "self_attn.indexer.wk", "attn.indexer.k_norm": "self_attn.indexer.k_norm",
+    "attn.indexer.weights_proj": "self_attn.indexer.weights_proj",
+    "ffn.w1": "mlp.gate_proj", "ffn.w2": "mlp.down_proj", "ffn.w3": "mlp.up_proj",
+    "ffn.shared.w1": "mlp.shared_experts.gate_proj", "ffn.shared.w2": "mlp.shared_experts.down_proj",
+    "ffn.shared.w3": "mlp.shared_experts.up_proj",
+}
+_LEAVES = {"weight": "weight", "scale": "weight_scale_inv", "bias": "bias"}
+_MOE = {"gate_weight": "mlp.gate.weight", "gate_bias": "mlp.gate.e_score_correction_bias"}
+_EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def hf_names(cfg: Config, path: Path) -> np.ndarray:
+    """The HF tensor name(s) a param is stacked from, as an array shaped like its stacked dims:
+    () for global params, (L,) for per-layer params, (L, E) for routed-expert params."""
+    if path in _GLOBAL:
+        return np.array(_GLOBAL[path], dtype=object)
+    group, *rest = path
+    if group == "dense_layers":
+        layers = range(cfg.n_dense_layers)
+    elif group == "moe_layers":
+        layers = range(cfg.n_dense_layers, cfg.n_layers)
+    else:
+        raise KeyError(f"param {'/'.join(path)} has no HF tensor")
+    if rest[:2] == ["ffn", "experts"]:
+        proj, leaf = rest[2].split("_")
+        return np.array([[f"model.layers.{i}.mlp.experts.{e}.{_EXPERT_PROJ[proj]}.{_LEAVES[leaf]}"
+                          for e in range(cfg.n_routed_experts)] for i in layers], dtype=object)
+    if len(rest) == 2 and rest[0] == "ffn" and rest[1] in _MOE:
+        suffix = _MOE[rest[1]]
+    else:
+        module = ".".join(rest[:-1])
+        if module not in _MODULES or rest[-1] not in _LEAVES:
+            raise KeyError(f"param {'/'.join(path)} has no HF tensor")
+        suffix = f"{_MODULES[module]}.{_LEAVES[rest[-1]]}"
+    return np.array([f"model.layers.{i}.{suffix}" for i in layers], dtype=object)
+
+
+def is_mtp_tensor(cfg: Config, name: str) -> bool:
+    """Tensors of the multi-token-prediction layer(s), stored as layers >= num_hidden_layers."""
+    if not name.startswith("model.layers."):
+        return False
+    return int(name.split(".")[2]) >= cfg.n_layers
+
+
+def layer_params(cfg: Config, params: dict, layer: int) -> tuple[bool, dict]:
+    """(is_moe, the Block params of decoder layer `layer`) sliced out of the stacked tree."""
+    if not 0 <= layer < cfg.n_layers:
+        raise IndexError(f"layer {layer} is out of range [0, {cfg.n_layers})")
+    moe = layer >= cfg.n_dense_layers
+    group, i = ("moe_layers", layer - cfg.n_dense_layers) if moe else ("dense_layers", layer)
+    return moe, jax.tree.map(lambda a: a[i], params[group])

@@ -1,0 +1,65 @@
+"""Shared test helpers: the golden fixtures (../shared/fixtures or $DSV32_FIXTURES) and cached models."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("DSV32_FIXTURES", REPO.parent / "shared" / "fixtures"))
+CASES = ("tiny-fp8", "tiny-bf16")
+# numerics mode name in the fixtures -> (dtype, fp8_activations)
+MODES = {"exact": ("float32", False), "fp32": ("float32", True), "bf16": ("bfloat16", True)}
+
+
+def fixture_dir(case: str) -> Path:
+    """The fixture case directory, or skip (fail under DSV32_REQUIRE_FIXTURES=1) if absent."""
+    path = FIXTURES / case
+    if not (path / "hf" / "config.json").is_file():
+        reason = f"golden fixtures not found at {path} (set DSV32_FIXTURES to the fixtures dir)"
+        if os.environ.get("DSV32_REQUIRE_FIXTURES") == "1":
+            pytest.fail(reason + "; DSV32_REQUIRE_FIXTURES=1 makes this a failure")
+        pytest.skip(reason)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def golden(case: str, mode: str) -> dict:
+    with np.load(fixture_dir(case) / f"golden_{mode}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_model(case: str, mode: str, attention_impl: str = "xla"):
+    import dsv32_jax
+
+    dtype, fp8 = MODES[mode]
+    return dsv32_jax.load_model(fixture_dir(case) / "hf", dtype=dtype, fp8_activations=fp8,
+                                attention_impl=attention_impl)
+
+
+def row_error(a, g) -> np.ndarray:
+    """Per-row (last axis) max abs error relative to the golden tensor's std."""
+    a = np.asarray(a, np.float32).reshape(-1, g.shape[-1])
+    g = np.asarray(g, np.float32).reshape(-1, g.shape[-1])
+    return np.abs(a - g).max(-1) / g.std()
+
+
+def row_cosine(a, g) -> np.ndarray:
+    a = np.asarray(a, np.float64).reshape(-1, g.shape[-1])
+    g = np.asarray(g, np.float64).reshape(-1, g.shape[-1])
+    return (a * g).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(g, axis=-1)
+
+
+def topk_agreement(ours, gold) -> float:
+    """Share of (layer, batch, query) rows whose selected key sets agree on the visible entries."""
+    ours, gold = np.asarray(ours), np.asarray(gold)
+    same = []
+    for o, g in zip(ours.reshape(-1, *ours.shape[-2:]), gold.reshape(-1, *gold.shape[-2:])):
+        for s in range(o.shape[0]):
+            same.append(set(o[s][o[s] <= s]) == set(g[s][g[s] <= s]))
+    return float(np.mean(same))
