@@ -60,6 +60,11 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:  # `dsv32 convert ...` is `python -m convert ...`
+        from convert.cli import main as convert_main
+
+        return convert_main(argv[1:])
     parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="write a random synthetic checkpoint (cached), load it, run a forward")
