@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dsv32_jax.config import Config
+from dsv32_jax.cache import KVCache
+from dsv32_jax.config import BLOCK, Config
 from dsv32_jax.layers import LayerNorm, Linear, RMSNorm, einsum
 from dsv32_jax.quant import act_quant, hadamard, quant_dequant
 from dsv32_jax.rope import apply_rope
@@ -154,8 +155,11 @@ def over_query_chunks(fn, q_chunk: int, per_query: tuple, shared: tuple):
 class MLA(nn.Module):
     """Multi-head latent attention with DSA. x (B,S,D) at positions (B,S) -> (B,S,D).
 
-    This is prefill from position 0: keys are the S tokens themselves (key t at position t).
-    Sows `index_scores` (B,S,T) and `topk` (B,S,k) into 'intermediates' when that is mutable.
+    Without a cache the keys are the S tokens themselves (prefill from position 0, key t at
+    position t). With a `KVCache` (B,T,...) the new keys are written at `positions` and the
+    queries attend to every slot t <= their position: prefill chunks and decode steps alike.
+    Returns (out, cache). Sows `index_scores` (B,S,T) and `topk` (B,S,k) into 'intermediates'
+    when that collection is mutable.
     """
 
     cfg: Config
@@ -176,7 +180,7 @@ class MLA(nn.Module):
         self.wo = Linear(cfg, h * cfg.v_head_dim, cfg.dim, ("embed", "o_heads"), q8)
         self.indexer = Indexer(cfg)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cos, sin) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, cos, sin, cache: KVCache | None = None):
         cfg = self.cfg
         if self.impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl {self.impl!r} is not one of {ATTENTION_IMPLS}")
@@ -190,13 +194,21 @@ class MLA(nn.Module):
             q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos, sin, interleaved=True)
         with jax.named_scope("kv"):
             kv = self.wkv_a(x)  # (B,S,C+R)
-            c = self.kv_norm(kv[..., :c_dim])
-            if cfg.fp8_activations:
-                c = quant_dequant(c, cfg.scale_fmt)  # the FP8 latent cache
+            c = self.kv_norm(kv[..., :c_dim])  # (B,S,C)
             k_pe = apply_rope(kv[..., c_dim:], cos, sin, interleaved=True)  # (B,S,R)
+            if cfg.fp8_activations:  # the FP8 latent cache
+                c_q, c_s = act_quant(c, cfg.scale_fmt)
+            else:
+                c_q, c_s = c, jnp.ones((b, s, -(-c_dim // BLOCK)), jnp.float32)
         with jax.named_scope("indexer"):
-            iq, iw = self.indexer.queries(x, qr, cos, sin)
-            ik, iks = self.indexer.keys(x, cos, sin)
+            iq, iw = self.indexer.queries(x, qr, cos, sin)  # (B,S,n,d), (B,S,n)
+            ik, iks = self.indexer.keys(x, cos, sin)  # (B,S,d), (B,S)
+        if cache is None:
+            c = quant_dequant(c, cfg.scale_fmt) if cfg.fp8_activations else c
+        else:
+            cache = cache.write(positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
+            c, k_pe, ik, iks = cache.latent(dtype), cache.k_pe, cache.ik, cache.ik_scale
+        t = c.shape[1]
 
         def select(iq, iw, q_pos):
             return select_topk(index_scores(iq, iw, ik, iks), q_pos, cfg.index_topk)
@@ -219,9 +231,9 @@ class MLA(nn.Module):
                 o = einsum("bshc,hdc->bshd", o_c, wkv_b[:, dn:], dtype)
         else:
             with jax.named_scope("dense_attention"):
-                kvb = self.wkv_b(c).reshape(b, s, h, dn + dv)
-                picked = jnp.zeros((b, s, s), bool)
+                kvb = self.wkv_b(c).reshape(b, t, h, dn + dv)
+                picked = jnp.zeros((b, s, t), bool)
                 picked = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))(picked, idx, valid)
                 o = dense_mla(q_nope, q_pe, kvb[..., :dn], k_pe, kvb[..., dn:], picked,
                               cfg.softmax_scale, dtype)
-        return self.wo(o.reshape(b, s, h * dv))
+        return self.wo(o.reshape(b, s, h * dv)), cache

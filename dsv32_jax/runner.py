@@ -12,6 +12,7 @@ import numpy as np
 
 from dsv32_jax.attention import ATTENTION_IMPLS
 from dsv32_jax.config import DTYPES, Config
+from dsv32_jax.generate import Generator
 from dsv32_jax.hf import is_hf_dir, load_params
 from dsv32_jax.model import Transformer
 
@@ -27,6 +28,7 @@ class Model:
         self.params = params
         self.attention_impl = attention_impl
         self.module = Transformer(config, attention_impl)
+        self.generator = Generator(config, self.module)
 
     @partial(jax.jit, static_argnums=0)
     def _logits(self, params, tokens):
@@ -51,6 +53,22 @@ class Model:
     def logits(self, tokens) -> jax.Array:
         """tokens int (B, S) -> float32 logits (B, S, vocab), every position."""
         return self._logits(self.params, self._tokens(tokens))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 0.95, seed: int = 0, stop_tokens: list[int] | None = None
+                 ) -> list[list[int]]:
+        """Continue each prompt (token ids) by up to max_new_tokens tokens. temperature=0 is
+        greedy; sampling is nucleus (top_p). Each sequence stops after emitting a stop token
+        (default: EOS), which is included in its output."""
+        return self.generator.generate(self.params, prompts, max_new_tokens, temperature, top_p,
+                                       seed, stop_tokens)
+
+    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int,
+                        temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
+                        stop_tokens: list[int] | None = None):
+        """Like generate, but yields each step's new tokens (None for finished sequences)."""
+        return self.generator.stream(self.params, prompts, max_new_tokens, temperature, top_p,
+                                     seed, stop_tokens)
 
     def logits_and_intermediates(self, tokens) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Logits plus per-layer values stacked over all layers: attn_in/attn_out/ffn_in/ffn_out

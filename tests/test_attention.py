@@ -60,8 +60,8 @@ def test_query_chunking_is_invisible():
     pos = jnp.broadcast_to(jnp.arange(s), (b, s))
     cos, sin = rope_tables(cfg, pos)
     params = MLA(cfg).init(jax.random.key(0), x, pos, cos, sin)
-    whole = MLA(cfg, q_chunk=1024).apply(params, x, pos, cos, sin)
-    chunked = MLA(cfg, q_chunk=7).apply(params, x, pos, cos, sin)  # 6 chunks, last one padded
+    whole, _ = MLA(cfg, q_chunk=1024).apply(params, x, pos, cos, sin)
+    chunked, _ = MLA(cfg, q_chunk=7).apply(params, x, pos, cos, sin)  # 6 chunks, last one padded
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-5, rtol=1e-5)
 
 

@@ -49,7 +49,7 @@ def _components(case: str, mode: str):
     out = []
     for layer in range(cfg.n_layers):
         is_moe, p = layer_params(cfg, model.params, layer)
-        a, st = attn(p["attn"], jnp.asarray(z["attn_in"][layer], dtype))
+        (a, _), st = attn(p["attn"], jnp.asarray(z["attn_in"][layer], dtype))
         r = {"attn_out": a, "index_scores": st["intermediates"]["index_scores"][0],
              "topk": st["intermediates"]["topk"][0]}
         x = jnp.asarray(z["ffn_in"][layer], dtype)
