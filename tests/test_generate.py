@@ -1,0 +1,148 @@
+"""Cached inference: decode parity with the reference, chunked prefill, batching without
+cross-talk, stop tokens, sampling, streaming, compile-once buckets, cache size."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import CASES, fixture_model, golden, row_cosine, topk_agreement
+from dsv32_jax.cache import bytes_per_token
+from dsv32_jax.config import Config
+from dsv32_jax.model import init_cache
+
+
+def _teacher_forced(model, tokens, prompt_len, cache_len=64, intermediates=False):
+    """Prefill tokens[:, :P], then feed tokens P..S-2 one at a time -> (logits (B,S-P,V), topk)."""
+    g, b, s = model.generator, tokens.shape[0], tokens.shape[1]
+    cache = init_cache(model.config, b, cache_len)
+    logits, cache = g.prefill(model.params, tokens[:, :prompt_len], np.full(b, prompt_len), cache)
+    rows, picks = [np.asarray(logits)], []
+
+    @jax.jit
+    def step(params, tok, pos, cache):
+        return model.module.apply({"params": params}, tok, pos, cache, jnp.zeros(b, jnp.int32),
+                                  mutable=["intermediates"])
+
+    for j in range(prompt_len, s - 1):
+        (logits, cache), st = step(model.params, jnp.asarray(tokens[:, j:j + 1]),
+                                   jnp.full((b, 1), j, jnp.int32), cache)
+        rows.append(np.asarray(logits))
+        inter = st["intermediates"]
+        picks.append(np.concatenate([np.asarray(inter[grp]["attn"]["topk"][0])[:, :, 0]
+                                     for grp in ("dense_layers", "moe_layers") if grp in inter]))
+    return np.stack(rows, 1), np.stack(picks, 1)  # (B,S-P,V), (L,S-P-1,B,k)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_exact_decode_parity(case):
+    model, z = fixture_model(case, "exact"), golden(case, "exact")
+    p = int(z["prompt_len"])
+    logits, picks = _teacher_forced(model, z["tokens"], p)
+    g = z["decode_logits"]
+    chex.assert_trees_all_close(logits, g, atol=1e-4 * g.std(), rtol=0)
+    # decode_topk rows: every selected slot of the step's query (position P+j) is visible
+    ours = picks.transpose(0, 2, 1, 3)  # (L,B,steps,k)
+    gold = z["decode_topk"].transpose(0, 2, 1, 3)
+    same = [set(o) == set(gg) for o, gg in zip(ours.reshape(-1, ours.shape[-1]),
+                                               gold.reshape(-1, gold.shape[-1]))]
+    assert np.mean(same) == 1.0
+    greedy = model.generate([list(r[:p]) for r in z["tokens"]], z["greedy_tokens"].shape[1],
+                            temperature=0, stop_tokens=[])
+    np.testing.assert_array_equal(np.array(greedy), z["greedy_tokens"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_decode_statistical(case):
+    model, z = fixture_model(case, "bf16"), golden(case, "bf16")
+    logits, _ = _teacher_forced(model, z["tokens"], int(z["prompt_len"]))
+    g = z["decode_logits"]
+    cos = np.median(row_cosine(logits, g))
+    argmax = np.mean(logits.argmax(-1) == g.argmax(-1))
+    print(f"{case} bf16 decode: median cosine {cos:.6f}, argmax agreement {argmax:.4f}")
+    assert cos >= 0.995 and argmax >= 0.85
+
+
+def test_chunked_prefill_any_start_equals_one_shot():
+    model, z = fixture_model("tiny-fp8", "exact"), golden("tiny-fp8", "exact")
+    g, tok = model.generator, z["tokens"][:, :32]
+    b = tok.shape[0]
+    one, _ = g.prefill(model.params, tok, np.full(b, 32), init_cache(model.config, b, 64))
+    g.prefill_chunk = 8  # 4 chunks
+    try:
+        chunked, _ = g.prefill(model.params, tok, np.full(b, 32), init_cache(model.config, b, 64))
+        # two calls: positions 0..15, then a continuation starting at position 16
+        _, cache = g.prefill(model.params, tok[:, :16], np.full(b, 16),
+                             init_cache(model.config, b, 64))
+        cont, _ = g.prefill(model.params, tok[:, 16:], np.full(b, 16), cache, start=np.full(b, 16))
+    finally:
+        g.prefill_chunk = 512
+    ref = np.asarray(model.logits(tok))[:, -1]
+    tol = 1e-4 * ref.std()
+    for got in (one, chunked, cont):
+        chex.assert_trees_all_close(np.asarray(got), ref, atol=tol, rtol=0)
+
+
+def test_batched_prompts_of_different_lengths_match_single_runs():
+    model, z = fixture_model("tiny-bf16", "exact"), golden("tiny-bf16", "exact")
+    prompts = [list(z["tokens"][0, :9]), list(z["tokens"][1, :23]), list(z["tokens"][0, 5:30])]
+    batched = model.generate(prompts, 6, temperature=0, stop_tokens=[])
+    for prompt, out in zip(prompts, batched):
+        assert model.generate([prompt], 6, temperature=0, stop_tokens=[]) == [out]
+
+
+def test_stop_tokens_per_sequence_and_compile_once():
+    model, z = fixture_model("tiny-fp8", "exact"), golden("tiny-fp8", "exact")
+    prompts = [list(z["tokens"][0, :20]), list(z["tokens"][1, :17])]
+    free = model.generate(prompts, 8, temperature=0, stop_tokens=[])
+    loop = model.generator._decode_loop
+    compiled = loop._cache_size()
+    stop = free[0][2]
+    assert stop not in free[1][:8] or free[1].index(stop) > 2
+    stopped = model.generate(prompts, 8, temperature=0, stop_tokens=[stop])
+    assert stopped[0] == free[0][:3]  # stops after emitting the stop token (included)
+    expect1 = free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
+    assert stopped[1] == expect1
+    # other prompt lengths / token counts in the same buckets reuse the compiled loop
+    model.generate([p[:-3] for p in prompts], 5, temperature=0.7, top_p=0.9, seed=3)
+    assert loop._cache_size() == compiled
+
+
+def test_sampling_seeds_top_p_and_streaming():
+    model, z = fixture_model("tiny-bf16", "exact"), golden("tiny-bf16", "exact")
+    prompts = [list(z["tokens"][0, :12]), list(z["tokens"][1, :12])]
+    a = model.generate(prompts, 8, temperature=1.0, top_p=0.95, seed=1, stop_tokens=[])
+    assert a == model.generate(prompts, 8, temperature=1.0, top_p=0.95, seed=1, stop_tokens=[])
+    assert a != model.generate(prompts, 8, temperature=1.0, top_p=0.95, seed=2, stop_tokens=[])
+    greedy = model.generate(prompts, 8, temperature=0, stop_tokens=[])
+    assert model.generate(prompts, 8, temperature=1.0, top_p=1e-6, seed=5, stop_tokens=[]) == greedy
+    steps = list(model.generate_stream(prompts, 8, temperature=0, stop_tokens=[]))
+    assert [[s[i] for s in steps] for i in range(2)] == greedy
+
+
+def test_generate_input_errors():
+    model = fixture_model("tiny-bf16", "exact")
+    with pytest.raises(ValueError, match="non-empty"):
+        model.generate([[]], 4)
+    with pytest.raises(ValueError, match="outside"):
+        model.generate([[model.config.vocab_size]], 4)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate([[1] * 100], 40)
+
+
+def test_cache_bytes_per_token():
+    assert bytes_per_token(Config()) == {"mla": 656, "indexer": 132, "total": 788}
+    exact = dataclasses.replace(Config(), dtype="float32", fp8_activations=False)
+    assert bytes_per_token(exact)["mla"] == 512 * 4 + 4 * 4 + 64 * 4
+
+
+def test_topk_agreement_helper_detects_differences():
+    a = np.array([[[0, 1], [0, 1]]])
+    assert topk_agreement(a, a) == 1.0
+    assert topk_agreement(a, np.array([[[0, 1], [1, 0]]])) == 1.0  # order does not matter
+    assert topk_agreement(np.array([[[0, 5], [0, 1]]]), np.array([[[0, 7], [0, 0]]])) == 0.5
