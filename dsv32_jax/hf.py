@@ -15,7 +15,8 @@ import numpy as np
 
 from dsv32_jax.config import Config
 from dsv32_jax.safetensors_io import ShardedCheckpoint
-from dsv32_jax.weights import ParamSpec, abstract_params, flatten, hf_names, is_mtp_tensor, unflatten
+from dsv32_jax.weights import (ParamSpec, abstract_params, flatten, hf_names, is_mtp_tensor,
+                               layer_index, unflatten)
 
 
 class CheckpointError(ValueError):
@@ -54,6 +55,11 @@ def check(ckpt: ShardedCheckpoint, cfg: Config, specs: dict | None = None) -> di
                 raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype "
                                       f"{np.dtype(dtype).name}, expected {np.dtype(spec.dtype).name}")
     extra = sorted(n for n in ckpt.keys() if n not in expected and not is_mtp_tensor(cfg, n))
+    mtp_layers = {layer_index(n) for n in ckpt.keys() if is_mtp_tensor(cfg, n)}
+    for i in sorted(mtp_layers):  # an MTP layer has eh_proj; a decoder layer does not
+        if f"model.layers.{i}.eh_proj.weight" not in ckpt:
+            raise CheckpointError(f"{where}: model.layers.{i} has no eh_proj, so it is a decoder "
+                                  f"layer, but config.json says num_hidden_layers={cfg.n_layers}")
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise CheckpointError(f"{where}: unexpected tensors not used by the model: {extra[:5]}{more}")

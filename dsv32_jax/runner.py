@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from functools import partial
 
@@ -131,6 +130,5 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     if not is_hf_dir(path):
         raise ValueError(f"{path}: not a Hugging Face checkpoint directory (expected config.json "
                          "and *.safetensors); Orbax checkpoints are not supported yet")
-    cfg = Config.from_hf(path)
-    cfg = dataclasses.replace(cfg, dtype=dtype, fp8_activations=fp8_activations)
+    cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
     return Model(cfg, load_params(path, cfg), attention_impl)

@@ -118,11 +118,18 @@ def hf_names(cfg: Config, path: Path) -> np.ndarray:
     return np.array([f"model.layers.{i}.{suffix}" for i in layers], dtype=object)
 
 
+def layer_index(name: str) -> int | None:
+    """i for a tensor `model.layers.{i}.…`, else None."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
 def is_mtp_tensor(cfg: Config, name: str) -> bool:
-    """Tensors of the multi-token-prediction layer(s), stored as layers >= num_hidden_layers."""
-    if not name.startswith("model.layers."):
-        return False
-    return int(name.split(".")[2]) >= cfg.n_layers
+    """Tensors of the multi-token-prediction layer(s): layers n_layers .. n_layers+n_mtp-1."""
+    i = layer_index(name)
+    return i is not None and cfg.n_layers <= i < cfg.n_layers + cfg.n_mtp_layers
 
 
 def layer_params(cfg: Config, params: dict, layer: int) -> tuple[bool, dict]:

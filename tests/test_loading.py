@@ -1,0 +1,455 @@
+"""Loading synthetic checkpoints in the released HF layout: `load_model`, `hf.check`/`load_params`
+and their errors. Synthetic data only (dsv32_jax.synthetic); no golden fixtures needed.
+
+One checkpoint per kind is written per module; tests that corrupt a checkpoint work on a copy.
+Only `test_logits_shape_dtype_finite` compiles the forward pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import tracemalloc
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dsv32_jax
+from dsv32_jax import hf
+from dsv32_jax.config import Config, ConfigError, preset
+from dsv32_jax.hf import CheckpointError, check, load_params
+from dsv32_jax.runner import load_model
+from dsv32_jax.safetensors_io import SafetensorsError, SafetensorsFile, ShardedCheckpoint, write_safetensors
+from dsv32_jax.synthetic import tensor_specs, write_checkpoint
+from dsv32_jax.weights import abstract_params, flatten, hf_names, is_mtp_tensor
+
+INDEX = "model.safetensors.index.json"
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+CFG = preset("tiny")
+LOAD = dict(dtype="float32", fp8_activations=False)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """tiny, FP8, seed 0, MTP layer included (the checkpoint most tests use)."""
+    return write_checkpoint(CFG, tmp_path_factory.mktemp("ck") / "base", seed=0, n_shards=2)
+
+
+@pytest.fixture(scope="module")
+def model(base):
+    return load_model(base, **LOAD)
+
+
+@pytest.fixture
+def copy(base, tmp_path):
+    """A private copy of `base` to corrupt."""
+    return shutil.copytree(base, tmp_path / "copy")
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _bits(params: dict) -> dict:
+    """{path: (shape, dtype, raw bytes)} of a param tree, for bit-exact comparison."""
+    out = {}
+    for path, a in flatten(params).items():
+        a = np.asarray(a)
+        out[path] = (a.shape, a.dtype, a.tobytes())
+    return out
+
+
+def _index(ckdir) -> dict:
+    with open(os.path.join(ckdir, INDEX)) as f:
+        return json.load(f)
+
+
+def _edit_shard(ckdir, name: str, *, drop: bool = False, new: np.ndarray | None = None,
+                fix_index: bool = True) -> str:
+    """Rewrite the shard that holds (or, for a new name, the first shard) so that tensor `name` is
+    dropped or set to `new`; keep the index's weight_map in line unless fix_index=False.
+    Returns the shard path."""
+    index = _index(ckdir)
+    wm = index["weight_map"]
+    fname = wm.get(name, sorted(set(wm.values()))[0])
+    path = os.path.join(ckdir, fname)
+    with SafetensorsFile(path) as f:
+        tensors = {n: np.array(f.get(n)) for n in f.keys()}
+        meta = dict(f.metadata)
+    if drop:
+        assert name in tensors
+        del tensors[name]
+        if fix_index:
+            del wm[name]
+    else:
+        tensors[name] = new
+        if fix_index:
+            wm[name] = fname
+    write_safetensors(path, tensors, meta)
+    with open(os.path.join(ckdir, INDEX), "w") as f:
+        json.dump(index, f)
+    return path
+
+
+def _edit_config(ckdir, **changes) -> None:
+    p = os.path.join(ckdir, "config.json")
+    with open(p) as f:
+        h = json.load(f)
+    h.update(changes)
+    with open(p, "w") as f:
+        json.dump(h, f)
+
+
+# ---- 1. load + logits + determinism --------------------------------------------------------------
+def test_logits_shape_dtype_finite(model):
+    assert model.config.dtype == "float32" and model.config.fp8_activations is False
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 8))
+    out = model.logits(tokens)
+    assert out.shape == (2, 8, CFG.vocab_size)
+    assert out.dtype == np.float32
+    out = np.asarray(out)
+    assert np.isfinite(out).all()
+    # not degenerate: positions and batch rows give different distributions
+    assert np.abs(out[0, 0] - out[0, 1]).max() > 1e-3
+    assert np.abs(out[0] - out[1]).max() > 1e-3
+
+
+def test_loaded_params_equal_checkpoint_tensors(base, model):
+    """Every param slice is the bit-exact contents of the HF tensor hf_names maps it to."""
+    flat = flatten(model.params)
+    assert set(flat) == set(flatten(abstract_params(model.config)))
+    n = 0
+    with ShardedCheckpoint(base) as ckpt:
+        for path, arr in flat.items():
+            arr = np.asarray(arr)
+            names = hf_names(model.config, path)
+            for pos in np.ndindex(names.shape):
+                want = ckpt.get(str(names[pos]))
+                got = arr[pos]
+                assert got.dtype == want.dtype and got.shape == want.shape, (path, pos)
+                assert got.tobytes() == np.ascontiguousarray(want).tobytes(), (path, names[pos])
+                n += 1
+    assert n == len(tensor_specs(CFG, include_mtp=False))
+
+
+@pytest.mark.parametrize("path, pos, name", [
+    (("embed", "weight"), (), "model.embed_tokens.weight"),
+    (("head", "weight"), (), "lm_head.weight"),
+    (("dense_layers", "attn", "wkv_a", "weight"), (0,), "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"),
+    (("dense_layers", "ffn", "w1", "weight"), (0,), "model.layers.0.mlp.gate_proj.weight"),
+    (("dense_layers", "ffn", "w3", "weight"), (0,), "model.layers.0.mlp.up_proj.weight"),
+    (("moe_layers", "attn", "wq_b", "scale"), (1,), "model.layers.2.self_attn.q_b_proj.weight_scale_inv"),
+    (("moe_layers", "ffn", "experts", "w1_weight"), (1, 3), "model.layers.2.mlp.experts.3.gate_proj.weight"),
+    (("moe_layers", "ffn", "experts", "w3_weight"), (0, 7), "model.layers.1.mlp.experts.7.up_proj.weight"),
+    (("moe_layers", "ffn", "shared", "w1", "weight"), (0,), "model.layers.1.mlp.shared_experts.gate_proj.weight"),
+    (("moe_layers", "ffn", "gate_bias"), (1,), "model.layers.2.mlp.gate.e_score_correction_bias"),
+])
+def test_param_to_tensor_mapping_spot_checks(base, model, path, pos, name):
+    """Independent of hf_names: a few params against hand-written HF names."""
+    got = np.asarray(flatten(model.params)[path])[pos]
+    with ShardedCheckpoint(base) as ckpt:
+        want = np.ascontiguousarray(ckpt.get(name))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+
+
+def test_loading_is_deterministic(base, model, tmp_path):
+    ref = _bits(model.params)
+    # the same directory loaded again
+    assert _bits(load_params(base, model.config)) == ref
+    # an independent write with the same seed: identical files and identical params
+    again = write_checkpoint(CFG, tmp_path / "again", seed=0)
+    for f in os.listdir(base):
+        with open(os.path.join(base, f), "rb") as a, open(os.path.join(again, f), "rb") as b:
+            assert a.read() == b.read(), f
+    assert _bits(load_params(again, model.config)) == ref
+    # another seed: same layout, different values in every param
+    other = _bits(load_params(write_checkpoint(CFG, tmp_path / "seed1", seed=1), model.config))
+    assert other.keys() == ref.keys()
+    for path in ref:
+        assert other[path][:2] == ref[path][:2], path
+        assert other[path][2] != ref[path][2], path
+
+
+# ---- 2. MTP layer --------------------------------------------------------------------------------
+def test_mtp_layer_written_and_skipped(base, model, monkeypatch):
+    n = CFG.n_layers
+    mtp = [k for k in ShardedCheckpoint(base).keys() if k.startswith(f"model.layers.{n}.")]
+    assert CFG.n_mtp_layers == 1
+    for suffix in ("eh_proj.weight", "eh_proj.weight_scale_inv", "enorm.weight", "hnorm.weight",
+                   "shared_head.head.weight", "shared_head.norm.weight", "embed_tokens.weight",
+                   "mlp.experts.0.gate_proj.weight", "self_attn.indexer.wk.weight"):
+        assert f"model.layers.{n}.{suffix}" in mtp
+    assert all(is_mtp_tensor(CFG, k) for k in mtp)
+    assert not any(k.startswith(f"model.layers.{n + 1}.") for k in ShardedCheckpoint(base).keys())
+    # check() accepts the checkpoint and maps no param to an MTP tensor
+    with ShardedCheckpoint(base) as ckpt:
+        sources = check(ckpt, CFG)
+    used = {str(x) for names in sources.values() for x in names.reshape(-1)}
+    assert not used & set(mtp)
+    assert used == set(tensor_specs(CFG, include_mtp=False))
+
+
+def test_checkpoint_without_mtp_loads_same_params(model, tmp_path):
+    d = write_checkpoint(CFG, tmp_path / "nomtp", seed=0, include_mtp=False)
+    keys = ShardedCheckpoint(d).keys()
+    assert not any(is_mtp_tensor(CFG, k) for k in keys)
+    assert set(keys) == set(tensor_specs(CFG, include_mtp=False))
+    m = load_model(d, **LOAD)
+    # tensors are generated from (seed, name): the MTP layer's presence changes nothing loaded
+    assert _bits(m.params) == _bits(model.params)
+
+
+def test_bf16_checkpoint_loads(tmp_path):
+    cfg = preset("tiny", weight_dtype="bf16", scale_fmt=None)
+    d = write_checkpoint(cfg, tmp_path / "bf16", seed=0, n_shards=3)
+    assert len([f for f in os.listdir(d) if f.endswith(".safetensors")]) == 3
+    assert not any(k.endswith("weight_scale_inv") for k in ShardedCheckpoint(d).keys())
+    c = Config.from_hf(d, **LOAD)
+    assert c.weight_dtype == "bf16" and not c.quantized
+    params = flatten(load_params(d, c))
+    w = np.asarray(params[("dense_layers", "attn", "wq_b", "weight")])
+    assert w.dtype == BF16 and np.isfinite(w.astype(np.float32)).all()
+
+
+# ---- 3. checkpoint errors ------------------------------------------------------------------------
+def test_missing_tensor(copy):
+    name = "model.layers.1.mlp.experts.5.up_proj.weight"
+    _edit_shard(copy, name, drop=True)
+    with pytest.raises(CheckpointError) as e:
+        load_model(copy, **LOAD)
+    msg = str(e.value)
+    assert "missing" in msg and repr(name) in msg
+    assert str(tuple(tensor_specs(CFG)[name][0])) in msg  # the expected shape
+
+
+def test_tensor_in_index_but_not_in_shard(copy):
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    shard = _edit_shard(copy, name, drop=True, fix_index=False)
+    with pytest.raises(SafetensorsError, match=re.escape(repr(name))) as e:
+        load_model(copy, **LOAD)
+    assert shard in str(e.value)
+
+
+def test_wrong_shape(copy):
+    name = "model.layers.0.input_layernorm.weight"
+    shard = _edit_shard(copy, name, new=np.ones((CFG.dim - 1,), BF16))
+    with pytest.raises(CheckpointError) as e:
+        load_model(copy, **LOAD)
+    msg = str(e.value)
+    assert repr(name) in msg and shard in msg
+    assert f"({CFG.dim - 1},)" in msg and f"({CFG.dim},)" in msg
+
+
+def test_wrong_dtype_fp8_weight_stored_as_bf16(copy):
+    name = "model.layers.2.self_attn.q_b_proj.weight"
+    shape, dtype = tensor_specs(CFG)[name]
+    assert dtype == FP8
+    _edit_shard(copy, name, new=np.zeros(shape, BF16))
+    with pytest.raises(CheckpointError) as e:
+        load_model(copy, **LOAD)
+    msg = str(e.value)
+    assert repr(name) in msg and "bfloat16" in msg and "float8_e4m3fn" in msg
+
+
+def test_wrong_dtype_scale(copy):
+    name = "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"
+    shape, dtype = tensor_specs(CFG)[name]
+    assert dtype == np.float32
+    _edit_shard(copy, name, new=np.ones(shape, BF16))
+    with pytest.raises(CheckpointError, match=re.escape(repr(name))) as e:
+        load_model(copy, **LOAD)
+    assert "bfloat16" in str(e.value) and "float32" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.experts.8.gate_proj.weight",  # expert 8 of 8
+                                  "model.rotary_emb.inv_freq"])
+def test_unexpected_tensor(copy, name):
+    _edit_shard(copy, name, new=np.zeros((4,), np.float32))
+    with pytest.raises(CheckpointError) as e:
+        load_model(copy, **LOAD)
+    assert "unexpected" in str(e.value) and repr(name) in str(e.value)
+
+
+def test_extra_tensor_in_mtp_layer_is_skipped(copy):
+    """Anything under model.layers.{n_layers}.* is the MTP layer's and is not checked."""
+    _edit_shard(copy, f"model.layers.{CFG.n_layers}.something.new", new=np.zeros((3,), np.float32))
+    load_params(copy, Config.from_hf(copy, **LOAD))
+
+
+def test_truncated_shard(copy):
+    shard = os.path.join(copy, sorted(f for f in os.listdir(copy) if f.endswith(".safetensors"))[-1])
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(SafetensorsError) as e:
+        load_model(copy, **LOAD)
+    assert shard in str(e.value) and "truncated" in str(e.value)
+
+
+def test_shard_missing_from_disk(copy):
+    shard = sorted(f for f in os.listdir(copy) if f.endswith(".safetensors"))[0]
+    os.remove(os.path.join(copy, shard))
+    # is_hf_dir still holds (another shard remains); the index names a file that is gone
+    with pytest.raises(SafetensorsError, match=re.escape(shard)):
+        load_model(copy, **LOAD)
+
+
+def test_config_hidden_size_inconsistent_with_tensors(copy):
+    _edit_config(copy, hidden_size=384)
+    with pytest.raises(CheckpointError) as e:
+        load_model(copy, **LOAD)
+    m = re.search(r"tensor '(model\.[^']+)' has shape (\([0-9, ]*\)), expected (\([0-9, ]*\))",
+                  str(e.value))
+    assert m, str(e.value)
+    name, got, want = m.groups()
+    assert got == str(tensor_specs(CFG)[name][0])
+    assert "384" in want and "384" not in got
+
+
+def test_config_more_experts_than_checkpoint(copy):
+    _edit_config(copy, n_routed_experts=16)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.8\."):
+        load_model(copy, **LOAD)
+
+
+def test_config_fewer_layers_than_checkpoint(copy):
+    _edit_config(copy, num_hidden_layers=CFG.n_layers - 1)
+    with pytest.raises(CheckpointError, match="num_hidden_layers=2"):
+        load_model(copy, **LOAD)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(n_group=3), "n_group"),  # 8 routed experts not divisible into 3 groups
+    (dict(index_head_dim=96), "index_head_dim"),
+    (dict(hidden_size=0), "dim"),
+])
+def test_invalid_config(copy, changes, field):
+    _edit_config(copy, **changes)
+    with pytest.raises(ConfigError, match=field):
+        load_model(copy, **LOAD)
+
+
+def test_invalid_config_messages():
+    h = CFG.to_hf()
+    with pytest.raises(ConfigError, match=r"n_routed_experts=8 is not divisible by n_group=3"):
+        Config.from_hf({**h, "n_group": 3})
+    with pytest.raises(ConfigError, match=r"index_head_dim=96 must be a power of two"):
+        Config.from_hf({**h, "index_head_dim": 96}, fp8_activations=False)
+    with pytest.raises(ConfigError, match=r"missing required field 'hidden_size'"):
+        Config.from_hf({k: v for k, v in h.items() if k != "hidden_size"})
+    assert Config.from_hf(h) == CFG
+
+
+def test_load_model_fp8_activations_false_accepts_non_fp8_indexer(tmp_path):
+    cfg = preset("tiny", index_head_dim=64, fp8_activations=False)  # valid only without FP8 acts
+    d = write_checkpoint(cfg, tmp_path / "ihd64", seed=0, include_mtp=False)
+    m = load_model(d, **LOAD)
+    assert m.config.index_head_dim == 64
+
+
+# ---- 4. load_model argument errors ---------------------------------------------------------------
+def test_load_model_argument_errors(base, tmp_path):
+    with pytest.raises(NotImplementedError, match="pallas"):
+        load_model(base, attention_impl="pallas", **LOAD)
+    with pytest.raises(ValueError, match="bogus"):
+        load_model(base, attention_impl="bogus", **LOAD)
+    with pytest.raises(NotImplementedError, match="mesh"):
+        load_model(base, mesh=object(), **LOAD)
+    with pytest.raises(ValueError, match="float16"):
+        load_model(base, dtype="float16")
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "does-not-exist", **LOAD)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="not a Hugging Face checkpoint"):
+        load_model(empty, **LOAD)
+    shutil.copy(os.path.join(base, "config.json"), empty)  # config.json but no shards
+    with pytest.raises(ValueError, match="not a Hugging Face checkpoint"):
+        load_model(empty, **LOAD)
+
+
+def test_dsv32_jax_exports_load_model():
+    assert dsv32_jax.load_model is load_model
+
+
+# ---- 5. Model.logits input validation (raised before any compile) ---------------------------------
+@pytest.mark.parametrize("tokens, match", [
+    (np.arange(4), r"shape \(batch, seq\)"),
+    (np.zeros((1, 4), np.float32), "int array"),
+    (np.array([[0, 1, CFG.vocab_size]]), rf"\[0, {CFG.vocab_size}\)"),
+    (np.array([[0, -1, 2]]), rf"\[0, {CFG.vocab_size}\)"),
+    (np.zeros((1, CFG.max_seq_len + 1), np.int32), "max_position_embeddings"),
+])
+def test_logits_input_validation(model, tokens, match):
+    with pytest.raises(ValueError, match=match):
+        model.logits(tokens)
+
+
+# ---- 6. lazy, bounded-memory reading -------------------------------------------------------------
+def _record_gets(monkeypatch) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    orig = ShardedCheckpoint.get
+
+    def get(self, name):
+        counts[name] += 1
+        out = orig(self, name)
+        assert isinstance(out, np.memmap)  # a view of the mapped file, not a copy
+        return out
+
+    monkeypatch.setattr(ShardedCheckpoint, "get", get)
+    return counts
+
+
+def test_check_reads_headers_only(base, monkeypatch):
+    counts = _record_gets(monkeypatch)
+    with ShardedCheckpoint(base) as ckpt:
+        check(ckpt, CFG)
+    assert not counts
+
+
+def test_every_tensor_read_once_mtp_never(base, model, monkeypatch):
+    counts = _record_gets(monkeypatch)
+    params = load_params(base, model.config)
+    jax.block_until_ready(params)
+    expected = set(tensor_specs(CFG, include_mtp=False))
+    assert set(counts) == expected  # all used tensors, no MTP tensor
+    # the first tensor of a stacked param may be viewed once more (for its slice shape); no more
+    stacked = sum(hf_names(model.config, p).ndim > 0 for p in flatten(params))
+    assert max(counts.values()) <= 2
+    assert sum(counts.values()) - len(expected) <= stacked
+
+
+def test_reader_reads_only_the_requested_slice(base, monkeypatch):
+    path = ("moe_layers", "ffn", "experts", "w1_weight")
+    spec = flatten(abstract_params(CFG))[path]
+    names = hf_names(CFG, path)
+    assert names.shape == (CFG.n_moe_layers, CFG.n_routed_experts)
+    counts = _record_gets(monkeypatch)
+    with ShardedCheckpoint(base) as ckpt:
+        read = hf._reader(ckpt, names, spec)
+        part = read((slice(1, 2), slice(2, 4), slice(0, 64)))
+        assert part.shape == (1, 2, 64, CFG.dim) and part.dtype == FP8
+        assert set(counts) == {f"model.layers.2.mlp.experts.{e}.gate_proj.weight" for e in (2, 3)}
+        full = np.asarray(ckpt.get("model.layers.2.mlp.experts.3.gate_proj.weight"))
+        assert part[0, 1].tobytes() == np.ascontiguousarray(full[:64]).tobytes()
+
+
+def test_host_memory_bounded_by_largest_param(base, model):
+    """numpy allocations while loading stay well below the checkpoint size (one param at a time)."""
+    total = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base))
+    largest = max(s.nbytes for s in flatten(abstract_params(model.config)).values())
+    assert total > 8 * largest
+    load_params(base, model.config)  # warm up caches (tracing of abstract_params etc.)
+    tracemalloc.start()
+    try:
+        params = load_params(base, model.config)
+        jax.block_until_ready(params)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 2, (peak, total, largest)
