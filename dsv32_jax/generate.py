@@ -9,6 +9,7 @@ slots of the bucket.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -154,19 +155,29 @@ class Generator:
 
     def stream(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-               stop_tokens: Sequence[int] | None = None) -> Iterator[list[int | None]]:
-        """Yields, per step, the new token of each sequence (None once it has stopped)."""
+               stop_tokens: Sequence[int] | None = None, stats: dict | None = None
+               ) -> Iterator[list[int | None]]:
+        """Yields, per step, the new token of each sequence (None once it has stopped).
+        `stats` (a dict) receives prefill_s, prefill_tokens, decode_s, decode_steps."""
+        stats = {} if stats is None else stats
         tokens, lengths, _, total, stop_ids = self._setup(prompts, max_new_tokens, stop_tokens)
+        t0 = time.perf_counter()
         cache = init_cache(self.cfg, len(prompts), total)
         logits, cache = self.prefill(params, tokens, lengths, cache)
+        jax.block_until_ready(logits)
+        stats.update(prefill_s=time.perf_counter() - t0, prefill_tokens=int(lengths.sum()),
+                     decode_s=0.0, decode_steps=0)
         pos, key = jnp.asarray(lengths), jax.random.key(seed)
         done = np.zeros(len(prompts), bool)
         for _ in range(max_new_tokens):
+            t0 = time.perf_counter()
             key, sub = jax.random.split(key)
             token, logits, cache = self._step(params, cache, pos, sub, jnp.float32(temperature),
                                               jnp.float32(top_p), logits)
             pos = pos + 1
             tok = np.asarray(token)
+            stats["decode_s"] += time.perf_counter() - t0
+            stats["decode_steps"] += 1
             yield [None if d else int(t) for t, d in zip(tok, done)]
             done |= np.isin(tok, stop_ids)
             if done.all():

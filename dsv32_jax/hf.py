@@ -12,6 +12,7 @@ import os
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from dsv32_jax.config import Config
 from dsv32_jax.safetensors_io import ShardedCheckpoint
@@ -84,17 +85,21 @@ def _reader(ckpt: ShardedCheckpoint, names: np.ndarray, spec: ParamSpec):
     return read
 
 
-def load_params(directory: str | os.PathLike, cfg: Config, shardings=None) -> dict:
+def load_params(directory: str | os.PathLike, cfg: Config, shardings=None,
+                progress: bool = False) -> dict:
     """Params from a HF checkpoint dir. `shardings`: a tree of jax.sharding.Sharding like the
-    params (default: everything on the first device)."""
-    specs = abstract_params(cfg)
+    params (default: everything on the first device). `progress`: a tqdm bar in bytes."""
+    specs = flatten(abstract_params(cfg))
     with ShardedCheckpoint(directory) as ckpt:
-        sources = check(ckpt, cfg, specs)
+        sources = check(ckpt, cfg, unflatten(specs))
         flat_shard = flatten(shardings) if shardings is not None else {}
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         out = {}
-        for path, spec in flatten(specs).items():
-            sharding = flat_shard.get(path, default)
-            out[path] = jax.make_array_from_callback(spec.shape, sharding,
-                                                     _reader(ckpt, sources[path], spec))
+        with tqdm(total=sum(s.nbytes for s in specs.values()), unit="B", unit_scale=True,
+                  desc="loading", disable=not progress, leave=False) as bar:
+            for path, spec in specs.items():
+                sharding = flat_shard.get(path, default)
+                out[path] = jax.make_array_from_callback(spec.shape, sharding,
+                                                         _reader(ckpt, sources[path], spec))
+                bar.update(spec.nbytes)
     return unflatten(out)

@@ -14,6 +14,7 @@ from dsv32_jax.config import DTYPES, Config
 from dsv32_jax.generate import Generator
 from dsv32_jax.hf import is_hf_dir, load_params
 from dsv32_jax.model import Transformer
+from dsv32_jax.weights import abstract_params
 
 INTERMEDIATES = ("attn_in", "attn_out", "ffn_in", "ffn_out", "index_scores", "topk", "gate_experts")
 
@@ -64,10 +65,11 @@ class Model:
 
     def generate_stream(self, prompts: list[list[int]], max_new_tokens: int,
                         temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-                        stop_tokens: list[int] | None = None):
-        """Like generate, but yields each step's new tokens (None for finished sequences)."""
+                        stop_tokens: list[int] | None = None, stats: dict | None = None):
+        """Like generate, but yields each step's new tokens (None for finished sequences).
+        `stats`, if given, receives prefill/decode timings."""
         return self.generator.stream(self.params, prompts, max_new_tokens, temperature, top_p,
-                                     seed, stop_tokens)
+                                     seed, stop_tokens, stats)
 
     def logits_and_intermediates(self, tokens) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Logits plus per-layer values stacked over all layers: attn_in/attn_out/ffn_in/ffn_out
@@ -110,20 +112,19 @@ def _check_impl(impl: str) -> None:
 
 
 def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations: bool = True,
-               attention_impl: str = "xla", mesh=None) -> Model:
+               attention_impl: str = "xla", mesh=None, progress: bool = False) -> Model:
     """Load a checkpoint directory in the released HF layout.
 
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
     released FP8 activation quantization (linear inputs, indexer q/k, latent cache).
     attention_impl: "xla" (sparse: gathers the indexer's top-k keys, O(S*k)) or "xla_dense" (a
-    masked dense reference, O(S^2)).
+    masked dense reference, O(S^2)). mesh: a jax Mesh with axes ("expert", "tensor")
+    (`sharding.make_mesh`): params are loaded straight into their shards (rules in
+    `sharding.rules`) and the forward runs SPMD-partitioned by XLA.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _check_impl(attention_impl)
-    if mesh is not None:
-        raise NotImplementedError("mesh= (sharded loading) is not implemented yet; load on one "
-                                  "device with mesh=None")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
@@ -131,4 +132,11 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         raise ValueError(f"{path}: not a Hugging Face checkpoint directory (expected config.json "
                          "and *.safetensors); Orbax checkpoints are not supported yet")
     cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
-    return Model(cfg, load_params(path, cfg), attention_impl)
+    shardings = None
+    if mesh is not None:
+        from sharding import param_shardings
+
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
+        shardings = param_shardings(abstract_params(cfg), mesh)
+    return Model(cfg, load_params(path, cfg, shardings, progress=progress), attention_impl)

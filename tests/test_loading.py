@@ -358,7 +358,7 @@ def test_load_model_argument_errors(base, tmp_path):
         load_model(base, attention_impl="pallas", **LOAD)
     with pytest.raises(ValueError, match="bogus"):
         load_model(base, attention_impl="bogus", **LOAD)
-    with pytest.raises(NotImplementedError, match="mesh"):
+    with pytest.raises(TypeError, match="mesh"):
         load_model(base, mesh=object(), **LOAD)
     with pytest.raises(ValueError, match="float16"):
         load_model(base, dtype="float16")
