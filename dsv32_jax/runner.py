@@ -128,10 +128,17 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
-    if not is_hf_dir(path):
+    from dsv32_jax import orbax_ckpt  # a dir written by `dsv32 convert`
+
+    converted = orbax_ckpt.is_orbax_dir(path)
+    if not converted and not is_hf_dir(path):
         raise ValueError(f"{path}: not a Hugging Face checkpoint directory (expected config.json "
-                         "and *.safetensors); Orbax checkpoints are not supported yet")
-    cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
+                         "and *.safetensors) nor one converted by `dsv32 convert` (manifest.json, "
+                         "config.json and params/)")
+    if converted:
+        cfg = orbax_ckpt.load_config(path, dtype=dtype, fp8_activations=fp8_activations)
+    else:
+        cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
     shardings = None
     if mesh is not None:
         from sharding import param_shardings
@@ -139,4 +146,6 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         if not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
         shardings = param_shardings(abstract_params(cfg), mesh)
+    if converted:  # Orbax restores each leaf's shards straight onto their devices
+        return Model(cfg, orbax_ckpt.restore_params(path, cfg, shardings), attention_impl)
     return Model(cfg, load_params(path, cfg, shardings, progress=progress), attention_impl)

@@ -1,0 +1,344 @@
+"""What to write: the output leaves, their chunking, and how each chunk is read from the source.
+
+A `Leaf` is one array of the converted tree: the HF tensors it is stacked from (an array of names
+shaped like its stacked dims: () global, (L,) per layer, (L, E) routed experts), its output shape and
+dtype, and its chunk shape. A `Unit` is one chunk: the converter reads exactly the source bytes of
+that chunk (with `pread`, straight into the chunk buffer) and writes the chunk, so memory per
+worker is about two chunks (`chunk_bytes`, 32 MiB by default; tensorstore encodes a copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+from collections.abc import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from dsv32_jax.config import BLOCK, Config
+from dsv32_jax.hf import check
+from dsv32_jax.orbax_ckpt import MTP_DIR, PARAMS_DIR, array_name
+from dsv32_jax.safetensors_io import ShardedCheckpoint
+from dsv32_jax.weights import Path, abstract_params, flatten, hf_names
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32 = np.dtype(np.float32)
+DEFAULT_CHUNK_BYTES = 32 << 20
+SCALE_SUFFIX = "weight_scale_inv"
+
+
+class ConvertError(ValueError):
+    """The source cannot be converted (names the shard / tensor), or the output is unusable."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Leaf:
+    group: str                 # PARAMS_DIR or MTP_DIR: which Orbax checkpoint
+    path: Path                 # path in that checkpoint's tree
+    names: np.ndarray          # HF tensor names, shaped like the stacked dims
+    src_shape: tuple[int, ...]  # one source tensor's shape
+    src_dtype: np.dtype
+    dtype: np.dtype            # output dtype (bf16 for dequantized FP8 weights)
+    chunks: tuple[int, ...]
+    scale_names: np.ndarray | None = None  # dequantize with these 128x128 scales (bf16 output)
+    scale_shape: tuple[int, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.names.shape) + tuple(self.src_shape)
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{array_name(self.path)}"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def n_sources(self) -> int:
+        return self.names.size * (2 if self.scale_names is not None else 1)
+
+    def grid(self) -> tuple[int, ...]:
+        return tuple(-(-d // c) for d, c in zip(self.shape, self.chunks))
+
+    def units(self) -> Iterator["Unit"]:
+        for idx in np.ndindex(*self.grid()):
+            yield Unit(self, tuple(int(i) for i in idx))
+
+    def manifest(self) -> dict:
+        return {"path": list(self.path), "shape": list(self.shape), "dtype": self.dtype.name,
+                "chunks": list(self.chunks), "source_dtype": self.src_dtype.name,
+                "sources": int(self.n_sources),
+                "first_source": str(self.names.reshape(-1)[0])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    leaf: Leaf
+    index: tuple[int, ...]     # chunk grid position
+
+    @property
+    def region(self) -> tuple[slice, ...]:
+        return tuple(slice(i * c, min((i + 1) * c, d))
+                     for i, c, d in zip(self.index, self.leaf.chunks, self.leaf.shape))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.region)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.leaf.dtype.itemsize
+
+    @property
+    def key(self) -> str:
+        return f"{self.leaf.key} {'.'.join(map(str, self.index)) or '0'}"
+
+    def sources(self) -> np.ndarray:
+        """The HF names this chunk reads (weights only), shaped like its stacked dims."""
+        lead = self.leaf.names.ndim
+        return np.asarray(self.leaf.names[self.region[:lead]], dtype=object)
+
+
+# ---- chunking --------------------------------------------------------------------------------
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def plan_chunks(stack: tuple[int, ...], tensor: tuple[int, ...], itemsize: int,
+                target: int = DEFAULT_CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk shape of a stacked array: small tensors are grouped along the stacked dims (innermost
+    first, a power of two of them or a whole dim), big ones are split into row blocks (multiples
+    of 128 rows, the FP8 block size) of at most `target` bytes."""
+    tbytes = math.prod(tensor) * itemsize
+    chunks = [1] * len(stack)
+    if tensor and tbytes > target:
+        row = tbytes // tensor[0]
+        rows = max(1, target // max(row, 1))
+        rows = max(BLOCK, rows // BLOCK * BLOCK) if rows >= BLOCK else rows
+        return tuple(chunks) + (min(rows, tensor[0]),) + tuple(tensor[1:])
+    budget = max(1, target // max(tbytes, 1))
+    for i in reversed(range(len(stack))):
+        take = stack[i] if stack[i] <= budget else _pow2_floor(budget)
+        chunks[i] = max(1, take)
+        budget //= chunks[i]
+        if chunks[i] < stack[i] or budget < 2:
+            break
+    return tuple(chunks) + tuple(tensor)
+
+
+# ---- planning --------------------------------------------------------------------------------
+def _scale_name(weight_name: str) -> str:
+    if not weight_name.endswith(".weight"):
+        raise ConvertError(f"FP8 tensor {weight_name!r} is not a '.weight'; cannot find its scales")
+    return weight_name[: -len("weight")] + SCALE_SUFFIX
+
+
+def _make_leaves(group: str, entries: dict[Path, tuple[np.ndarray, tuple, np.dtype]],
+                 ckpt: ShardedCheckpoint, weights: str, target: int) -> list[Leaf]:
+    """entries: {path: (names, per-tensor shape, dtype)} -> leaves (bf16: FP8 dequantized)."""
+    leaves = []
+    for path, (names, shape, dtype) in entries.items():
+        dtype = np.dtype(dtype)
+        if weights == "bf16" and str(names.reshape(-1)[0]).endswith("." + SCALE_SUFFIX):
+            continue  # folded into its weight
+        scale_names = scale_shape = None
+        out = dtype
+        if weights == "bf16" and dtype == FP8:
+            flat = [_scale_name(str(n)) for n in names.reshape(-1)]
+            for w, s in zip(names.reshape(-1), flat):
+                if s not in ckpt:
+                    raise ConvertError(f"{ckpt.directory}: missing tensor {s!r} (the scales of FP8 "
+                                       f"tensor {w!r}, needed for --weights bf16)")
+            scale_names = np.array(flat, dtype=object).reshape(names.shape)
+            scale_shape = tuple(ckpt.shape(flat[0]))
+            want = tuple(-(-d // BLOCK) for d in shape)
+            for s in flat:
+                if tuple(ckpt.shape(s)) != want or np.dtype(ckpt.dtype(s)) != F32:
+                    raise ConvertError(f"{ckpt.file_of(s)}: tensor {s!r} has {np.dtype(ckpt.dtype(s)).name}"
+                                       f"{list(ckpt.shape(s))}, expected float32{list(want)} "
+                                       f"(128x128 block scales of a {list(shape)} weight)")
+            out = BF16
+        chunks = plan_chunks(tuple(names.shape), tuple(shape), out.itemsize, target)
+        leaves.append(Leaf(group, tuple(path), names, tuple(shape), dtype, out, chunks,
+                           scale_names, scale_shape))
+    return leaves
+
+
+def plan_params(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
+                target: int = DEFAULT_CHUNK_BYTES) -> list[Leaf]:
+    """Leaves of the model's param tree. Validates every tensor (names, shapes, dtypes) first."""
+    specs = abstract_params(cfg)
+    sources = check(ckpt, cfg, specs)
+    entries = {}
+    for path, spec in flatten(specs).items():
+        names = sources[path]
+        entries[path] = (names, tuple(spec.shape[names.ndim:]), np.dtype(spec.dtype))
+    return _make_leaves(PARAMS_DIR, entries, ckpt, weights, target)
+
+
+def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
+             target: int = DEFAULT_CHUNK_BYTES) -> list[Leaf]:
+    """Leaves of the MTP tree (see `dsv32_jax.orbax_ckpt.restore_mtp`), stacked over MTP layers."""
+    where = ckpt.directory
+    n = cfg.n_mtp_layers
+    if n < 1:
+        raise ConvertError(f"{where}: --include-mtp, but config.json has num_nextn_predict_layers=0")
+    if cfg.n_moe_layers < 1:
+        raise ConvertError(f"{where}: --include-mtp needs a MoE layer layout to map the MTP block to")
+    prefixes = [f"model.layers.{cfg.n_layers + j}." for j in range(n)]
+    by_layer = [{k[len(p):] for k in ckpt.keys() if k.startswith(p)} for p in prefixes]
+    for p, found in zip(prefixes, by_layer):
+        if not found:
+            raise ConvertError(f"{where}: --include-mtp, but the checkpoint has no MTP tensors "
+                               f"{p}* (num_nextn_predict_layers={n})")
+    first_moe = f"model.layers.{cfg.n_dense_layers}."
+    entries, used = {}, set()
+    for path, spec in flatten(abstract_params(cfg)["moe_layers"]).items():
+        names0 = np.asarray(hf_names(cfg, ("moe_layers", *path))[0], dtype=object)  # 1st MoE layer
+        suffixes = [str(s)[len(first_moe):] for s in names0.reshape(-1)]
+        used.update(suffixes)
+        names = np.array([[p + s for s in suffixes] for p in prefixes],
+                         dtype=object).reshape((n, *names0.shape))
+        entries[("block", *path)] = (names, tuple(spec.shape[1 + names0.ndim:]), np.dtype(spec.dtype))
+    extras = sorted(set.union(*by_layer) - used)
+    for p, found in zip(prefixes, by_layer):
+        if found != by_layer[0]:
+            diff = sorted(found.symmetric_difference(by_layer[0]))[:3]
+            raise ConvertError(f"{where}: MTP layers differ in their tensors ({p}*: {diff})")
+    for suffix in extras:
+        *module, leaf = suffix.split(".")
+        leaf = {"weight": "weight", SCALE_SUFFIX: "scale", "bias": "bias"}.get(leaf, leaf)
+        names = np.array([p + suffix for p in prefixes], dtype=object)
+        entries[(*module, leaf)] = (names, tuple(ckpt.shape(names[0])), np.dtype(ckpt.dtype(names[0])))
+    for path, (names, shape, dtype) in entries.items():
+        for name in names.reshape(-1):
+            if name not in ckpt:
+                raise ConvertError(f"{where}: missing MTP tensor {name!r} (expected shape {list(shape)})")
+            if tuple(ckpt.shape(name)) != shape or np.dtype(ckpt.dtype(name)) != dtype:
+                raise ConvertError(f"{ckpt.file_of(name)}: MTP tensor {name!r} has "
+                                   f"{np.dtype(ckpt.dtype(name)).name}{list(ckpt.shape(name))}, "
+                                   f"expected {dtype.name}{list(shape)}")
+    return _make_leaves(MTP_DIR, entries, ckpt, weights, target)
+
+
+# ---- reading source bytes -------------------------------------------------------------------
+class SourceReader:
+    """Reads byte ranges of tensors with `os.pread` into caller buffers (no mmap kept, so the
+    process's resident memory does not grow with what was read). Thread-safe."""
+
+    def __init__(self, ckpt: ShardedCheckpoint):
+        self.ckpt = ckpt
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        self._offsets: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def _file(self, path: str) -> tuple[int, dict[str, tuple[int, int]]]:
+        with self._lock:
+            if path not in self._fds:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    head = os.pread(fd, 8, 0)
+                    n = int.from_bytes(head, "little")
+                    header = json.loads(os.pread(fd, n, 8))
+                except (OSError, ValueError) as e:
+                    os.close(fd)
+                    raise ConvertError(f"{path}: cannot read the safetensors header ({e})") from None
+                start = 8 + n
+                self._offsets[path] = {k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+                                       for k, v in header.items() if k != "__metadata__"}
+                self._fds[path] = fd
+            return self._fds[path], self._offsets[path]
+
+    def location(self, name: str) -> tuple[str, int, int]:
+        """(shard path, absolute byte offset, nbytes) of tensor `name`."""
+        path = self.ckpt.file_of(name)
+        _, offsets = self._file(path)
+        if name not in offsets:
+            raise ConvertError(f"{path}: tensor {name!r} is listed in the index but not in this shard")
+        begin, end = offsets[name]
+        return path, begin, end - begin
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> None:
+        """Fill `out` (C-contiguous) with the bytes of tensor `name` from byte `start` on."""
+        path, begin, size = self.location(name)
+        buf = out.reshape(-1).view(np.uint8)
+        if start + buf.size > size:
+            raise ConvertError(f"{path}: tensor {name!r}: reading bytes [{start}, {start + buf.size}) "
+                               f"of a {size}-byte tensor")
+        fd, _ = self._file(path)
+        view, pos, done = memoryview(buf), begin + start, 0
+        while done < buf.size:
+            try:
+                got = os.preadv(fd, [view[done:done + (1 << 30)]], pos + done)
+            except OSError as e:
+                raise ConvertError(f"{path}: tensor {name!r}: read error at byte {pos + done}: {e}") from None
+            if got <= 0:
+                raise ConvertError(f"{path}: tensor {name!r}: file ends at byte {pos + done}, before the "
+                                   f"tensor's end at {begin + size} (truncated shard?)")
+            done += got
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _dequant_rows(w: np.ndarray, s: np.ndarray, out: np.ndarray, row0: int) -> None:
+    """out = bf16(float32(w) * expand(s)) for weight rows [row0, row0 + len(w)); s holds block rows
+    row0 // 128 on. Same math and rounding as `dsv32_jax.quant.dequant`."""
+    cols, end, r = w.shape[1], row0 + w.shape[0], row0
+    while r < end:
+        e = min((r // BLOCK + 1) * BLOCK, end)
+        srow = np.repeat(s[r // BLOCK - row0 // BLOCK], BLOCK)[:cols]
+        out[r - row0:e - row0] = (w[r - row0:e - row0].astype(F32) * srow).astype(BF16)
+        r = e
+
+
+class Buffers(threading.local):
+    """One reusable byte buffer per thread: reading into memory that is already mapped is ~10x
+    faster than into a fresh allocation (page faults)."""
+
+    def get(self, unit: Unit) -> np.ndarray:
+        buf = getattr(self, "buf", None)
+        if buf is None or buf.size < unit.nbytes:
+            buf = self.buf = np.empty(unit.nbytes, np.uint8)
+        return buf[:unit.nbytes].view(unit.leaf.dtype).reshape(unit.shape)
+
+
+def read_unit(reader: SourceReader, unit: Unit, out: np.ndarray | None = None) -> np.ndarray:
+    """The chunk's data, read from the source (and dequantized for bf16 output), into `out`
+    (C-contiguous, the chunk's shape and output dtype) or a new array."""
+    leaf = unit.leaf
+    lead = leaf.names.ndim
+    region = unit.region
+    tail = region[lead:]
+    if out is None:
+        out = np.empty(unit.shape, leaf.dtype)
+    assert out.shape == unit.shape and out.dtype == leaf.dtype and out.flags.c_contiguous
+    names = np.asarray(leaf.names[region[:lead]], dtype=object)
+    scales = (np.asarray(leaf.scale_names[region[:lead]], dtype=object)
+              if leaf.scale_names is not None else None)
+    rows = tail[0] if tail else slice(0, 1)
+    row_bytes = (math.prod(leaf.src_shape[1:]) if leaf.src_shape else 1) * leaf.src_dtype.itemsize
+    whole = all(s.start == 0 and s.stop == d for s, d in zip(tail[1:], leaf.src_shape[1:]))
+    assert whole, "chunks split only the first tensor axis"
+    for pos in np.ndindex(*names.shape):
+        name = str(names[pos])
+        if scales is None:
+            reader.read_into(name, rows.start * row_bytes, out[pos])
+            continue
+        w = np.empty(out[pos].shape, leaf.src_dtype)
+        reader.read_into(name, rows.start * row_bytes, w)
+        r0, r1 = rows.start // BLOCK, -(-rows.stop // BLOCK)
+        s = np.empty((r1 - r0, *leaf.scale_shape[1:]), F32)
+        reader.read_into(str(scales[pos]), r0 * s[0].nbytes, s)
+        _dequant_rows(w, s, out[pos], rows.start)
+    return out
