@@ -18,6 +18,7 @@ import numpy as np
 
 from dsv32_jax.config import BLOCK, Config
 from dsv32_jax.safetensors_io import LazyTensor, write_safetensors
+from dsv32_jax.tokenizer import build_synthetic_tokenizer
 from dsv32_jax.weights import abstract_params, flatten, hf_names
 
 FP8_MAX = 448.0
@@ -109,8 +110,9 @@ def _producer(seed: int, name: str, shape, dtype, specs):
 
 
 def write_checkpoint(cfg: Config, directory: str | os.PathLike, seed: int = 0, n_shards: int = 2,
-                     include_mtp: bool = True) -> str:
-    """Write a random checkpoint for `cfg` into `directory` (created; must not exist or be empty).
+                     include_mtp: bool = True, include_tokenizer: bool = True) -> str:
+    """Write a random checkpoint for `cfg` into `directory` (created; must not exist or be empty),
+    with a small tokenizer of our own (`tokenizer.build_synthetic_tokenizer`) unless disabled.
 
     Written to `directory.partial` and renamed at the end. Returns the directory path.
     """
@@ -141,6 +143,8 @@ def write_checkpoint(cfg: Config, directory: str | os.PathLike, seed: int = 0, n
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
+    if include_tokenizer:
+        build_synthetic_tokenizer(cfg.vocab_size, tmp)
     if os.path.exists(out):
         os.rmdir(out)
     os.replace(tmp, out)
