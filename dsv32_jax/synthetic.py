@@ -17,11 +17,11 @@ import ml_dtypes
 import numpy as np
 
 from dsv32_jax.config import BLOCK, Config
+from dsv32_jax.quant import FP8_MAX
 from dsv32_jax.safetensors_io import LazyTensor, write_safetensors
 from dsv32_jax.tokenizer import build_synthetic_tokenizer
 from dsv32_jax.weights import abstract_params, flatten, hf_names
 
-FP8_MAX = 448.0
 
 
 def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
