@@ -19,7 +19,7 @@ from flax import linen as nn
 from dsv32_jax.cache import KVCache
 from dsv32_jax.config import BLOCK, Config
 from dsv32_jax.layers import LayerNorm, Linear, RMSNorm, einsum
-from dsv32_jax.quant import act_quant, hadamard, quant_dequant
+from dsv32_jax.quant import act_dequant, act_quant, hadamard
 from dsv32_jax.rope import apply_rope
 
 NEG_INF = -jnp.inf
@@ -204,7 +204,7 @@ class MLA(nn.Module):
             iq, iw = self.indexer.queries(x, qr, cos, sin)  # (B,S,n,d), (B,S,n)
             ik, iks = self.indexer.keys(x, cos, sin)  # (B,S,d), (B,S)
         if cache is None:
-            c = quant_dequant(c, cfg.scale_fmt) if cfg.fp8_activations else c
+            c = act_dequant(c_q, c_s, dtype) if cfg.fp8_activations else c
         else:
             cache = cache.write(positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
             c, k_pe, ik, iks = cache.latent(dtype), cache.k_pe, cache.ik, cache.ik_scale

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dsv32_jax.config import BLOCK, Config
-from dsv32_jax.quant import FP8
+from dsv32_jax.quant import FP8, act_dequant
 
 
 @struct.dataclass
@@ -34,10 +34,6 @@ class KVCache:
                    ik=jnp.zeros((*lead, cfg.index_head_dim), store),
                    ik_scale=jnp.ones(lead, jnp.float32))
 
-    @property
-    def length(self) -> int:
-        return self.c.shape[-2]
-
     def write(self, positions: jax.Array, **new: jax.Array) -> "KVCache":
         """Store new entries (B, S, ...) at slots `positions` (B, S) of each sequence."""
         b = jnp.arange(positions.shape[0])[:, None]
@@ -46,9 +42,7 @@ class KVCache:
 
     def latent(self, dtype) -> jax.Array:
         """The latent cache (B, T, C) in `dtype` (dequantized)."""
-        b, t, c = self.c.shape
-        x = self.c.astype(jnp.float32).reshape(b, t, -1, BLOCK) * self.c_scale[..., None]
-        return x.reshape(b, t, c).astype(dtype)
+        return act_dequant(self.c, self.c_scale, dtype)
 
 
 def bytes_per_token(cfg: Config) -> dict[str, int]:

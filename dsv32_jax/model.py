@@ -51,9 +51,6 @@ def _stack(cfg: Config, moe: bool, n: int, impl: str, name: str):
     return scanned(cfg, moe, impl, name=name)
 
 
-GROUPS = ("dense_layers", "moe_layers")
-
-
 def layer_counts(cfg: Config) -> dict[str, int]:
     return {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers}
 

@@ -47,12 +47,16 @@ def act_quant(x: jax.Array, scale_fmt: str | None, block: int = BLOCK) -> tuple[
     return xq.reshape(x.shape), s
 
 
+def act_dequant(x_q: jax.Array, s: jax.Array, dtype) -> jax.Array:
+    """act_quant's inverse: x_q (..., K) e4m3 times its per-128-block scales s (..., K/128)."""
+    *lead, k = x_q.shape
+    y = x_q.astype(jnp.float32).reshape(*lead, k // BLOCK, BLOCK) * s[..., None]
+    return y.reshape(x_q.shape).astype(dtype)
+
+
 def quant_dequant(x: jax.Array, scale_fmt: str | None) -> jax.Array:
     """x through act_quant and back, in x's dtype (the FP8 latent-cache simulation)."""
-    xq, s = act_quant(x, scale_fmt)
-    *lead, k = x.shape
-    y = xq.astype(jnp.float32).reshape(*lead, k // BLOCK, BLOCK) * s[..., None]
-    return y.reshape(x.shape).astype(x.dtype)
+    return act_dequant(*act_quant(x, scale_fmt), x.dtype)
 
 
 def expand_scale(scale: jax.Array, out_features: int, in_features: int) -> jax.Array:

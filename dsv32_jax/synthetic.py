@@ -23,7 +23,6 @@ from dsv32_jax.tokenizer import build_synthetic_tokenizer
 from dsv32_jax.weights import abstract_params, flatten, hf_names
 
 
-
 def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{HF tensor name: (shape, dtype)} of a checkpoint for `cfg` (the MTP layer optionally)."""
     specs = {}
