@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.config import preset
-from dsv32_jax.model import Transformer, init_cache
-from dsv32_jax.weights import init_params
+from dsv32_jax.model.config import preset
+from dsv32_jax.model.transformer import Transformer, init_cache
+from dsv32_jax.checkpoint.weights import init_params
 
 
 def _time(fn, repeats: int) -> float:

@@ -1,5 +1,5 @@
 """Convert the released DeepSeek-V3.2 checkpoint (HF safetensors) into an Orbax checkpoint that
-`dsv32_jax.load_model` restores directly (see `dsv32_jax.orbax_ckpt` for the layout).
+`dsv32_jax.load_model` restores directly (see `dsv32_jax.checkpoint.orbax_layout` for the layout).
 
     from convert import convert_checkpoint, verify_checkpoint
     convert_checkpoint("/data/DeepSeek-V3.2", "/data/dsv32-orbax")          # fp8, lossless

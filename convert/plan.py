@@ -19,11 +19,11 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
-from dsv32_jax.config import BLOCK, Config
-from dsv32_jax.hf import check
-from dsv32_jax.orbax_ckpt import MTP_DIR, PARAMS_DIR, array_name
-from dsv32_jax.safetensors_io import ShardedCheckpoint
-from dsv32_jax.weights import Path, abstract_params, flatten, hf_names
+from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.checkpoint.hf import check
+from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
+from dsv32_jax.checkpoint.safetensors import ShardedCheckpoint
+from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -185,7 +185,7 @@ def plan_params(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
 
 def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
              target: int = DEFAULT_CHUNK_BYTES) -> list[Leaf]:
-    """Leaves of the MTP tree (see `dsv32_jax.orbax_ckpt.restore_mtp`), stacked over MTP layers."""
+    """Leaves of the MTP tree (see `dsv32_jax.checkpoint.orbax_layout.restore_mtp`), stacked over MTP layers."""
     where = ckpt.directory
     n = cfg.n_mtp_layers
     if n < 1:
@@ -293,7 +293,7 @@ class SourceReader:
 
 def _dequant_rows(w: np.ndarray, s: np.ndarray, out: np.ndarray, row0: int) -> None:
     """out = bf16(float32(w) * expand(s)) for weight rows [row0, row0 + len(w)); s holds block rows
-    row0 // 128 on. Same math and rounding as `dsv32_jax.quant.dequant`."""
+    row0 // 128 on. Same math and rounding as `dsv32_jax.model.quant.dequant`."""
     cols, end, r = w.shape[1], row0 + w.shape[0], row0
     while r < end:
         e = min((r // BLOCK + 1) * BLOCK, end)

@@ -1,4 +1,4 @@
-"""`convert_checkpoint`: released HF checkpoint dir -> converted Orbax dir (see `dsv32_jax.orbax_ckpt`).
+"""`convert_checkpoint`: released HF checkpoint dir -> converted Orbax dir (see `dsv32_jax.checkpoint.orbax_layout`).
 
 Steps: validate config.json and every tensor (names, shapes, dtypes, shard integrity) before
 writing anything; create every output array in `OUT_DIR.partial`; write chunk by chunk (a pool of
@@ -27,12 +27,12 @@ import zlib
 
 import numpy as np
 
-from dsv32_jax.config import Config, ConfigError
-from dsv32_jax.hf import CheckpointError
-from dsv32_jax.orbax_ckpt import (FORMAT, FORMAT_VERSION, MANIFEST, MTP_DIR, PARAMS_DIR, create_array,
+from dsv32_jax.model.config import Config, ConfigError
+from dsv32_jax.checkpoint.hf import CheckpointError
+from dsv32_jax.checkpoint.orbax_layout import (FORMAT, FORMAT_VERSION, MANIFEST, MTP_DIR, PARAMS_DIR, create_array,
                                   write_context, write_tree_metadata)
-from dsv32_jax.safetensors_io import INDEX_NAME, SafetensorsError, ShardedCheckpoint, TensorNotFoundError
-from dsv32_jax.weights import abstract_params, flatten
+from dsv32_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsError, ShardedCheckpoint, TensorNotFoundError
+from dsv32_jax.checkpoint.weights import abstract_params, flatten
 
 from convert.plan import (DEFAULT_CHUNK_BYTES, Buffers, ConvertError, Leaf, SourceReader, Unit,
                           plan_mtp, plan_params, read_unit)

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from dsv32_jax.orbax_ckpt import (OrbaxCheckpointError, load_config, open_array, read_manifest,
+from dsv32_jax.checkpoint.orbax_layout import (OrbaxCheckpointError, load_config, open_array, read_manifest,
                                   stored_leaves)
 
 from convert.plan import Buffers, ConvertError, SourceReader, Unit, read_unit

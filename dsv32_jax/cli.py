@@ -14,7 +14,7 @@ def _cache_dir() -> str:
 
 def _load(path: str, args: argparse.Namespace):
     import dsv32_jax
-    from dsv32_jax.tokenizer import Tokenizer
+    from dsv32_jax.text.tokenizer import Tokenizer
 
     t = time.perf_counter()
     print(f"loading {path} ...", file=sys.stderr, flush=True)
@@ -48,7 +48,7 @@ def _rates(stats: dict) -> str:
 
 
 def _prompt_ids(tok, text: str, raw: bool, thinking: bool) -> list[int]:
-    from dsv32_jax.chat import encode_messages
+    from dsv32_jax.text.chat import encode_messages
 
     if raw:
         return tok.encode(text)
@@ -65,7 +65,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from dsv32_jax.chat import EOS, ChatFormatError, encode_messages, parse_message_from_completion_text
+    from dsv32_jax.text.chat import EOS, ChatFormatError, encode_messages, parse_message_from_completion_text
 
     model, tok = _load(args.ckpt, args)
     mode = "thinking" if args.thinking else "chat"
@@ -98,11 +98,11 @@ def demo(args: argparse.Namespace) -> int:
     import jax
 
     import dsv32_jax
-    from dsv32_jax.cache import bytes_per_token
-    from dsv32_jax.chat import encode_messages
-    from dsv32_jax.config import preset
-    from dsv32_jax.synthetic import write_checkpoint
-    from dsv32_jax.tokenizer import Tokenizer
+    from dsv32_jax.model.cache import bytes_per_token
+    from dsv32_jax.text.chat import encode_messages
+    from dsv32_jax.model.config import preset
+    from dsv32_jax.checkpoint.synthetic import write_checkpoint
+    from dsv32_jax.text.tokenizer import Tokenizer
 
     cfg = preset(args.preset)
     ckpt = os.path.join(args.cache_dir or _cache_dir(), f"synthetic-{args.preset}-seed{args.seed}")

@@ -21,7 +21,7 @@ def make_mesh(expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
 def param_shardings(specs_tree, mesh: Mesh):
     """Tree of ParamSpec -> tree of NamedSharding. A dim whose size the mesh axis does not divide
     (e.g. a block-scale dim of ceil(out/128)) is replicated instead of split."""
-    from dsv32_jax.weights import ParamSpec
+    from dsv32_jax.checkpoint.weights import ParamSpec
 
     def fit(spec: ParamSpec, pspec: PartitionSpec) -> NamedSharding:
         axes = []

@@ -31,8 +31,8 @@ RULES: tuple[tuple[str, str | None], ...] = (
 
 
 def logical_specs(specs_tree):
-    """Tree of ParamSpec (dsv32_jax.weights.abstract_params) -> tree of mesh PartitionSpec."""
-    from dsv32_jax.weights import ParamSpec
+    """Tree of ParamSpec (dsv32_jax.checkpoint.weights.abstract_params) -> tree of mesh PartitionSpec."""
+    from dsv32_jax.checkpoint.weights import ParamSpec
 
     known = {name for name, _ in RULES}
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.attention import MLA, dense_mla, select_topk, sparse_mla
-from dsv32_jax.config import preset
-from dsv32_jax.model import Transformer
-from dsv32_jax.rope import rope_tables
+from dsv32_jax.model.attention import MLA, dense_mla, select_topk, sparse_mla
+from dsv32_jax.model.config import preset
+from dsv32_jax.model.transformer import Transformer
+from dsv32_jax.model.rope import rope_tables
 
 
 def _flops(fn, *shapes) -> float:

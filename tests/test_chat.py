@@ -1,4 +1,4 @@
-"""Tests for dsv32_jax.chat: the official V3.2 encoding example byte for byte, round trips, and format errors."""
+"""Tests for dsv32_jax.text.chat: the official V3.2 encoding example byte for byte, round trips, and format errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv32_jax.chat import (
+from dsv32_jax.text.chat import (
     ASSISTANT,
     BOS,
     DSML,

@@ -9,7 +9,7 @@ import pytest
 
 from dsv32_jax import preset
 from dsv32_jax.cli import main
-from dsv32_jax.synthetic import write_checkpoint
+from dsv32_jax.checkpoint.synthetic import write_checkpoint
 
 
 def test_demo_runs_and_caches(tmp_path, capsys):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import CASES, fixture_dir
-from dsv32_jax.config import Config, ConfigError, preset
+from dsv32_jax.model.config import Config, ConfigError, preset
 
 
 def test_defaults_are_the_released_sizes():

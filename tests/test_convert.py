@@ -30,14 +30,14 @@ import pytest
 import dsv32_jax
 from convert import ConvertError, VerifyError, convert_checkpoint, verify_checkpoint
 from convert.plan import SourceReader, plan_chunks
-from dsv32_jax.config import Config, preset
-from dsv32_jax.orbax_ckpt import (MTP_DIR, PARAMS_DIR, OrbaxCheckpointError, array_name, is_orbax_dir,
+from dsv32_jax.model.config import Config, preset
+from dsv32_jax.checkpoint.orbax_layout import (MTP_DIR, PARAMS_DIR, OrbaxCheckpointError, array_name, is_orbax_dir,
                                   load_config, read_manifest, restore_mtp, restore_params,
                                   write_tree_metadata)
-from dsv32_jax.quant import dequant
-from dsv32_jax.safetensors_io import INDEX_NAME, SafetensorsFile, ShardedCheckpoint, write_safetensors
-from dsv32_jax.synthetic import tensor_specs, write_checkpoint
-from dsv32_jax.weights import flatten
+from dsv32_jax.model.quant import dequant
+from dsv32_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsFile, ShardedCheckpoint, write_safetensors
+from dsv32_jax.checkpoint.synthetic import tensor_specs, write_checkpoint
+from dsv32_jax.checkpoint.weights import flatten
 
 from conftest import REPO, fixture_dir, fixture_model, golden, row_cosine, row_error
 
@@ -307,7 +307,7 @@ def test_bf16_mode_unaligned_row_chunks(synth, tmp_path):
     out = tmp_path / "out"
     convert_checkpoint(synth, out, weights="bf16", chunk_bytes=20000, workers=3, **QUIET)
     cfg = Config.from_hf(synth, fp8_activations=False)
-    from dsv32_jax.hf import load_params
+    from dsv32_jax.checkpoint.hf import load_params
 
     src = flatten(load_params(synth, cfg))
     got = flatten(restore_params(out, load_config(out, fp8_activations=False)))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import CASES, fixture_model, golden, row_cosine, topk_agreement
-from dsv32_jax.cache import bytes_per_token
-from dsv32_jax.config import Config
-from dsv32_jax.model import init_cache
+from dsv32_jax.model.cache import bytes_per_token
+from dsv32_jax.model.config import Config
+from dsv32_jax.model.transformer import init_cache
 
 
 def _teacher_forced(model, tokens, prompt_len, cache_len=64, intermediates=False):

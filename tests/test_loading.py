@@ -1,5 +1,5 @@
 """Loading synthetic checkpoints in the released HF layout: `load_model`, `hf.check`/`load_params`
-and their errors. Synthetic data only (dsv32_jax.synthetic); no golden fixtures needed.
+and their errors. Synthetic data only (dsv32_jax.checkpoint.synthetic); no golden fixtures needed.
 
 One checkpoint per kind is written per module; tests that corrupt a checkpoint work on a copy.
 Only `test_logits_shape_dtype_finite` compiles the forward pass.
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 import dsv32_jax
-from dsv32_jax import hf
-from dsv32_jax.config import Config, ConfigError, preset
-from dsv32_jax.hf import CheckpointError, check, load_params
-from dsv32_jax.runner import load_model
-from dsv32_jax.safetensors_io import SafetensorsError, SafetensorsFile, ShardedCheckpoint, write_safetensors
-from dsv32_jax.synthetic import tensor_specs, write_checkpoint
-from dsv32_jax.weights import abstract_params, flatten, hf_names, is_mtp_tensor
+from dsv32_jax.checkpoint import hf
+from dsv32_jax.model.config import Config, ConfigError, preset
+from dsv32_jax.checkpoint.hf import CheckpointError, check, load_params
+from dsv32_jax.engine.runner import load_model
+from dsv32_jax.checkpoint.safetensors import SafetensorsError, SafetensorsFile, ShardedCheckpoint, write_safetensors
+from dsv32_jax.checkpoint.synthetic import tensor_specs, write_checkpoint
+from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, is_mtp_tensor
 
 INDEX = "model.safetensors.index.json"
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)

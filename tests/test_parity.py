@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import CASES, MODES, fixture_model, golden, row_cosine, row_error, topk_agreement
-from dsv32_jax.attention import MLA
-from dsv32_jax.moe import FFN, MoE
-from dsv32_jax.rope import rope_tables
-from dsv32_jax.weights import layer_params
+from dsv32_jax.model.attention import MLA
+from dsv32_jax.model.moe import FFN, MoE
+from dsv32_jax.model.rope import rope_tables
+from dsv32_jax.checkpoint.weights import layer_params
 
 
 def _components(case: str, mode: str):

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv32_jax.quant import (act_quant, block_scaled_matmul, dequant, hadamard, hadamard_matrix,
+from dsv32_jax.model.quant import (act_quant, block_scaled_matmul, dequant, hadamard, hadamard_matrix,
                              pow2_ceil, quant_dequant)
 
 E4M3 = ml_dtypes.float8_e4m3fn

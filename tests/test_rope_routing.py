@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv32_jax.config import Config, preset
-from dsv32_jax.moe import route
-from dsv32_jax.rope import apply_rope, rope_tables, yarn_inv_freq
+from dsv32_jax.model.config import Config, preset
+from dsv32_jax.model.moe import route
+from dsv32_jax.model.rope import apply_rope, rope_tables, yarn_inv_freq
 
 
 def test_yarn_frequencies_formula():

@@ -1,4 +1,4 @@
-"""Tests for dsv32_jax.safetensors_io (numpy + ml_dtypes only; optional cross-check with `safetensors`)."""
+"""Tests for dsv32_jax.checkpoint.safetensors (numpy + ml_dtypes only; optional cross-check with `safetensors`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv32_jax.safetensors_io import (
+from dsv32_jax.checkpoint.safetensors import (
     DTYPES,
     LazyTensor,
     SafetensorsError,

@@ -15,8 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from conftest import REPO, fixture_dir
-from dsv32_jax.config import Config
-from dsv32_jax.weights import abstract_params, flatten
+from dsv32_jax.model.config import Config
+from dsv32_jax.checkpoint.weights import abstract_params, flatten
 from sharding import RULES, logical_specs
 
 SCRIPT = textwrap.dedent("""

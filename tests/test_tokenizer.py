@@ -1,4 +1,4 @@
-"""dsv32_jax.tokenizer: loading, special tokens, round trips, streaming, and the synthetic BPE."""
+"""dsv32_jax.text.tokenizer: loading, special tokens, round trips, streaming, and the synthetic BPE."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from tokenizers import decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
-from dsv32_jax import chat
-from dsv32_jax.tokenizer import (
+from dsv32_jax.text import chat
+from dsv32_jax.text.tokenizer import (
     MIN_SYNTHETIC_VOCAB,
     StreamDecoder,
     Tokenizer,
@@ -131,7 +131,7 @@ def test_deterministic(tmp_path, tok2048):
     first = {n: (tmp_path / "a" / n).read_bytes() for n in names}
     assert {n: (_dir(tok2048) / n).read_bytes() for n in names} == first
     # a fresh process (new hash seeds in Rust and Python) writes the same bytes
-    code = "import sys; from dsv32_jax.tokenizer import build_synthetic_tokenizer as b; b(2048, sys.argv[1])"
+    code = "import sys; from dsv32_jax.text.tokenizer import build_synthetic_tokenizer as b; b(2048, sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], check=True, timeout=120)
     assert {n: (tmp_path / "b" / n).read_bytes() for n in names} == first
     assert a.encode(TEXTS["code"]) == tok2048.encode(TEXTS["code"])

@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from dsv32_jax.config import Config
-from dsv32_jax.weights import Path, abstract_params, flatten, unflatten
+from dsv32_jax.model.config import Config
+from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, unflatten
 
 PARAMS_DIR = "params"
 MTP_DIR = "mtp"

@@ -6,7 +6,7 @@ checkpoints.
 control-token string inside the text (BOS, ``<｜User｜>``, ``<think>``, ...) becomes its single id.
 
 ``build_synthetic_tokenizer`` trains a byte-level BPE at call time (milliseconds, no download) on the text
-embedded below plus prompts rendered by ``dsv32_jax.chat``. Layout: ids 0..5 are BOS, EOS, ``<｜User｜>``,
+embedded below plus prompts rendered by ``dsv32_jax.text.chat``. Layout: ids 0..5 are BOS, EOS, ``<｜User｜>``,
 ``<｜Assistant｜>``, ``<think>``, ``</think>``; then the 256 byte symbols and the learned merges; then unused
 placeholder tokens up to exactly ``vocab_size``. The DSML markup (``<｜DSML｜function_calls>`` ...) and
 ``<function_results>`` are ordinary text, as ``chat.py`` treats them (not in ``SPECIAL_TOKENS``); BPE learns
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from dsv32_jax import chat
+from dsv32_jax.text import chat
 
 MIN_SYNTHETIC_VOCAB = 300
 DEFAULT_MODEL_MAX_LENGTH = 163840  # V3.2 max_position_embeddings

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dsv32_jax.config import BLOCK, Config
-from dsv32_jax.layers import FP8, Linear, cdiv, const_init, fp8_init, normal_init, param, precision
-from dsv32_jax.quant import act_quant, block_scaled_matmul, dequant
+from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.model.layers import FP8, Linear, cdiv, const_init, fp8_init, normal_init, param, precision
+from dsv32_jax.model.quant import act_quant, block_scaled_matmul, dequant
 
 
 class FFN(nn.Module):

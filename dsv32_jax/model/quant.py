@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.config import BLOCK
+from dsv32_jax.model.config import BLOCK
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.attention import ATTENTION_IMPLS
-from dsv32_jax.config import DTYPES, Config
-from dsv32_jax.generate import Generator
-from dsv32_jax.hf import is_hf_dir, load_params
-from dsv32_jax.model import Transformer
-from dsv32_jax.weights import abstract_params
+from dsv32_jax.model.attention import ATTENTION_IMPLS
+from dsv32_jax.model.config import DTYPES, Config
+from dsv32_jax.engine.generate import Generator
+from dsv32_jax.checkpoint.hf import is_hf_dir, load_params
+from dsv32_jax.model.transformer import Transformer
+from dsv32_jax.checkpoint.weights import abstract_params
 
 INTERMEDIATES = ("attn_in", "attn_out", "ffn_in", "ffn_out", "index_scores", "topk", "gate_experts")
 
@@ -128,15 +128,15 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
-    from dsv32_jax import orbax_ckpt  # a dir written by `dsv32 convert`
+    from dsv32_jax.checkpoint import orbax_layout  # a dir written by `dsv32 convert`
 
-    converted = orbax_ckpt.is_orbax_dir(path)
+    converted = orbax_layout.is_orbax_dir(path)
     if not converted and not is_hf_dir(path):
         raise ValueError(f"{path}: not a Hugging Face checkpoint directory (expected config.json "
                          "and *.safetensors) nor one converted by `dsv32 convert` (manifest.json, "
                          "config.json and params/)")
     if converted:
-        cfg = orbax_ckpt.load_config(path, dtype=dtype, fp8_activations=fp8_activations)
+        cfg = orbax_layout.load_config(path, dtype=dtype, fp8_activations=fp8_activations)
     else:
         cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
     shardings = None
@@ -147,5 +147,5 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
             raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
         shardings = param_shardings(abstract_params(cfg), mesh)
     if converted:  # Orbax restores each leaf's shards straight onto their devices
-        return Model(cfg, orbax_ckpt.restore_params(path, cfg, shardings), attention_impl)
+        return Model(cfg, orbax_layout.restore_params(path, cfg, shardings), attention_impl)
     return Model(cfg, load_params(path, cfg, shardings, progress=progress), attention_impl)

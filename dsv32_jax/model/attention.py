@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dsv32_jax.cache import KVCache
-from dsv32_jax.config import BLOCK, Config
-from dsv32_jax.layers import LayerNorm, Linear, RMSNorm, einsum
-from dsv32_jax.quant import act_dequant, act_quant, hadamard
-from dsv32_jax.rope import apply_rope
+from dsv32_jax.model.cache import KVCache
+from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
+from dsv32_jax.model.quant import act_dequant, act_quant, hadamard
+from dsv32_jax.model.rope import apply_rope
 
 NEG_INF = -jnp.inf
 ATTENTION_IMPLS = ("xla", "xla_dense")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.config import Config
+from dsv32_jax.model.config import Config
 
 
 def yarn_inv_freq(cfg: Config) -> np.ndarray:

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.config import Config
-from dsv32_jax.model import Transformer, init_cache
+from dsv32_jax.model.config import Config
+from dsv32_jax.model.transformer import Transformer, init_cache
 
 MAX_STOP_TOKENS = 8
 

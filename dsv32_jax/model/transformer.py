@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dsv32_jax.attention import MLA
-from dsv32_jax.cache import KVCache
-from dsv32_jax.config import Config
-from dsv32_jax.layers import Embed, Linear, RMSNorm
-from dsv32_jax.moe import FFN, MoE
-from dsv32_jax.rope import rope_tables
+from dsv32_jax.model.attention import MLA
+from dsv32_jax.model.cache import KVCache
+from dsv32_jax.model.config import Config
+from dsv32_jax.model.layers import Embed, Linear, RMSNorm
+from dsv32_jax.model.moe import FFN, MoE
+from dsv32_jax.model.rope import rope_tables
 
 
 class Block(nn.Module):

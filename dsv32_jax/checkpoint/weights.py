@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dsv32_jax.config import Config
-from dsv32_jax.model import Transformer
+from dsv32_jax.model.config import Config
+from dsv32_jax.model.transformer import Transformer
 
 Path = tuple[str, ...]
 

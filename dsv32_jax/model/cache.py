@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dsv32_jax.config import BLOCK, Config
-from dsv32_jax.quant import FP8, act_dequant
+from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.model.quant import FP8, act_dequant
 
 
 @struct.dataclass

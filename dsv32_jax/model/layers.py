@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dsv32_jax.config import BLOCK, Config
-from dsv32_jax.quant import FP8, HIGHEST, act_quant, block_scaled_matmul, dequant
+from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.model.quant import FP8, HIGHEST, act_quant, block_scaled_matmul, dequant
 
 Axes = tuple[str, ...]
 

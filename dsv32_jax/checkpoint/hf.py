@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dsv32_jax.config import Config
-from dsv32_jax.safetensors_io import ShardedCheckpoint
-from dsv32_jax.weights import (ParamSpec, abstract_params, flatten, hf_names, is_mtp_tensor,
+from dsv32_jax.model.config import Config
+from dsv32_jax.checkpoint.safetensors import ShardedCheckpoint
+from dsv32_jax.checkpoint.weights import (ParamSpec, abstract_params, flatten, hf_names, is_mtp_tensor,
                                layer_index, unflatten)
 
 

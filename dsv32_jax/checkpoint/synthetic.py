@@ -16,11 +16,11 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from dsv32_jax.config import BLOCK, Config
-from dsv32_jax.quant import FP8_MAX
-from dsv32_jax.safetensors_io import LazyTensor, write_safetensors
-from dsv32_jax.tokenizer import build_synthetic_tokenizer
-from dsv32_jax.weights import abstract_params, flatten, hf_names
+from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.model.quant import FP8_MAX
+from dsv32_jax.checkpoint.safetensors import LazyTensor, write_safetensors
+from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
+from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names
 
 
 def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -1,0 +1,1 @@
+"""Running the model: jitted forward/prefill/decode functions, generation, the `Model` object."""
