@@ -56,10 +56,11 @@ def row_cosine(a, g) -> np.ndarray:
 
 
 def topk_agreement(ours, gold) -> float:
-    """Share of (layer, batch, query) rows whose selected key sets agree on the visible entries."""
+    """Share of (layer, batch, query) rows whose selected key sets agree on the visible entries
+    (ours marks 'no pick' with -1)."""
     ours, gold = np.asarray(ours), np.asarray(gold)
     same = []
     for o, g in zip(ours.reshape(-1, *ours.shape[-2:]), gold.reshape(-1, *gold.shape[-2:])):
         for s in range(o.shape[0]):
-            same.append(set(o[s][o[s] <= s]) == set(g[s][g[s] <= s]))
+            same.append(set(o[s][(o[s] >= 0) & (o[s] <= s)]) == set(g[s][g[s] <= s]))
     return float(np.mean(same))

@@ -14,26 +14,24 @@ import pytest
 from conftest import CASES, fixture_model, golden, row_cosine, topk_agreement
 from dsv32_jax.model.cache import bytes_per_token
 from dsv32_jax.model.config import Config
+from dsv32_jax.engine import generate as gen
 from dsv32_jax.model.transformer import init_cache
 
 
-def _teacher_forced(model, tokens, prompt_len, cache_len=64, intermediates=False):
-    """Prefill tokens[:, :P], then feed tokens P..S-2 one at a time -> (logits (B,S-P,V), topk)."""
-    g, b, s = model.generator, tokens.shape[0], tokens.shape[1]
-    cache = init_cache(model.config, b, cache_len)
-    logits, cache = g.prefill(model.params, tokens[:, :prompt_len], np.full(b, prompt_len), cache)
+def _teacher_forced(model, tokens, prompt_len, cache_len=64):
+    """Prefill tokens[:, :P], then feed tokens P..S-2 one at a time through the production decode
+    forward -> (logits (B,S-P,V), each step's top-k (L,S-P-1,B,k))."""
+    cfg, impl, b, s = model.config, model.attention_impl, tokens.shape[0], tokens.shape[1]
+    cache = init_cache(cfg, b, cache_len)
+    logits, cache, _ = gen.prefill(model.params, cfg, impl, tokens[:, :prompt_len],
+                                   np.full(b, prompt_len), cache)
     rows, picks = [np.asarray(logits)], []
-
-    @jax.jit
-    def step(params, tok, pos, cache):
-        return model.module.apply({"params": params}, tok, pos, cache, jnp.zeros(b, jnp.int32),
-                                  mutable=["intermediates"])
-
     for j in range(prompt_len, s - 1):
-        (logits, cache), st = step(model.params, jnp.asarray(tokens[:, j:j + 1]),
-                                   jnp.full((b, 1), j, jnp.int32), cache)
+        logits, cache, inter = gen.forward(model.params, jnp.asarray(tokens[:, j:j + 1]),
+                                           jnp.full((b, 1), j, jnp.int32), cache,
+                                           jnp.zeros(b, jnp.int32), cfg=cfg, impl=impl,
+                                           collect=True)
         rows.append(np.asarray(logits))
-        inter = st["intermediates"]
         picks.append(np.concatenate([np.asarray(inter[grp]["attn"]["topk"][0])[:, :, 0]
                                      for grp in ("dense_layers", "moe_layers") if grp in inter]))
     return np.stack(rows, 1), np.stack(picks, 1)  # (B,S-P,V), (L,S-P-1,B,k)
@@ -70,18 +68,17 @@ def test_bf16_decode_statistical(case):
 
 def test_chunked_prefill_any_start_equals_one_shot():
     model, z = fixture_model("tiny-fp8", "exact"), golden("tiny-fp8", "exact")
-    g, tok = model.generator, z["tokens"][:, :32]
+    cfg, tok = model.config, z["tokens"][:, :32]
     b = tok.shape[0]
-    one, _ = g.prefill(model.params, tok, np.full(b, 32), init_cache(model.config, b, 64))
-    g.prefill_chunk = 8  # 4 chunks
-    try:
-        chunked, _ = g.prefill(model.params, tok, np.full(b, 32), init_cache(model.config, b, 64))
-        # two calls: positions 0..15, then a continuation starting at position 16
-        _, cache = g.prefill(model.params, tok[:, :16], np.full(b, 16),
-                             init_cache(model.config, b, 64))
-        cont, _ = g.prefill(model.params, tok[:, 16:], np.full(b, 16), cache, start=np.full(b, 16))
-    finally:
-        g.prefill_chunk = 512
+
+    def run(tokens, cache, **kw):
+        return gen.prefill(model.params, cfg, "xla", tokens, np.full(b, tokens.shape[1]), cache, **kw)
+
+    one, _, _ = run(tok, init_cache(cfg, b, 64))
+    chunked, _, _ = run(tok, init_cache(cfg, b, 64), chunk=8)  # 4 chunks
+    # two calls: positions 0..15, then a continuation starting at position 16
+    _, cache, _ = run(tok[:, :16], init_cache(cfg, b, 64), chunk=8)
+    cont, _, _ = run(tok[:, 16:], cache, chunk=8, start=np.full(b, 16))
     ref = np.asarray(model.logits(tok))[:, -1]
     tol = 1e-4 * ref.std()
     for got in (one, chunked, cont):
@@ -100,7 +97,7 @@ def test_stop_tokens_per_sequence_and_compile_once():
     model, z = fixture_model("tiny-fp8", "exact"), golden("tiny-fp8", "exact")
     prompts = [list(z["tokens"][0, :20]), list(z["tokens"][1, :17])]
     free = model.generate(prompts, 8, temperature=0, stop_tokens=[])
-    loop = model.generator._decode_loop
+    loop = gen.decode_loop
     compiled = loop._cache_size()
     stop = free[0][2]
     assert stop not in free[1][:8] or free[1].index(stop) > 2

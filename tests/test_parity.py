@@ -20,7 +20,9 @@ import pytest
 
 from conftest import CASES, MODES, fixture_model, golden, row_cosine, row_error, topk_agreement
 from dsv32_jax.model.attention import MLA
-from dsv32_jax.model.moe import FFN, MoE
+from dsv32_jax.model.cache import KVCache
+from dsv32_jax.model.moe import EXPERTS, FFN, MoE
+from dsv32_jax.model.transformer import variables
 from dsv32_jax.model.rope import rope_tables
 from dsv32_jax.checkpoint.weights import layer_params
 
@@ -35,17 +37,21 @@ def _components(case: str, mode: str):
     dtype = MODES[mode][0]
 
     @jax.jit
-    def attn(p, x):
-        return MLA(cfg).apply({"params": p}, x, pos, cos, sin, mutable=["intermediates"])
+    def attn(p, x):  # one layer's MLA writing into a one-layer cache, as in the model
+        cache = KVCache.zeros(cfg, 1, b, s)
+        return MLA(cfg).apply({"params": p}, x, pos, cos, sin, cache, 0, mutable=["intermediates"])
 
     @jax.jit
-    def moe(p, x):
-        return MoE(cfg).apply({"params": p}, x, mutable=["intermediates"])
+    def moe(p, x, layer):  # p: one layer's params; its experts come from the stack of all
+        v = variables({"moe_layers": {"ffn": p}})
+        v = {"params": v["params"]["moe_layers"]["ffn"], EXPERTS: {"experts": experts}}
+        return MoE(cfg).apply(v, x, layer, mutable=["intermediates"])
 
     @jax.jit
     def ffn(p, x):
         return FFN(cfg, cfg.inter_dim).apply({"params": p}, x)
 
+    experts = model.params["moe_layers"]["ffn"]["experts"]
     out = []
     for layer in range(cfg.n_layers):
         is_moe, p = layer_params(cfg, model.params, layer)
@@ -54,7 +60,7 @@ def _components(case: str, mode: str):
              "topk": st["intermediates"]["topk"][0]}
         x = jnp.asarray(z["ffn_in"][layer], dtype)
         if is_moe:
-            f, st = moe(p["ffn"], x)
+            f, st = moe(p["ffn"], x, layer - cfg.n_dense_layers)
             r["gate_experts"] = st["intermediates"]["gate_experts"][0]
         else:
             f = ffn(p["ffn"], x)

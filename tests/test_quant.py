@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv32_jax.model.quant import (act_quant, block_scaled_matmul, dequant, hadamard, hadamard_matrix,
+from dsv32_jax.model.quant import (act_quant, blockwise_matmul, dequant, hadamard, hadamard_matrix,
                              pow2_ceil, quant_dequant)
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -86,15 +86,16 @@ def test_dequant_partial_edge_blocks(shape):
     np.testing.assert_array_equal(got, want)
 
 
-def test_block_scaled_matmul_is_the_blockwise_sum():
+@pytest.mark.parametrize("budget", [1, 200 * 5 * 4, 1 << 30])  # a group per block, 1, all at once
+def test_blockwise_matmul_is_the_blockwise_sum(budget):
     rng = np.random.default_rng(3)
     m, n, k = 5, 200, 384
     xq = rng.standard_normal((m, k)).astype(E4M3)
     xs = rng.uniform(0.1, 1, (m, k // 128)).astype(np.float32)
     wq = rng.standard_normal((n, k)).astype(E4M3)
     ws = rng.uniform(0.1, 1, (-(-n // 128), k // 128)).astype(np.float32)
-    got = np.asarray(block_scaled_matmul(jnp.asarray(xq), jnp.asarray(xs), jnp.asarray(wq),
-                                         jnp.asarray(ws)))
+    got = np.asarray(blockwise_matmul(jnp.asarray(xq), jnp.asarray(xs), jnp.asarray(wq),
+                                      jnp.asarray(ws), budget))
     xf, wf = xq.astype(np.float64), wq.astype(np.float64)
     want = np.zeros((m, n))
     for b in range(k // 128):

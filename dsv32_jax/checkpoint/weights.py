@@ -16,7 +16,7 @@ import numpy as np
 from flax import linen as nn
 
 from dsv32_jax.model.config import Config
-from dsv32_jax.model.transformer import Transformer
+from dsv32_jax.model.transformer import Transformer, merge_experts
 
 Path = tuple[str, ...]
 
@@ -39,7 +39,7 @@ def _is_box(x) -> bool:
 def abstract_params(cfg: Config) -> dict:
     """Nested dict of ParamSpec, mirroring the model's `params` collection. No memory is used."""
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)["params"]
+    boxed = merge_experts(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens))
     return jax.tree.map(lambda b: ParamSpec(tuple(b.value.shape), b.value.dtype, tuple(b.names)),
                         boxed, is_leaf=_is_box)
 
@@ -47,7 +47,7 @@ def abstract_params(cfg: Config) -> dict:
 def init_params(cfg: Config, seed: int = 0) -> dict:
     """Random params (plain arrays) with the real layout; for tests and benchmarks."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed), tokens)["params"]
+    boxed = merge_experts(jax.jit(Transformer(cfg).init)(jax.random.key(seed), tokens))
     return nn.unbox(boxed)
 
 

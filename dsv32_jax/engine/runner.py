@@ -1,22 +1,20 @@
-"""The public model object: config + params + jitted forward. `load_model` builds one."""
+"""The public model object: config + params + the engine's jitted functions. `load_model` builds
+one. The object holds no compiled state: deleting it frees its params."""
 
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv32_jax.checkpoint.hf import is_hf_dir, load_params
+from dsv32_jax.checkpoint.weights import abstract_params
+from dsv32_jax.engine import generate as gen
 from dsv32_jax.model.attention import ATTENTION_IMPLS
 from dsv32_jax.model.config import DTYPES, Config
-from dsv32_jax.engine.generate import Generator
-from dsv32_jax.checkpoint.hf import is_hf_dir, load_params
-from dsv32_jax.model.transformer import Transformer
-from dsv32_jax.checkpoint.weights import abstract_params
-
-INTERMEDIATES = ("attn_in", "attn_out", "ffn_in", "ffn_out", "index_scores", "topk", "gate_experts")
+from dsv32_jax.model.transformer import init_cache
 
 
 class Model:
@@ -27,18 +25,8 @@ class Model:
         self.config = config
         self.params = params
         self.attention_impl = attention_impl
-        self.module = Transformer(config, attention_impl)
-        self.generator = Generator(config, self.module)
 
-    @partial(jax.jit, static_argnums=0)
-    def _logits(self, params, tokens):
-        return self.module.apply({"params": params}, tokens)
-
-    @partial(jax.jit, static_argnums=0)
-    def _traced(self, params, tokens):
-        return self.module.apply({"params": params}, tokens, mutable=["intermediates"])
-
-    def _tokens(self, tokens) -> jax.Array:
+    def _tokens(self, tokens) -> np.ndarray:
         t = np.asarray(tokens)
         if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
             raise ValueError(f"tokens must be an int array of shape (batch, seq), got {t.dtype} {t.shape}")
@@ -48,11 +36,34 @@ class Model:
         if t.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence length {t.shape[1]} exceeds max_position_embeddings "
                              f"{self.config.max_seq_len}")
-        return jnp.asarray(t, jnp.int32)
+        return t.astype(np.int32)
+
+    def _prefill_all(self, tokens, collect: bool):
+        """The production prefill (chunked, into a cache) with logits at every position."""
+        t = self._tokens(tokens)
+        b, s = t.shape
+        chunk = min(gen.PREFILL_CHUNK, s)
+        padded = -(-s // chunk) * chunk
+        t = np.pad(t, ((0, 0), (0, padded - s)))
+        cache = init_cache(self.config, b, padded)
+        logits, _, inter = gen.prefill(self.params, self.config, self.attention_impl, t,
+                                       np.full(b, s, np.int32), cache, chunk=chunk,
+                                       all_logits=True, collect=collect)
+        if padded != s:  # pad queries sit after every real one: causality keeps them out
+            logits = logits[:, :s]
+            inter = None if inter is None else _cut(inter, s, padded)
+        return logits, inter
 
     def logits(self, tokens) -> jax.Array:
         """tokens int (B, S) -> float32 logits (B, S, vocab), every position."""
-        return self._logits(self.params, self._tokens(tokens))
+        return self._prefill_all(tokens, collect=False)[0]
+
+    def logits_and_intermediates(self, tokens) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits plus per-layer values of the same (production, chunked, cached) computation,
+        stacked over all layers: attn_in/attn_out/ffn_in/ffn_out (L,B,S,D), index_scores
+        (L,B,S,T) before the causal mask, topk (L,B,S,k) (unsorted, -1: no pick), gate_experts
+        (L_moe, B*S, top_k) sorted."""
+        return self._prefill_all(tokens, collect=True)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 0.95, seed: int = 0, stop_tokens: list[int] | None = None
@@ -60,47 +71,30 @@ class Model:
         """Continue each prompt (token ids) by up to max_new_tokens tokens. temperature=0 is
         greedy; sampling is nucleus (top_p). Each sequence stops after emitting a stop token
         (default: EOS), which is included in its output."""
-        return self.generator.generate(self.params, prompts, max_new_tokens, temperature, top_p,
-                                       seed, stop_tokens)
+        return gen.generate(self.params, self.config, self.attention_impl, prompts,
+                            max_new_tokens, temperature, top_p, seed, stop_tokens)
 
     def generate_stream(self, prompts: list[list[int]], max_new_tokens: int,
                         temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
                         stop_tokens: list[int] | None = None, stats: dict | None = None):
         """Like generate, but yields each step's new tokens (None for finished sequences).
         `stats`, if given, receives prefill/decode timings."""
-        return self.generator.stream(self.params, prompts, max_new_tokens, temperature, top_p,
-                                     seed, stop_tokens, stats)
-
-    def logits_and_intermediates(self, tokens) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Logits plus per-layer values stacked over all layers: attn_in/attn_out/ffn_in/ffn_out
-        (L,B,S,D), index_scores (L,B,S,T) before the causal mask, topk (L,B,S,k) (unsorted),
-        gate_experts (L_moe, B*S, top_k) sorted."""
-        logits, state = self._traced(self.params, self._tokens(tokens))
-        inter = state["intermediates"]
-        out = {}
-        for name in INTERMEDIATES:
-            parts = []
-            for group in ("dense_layers", "moe_layers"):
-                node = inter.get(group, {})
-                found = _find(node, name)
-                if found is not None:
-                    parts.append(found)
-            if parts:
-                out[name] = jnp.concatenate(parts, axis=0)
-        return logits, out
+        return gen.stream(self.params, self.config, self.attention_impl, prompts, max_new_tokens,
+                          temperature, top_p, seed, stop_tokens, stats)
 
 
-def _find(node, name):
-    """The sown value `name` anywhere under node (sow stores a 1-tuple)."""
-    if not isinstance(node, dict):
-        return None
-    if name in node:
-        return node[name][0]
-    for v in node.values():
-        r = _find(v, name)
-        if r is not None:
-            return r
-    return None
+def _cut(inter: dict, s: int, padded: int) -> dict:
+    """Intermediates of a padded prompt -> those of its first s positions (and keys)."""
+    out = {}
+    for name, v in inter.items():
+        if name == "gate_experts":
+            v = v.reshape(v.shape[0], -1, padded, v.shape[-1])[:, :, :s]
+            out[name] = v.reshape(v.shape[0], -1, v.shape[-1])
+        elif name == "index_scores":
+            out[name] = v[:, :, :s, :s]
+        else:
+            out[name] = v[:, :, :s]
+    return out
 
 
 def _check_impl(impl: str) -> None:

@@ -1,16 +1,20 @@
 """MLA with DeepSeek Sparse Attention: the lightning indexer, top-k selection, and attention over
 the selected latent keys only.
 
-The module (`MLA`) computes projections; the math over keys lives in pure functions so the
-Pallas kernels (`pallas_kernels/`) can replace them one for one:
-  index_scores   (B,S,n,d) q x (B,T,d) k      -> (B,S,T)   O(S*T*n*d), the indexer
-  select_topk    (B,S,T) scores              -> (B,S,k)   positions + validity
-  sparse_mla     gathers k latent keys/query -> O(S*k*H*(C+R))   (absorbed MLA)
-  dense_mla      masked MHA over all keys    -> O(S*T*H*d)        (reference / short sequences)
-Queries are processed in chunks of `q_chunk`, so no buffer grows as S*T*H.
+The module (`MLA`) computes projections and writes the new keys into the layer-stacked cache; the
+math over keys lives in pure functions, so the Pallas kernels (`pallas_kernels/`) can replace them
+one for one:
+  index_scores  (B,S,n,d) q x (B,T,d) k      -> (B,S,T)    the indexer on one key tile
+  index_topk    key tiles of the cache        -> (B,S,k)    top-k per tile, merged; O(S*k) live
+  sparse_mla    the k selected cache rows     -> (B,S,H,C)  absorbed MLA, query chunks
+  dense_mla     masked MHA over all keys      -> (B,S,H,dv) reference / short sequences
+Every buffer is bounded by `BUDGET` bytes (a key tile of the indexer, a query chunk of the
+gathered rows), not by the context length.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +22,13 @@ from flax import linen as nn
 
 from dsv32_jax.model.cache import KVCache
 from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
-from dsv32_jax.model.quant import act_dequant, act_quant, hadamard
+from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, cdiv, einsum
+from dsv32_jax.model.quant import HIGHEST, act_quant, hadamard
 from dsv32_jax.model.rope import apply_rope
 
 NEG_INF = -jnp.inf
 ATTENTION_IMPLS = ("xla", "xla_dense")
+BUDGET = 64 << 20  # bytes: the largest float32 working buffer of the indexer / sparse attention
 
 
 class Indexer(nn.Module):
@@ -68,45 +73,83 @@ class Indexer(nn.Module):
 def index_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_s: jax.Array) -> jax.Array:
     """score[b,s,t] = k_s[b,t] * sum_h w[b,s,h] * relu(q[b,s,h] . k[b,t]), float32.
 
-    q: (B,S,n,d), w: (B,S,n), k: (B,T,d), k_s: (B,T) -> (B,S,T). No causal mask.
+    q: (B,S,n,d), w: (B,S,n), k: (B,T,d), k_s: (B,T) -> (B,S,T). No causal mask. The q.k products
+    take the stored operands as they are (e4m3 with FP8 simulation), accumulated in float32.
     """
-    dots = jnp.einsum("bshd,btd->bsht", q.astype(jnp.float32), k.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("bsht,bsh->bst", jax.nn.relu(dots), w,
-                      precision=jax.lax.Precision.HIGHEST) * k_s[:, None, :]
+    dots = einsum("bshd,btd->bsht", q, k, q.dtype, jnp.float32)
+    return jnp.einsum("bsht,bsh->bst", jax.nn.relu(dots), w, precision=HIGHEST) * k_s[:, None, :]
 
 
-def select_topk(scores: jax.Array, q_pos: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
-    """Top-min(topk, T) causal key positions per query.
+def key_tile_size(batch: int, queries: int, heads: int, length: int, budget: int = BUDGET) -> int:
+    """Keys per indexer tile: the (B, S, n, tile) float32 dots fit in `budget`; a power of two,
+    at most the context length."""
+    per_key = batch * queries * heads * 4
+    tile = 1 << max(0, (budget // per_key).bit_length() - 1)
+    return max(1, min(tile, length))
 
-    scores: (B,S,T) f32; q_pos: (B,S) int position of each query (key t sits at position t).
-    -> idx (B,S,k) int32, valid (B,S,k) bool (False for picks past the query's position, which
-    happen only when fewer than k keys are visible).
+
+def index_topk(q: jax.Array, w: jax.Array, q_pos: jax.Array,
+               keys: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]], length: int,
+               topk: int, tile: int, collect: bool = False):
+    """Top-min(topk, T) causal key slots per query, over key tiles of the cache.
+
+    q (B,S,n,d), w (B,S,n); q_pos (B,S) position of each query (slot t holds position t);
+    keys(start, size) -> (k (B,size,d), k_s (B,size)) reads one tile. Each tile is scored and
+    merged into the running top-k (ties go to the lower slot, as in one global top-k), so the live
+    buffers are (B,S,n,tile) dots and (B,S,k+tile) candidates, whatever T.
+    Returns idx (B,S,k) int32 (-1: no visible key left to pick) and, with `collect`, the raw
+    scores (B,S,T) before the causal mask (else None).
     """
-    t = scores.shape[-1]
-    causal = jnp.arange(t)[None, None, :] <= q_pos[..., None]
-    _, idx = jax.lax.top_k(jnp.where(causal, scores, NEG_INF), min(topk, t))
-    return idx, idx <= q_pos[..., None]
+    b, s = q_pos.shape
+    kk = min(topk, length)
+    n_tiles = cdiv(length, tile)
+
+    def tile_scores(i):
+        start = jnp.minimum(i * tile, length - tile)  # the last tile ends at T (overlap masked)
+        k, k_s = keys(start, tile)
+        raw = index_scores(q, w, k, k_s)  # (B,S,tile)
+        slot = start + jnp.arange(tile)
+        seen = slot < i * tile  # keys an earlier tile already offered
+        visible = (slot[None, None, :] <= q_pos[..., None]) & ~seen
+        return raw, jnp.where(visible, raw, NEG_INF), jnp.broadcast_to(slot, raw.shape)
+
+    def step(carry, i):
+        vals, idx = carry
+        raw, masked, slot = tile_scores(i)
+        vals, pick = jax.lax.top_k(jnp.concatenate([vals, masked], -1), kk)
+        idx = jnp.take_along_axis(jnp.concatenate([idx, slot], -1), pick, -1)
+        return (vals, idx), (raw if collect else None)
+
+    init = (jnp.full((b, s, kk), NEG_INF, jnp.float32), jnp.full((b, s, kk), -1, jnp.int32))
+    (vals, idx), raw = jax.lax.scan(step, init, jnp.arange(n_tiles))
+    idx = jnp.where(vals > NEG_INF, idx, -1)
+    if not collect:
+        return idx, None
+    scores = jnp.moveaxis(raw, 0, 2).reshape(b, s, n_tiles * tile)
+    tail = length - (n_tiles - 1) * tile  # keys only the (shifted) last tile offered
+    scores = jnp.concatenate([scores[..., :(n_tiles - 1) * tile], raw[-1][..., tile - tail:]], -1)
+    return idx, scores
 
 
-def _gather_keys(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x (B,T,F), idx (B,S,k) -> (B,S,k,F)."""
-    return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+def query_chunk_size(batch: int, picks: int, width: int, heads: int, budget: int = BUDGET) -> int:
+    """Queries per sparse-attention chunk: the gathered (B, chunk, k, width) rows and the
+    (B, chunk, H, k) scores, in float32, fit in `budget`; a power of two."""
+    per_query = batch * picks * (width + heads) * 4
+    return 1 << max(0, (budget // per_query).bit_length() - 1)
 
 
-def sparse_mla(q_c, q_pe, c, k_pe, idx, valid, scale: float, dtype) -> jax.Array:
+def sparse_mla(q_c, q_pe, idx, rows: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+               scale: float, dtype) -> jax.Array:
     """Absorbed MLA over the selected keys only.
 
-    q_c: (B,S,H,C) query mapped into latent space, q_pe: (B,S,H,R), c: (B,T,C) latent cache,
-    k_pe: (B,T,R), idx/valid: (B,S,k) -> (B,S,H,C) attention-weighted latent, in `dtype`.
+    q_c: (B,S,H,C) query mapped into latent space, q_pe: (B,S,H,R), idx: (B,S,k) selected slots
+    (negative: invalid, contributes nothing); rows(idx) -> the gathered latent (B,S,k,C) and
+    k_pe (B,S,k,R) in `dtype`. -> (B,S,H,C) attention-weighted latent, in `dtype`.
     """
-    c_sel, pe_sel = _gather_keys(c, idx), _gather_keys(k_pe, idx)  # (B,S,k,C), (B,S,k,R)
-    hp = jax.lax.Precision.HIGHEST
-    scores = (jnp.einsum("bshc,bskc->bshk", q_c.astype(jnp.float32), c_sel.astype(jnp.float32),
-                         precision=hp)
-              + jnp.einsum("bshr,bskr->bshk", q_pe.astype(jnp.float32),
-                           pe_sel.astype(jnp.float32), precision=hp)) * scale
-    scores = jnp.where(valid[:, :, None, :], scores, NEG_INF)
+    c_sel, pe_sel = rows(idx)
+    scores = (einsum("bshc,bskc->bshk", q_c, c_sel, dtype, jnp.float32)
+              + einsum("bshr,bskr->bshk", q_pe, pe_sel, dtype, jnp.float32)) * scale
+    scores = jnp.where((idx >= 0)[:, :, None, :], scores, NEG_INF)
     p = jax.nn.softmax(scores, axis=-1)
     return einsum("bshk,bskc->bshc", p, c_sel, dtype)
 
@@ -117,25 +160,23 @@ def dense_mla(q_nope, q_pe, k_nope, k_pe, v, mask, scale: float, dtype) -> jax.A
     q_nope: (B,S,H,dn), q_pe: (B,S,H,R), k_nope: (B,T,H,dn), k_pe: (B,T,R), v: (B,T,H,dv)
     -> (B,S,H,dv) in `dtype`.
     """
-    hp = jax.lax.Precision.HIGHEST
-    f32 = jnp.float32
-    scores = (jnp.einsum("bshd,bthd->bsht", q_nope.astype(f32), k_nope.astype(f32), precision=hp)
-              + jnp.einsum("bshr,btr->bsht", q_pe.astype(f32), k_pe.astype(f32), precision=hp))
+    scores = (einsum("bshd,bthd->bsht", q_nope, k_nope, dtype, jnp.float32)
+              + einsum("bshr,btr->bsht", q_pe, k_pe, dtype, jnp.float32))
     scores = jnp.where(mask[:, :, None, :], scores * scale, NEG_INF)
     p = jax.nn.softmax(scores, axis=-1)
     return einsum("bsht,bthd->bshd", p, v, dtype)
 
 
-def over_query_chunks(fn, q_chunk: int, per_query: tuple, shared: tuple):
-    """fn(*per_query_slices, *shared) over chunks of the S axis (axis 1) with lax.map.
+def over_query_chunks(fn, q_chunk: int, per_query: tuple):
+    """fn(*per_query_slices) over chunks of the S axis (axis 1) with lax.map.
 
     Pads S up to a multiple of q_chunk (pad rows are computed and dropped). Returns fn's
     outputs concatenated back along axis 1.
     """
     s = per_query[0].shape[1]
     if s <= q_chunk:
-        return fn(*per_query, *shared)
-    n = -(-s // q_chunk)
+        return fn(*per_query)
+    n = cdiv(s, q_chunk)
     pad = n * q_chunk - s
 
     def split(a):
@@ -143,7 +184,7 @@ def over_query_chunks(fn, q_chunk: int, per_query: tuple, shared: tuple):
         a = a.reshape(a.shape[0], n, q_chunk, *a.shape[2:])
         return jnp.moveaxis(a, 1, 0)
 
-    outs = jax.lax.map(lambda xs: fn(*xs, *shared), tuple(split(a) for a in per_query))
+    outs = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in per_query))
 
     def merge(a):
         a = jnp.moveaxis(a, 0, 1)
@@ -155,16 +196,14 @@ def over_query_chunks(fn, q_chunk: int, per_query: tuple, shared: tuple):
 class MLA(nn.Module):
     """Multi-head latent attention with DSA. x (B,S,D) at positions (B,S) -> (B,S,D).
 
-    Without a cache the keys are the S tokens themselves (prefill from position 0, key t at
-    position t). With a `KVCache` (B,T,...) the new keys are written at `positions` and the
-    queries attend to every slot t <= their position: prefill chunks and decode steps alike.
+    The new keys are written into `cache` (a layer-stacked `KVCache`) at [layer, b, positions];
+    the queries attend to every slot t <= their position: prefill chunks and decode steps alike.
     Returns (out, cache). Sows `index_scores` (B,S,T) and `topk` (B,S,k) into 'intermediates'
-    when that collection is mutable.
+    when that collection is mutable (by-products of the same computation).
     """
 
     cfg: Config
     impl: str = "xla"
-    q_chunk: int = 256
 
     def setup(self):
         cfg, q8 = self.cfg, self.cfg.quantized
@@ -180,7 +219,8 @@ class MLA(nn.Module):
         self.wo = Linear(cfg, h * cfg.v_head_dim, cfg.dim, ("embed", "o_heads"), q8)
         self.indexer = Indexer(cfg)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cos, sin, cache: KVCache | None = None):
+    def __call__(self, x: jax.Array, positions: jax.Array, cos, sin, cache: KVCache,
+                 layer: jax.Array):
         cfg = self.cfg
         if self.impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl {self.impl!r} is not one of {ATTENTION_IMPLS}")
@@ -188,6 +228,7 @@ class MLA(nn.Module):
         h, dn, r, dv, c_dim = (cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                cfg.v_head_dim, cfg.kv_lora_rank)
         dtype = jnp.dtype(cfg.dtype)
+        collect = self.is_mutable_collection("intermediates")
         with jax.named_scope("q"):
             qr = self.q_norm(self.wq_a(x))  # (B,S,q_lora)
             q = self.wq_b(qr).reshape(b, s, h, dn + r)
@@ -199,41 +240,37 @@ class MLA(nn.Module):
             if cfg.fp8_activations:  # the FP8 latent cache
                 c_q, c_s = act_quant(c, cfg.scale_fmt)
             else:
-                c_q, c_s = c, jnp.ones((b, s, -(-c_dim // BLOCK)), jnp.float32)
+                c_q, c_s = c, jnp.ones((b, s, cdiv(c_dim, BLOCK)), jnp.float32)
         with jax.named_scope("indexer"):
             iq, iw = self.indexer.queries(x, qr, cos, sin)  # (B,S,n,d), (B,S,n)
             ik, iks = self.indexer.keys(x, cos, sin)  # (B,S,d), (B,S)
-        if cache is None:
-            c = act_dequant(c_q, c_s, dtype) if cfg.fp8_activations else c
-        else:
-            cache = cache.write(positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
-            c, k_pe, ik, iks = cache.latent(dtype), cache.k_pe, cache.ik, cache.ik_scale
-        t = c.shape[1]
-
-        def select(iq, iw, q_pos):
-            return select_topk(index_scores(iq, iw, ik, iks), q_pos, cfg.index_topk)
-
-        if self.is_mutable_collection("intermediates"):
-            scores = index_scores(iq, iw, ik, iks)
+        cache = cache.write(layer, positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
+        t = cache.length
+        with jax.named_scope("index_topk"):
+            tile = key_tile_size(b, s, cfg.index_n_heads, t)
+            idx, scores = index_topk(iq, iw, positions, lambda i, n: cache.key_tile(layer, i, n),
+                                     t, cfg.index_topk, tile, collect)
+        if collect:
             self.sow("intermediates", "index_scores", scores)
-            idx, valid = select_topk(scores, positions, cfg.index_topk)
             self.sow("intermediates", "topk", idx)
-        else:
-            idx, valid = over_query_chunks(select, self.q_chunk, (iq, iw, positions), ())
 
         wkv_b = self.wkv_b.dense_weight().reshape(h, dn + dv, c_dim)
         if self.impl == "xla":
             with jax.named_scope("sparse_attention"):
                 q_c = einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :dn], dtype)
-                attend = lambda q_c, q_pe, idx, valid: sparse_mla(  # noqa: E731
-                    q_c, q_pe, c, k_pe, idx, valid, cfg.softmax_scale, dtype)
-                o_c = over_query_chunks(attend, self.q_chunk, (q_c, q_pe, idx, valid), ())
+                chunk = query_chunk_size(b, idx.shape[-1], c_dim + r, h)
+                attend = lambda q_c, q_pe, idx: sparse_mla(  # noqa: E731
+                    q_c, q_pe, idx, lambda i: cache.gather(layer, i, dtype), cfg.softmax_scale,
+                    dtype)
+                o_c = over_query_chunks(attend, chunk, (q_c, q_pe, idx))
                 o = einsum("bshc,hdc->bshd", o_c, wkv_b[:, dn:], dtype)
         else:
             with jax.named_scope("dense_attention"):
-                kvb = self.wkv_b(c).reshape(b, t, h, dn + dv)
-                picked = jnp.zeros((b, s, t), bool)
-                picked = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))(picked, idx, valid)
-                o = dense_mla(q_nope, q_pe, kvb[..., :dn], k_pe, kvb[..., dn:], picked,
+                c_all, pe_all = cache.layer_latent(layer, dtype)
+                kvb = self.wkv_b(c_all).reshape(b, t, h, dn + dv)
+                rows = jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None]
+                slot = jnp.where(idx >= 0, idx, t)  # invalid picks fall out of range: dropped
+                picked = jnp.zeros((b, s, t), bool).at[(*rows, slot)].set(True, mode="drop")
+                o = dense_mla(q_nope, q_pe, kvb[..., :dn], pe_all, kvb[..., dn:], picked,
                               cfg.softmax_scale, dtype)
         return self.wo(o.reshape(b, s, h * dv)), cache

@@ -1,9 +1,14 @@
-"""The per-layer inference cache: MLA's latent `c` and rotary key `k_pe`, and the indexer's keys.
+"""The inference cache of a group of layers: MLA's latent `c` and rotary key `k_pe`, and the
+indexer's keys, stacked over layers.
 
 With FP8 simulation the latent and the indexer keys are stored as e4m3 + float32 scales, exactly
 the values the release keeps (its MLA cache is 656 B/token/layer: 512 e4m3 + 4 fp32 scales + 64
-bf16 k_pe). Without it they are stored in the compute dtype (scales are 1). Stacked caches carry a
-leading layer axis; slot t holds the key at position t.
+bf16 k_pe). Without it they are stored in the compute dtype (scales are 1). Slot t holds the key at
+position t.
+
+The cache travels through the layer scan as part of the carry: each layer writes its new rows in
+place (a scatter at [layer, b, position]) and reads only what it needs: the indexer a key tile at a
+time, the attention the selected rows (`gather`). No layer's cache is ever copied whole.
 """
 
 from __future__ import annotations
@@ -13,41 +18,64 @@ import jax.numpy as jnp
 from flax import struct
 
 from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.model.layers import cdiv
 from dsv32_jax.model.quant import FP8, act_dequant
 
 
 @struct.dataclass
 class KVCache:
-    c: jax.Array  # (B, T, C) e4m3 (FP8 simulation) or compute dtype
-    c_scale: jax.Array  # (B, T, C/128) f32
-    k_pe: jax.Array  # (B, T, R) compute dtype, rotated
-    ik: jax.Array  # (B, T, d) indexer keys, e4m3 or compute dtype
-    ik_scale: jax.Array  # (B, T) f32
+    c: jax.Array  # (L, B, T, C) e4m3 (FP8 simulation) or compute dtype
+    c_scale: jax.Array  # (L, B, T, C/128) f32
+    k_pe: jax.Array  # (L, B, T, R) compute dtype, rotated
+    ik: jax.Array  # (L, B, T, d) indexer keys, e4m3 or compute dtype
+    ik_scale: jax.Array  # (L, B, T) f32
 
     @classmethod
-    def zeros(cls, cfg: Config, batch: int, length: int, layers: int | None = None) -> "KVCache":
-        lead = (batch, length) if layers is None else (layers, batch, length)
+    def zeros(cls, cfg: Config, layers: int, batch: int, length: int) -> "KVCache":
+        lead = (layers, batch, length)
         store = FP8 if cfg.fp8_activations else jnp.dtype(cfg.dtype)
         return cls(c=jnp.zeros((*lead, cfg.kv_lora_rank), store),
-                   c_scale=jnp.ones((*lead, -(-cfg.kv_lora_rank // BLOCK)), jnp.float32),
+                   c_scale=jnp.ones((*lead, cdiv(cfg.kv_lora_rank, BLOCK)), jnp.float32),
                    k_pe=jnp.zeros((*lead, cfg.qk_rope_head_dim), cfg.dtype),
                    ik=jnp.zeros((*lead, cfg.index_head_dim), store),
                    ik_scale=jnp.ones(lead, jnp.float32))
 
-    def write(self, positions: jax.Array, **new: jax.Array) -> "KVCache":
-        """Store new entries (B, S, ...) at slots `positions` (B, S) of each sequence."""
-        b = jnp.arange(positions.shape[0])[:, None]
-        return self.replace(**{k: getattr(self, k).at[b, positions].set(v.astype(getattr(self, k).dtype))
-                               for k, v in new.items()})
+    @property
+    def length(self) -> int:
+        return self.c.shape[2]
 
-    def latent(self, dtype) -> jax.Array:
-        """The latent cache (B, T, C) in `dtype` (dequantized)."""
-        return act_dequant(self.c, self.c_scale, dtype)
+    def write(self, layer: jax.Array, positions: jax.Array, **new: jax.Array) -> "KVCache":
+        """Store new entries (B, S, ...) of `layer` at slots `positions` (B, S), in place."""
+        b = jnp.arange(positions.shape[0])[:, None]
+        return self.replace(**{
+            k: getattr(self, k).at[layer, b, positions].set(v.astype(getattr(self, k).dtype))
+            for k, v in new.items()})
+
+    def gather(self, layer: jax.Array, idx: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        """The selected rows of `layer`: idx (B, ...) slots (negative: invalid, reads slot 0) ->
+        latent (B, ..., C) dequantized to `dtype` after the gather, k_pe (B, ..., R)."""
+        b = jnp.arange(idx.shape[0]).reshape(-1, *([1] * (idx.ndim - 1)))
+        slot = jnp.maximum(idx, 0)
+        c = act_dequant(self.c[layer, b, slot], self.c_scale[layer, b, slot], dtype)
+        return c, self.k_pe[layer, b, slot]
+
+    def key_tile(self, layer: jax.Array, start: jax.Array, size: int):
+        """Indexer keys of slots [start, start + size) of `layer`: (B, size, d), (B, size)."""
+        b, d = self.ik.shape[1], self.ik.shape[3]
+        zero = jnp.zeros((), jnp.int32)
+        ik = jax.lax.dynamic_slice(self.ik, (layer, zero, start, zero), (1, b, size, d))
+        s = jax.lax.dynamic_slice(self.ik_scale, (layer, zero, start), (1, b, size))
+        return ik[0], s[0]
+
+    def layer_latent(self, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        """Every slot of `layer`: latent (B, T, C) in `dtype`, k_pe (B, T, R). Only the dense
+        reference attention (`attention_impl="xla_dense"`) reads a whole layer."""
+        return act_dequant(self.c[layer], self.c_scale[layer], dtype), self.k_pe[layer]
 
 
 def bytes_per_token(cfg: Config) -> dict[str, int]:
     """Bytes per token per layer as allocated: MLA (c, c_scale, k_pe) and indexer (ik, ik_scale)."""
-    one = jax.eval_shape(lambda: KVCache.zeros(cfg, 1, 1))
+    one = jax.eval_shape(lambda: KVCache.zeros(cfg, 1, 1, 1))
     size = {k: int(v.size * v.dtype.itemsize) for k, v in vars(one).items()}
     mla = size["c"] + size["c_scale"] + size["k_pe"]
     indexer = size["ik"] + size["ik_scale"]

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.model.quant import FP8, HIGHEST, act_quant, block_scaled_matmul, dequant
+from dsv32_jax.model.quant import FP8, HIGHEST, act_quant, blockwise_matmul, dequant
 
 Axes = tuple[str, ...]
 
 
 def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints."""
     return -(-a // b)
 
 
@@ -45,16 +46,18 @@ def precision(dtype) -> jax.lax.Precision | None:
     return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    """Two-operand einsum with inputs in `dtype`, float32 accumulation, result in `dtype`.
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
+    """Two-operand einsum with operands in `dtype`, float32 accumulation, result in `out_dtype`
+    (default `dtype`).
 
-    XLA:CPU lacks some bf16 x bf16 -> f32 dots; there the bf16 inputs are widened to float32,
-    which is the same math (bf16 products are exact in float32)."""
+    On an accelerator bf16 operands stay bf16 (its bf16 GEMMs); float32 operands use full float32
+    precision (no TF32). XLA:CPU lacks some bf16 x bf16 -> f32 dots, so there bf16 operands are
+    widened to float32 per op: the same math, as bf16 products are exact in float32."""
     dtype = jnp.dtype(dtype)
-    in_dtype = jnp.float32 if jax.default_backend() == "cpu" else dtype
-    y = jnp.einsum(spec, a.astype(dtype).astype(in_dtype), b.astype(dtype).astype(in_dtype),
-                   precision=precision(in_dtype), preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    op = jnp.float32 if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else dtype
+    y = jnp.einsum(spec, a.astype(dtype).astype(op), b.astype(dtype).astype(op),
+                   precision=precision(op), preferred_element_type=jnp.float32)
+    return y.astype(dtype if out_dtype is None else out_dtype)
 
 
 class Linear(nn.Module):
@@ -94,6 +97,8 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantized and self.cfg.fp8_activations:
             return fp8_linear(x, self.weight, self.scale, self.cfg.scale_fmt, self.dtype)
+        if self.f32 and not self.quantized:  # bf16 weight used in float32, widened in chunks
+            return f32_matmul(x, self.weight)
         return matmul(x, self.dense_weight(), self.dtype)
 
 
@@ -107,7 +112,31 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, scale_fmt, dtype) -> ja
     n, k = w.shape
     lead = x.shape[:-1]
     xq, xs = act_quant(x.reshape(-1, k), scale_fmt)
-    return block_scaled_matmul(xq, xs, w, s).reshape(*lead, n).astype(dtype)
+    return blockwise_matmul(xq, xs, w, s).reshape(*lead, n).astype(dtype)
+
+
+# Weight rows widened to float32 at once by f32_matmul (the head: 2048 x 7168 f32 = 56 MiB).
+WIDEN_ROWS = 2048
+
+
+def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+    """float32 h (..., D) @ w (V, D)^T for a bf16 w used in float32 (the head, the indexer's
+    weights_proj): w is widened WIDEN_ROWS rows at a time, so no float32 copy of a whole
+    (129280, 7168) head exists."""
+    v, d = w.shape
+    lead = h.shape[:-1]
+    x = h.reshape(-1, d).astype(jnp.float32)
+    if v <= WIDEN_ROWS:
+        return matmul(x, w, jnp.float32).reshape(*lead, v)
+    n = cdiv(v, WIDEN_ROWS)
+
+    def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
+        start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
+        wc = jax.lax.dynamic_slice_in_dim(w, start, WIDEN_ROWS, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
+
+    out = jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
+    return out.reshape(*lead, v)
 
 
 class RMSNorm(nn.Module):

@@ -1,16 +1,19 @@
 """Feed-forward blocks: the dense SwiGLU FFN and the routed MoE (sigmoid gate, group-limited top-k,
-routed + shared experts). Routed experts run as a grouped (ragged) matmul over tokens sorted by
-expert, so the work is O(tokens * top_k), not O(tokens * experts)."""
+routed + shared experts). Routed experts run expert by expert over the tokens routed to them, so
+the work is O(tokens * top_k) and only routed experts' weights are read."""
 
 from __future__ import annotations
+
+import zlib
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.model.layers import FP8, Linear, cdiv, const_init, fp8_init, normal_init, param, precision
-from dsv32_jax.model.quant import act_quant, block_scaled_matmul, dequant
+from dsv32_jax.model.layers import (FP8, Linear, cdiv, const_init, fp8_linear, matmul, normal_init,
+                                    param, precision, fp8_init)
+from dsv32_jax.model.quant import dequant
 
 
 class FFN(nn.Module):
@@ -48,66 +51,123 @@ def route(logits: jax.Array, bias: jax.Array, cfg: Config) -> tuple[jax.Array, j
     return w, experts
 
 
-def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x (M,K) rows sorted by group, w (G,N,K) -> (M,N) f32: row m uses w[group of m]."""
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[0])
-    return jax.lax.ragged_dot_general(x, w, group_sizes, dims, precision=jax.lax.Precision.HIGHEST,
-                                      preferred_element_type=jnp.float32)
+EXPERTS = "experts"  # the variable collection of the stacked routed-expert weights
 
 
 class Experts(nn.Module):
-    """E stacked experts, weights (E, out, in) (+ (E, out/128, in/128) scales when FP8)."""
+    """E stacked experts, weights (E, out, in) (+ (E, out/128, in/128) scales when FP8).
+
+    Only routed experts are touched. The picks are sorted by expert and cut into windows of at
+    most `window` rows of one expert; a loop over windows reads that expert's weights (one expert
+    live, dequantized if need be) and runs its SwiGLU on the window's rows. Decode (one token):
+    one window per routed expert, 8 experts read. Prefill: every used expert read about once.
+
+    The weights of all MoE layers are one stacked array (L_moe, E, out, in) in the collection
+    `EXPERTS`, which the layer scan broadcasts instead of slicing: each window reads its expert
+    at [layer, e] straight from the stack (a scanned param would be sliced to the whole layer's
+    256 experts, 3.5 GiB, on every step). `transformer.variables` / `merge_experts` move them
+    between that collection and the one params tree users see (same paths, same shapes).
+    """
 
     cfg: Config
 
     def setup(self):
         cfg = self.cfg
-        e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        lay, e, d, i = cfg.n_moe_layers, cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         shapes = {"w1": (i, d), "w3": (i, d), "w2": (d, i)}
-        axes = {"w1": ("experts", "moe_mlp", "embed"), "w3": ("experts", "moe_mlp", "embed"),
-                "w2": ("experts", "embed", "moe_mlp")}
+        axes = {"w1": ("layers", "experts", "moe_mlp", "embed"),
+                "w3": ("layers", "experts", "moe_mlp", "embed"),
+                "w2": ("layers", "experts", "embed", "moe_mlp")}
         w, s = {}, {}
         for name, (n, k) in shapes.items():
             if cfg.quantized:
-                w[name] = param(self, f"{name}_weight", (e, n, k), FP8, axes[name], fp8_init)
-                s[name] = param(self, f"{name}_scale", (e, cdiv(n, BLOCK), cdiv(k, BLOCK)),
-                                jnp.float32, axes[name], const_init(k**-0.5))
+                w[name] = self._stacked(f"{name}_weight", (lay, e, n, k), FP8, axes[name], fp8_init)
+                s[name] = self._stacked(f"{name}_scale", (lay, e, cdiv(n, BLOCK), cdiv(k, BLOCK)),
+                                        jnp.float32, axes[name], const_init(k**-0.5))
             else:
-                w[name] = param(self, f"{name}_weight", (e, n, k), jnp.bfloat16, axes[name],
-                                normal_init(k**-0.5))
-        self.w, self.s = w, s  # (E, out, in) e4m3 | bf16;  (E, out/128, in/128) f32
+                w[name] = self._stacked(f"{name}_weight", (lay, e, n, k), jnp.bfloat16, axes[name],
+                                        normal_init(k**-0.5))
+        self.w, self.s = w, s  # (L, E, out, in) e4m3 | bf16;  (L, E, out/128, in/128) f32
 
-    def linear(self, name: str, x: jax.Array, group_sizes: jax.Array, row_expert: jax.Array):
-        """x (M,K) sorted by expert -> (M,N) in the compute dtype."""
-        cfg, w = self.cfg, self.w[name]
-        dtype = jnp.dtype(cfg.dtype)
-        if cfg.quantized and cfg.fp8_activations:
-            xq, xs = act_quant(x, cfg.scale_fmt)
-            ws = self.s[name][row_expert]  # (M, N/128, K/128)
+    def _stacked(self, name, shape, dtype, axes, init):
+        # a broadcast variable's init must not depend on the scan step (nor on its split rngs):
+        # random test weights from a fixed key per tensor
+        key = jax.random.key(zlib.crc32(name.encode()))
+        box = self.variable(EXPERTS, name, nn.with_logical_partitioning(init, axes), key, shape,
+                            dtype)
+        return nn.unbox(box.value)
 
-            def dot(a, b):  # a (M,128) e4m3, b (E,N,128) e4m3
-                return _ragged_dot(a.astype(jnp.float32), b.astype(jnp.float32), group_sizes)
-
-            return block_scaled_matmul(xq, xs, w, ws, dot).astype(dtype)
-        wd = dequant(w, self.s[name], dtype) if cfg.quantized else w.astype(dtype)
-        in_dtype = jnp.float32 if jax.default_backend() == "cpu" else dtype  # as layers.einsum
-        return _ragged_dot(x.astype(dtype).astype(in_dtype), wd.astype(in_dtype),
-                           group_sizes).astype(dtype)
-
-    def __call__(self, x: jax.Array, experts: jax.Array) -> jax.Array:
-        """x (N,D), experts (N,k) -> per-pick outputs (N,k,D) in the compute dtype."""
+    def __call__(self, x: jax.Array, experts: jax.Array, layer: jax.Array) -> jax.Array:
+        """x (N,D), experts (N,k) of MoE layer `layer` -> per-pick outputs (N,k,D) in the compute
+        dtype."""
         n, k = experts.shape
+        n_exp, p = self.cfg.n_routed_experts, n * k
         flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        row_expert = flat[order]
-        group_sizes = jnp.bincount(flat, length=self.cfg.n_routed_experts).astype(jnp.int32)
-        xs = x[order // k]  # (N*k, D) sorted by expert
-        h = (jax.nn.silu(self.linear("w1", xs, group_sizes, row_expert).astype(jnp.float32))
-             * self.linear("w3", xs, group_sizes, row_expert).astype(jnp.float32))
-        y = self.linear("w2", h.astype(x.dtype), group_sizes, row_expert)
-        return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+        order = jnp.argsort(flat, stable=True)  # picks sorted by expert
+        counts = jnp.bincount(flat, length=n_exp)  # an expert has at most n rows
+        window = expert_window(n, p, n_exp)
+        plan = _windows(counts, window, min(n_exp, p) + (cdiv(p, window) if window < n else 0))
+        xs = jnp.pad(x[order // k], ((0, window), (0, 0)))  # (P + window, D), pad rows unused
+        cfg, weights, scales = self.cfg, self.w, self.s  # bound here, outside the loop
+
+        def linear(name, e, rows):
+            s = scales[name][layer, e] if scales else None
+            return expert_linear(cfg, weights[name][layer, e], s, rows)
+
+        def run(i, y):
+            e, start, rows = plan[0][i], plan[1][i], plan[2][i]
+
+            def swiglu(y):
+                xw = jax.lax.dynamic_slice_in_dim(xs, start, window, 0)
+                h = (jax.nn.silu(linear("w1", e, xw).astype(jnp.float32))
+                     * linear("w3", e, xw).astype(jnp.float32))
+                out = linear("w2", e, h.astype(x.dtype))
+                out = jnp.where((jnp.arange(window) < rows)[:, None], out, 0).astype(y.dtype)
+                cur = jax.lax.dynamic_slice_in_dim(y, start, window, 0)
+                return jax.lax.dynamic_update_slice_in_dim(y, cur + out, start, 0)
+
+            return jax.lax.cond(rows > 0, swiglu, lambda y: y, y)
+
+        y = jax.lax.fori_loop(0, plan[0].shape[0], run,
+                              jnp.zeros((p + window, x.shape[-1]), self.cfg.dtype))
+        return jnp.zeros((p, x.shape[-1]), y.dtype).at[order].set(y[:p]).reshape(n, k, -1)
+
+
+def expert_linear(cfg: Config, w: jax.Array, s: jax.Array | None, x: jax.Array) -> jax.Array:
+    """One expert's projection: rows x (C, K), weight w (N, K) (+ block scales s when FP8) ->
+    (C, N) in the compute dtype."""
+    dtype = jnp.dtype(cfg.dtype)
+    if s is None:
+        return matmul(x, w, dtype)
+    if cfg.fp8_activations:
+        return fp8_linear(x, w, s, cfg.scale_fmt, dtype)
+    return matmul(x, dequant(w, s, dtype), dtype)
+
+
+WINDOW_ROWS = 64  # the most rows one expert window multiplies at once
+
+
+def expert_window(tokens: int, picks: int, n_experts: int) -> int:
+    """Rows per expert window: about the expected rows per expert (picks / experts), a power of
+    two in [1, min(tokens, WINDOW_ROWS)] (an expert gets at most `tokens` rows)."""
+    want = 1 << max(0, (cdiv(picks, n_experts) - 1).bit_length())
+    return max(1, min(want, tokens, WINDOW_ROWS))
+
+
+def _windows(counts: jax.Array, window: int, n_windows: int):
+    """The window table for picks sorted by expert: (expert, first row, rows) per window, each
+    (n_windows,) int32; unused windows have 0 rows. counts (E,): rows per expert; n_windows: a
+    static bound on sum(ceil(counts / window)) (every expert has at most `tokens` rows, so a
+    window as large as that gives one window per used expert)."""
+    per = (counts + window - 1) // window  # windows per expert
+    end = jnp.cumsum(per)
+    w = jnp.arange(n_windows)
+    e = jnp.minimum(jnp.searchsorted(end, w, side="right"), counts.shape[0] - 1)
+    j = w - (end[e] - per[e])  # window j of expert e
+    first = jnp.cumsum(counts) - counts
+    rows = jnp.clip(counts[e] - j * window, 0, window)
+    rows = jnp.where(w < end[-1], rows, 0)
+    return e.astype(jnp.int32), (first[e] + j * window).astype(jnp.int32), rows.astype(jnp.int32)
 
 
 class MoE(nn.Module):
@@ -116,7 +176,8 @@ class MoE(nn.Module):
     cfg: Config
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array) -> jax.Array:
+        """x (..., D) in MoE layer `layer` (its index among the MoE layers) -> (..., D)."""
         cfg = self.cfg
         shape = x.shape
         x = x.reshape(-1, cfg.dim)
@@ -130,7 +191,7 @@ class MoE(nn.Module):
             weights, experts = route(logits, bias, cfg)
             self.sow("intermediates", "gate_experts", jnp.sort(experts, axis=-1))
         with jax.named_scope("experts"):
-            y = Experts(cfg, name="experts")(x, experts)  # (N,k,D)
+            y = Experts(cfg, name="experts")(x, experts, layer)  # (N,k,D)
             y = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights,
                            precision=precision(jnp.float32))
         with jax.named_scope("shared_experts"):

@@ -59,44 +59,54 @@ def quant_dequant(x: jax.Array, scale_fmt: str | None) -> jax.Array:
     return act_dequant(*act_quant(x, scale_fmt), x.dtype)
 
 
-def expand_scale(scale: jax.Array, out_features: int, in_features: int) -> jax.Array:
+def expand_scale(scale, out_features: int, in_features: int, xp=jnp):
     """(..., ceil(out/128), ceil(in/128)) block scales -> (..., out, in), partial edge blocks cut."""
-    s = jnp.repeat(jnp.repeat(scale, BLOCK, axis=-2), BLOCK, axis=-1)
+    s = xp.repeat(xp.repeat(scale, BLOCK, axis=-2), BLOCK, axis=-1)
     return s[..., :out_features, :in_features]
 
 
-def dequant(weight: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """FP8 weight (..., out, in) with 128x128 block scales -> `dtype` (product taken in float32)."""
+def dequant(weight, scale, dtype, xp=jnp):
+    """FP8 weight (..., out, in) with 128x128 block scales -> `dtype` (product taken in float32).
+
+    The one dequantization routine of the project: `xp=numpy` (host, the converter) gives the
+    same bits as the default jax.numpy."""
     out_f, in_f = weight.shape[-2:]
-    w = weight.astype(jnp.float32) * expand_scale(scale.astype(jnp.float32), out_f, in_f)
+    w = weight.astype(xp.float32) * expand_scale(scale.astype(xp.float32), out_f, in_f, xp)
     return w.astype(dtype)
 
 
-def block_scaled_matmul(x_q, x_s, w_q, w_s, dot=None) -> jax.Array:
-    """y = sum_b (x_q[:, b] . w_q[:, b]) * x_s[:, b] * w_s[., b], accumulated in float32.
+# Largest f32 partial-product buffer `blockwise_matmul` builds at once.
+PARTIALS_BYTES = 64 << 20
 
-    x_q: (M, K) fp8, x_s: (M, K/128) f32; w_q: (N, K) fp8 (or (E, N, K) with a grouped `dot`);
-    w_s: (N/128, K/128) block scales, or (M, N/128, K/128) gathered per row for grouped experts.
-    `dot(xb, wb) -> (M, N)` multiplies one 128-wide K block (default: a dense matmul). Scanned
-    over K blocks, so the extra memory is O(M*N).
+
+def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Array,
+                     budget: int = PARTIALS_BYTES) -> jax.Array:
+    """The release's FP8 linear: y = sum_b (x_q[:, b] . w_q[:, b]) * x_s[:, b] * w_s[n/128, b].
+
+    x_q: (M, K) e4m3, x_s: (M, K/128) f32; w_q: (N, K) e4m3, w_s: (N/128, K/128) f32 -> (M, N) f32.
+    The per-block products are dots of e4m3 operands with float32 accumulation (exact products;
+    on an accelerator XLA feeds them to its FP8/bf16 GEMMs, on the CPU it widens per op). Groups of
+    g K-blocks are done at once, g the largest divisor of K/128 whose (M, g, N) f32 partials fit in
+    `budget`, so no buffer is larger than that whatever M (decode: one step; prefill: a loop).
     """
     m, k = x_q.shape
-    n, nb = w_q.shape[-2], k // BLOCK
-    xb = x_q.reshape(m, nb, BLOCK).transpose(1, 0, 2)  # (nb, M, 128)
-    wb = jnp.moveaxis(w_q.reshape(*w_q.shape[:-1], nb, BLOCK), -2, 0)  # (nb, [E,] N, 128)
-    if dot is None:
-        def dot(a, b):
-            return jnp.einsum("mk,nk->mn", a.astype(jnp.float32), b.astype(jnp.float32),
-                              precision=HIGHEST)
+    n, nb = w_q.shape[0], k // BLOCK
+    g = max([d for d in range(1, nb + 1) if nb % d == 0 and m * d * n * 4 <= budget] or [1])
+    ws = jnp.repeat(w_s.astype(jnp.float32), BLOCK, axis=0)[:n].T  # (K/128, N)
 
-    def step(acc, blk):
-        a, b, sa, sb = blk  # sb: (N/128,) or (M, N/128)
-        sb = jnp.repeat(sb, BLOCK, axis=-1)[..., :n]
-        return acc + dot(a, b) * sa[:, None] * sb, None
+    def group(i):  # K-blocks [i*g, (i+1)*g) -> (M, N) f32
+        xb = jax.lax.dynamic_slice_in_dim(x_q, i * g * BLOCK, g * BLOCK, 1).reshape(m, g, BLOCK)
+        wb = jax.lax.dynamic_slice_in_dim(w_q, i * g * BLOCK, g * BLOCK, 1).reshape(n, g, BLOCK)
+        part = jnp.einsum("mgk,ngk->mgn", xb, wb, preferred_element_type=jnp.float32)
+        xs = jax.lax.dynamic_slice_in_dim(x_s, i * g, g, 1)  # (M, g)
+        sb = jax.lax.dynamic_slice_in_dim(ws, i * g, g, 0)  # (g, N)
+        return jnp.einsum("mgn,mg,gn->mn", part, xs.astype(jnp.float32), sb,
+                          precision=HIGHEST)
 
-    blocks = (xb, wb, x_s.T, jnp.moveaxis(w_s, -1, 0))
-    acc, _ = jax.lax.scan(step, jnp.zeros((m, n), jnp.float32), blocks)
-    return acc
+    if g == nb:
+        return group(0)
+    return jax.lax.fori_loop(0, nb // g, lambda i, acc: acc + group(i),
+                             jnp.zeros((m, n), jnp.float32))
 
 
 def hadamard_matrix(n: int) -> np.ndarray:
