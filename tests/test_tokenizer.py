@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 from tokenizers import decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -20,7 +22,6 @@ from dsv32_jax.text.tokenizer import (
     StreamDecoder,
     Tokenizer,
     TokenizerError,
-    _byte_symbols,
     build_synthetic_tokenizer,
 )
 
@@ -57,10 +58,18 @@ def _dir(tok: Tokenizer) -> Path:
     return Path(tok.path).parent
 
 
+def _byte_symbol(byte: int) -> str:
+    """The byte-level alphabet: visible Latin-1 bytes stand for themselves; the other 68 (controls, space,
+    DEL, NBSP, soft hyphen, ...) get the code points 256, 257, ... in byte order."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    if byte in visible:
+        return chr(byte)
+    return chr(256 + sum(1 for b in range(byte) if b not in visible))
+
+
 def _byte_ids(tok: Tokenizer, data: bytes) -> list[int]:
     """One single-byte token per byte of `data` (splits every multi-byte character)."""
-    symbol = {b: s for s, b in _byte_symbols().items()}
-    return [tok.token_id(symbol[b]) for b in data]
+    return [tok.token_id(_byte_symbol(b)) for b in data]
 
 
 def _stream(tok: Tokenizer, ids, skip_special_tokens=False) -> list[str]:
@@ -135,6 +144,34 @@ def test_deterministic(tmp_path, tok2048):
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], check=True, timeout=120)
     assert {n: (tmp_path / "b" / n).read_bytes() for n in names} == first
     assert a.encode(TEXTS["code"]) == tok2048.encode(TEXTS["code"])
+
+
+# sha256 of tokenizer.json as built before the training text moved from a Python string to bpe_corpus.txt
+# (tokenizers 0.23.3): the move changed no byte.
+PINNED_TOKENIZER_JSON = {
+    300: "b5ebe4caae5f840efb6b9d8422eb1c42678384d626f7a1067e64f0a154c0b69f",
+    2048: "2bb0f118998d1f717ddd8d99bd4211aee24dc042682494109f42738543898764",
+    4096: "f775a69bc98a82023e4e3fee6a44955b3a198ec120ea8b58a7694eb1686efff2",
+}
+PINNED_CORPUS = "3c8c5e8526a430ea84c66477339c542aeeec5eb862cbb035a018a5e089519733"
+
+
+def test_training_text_is_package_data():
+    from dsv32_jax.text import tokenizer as module
+
+    text = module._corpus()
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == PINNED_CORPUS
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    assert len(paragraphs) == 14 and "Утром город тихий" in text and "def softmax(x, axis=-1):" in text
+    assert module._training_text()[:14] == [p.strip() for p in paragraphs]
+
+
+@pytest.mark.parametrize("n", sorted(PINNED_TOKENIZER_JSON))
+def test_synthetic_tokenizer_bytes_are_pinned(n, tmp_path, tok2048, tok4096):
+    if tokenizers.__version__ != "0.23.3":
+        pytest.skip(f"hashes pinned with tokenizers 0.23.3, this is {tokenizers.__version__}")
+    tok = {2048: tok2048, 4096: tok4096}.get(n) or build_synthetic_tokenizer(n, tmp_path)
+    assert hashlib.sha256(Path(tok.path).read_bytes()).hexdigest() == PINNED_TOKENIZER_JSON[n]
 
 
 def test_training_is_fast(tmp_path):
@@ -265,11 +302,20 @@ def test_stream_invalid_bytes_and_flush(tok2048):
     head = _byte_ids(tok2048, "€".encode())  # e2 82 ac
     assert [dec.push(i) for i in head[:2]] == ["", ""]
     assert dec.flush() == "\ufffd"  # the character never completed
-    assert dec.push(head[2]) == "\ufffd"  # a lone continuation byte after the reset
-    assert dec.push(_byte_ids(tok2048, b"A")[0]) == "A"
+    assert dec.push(head[2]) == ""  # a lone continuation byte after the reset: held until it is clearly invalid
+    assert dec.push(_byte_ids(tok2048, b"A")[0]) == "\ufffdA"
     assert [dec.push(i) for i in head] == ["", "", "€"]
     assert dec.flush() == ""
     assert isinstance(dec, StreamDecoder)
+
+
+def test_stream_ids_beyond_the_vocabulary(tok2048):
+    """The model's embedding table can be larger than the tokenizer: such ids write nothing, as in decode."""
+    euro = _byte_ids(tok2048, "€".encode())
+    ids = [*euro[:2], 5000, euro[2], 2048, *tok2048.encode(" ok")]
+    pieces = _stream(tok2048, ids)
+    assert "".join(pieces) == tok2048.decode(ids) == "€ ok"
+    assert pieces[:3] == ["", "", ""] and pieces[3] == "€"
 
 
 def test_stream_fallback_for_other_decoders(tmp_path):
@@ -281,7 +327,6 @@ def test_stream_fallback_for_other_decoders(tmp_path):
     hf.add_special_tokens([chat.BOS, chat.EOS])
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.load(tmp_path)
-    assert not tok._byte_level
     pushed = _stream(tok, [2, 3, 6, 7, 8, 4])
     assert pushed == ["hello", " world", "", "", "€", "!", ""]  # no U+FFFD for the split "€"
     assert "".join(pushed) == tok.decode([2, 3, 6, 7, 8, 4]) == "hello world€!"
@@ -313,7 +358,20 @@ def test_load_without_tokenizer_config(tmp_path, tok2048):
 def test_load_missing_file(tmp_path):
     with pytest.raises(TokenizerError, match="not found") as err:
         Tokenizer.load(tmp_path / "nowhere")
-    assert str(tmp_path / "nowhere" / "tokenizer.json") in str(err.value)
+    assert str(tmp_path / "nowhere") in str(err.value)
+    with pytest.raises(TokenizerError, match="not found") as err:
+        Tokenizer.load(tmp_path)  # a directory without tokenizer.json
+    assert str(tmp_path / "tokenizer.json") in str(err.value)
+
+
+def test_load_from_the_file_itself(tmp_path, tok2048):
+    path = tmp_path / "custom-name.json"
+    path.write_bytes(Path(tok2048.path).read_bytes())
+    tok = Tokenizer.load(path)
+    assert tok.path == str(path) and tok.config == {}
+    assert tok.encode(TEXTS["code"]) == tok2048.encode(TEXTS["code"])
+    both = Tokenizer.load(tok2048.path)  # tokenizer_config.json next to the file is read too
+    assert both.config == tok2048.config
 
 
 @pytest.mark.parametrize("content", ['{"model": {', "not json at all", '{"model": {}}', ""])

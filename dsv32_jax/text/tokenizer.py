@@ -15,10 +15,9 @@ them from the rendered prompts, so they still cost only a few tokens each.
 
 from __future__ import annotations
 
-import codecs
-import functools
 import json
 import os
+from importlib import resources
 from collections.abc import Iterable
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -35,34 +34,6 @@ _PLACEHOLDER = "<｜place▁holder▁no▁{}｜>"
 
 class TokenizerError(ValueError):
     """A tokenizer directory that cannot be used, or a token that is not in the vocabulary."""
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_symbols() -> dict[str, int]:
-    """The byte-level alphabet: the printable symbol that stands for each byte -> that byte.
-
-    Bytes that are visible Latin-1 characters stand for themselves; the other 68 (controls, space, DEL,
-    NBSP, soft hyphen, ...) are given the code points 256, 257, ... in byte order.
-    """
-    visible = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    table, spare = {}, 256
-    for byte in range(256):
-        if byte in visible:
-            table[chr(byte)] = byte
-        else:
-            table[chr(spare)] = byte
-            spare += 1
-    return table
-
-
-def _symbol_bytes(token: str) -> bytes:
-    """The bytes a byte-level decoder writes for one vocabulary entry: each symbol's byte, or the entry's
-    own UTF-8 when any character is outside the alphabet (added tokens such as BOS)."""
-    table = _byte_symbols()
-    try:
-        return bytes(table[c] for c in token)
-    except KeyError:
-        return token.encode("utf-8")
 
 
 def _check_ids(ids: Iterable) -> list[int]:
@@ -95,7 +66,6 @@ class Tokenizer:
         self.special_ids = frozenset(i for i, tok in added.items() if tok.special)
         limit = self.config.get("model_max_length")
         self.model_max_length = limit if isinstance(limit, int) and 0 < limit < 1 << 40 else None
-        self._byte_level = isinstance(hf.decoder, decoders.ByteLevel)
 
     def _required(self, token: str, what: str) -> int:
         i = self._hf.token_to_id(token)
@@ -104,16 +74,23 @@ class Tokenizer:
         return i
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        """Read ``<directory>/tokenizer.json`` (and ``tokenizer_config.json`` when present)."""
-        path = os.path.join(os.fspath(directory), "tokenizer.json")
-        if not os.path.isfile(path):
-            raise TokenizerError(f"{path}: not found (a checkpoint directory needs tokenizer.json)")
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read a ``tokenizer.json``: the file itself, or a directory holding one (a checkpoint directory);
+        ``tokenizer_config.json`` next to it is read too when present."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            directory, path = path, os.path.join(path, "tokenizer.json")
+            if not os.path.isfile(path):
+                raise TokenizerError(f"{path}: not found (a checkpoint directory needs tokenizer.json)")
+        elif os.path.isfile(path):
+            directory = os.path.dirname(path)
+        else:
+            raise TokenizerError(f"{path}: not found (expected a tokenizer.json or a directory holding one)")
         try:
             hf = _HFTokenizer.from_file(path)
         except Exception as err:  # the library raises a bare Exception for bad JSON or an unknown layout
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from None
-        config_path = os.path.join(os.fspath(directory), "tokenizer_config.json")
+        config_path = os.path.join(directory, "tokenizer_config.json")
         config = None
         if os.path.isfile(config_path):
             try:
@@ -149,27 +126,15 @@ class Tokenizer:
         """A fresh incremental decoder: the pushes and the final flush add up to ``decode(ids)``."""
         return StreamDecoder(self, skip_special_tokens)
 
-    @functools.cached_property
-    def _token_bytes(self) -> list[bytes]:
-        """id -> the bytes a byte-level decoder writes for it ("" for ids without a token)."""
-        table = [b""] * self.vocab_size
-        for token, i in self._hf.get_vocab(with_added_tokens=True).items():
-            table[i] = _symbol_bytes(token)
-        return table
-
 
 class StreamDecoder:
-    """Incremental detokenization for streaming output.
+    """Incremental detokenization for streaming output, on the `tokenizers` library's ``DecodeStream``.
 
-    ``push`` returns the text that became printable with this id; a multi-byte character split across tokens
-    is held back until its last byte arrives (so no U+FFFD appears for a valid character). ``flush`` ends the
-    stream: it returns what is left (U+FFFD for a character that never completed) and starts a new one.
-
-    Byte-level tokenizers (DeepSeek's, and the synthetic one) decode through a per-id byte table and an
-    incremental UTF-8 decoder, O(1) per token; invalid bytes become U+FFFD exactly as ``decode`` writes them.
-    Other decoders (e.g. SentencePiece-style) re-decode a short window of recent ids with the library and emit
-    the difference; that matches ``decode`` wherever the library's own decoding never rewrites text it already
-    produced (its ByteFallback does, when a run of byte pieces turns out to be invalid UTF-8).
+    ``push`` returns the text that became printable with this id ("" while it has to wait): a multi-byte
+    character split across tokens is held back until its last byte arrives, so no U+FFFD appears for a valid
+    character; bytes that turn out invalid come out as U+FFFD with the next printable text. ``flush`` ends the
+    stream: it returns what is still held back (U+FFFD for a character that never completed) and starts a new
+    one. The pushes and the flush add up to ``decode(ids)`` of the ids pushed since the last flush.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
@@ -177,35 +142,25 @@ class StreamDecoder:
         self._reset()
 
     def _reset(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._ids: list[int] = []  # window of the generic path: context ids, then ids not yet emitted
-        self._n_context = 0
-        self._context_text = ""
+        self._stream = decoders.DecodeStream(skip_special_tokens=self._skip)
+        self._ids: list[int] = []  # since the last flush, for the text held back at the end
+        self._emitted = 0  # characters returned since the last flush
+        self._held = False
 
     def push(self, token_id: int) -> str:
         (i,) = _check_ids([token_id])
-        tok = self._tok
-        if tok._byte_level:
-            if i >= tok.vocab_size or (self._skip and i in tok.special_ids):
-                return ""
-            return self._utf8.decode(tok._token_bytes[i])
         self._ids.append(i)
-        text = tok.decode(self._ids, self._skip)
-        if text.endswith("\ufffd") or not text.startswith(self._context_text):
-            return ""  # maybe an incomplete character: wait for more ids (or flush)
-        new = text[len(self._context_text):]
-        if new:  # the ids just emitted become the context of the next window
-            self._ids = self._ids[self._n_context:]
-            self._n_context = len(self._ids)
-            self._context_text = tok.decode(self._ids, self._skip)
-        return new
+        if i >= self._tok.vocab_size:  # no token: nothing to write (as decode does)
+            return ""
+        text = self._stream.step(self._tok._hf, i)
+        self._held = text is None
+        if text is None:
+            return ""
+        self._emitted += len(text)
+        return text
 
     def flush(self) -> str:
-        if self._tok._byte_level:
-            out = self._utf8.decode(b"", final=True)
-        else:
-            text = self._tok.decode(self._ids, self._skip)
-            out = text[len(self._context_text):] if text.startswith(self._context_text) else text
+        out = self._tok.decode(self._ids, self._skip)[self._emitted:] if self._held else ""
         self._reset()
         return out
 
@@ -214,87 +169,14 @@ class StreamDecoder:
 # Synthetic tokenizer
 # ------------------------------------------------------------------------------------------------------------
 
-# Training text, written for this project: prose, code and data formats, and a handful of languages, so the
-# merges are plausible and the byte alphabet is exercised. Rendered chat prompts are appended at train time.
-_CORPUS = r"""
-The model reads a prompt one token at a time and writes its answer the same way. Every token is a small
-piece of text: a whole common word, part of a rarer one, a run of spaces, or a single byte when nothing
-longer fits. Because the pieces are bytes underneath, any string can be written down, even one full of
-symbols the tokenizer has never seen before.
-
-Attention lets each position look back at the positions before it. In a sparse design, a cheap indexer
-first scores all earlier tokens, and only the best few thousand of them are attended to in full. Long
-documents then cost much less, while short conversations behave exactly as they did with dense attention.
-Experts are small feed-forward networks; a router sends each token to a few of them, so most of the
-parameters stay idle for any given token, and the model can be large without being slow.
-
-Weights are stored in eight-bit floating point with one scale per block of 128 by 128 values. When the
-checkpoint is loaded, the scales are applied again, and the numbers come back close to their originals.
-Tests compare the results against reference outputs, token by token, and report the largest difference.
-
-She opened the window, and the morning air came in with the smell of rain. "Are you coming?" he asked.
-"In a minute," she said. "I want to finish this chapter first." It was 7:45 on Tuesday, 14 March 2023;
-the train left at 8:10, and the station was twenty minutes away on foot, or five by bicycle.
-
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 1024 65536 3.14159 2.71828 -1e-6 1,000,000 50% $19.99
-
-def softmax(x, axis=-1):
-    x = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=axis, keepdims=True)
+# Training text, written for this project (in bpe_corpus.txt next to this module): prose, code and data
+# formats, and a handful of languages, so the merges are plausible and the byte alphabet is exercised. Rendered
+# chat prompts are appended at train time. Paragraphs are separated by blank lines.
+_CORPUS_FILE = "bpe_corpus.txt"
 
 
-class Cache:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.items: dict[str, list[int]] = {}
-
-    def get(self, key: str, default=None):
-        if key not in self.items:
-            return default
-        return self.items[key]
-
-for step, batch in enumerate(loader):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    params = optax.apply_updates(params, updates)
-    if step % 100 == 0:
-        print(f"step {step}: loss {loss:.4f}")
-
-function add(a, b) {
-  return a + b;
-}
-const items = [1, 2, 3].map((x) => x * 2).filter((x) => x > 2);
-console.log(`total: ${items.length}`);
-
-fn main() {
-    let words: Vec<&str> = "a b c".split(' ').collect();
-    println!("{} words", words.len());
-}
-
-#include <stdio.h>
-int main(void) { printf("hello, world\n"); return 0; }
-
-SELECT name, COUNT(*) AS n FROM users WHERE age >= 18 GROUP BY name ORDER BY n DESC LIMIT 10;
-$ git log --oneline | head -n 5 && ls -la /tmp && echo "done" > out.txt
-{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": [1, 2, 3]}, "ok": true}
-<html><body><p class="note">Hello &amp; welcome</p></body></html>
-- [x] write the tests
-- [ ] update the README
-
-Le matin, la ville est calme ; les cafés ouvrent et l'on entend déjà les voitures au loin. Où est la gare ?
-Am Morgen ist die Stadt ruhig. Die Straßen sind nass, und über dem Fluss hängt noch ein wenig Nebel.
-Por la mañana la ciudad está tranquila. ¿Dónde está la estación? Está a cinco minutos de aquí, señor.
-Утром город тихий. Улицы мокрые после дождя, и над рекой ещё висит лёгкий туман. Где вокзал?
-早上城市很安静。街道在雨后还是湿的，河面上还有一点雾。请问火车站在哪里？大约走十分钟就到了。
-模型一次读取一个词元，然后用同样的方式写出回答。稀疏注意力让长文档的计算更快。
-朝の街は静かです。雨の後で道はまだ濡れていて、川の上には少し霧が残っています。駅はどこですか。
-아침의 도시는 조용합니다. 비가 온 뒤라 길은 아직 젖어 있고, 강 위에는 안개가 조금 남아 있습니다.
-المدينة هادئة في الصباح، والشوارع ما زالت مبللة بعد المطر. أين محطة القطار؟
-सुबह शहर शांत है। बारिश के बाद सड़कें अभी भी गीली हैं। रेलवे स्टेशन कहाँ है?
-Το πρωί η πόλη είναι ήσυχη. Πού είναι ο σταθμός; Ναι, ευχαριστώ πολύ.
-Math: ∀x ∈ ℝ, x² ≥ 0; ∑ᵢ aᵢ = 1; α + β → γ; ½ ≈ 0.5; 10 °C ≠ 50 °F; a ≤ b ≥ c
-Symbols and emoji: © ® ™ € £ ¥ • … — “quoted” ‘single’ 👍 😀 🎉 🚀 ❤️ ✅ 🇫🇷 👩‍💻
-"""
+def _corpus() -> str:
+    return resources.files("dsv32_jax.text").joinpath(_CORPUS_FILE).read_text(encoding="utf-8")
 
 
 def _chat_samples() -> list[str]:
@@ -323,7 +205,7 @@ def _chat_samples() -> list[str]:
 
 
 def _training_text() -> list[str]:
-    return [*(p.strip() for p in _CORPUS.split("\n\n") if p.strip()), *_chat_samples()]
+    return [*(p.strip() for p in _corpus().split("\n\n") if p.strip()), *_chat_samples()]
 
 
 def _train(vocab_size: int) -> dict:
