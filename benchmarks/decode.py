@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.model.config import preset
-from dsv32_jax.model.transformer import Transformer, init_cache
 from dsv32_jax.checkpoint.weights import init_params
+from dsv32_jax.engine.generate import forward
+from dsv32_jax.model.config import preset
+from dsv32_jax.model.transformer import init_cache
 
 
 def _time(fn, repeats: int) -> float:
@@ -42,18 +43,23 @@ def run(lengths, topk: int, repeats: int, batch: int = 1, prefill: bool = True) 
     rows = []
     for length in lengths:
         row = {"length": length}
+        last = jnp.zeros(batch, jnp.int32)
         for impl in ("xla", "xla_dense"):
-            module = Transformer(cfg, impl)
             if prefill:
                 tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length)))
-                fwd = jax.jit(lambda p, t, m=module: m.apply({"params": p}, t,
-                                                             last=jnp.full(batch, length - 1)))
-                row[f"prefill_{impl}_s"] = _time(lambda: fwd(params, tokens), repeats)
-            cache = init_cache(cfg, batch, length)  # timing only: values do not change the work
-            step = jax.jit(lambda p, c, m=module: m.apply(
-                {"params": p}, jnp.zeros((batch, 1), jnp.int32), jnp.full((batch, 1), length - 1),
-                c, jnp.zeros(batch, jnp.int32))[0])
-            row[f"decode_{impl}_s"] = _time(lambda: step(params, cache), repeats)
+                pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
+                row[f"prefill_{impl}_s"] = _time(lambda: forward(
+                    params, tokens, pos, init_cache(cfg, batch, length), last + length - 1,
+                    cfg=cfg, impl=impl)[0], repeats)
+            state = {"cache": init_cache(cfg, batch, length)}  # values do not change the work
+
+            def step():  # one decode step at the last slot; the cache is donated and passed on
+                logits, state["cache"], _ = forward(
+                    params, jnp.zeros((batch, 1), jnp.int32), jnp.full((batch, 1), length - 1),
+                    state["cache"], last, cfg=cfg, impl=impl)
+                return logits
+
+            row[f"decode_{impl}_s"] = _time(step, repeats)
         if prefill:
             row["prefill_dense_over_sparse"] = row["prefill_xla_dense_s"] / row["prefill_xla_s"]
         row["decode_dense_over_sparse"] = row["decode_xla_dense_s"] / row["decode_xla_s"]

@@ -64,3 +64,54 @@ def topk_agreement(ours, gold) -> float:
         for s in range(o.shape[0]):
             same.append(set(o[s][(o[s] >= 0) & (o[s] <= s)]) == set(g[s][g[s] <= s]))
     return float(np.mean(same))
+
+
+def components(model, z: dict) -> list[dict]:
+    """Per layer, the model's MLA / FFN (or MoE) outputs and intermediates fed the golden attn_in /
+    ffn_in of `z`, in the model's compute dtype: the production modules, one layer at a time."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv32_jax.checkpoint.weights import layer_params
+    from dsv32_jax.model.attention import MLA
+    from dsv32_jax.model.cache import KVCache
+    from dsv32_jax.model.moe import EXPERTS, FFN, MoE
+    from dsv32_jax.model.rope import rope_tables
+    from dsv32_jax.model.transformer import variables
+
+    cfg = model.config
+    b, s = z["tokens"].shape
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cos, sin = rope_tables(cfg, pos)
+
+    @jax.jit
+    def attn(p, x):  # one layer's MLA writing into a one-layer cache, as in the model
+        cache = KVCache.zeros(cfg, 1, b, s)
+        return MLA(cfg).apply({"params": p}, x, pos, cos, sin, cache, 0, mutable=["intermediates"])
+
+    @jax.jit
+    def moe(p, x, layer):  # p: one layer's params; its experts come from the stack of all
+        v = variables({"moe_layers": {"ffn": p}})
+        v = {"params": v["params"]["moe_layers"]["ffn"], EXPERTS: {"experts": experts}}
+        return MoE(cfg).apply(v, x, layer, mutable=["intermediates"])
+
+    @jax.jit
+    def ffn(p, x):
+        return FFN(cfg, cfg.inter_dim).apply({"params": p}, x)
+
+    experts = model.params["moe_layers"]["ffn"]["experts"]
+    out = []
+    for layer in range(cfg.n_layers):
+        is_moe, p = layer_params(cfg, model.params, layer)
+        (a, _), st = attn(p["attn"], jnp.asarray(z["attn_in"][layer], cfg.dtype))
+        r = {"attn_out": a, "index_scores": st["intermediates"]["index_scores"][0],
+             "topk": st["intermediates"]["topk"][0]}
+        x = jnp.asarray(z["ffn_in"][layer], cfg.dtype)
+        if is_moe:
+            f, st = moe(p["ffn"], x, layer - cfg.n_dense_layers)
+            r["gate_experts"] = st["intermediates"]["gate_experts"][0]
+        else:
+            f = ffn(p["ffn"], x)
+        r["ffn_out"] = f
+        out.append(r)
+    return out

@@ -87,7 +87,7 @@ def test_tiled_topk_equals_global_topk(t, tile, topk, ties):
 
 
 def test_key_tile_size_is_bounded():
-    assert key_tile_size(1, 1, 64, 131072) == 131072  # decode: one tile (32 MiB of dots)
+    assert key_tile_size(1, 1, 64, 131072) == 16384  # decode: capped, 8 tiles at 128K
     assert key_tile_size(1, 512, 64, 131072) == 512  # a prefill chunk: 64 MiB of dots per tile
     assert key_tile_size(1, 512, 64, 100) == 100
     assert key_tile_size(64, 4096, 64, 10) == 1

@@ -18,55 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CASES, MODES, fixture_model, golden, row_cosine, row_error, topk_agreement
-from dsv32_jax.model.attention import MLA
-from dsv32_jax.model.cache import KVCache
-from dsv32_jax.model.moe import EXPERTS, FFN, MoE
-from dsv32_jax.model.transformer import variables
-from dsv32_jax.model.rope import rope_tables
-from dsv32_jax.checkpoint.weights import layer_params
+from conftest import (CASES, components, fixture_model, golden, row_cosine, row_error,
+                      topk_agreement)
 
 
 def _components(case: str, mode: str):
     """Per layer, our MLA / FFN outputs and intermediates given the golden attn_in / ffn_in."""
-    model = fixture_model(case, mode)
-    cfg, z = model.config, golden(case, mode)
-    b, s = z["tokens"].shape
-    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    cos, sin = rope_tables(cfg, pos)
-    dtype = MODES[mode][0]
-
-    @jax.jit
-    def attn(p, x):  # one layer's MLA writing into a one-layer cache, as in the model
-        cache = KVCache.zeros(cfg, 1, b, s)
-        return MLA(cfg).apply({"params": p}, x, pos, cos, sin, cache, 0, mutable=["intermediates"])
-
-    @jax.jit
-    def moe(p, x, layer):  # p: one layer's params; its experts come from the stack of all
-        v = variables({"moe_layers": {"ffn": p}})
-        v = {"params": v["params"]["moe_layers"]["ffn"], EXPERTS: {"experts": experts}}
-        return MoE(cfg).apply(v, x, layer, mutable=["intermediates"])
-
-    @jax.jit
-    def ffn(p, x):
-        return FFN(cfg, cfg.inter_dim).apply({"params": p}, x)
-
-    experts = model.params["moe_layers"]["ffn"]["experts"]
-    out = []
-    for layer in range(cfg.n_layers):
-        is_moe, p = layer_params(cfg, model.params, layer)
-        (a, _), st = attn(p["attn"], jnp.asarray(z["attn_in"][layer], dtype))
-        r = {"attn_out": a, "index_scores": st["intermediates"]["index_scores"][0],
-             "topk": st["intermediates"]["topk"][0]}
-        x = jnp.asarray(z["ffn_in"][layer], dtype)
-        if is_moe:
-            f, st = moe(p["ffn"], x, layer - cfg.n_dense_layers)
-            r["gate_experts"] = st["intermediates"]["gate_experts"][0]
-        else:
-            f = ffn(p["ffn"], x)
-        r["ffn_out"] = f
-        out.append(r)
-    return cfg, z, out
+    model, z = fixture_model(case, mode), golden(case, mode)
+    return model.config, z, components(model, z)
 
 
 @pytest.mark.parametrize("case", CASES)

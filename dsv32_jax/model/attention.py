@@ -80,12 +80,15 @@ def index_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_s: jax.Array) -> ja
     return jnp.einsum("bsht,bsh->bst", jax.nn.relu(dots), w, precision=HIGHEST) * k_s[:, None, :]
 
 
+KEY_TILE_MAX = 16384  # keys per indexer tile at most (decode: 8 tiles at 128K)
+
+
 def key_tile_size(batch: int, queries: int, heads: int, length: int, budget: int = BUDGET) -> int:
     """Keys per indexer tile: the (B, S, n, tile) float32 dots fit in `budget`; a power of two,
-    at most the context length."""
+    at most KEY_TILE_MAX and the context length, so no buffer grows with the context."""
     per_key = batch * queries * heads * 4
     tile = 1 << max(0, (budget // per_key).bit_length() - 1)
-    return max(1, min(tile, length))
+    return max(1, min(tile, KEY_TILE_MAX, length))
 
 
 def index_topk(q: jax.Array, w: jax.Array, q_pos: jax.Array,

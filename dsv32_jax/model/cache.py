@@ -3,7 +3,8 @@ indexer's keys, stacked over layers.
 
 With FP8 simulation the latent and the indexer keys are stored as e4m3 + float32 scales, exactly
 the values the release keeps (its MLA cache is 656 B/token/layer: 512 e4m3 + 4 fp32 scales + 64
-bf16 k_pe). Without it they are stored in the compute dtype (scales are 1). Slot t holds the key at
+bf16 k_pe). Without it they are stored in the compute dtype (scales are 1). e4m3 and bf16 values
+are held as their bit patterns (uint8 / uint16, see `BITS`). Slot t holds the key at
 position t.
 
 The cache travels through the layer scan as part of the carry: each layer writes its new rows in
@@ -24,19 +25,19 @@ from dsv32_jax.model.quant import FP8, act_dequant
 
 @struct.dataclass
 class KVCache:
-    c: jax.Array  # (L, B, T, C) e4m3 (FP8 simulation) or compute dtype
+    c: jax.Array  # (L, B, T, C) e4m3 (FP8 simulation) or compute dtype, stored as BITS
     c_scale: jax.Array  # (L, B, T, C/128) f32
-    k_pe: jax.Array  # (L, B, T, R) compute dtype, rotated
-    ik: jax.Array  # (L, B, T, d) indexer keys, e4m3 or compute dtype
+    k_pe: jax.Array  # (L, B, T, R) compute dtype, rotated, stored as BITS
+    ik: jax.Array  # (L, B, T, d) indexer keys, e4m3 or compute dtype, stored as BITS
     ik_scale: jax.Array  # (L, B, T) f32
 
     @classmethod
     def zeros(cls, cfg: Config, layers: int, batch: int, length: int) -> "KVCache":
         lead = (layers, batch, length)
-        store = FP8 if cfg.fp8_activations else jnp.dtype(cfg.dtype)
+        store = _stored(FP8 if cfg.fp8_activations else cfg.dtype)
         return cls(c=jnp.zeros((*lead, cfg.kv_lora_rank), store),
                    c_scale=jnp.ones((*lead, cdiv(cfg.kv_lora_rank, BLOCK)), jnp.float32),
-                   k_pe=jnp.zeros((*lead, cfg.qk_rope_head_dim), cfg.dtype),
+                   k_pe=jnp.zeros((*lead, cfg.qk_rope_head_dim), _stored(cfg.dtype)),
                    ik=jnp.zeros((*lead, cfg.index_head_dim), store),
                    ik_scale=jnp.ones(lead, jnp.float32))
 
@@ -47,17 +48,16 @@ class KVCache:
     def write(self, layer: jax.Array, positions: jax.Array, **new: jax.Array) -> "KVCache":
         """Store new entries (B, S, ...) of `layer` at slots `positions` (B, S), in place."""
         b = jnp.arange(positions.shape[0])[:, None]
-        return self.replace(**{
-            k: getattr(self, k).at[layer, b, positions].set(v.astype(getattr(self, k).dtype))
-            for k, v in new.items()})
+        return self.replace(**{k: getattr(self, k).at[layer, b, positions].set(_store(v, getattr(self, k)))
+                               for k, v in new.items()})
 
     def gather(self, layer: jax.Array, idx: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         """The selected rows of `layer`: idx (B, ...) slots (negative: invalid, reads slot 0) ->
         latent (B, ..., C) dequantized to `dtype` after the gather, k_pe (B, ..., R)."""
         b = jnp.arange(idx.shape[0]).reshape(-1, *([1] * (idx.ndim - 1)))
         slot = jnp.maximum(idx, 0)
-        c = act_dequant(self.c[layer, b, slot], self.c_scale[layer, b, slot], dtype)
-        return c, self.k_pe[layer, b, slot]
+        c = act_dequant(_load(self.c[layer, b, slot]), self.c_scale[layer, b, slot], dtype)
+        return c, _load(self.k_pe[layer, b, slot])
 
     def key_tile(self, layer: jax.Array, start: jax.Array, size: int):
         """Indexer keys of slots [start, start + size) of `layer`: (B, size, d), (B, size)."""
@@ -65,12 +65,34 @@ class KVCache:
         zero = jnp.zeros((), jnp.int32)
         ik = jax.lax.dynamic_slice(self.ik, (layer, zero, start, zero), (1, b, size, d))
         s = jax.lax.dynamic_slice(self.ik_scale, (layer, zero, start), (1, b, size))
-        return ik[0], s[0]
+        return _load(ik[0]), s[0]
 
     def layer_latent(self, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         """Every slot of `layer`: latent (B, T, C) in `dtype`, k_pe (B, T, R). Only the dense
         reference attention (`attention_impl="xla_dense"`) reads a whole layer."""
-        return act_dequant(self.c[layer], self.c_scale[layer], dtype), self.k_pe[layer]
+        return act_dequant(_load(self.c[layer]), self.c_scale[layer], dtype), _load(self.k_pe[layer])
+
+
+# Narrow float payloads are kept as their bit patterns: XLA:CPU widens a float8 / bf16 array it
+# updates in place (to f16 / f32, whole, every step); unsigned ints of the same width it does not.
+BITS = {jnp.dtype(FP8): jnp.dtype(jnp.uint8), jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
+_FLOATS = {v: k for k, v in BITS.items()}
+
+
+def _stored(dtype) -> jnp.dtype:
+    return BITS.get(jnp.dtype(dtype), jnp.dtype(dtype))
+
+
+def _store(v: jax.Array, into: jax.Array) -> jax.Array:
+    """New values in the stored type (bit patterns for e4m3 / bf16)."""
+    if into.dtype in _FLOATS:
+        return jax.lax.bitcast_convert_type(v.astype(_FLOATS[into.dtype]), into.dtype)
+    return v.astype(into.dtype)
+
+
+def _load(v: jax.Array) -> jax.Array:
+    """Stored values back as compute operands (bit patterns -> e4m3 / bf16)."""
+    return jax.lax.bitcast_convert_type(v, _FLOATS[v.dtype]) if v.dtype in _FLOATS else v
 
 
 def bytes_per_token(cfg: Config) -> dict[str, int]:
