@@ -1,0 +1,293 @@
+"""A generation session that keeps its KV cache between calls: a chat continues from the cache of the
+previous turn instead of prefilling the whole conversation again.
+
+``ChatSession(model, max_len)`` holds one sequence (batch 1). ``stream(new_ids, ...)`` writes ``new_ids``
+into the cache at the current length, then decodes, and every generated token stays in the cache: the
+next call continues after it. Slot t of the cache holds position t and a query only sees the slots at or
+before its position, so slots past ``length`` are invisible until they are written again: ``truncate(n)``
+is free, and ``prepare(ids)`` keeps the longest common prefix of the cache and a new context.
+
+Compilation is done ahead of time and timed apart from the run: each new shape (the prefill bucket, the
+cache capacity) is compiled once per process with ``.lower().compile()``; ``on_compile`` hears about it
+before it starts, and ``stats`` gets ``compile_s`` separately from the steady-state ``prefill_s`` /
+``decode_s``.
+
+The cache grows with the conversation: its capacity is a power of two (at least ``MIN_CAPACITY``, at most
+``max_len``); growing copies the filled slots into a larger cache (one new decode-step compile per
+capacity).
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv32_jax.engine.checks import check_budget, check_sampling
+
+MIN_CAPACITY = 1024
+MIN_BUCKET = 16
+PIECE = 512  # prefill at most this many tokens per call
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The engine pieces this module uses (all of them are here, so an engine refactor is adapted in one place):
+#   dsv32_jax.model.transformer.init_cache(cfg, batch, length) -> cache pytree
+#   dsv32_jax.engine.generate.forward(params, tokens (B,S), positions (B,S), cache, last (B,), *, cfg, impl,
+#                                     collect) -> (logits (B,V) at `last`, cache, None)      [jitted]
+#   dsv32_jax.engine.generate.step(params, cache, pos (B,), key, temperature, top_p, logits (B,V), *, cfg,
+#                                  impl) -> (sampled token (B,), logits after it (B,V), cache)  [jitted]
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _init_cache(cfg, length: int):
+    from dsv32_jax.model.transformer import init_cache
+
+    return init_cache(cfg, 1, length)
+
+
+def _lower_prefill(params, tokens, positions, cache, last, cfg, impl):
+    from dsv32_jax.engine import generate as gen
+
+    return gen.forward.lower(params, tokens, positions, cache, last, cfg=cfg, impl=impl, collect=False)
+
+
+def _run_prefill(exe, params, tokens, positions, cache, last):
+    logits, cache, _ = exe(params, tokens, positions, cache, last)
+    return logits, cache
+
+
+def _lower_step(params, cache, pos, key, temperature, top_p, logits, cfg, impl):
+    from dsv32_jax.engine import generate as gen
+
+    return gen.step.lower(params, cache, pos, key, temperature, top_p, logits, cfg=cfg, impl=impl)
+
+
+def _run_step(exe, params, cache, pos, key, temperature, top_p, logits):
+    return exe(params, cache, pos, key, temperature, top_p, logits)  # (token, logits, cache)
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+_EXECUTABLES: dict = {}  # (kind, cfg, impl, shapes, param shardings) -> compiled executable
+
+
+def _ids(values, what: str) -> list[int]:
+    out = []
+    for v in np.asarray(values).reshape(-1).tolist() if isinstance(values, np.ndarray) else values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"{what} must be non-negative integer token ids, got {v!r}")
+        out.append(int(v))
+    return out
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return 1 << max(int(n - 1).bit_length(), (minimum - 1).bit_length())
+
+
+@jax.jit
+def _copy_into(new, old):
+    """The slots of `old` at the start of the larger cache `new` (same structure, longer sequence axis)."""
+    return jax.tree.map(lambda n, o: jax.lax.dynamic_update_slice(n, o.astype(n.dtype), (0,) * n.ndim), new, old)
+
+
+class ChatSession:
+    """One sequence with a kept KV cache. ``model``: a ``dsv32_jax.Model``; ``max_len``: the most positions
+    the session may use (default and maximum: the model's max_position_embeddings).
+
+    ``on_compile(label, seconds)`` is called with ``seconds=None`` just before a new shape is compiled (it can
+    take a while) and again with the compile time once it is done.
+    """
+
+    def __init__(self, model, max_len: int | None = None,
+                 on_compile: Callable[[str, float | None], None] | None = None) -> None:
+        cfg = model.config
+        if max_len is None:
+            max_len = cfg.max_seq_len
+        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) \
+                or not 2 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len must be an int in [2, {cfg.max_seq_len}] (max_position_embeddings), "
+                             f"got {max_len!r}")
+        self.model, self.max_len, self.on_compile = model, int(max_len), on_compile
+        self._cfg, self._impl = cfg, model.attention_impl
+        self._tokens: list[int] = []
+        self._cache = None
+        self._capacity = 0
+        self._params_key = None
+
+    # -------------------------------------------------------------------------------------------- state
+
+    @property
+    def length(self) -> int:
+        """Positions in use: the tokens written into the cache so far."""
+        return len(self._tokens)
+
+    @property
+    def room(self) -> int:
+        """Positions left: new ids plus new tokens of the next ``stream`` must fit in this."""
+        return self.max_len - len(self._tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids in the cache, in order (a copy)."""
+        return list(self._tokens)
+
+    @property
+    def capacity(self) -> int:
+        """Slots of the cache as allocated now (0 before the first call)."""
+        return self._capacity
+
+    def reset(self) -> None:
+        """Forget the conversation and free the cache."""
+        self._tokens = []
+        self._drop_cache()
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` positions (no device work: later slots are simply written again)."""
+        if not 0 <= n <= len(self._tokens):
+            raise ValueError(f"cannot truncate a session of {len(self._tokens)} tokens to {n}")
+        del self._tokens[n:]
+
+    def prepare(self, context: Sequence[int]) -> list[int]:
+        """Make the session a prefix of ``context`` (keeping the longest common prefix in the cache) and
+        return the ids of ``context`` still to prefill (at least one, so that there are logits to sample
+        from). Pass them to ``stream``."""
+        context = _ids(context, "context")
+        if not context:
+            raise ValueError("the context must have at least one token")
+        n = 0
+        for a, b in zip(self._tokens, context):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(context) - 1)
+        self.truncate(n)
+        return context[n:]
+
+    # -------------------------------------------------------------------------------------------- generation
+
+    def stream(self, new_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+               top_p: float = 0.95, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+               stats: dict | None = None) -> Iterator[int]:
+        """Prefill ``new_ids`` (at least one id) after the current context, then yield up to
+        ``max_new_tokens`` sampled tokens, stopping after a stop token (default: EOS), which is yielded.
+
+        Arguments are checked now (ValueError); the work starts with the first ``next``. Every yielded token
+        is in the cache; stopping the iteration early keeps what was yielded. temperature 0 is greedy.
+        ``stats`` (a dict) receives prefill_tokens, prefill_s, decode_steps, decode_s (steady state: compile
+        time excluded), compile_s and compiled (labels of the shapes compiled during this call).
+        """
+        temperature, top_p = check_sampling(temperature, top_p)
+        ids = _ids(new_ids, "new_ids")
+        if not ids:
+            raise ValueError("new_ids must have at least one token (the logits to sample from come from it)")
+        vocab = self._cfg.vocab_size
+        bad = [t for t in ids if not t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside [0, {vocab})")
+        n = check_budget(self.length + len(ids), max_new_tokens, self.max_len)
+        stops = [self._cfg.eos_token_id] if stop_tokens is None else _ids(stop_tokens, "stop_tokens")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        stats = {} if stats is None else stats
+        stats.update(prefill_tokens=0, prefill_s=0.0, decode_steps=0, decode_s=0.0, compile_s=0.0, compiled=[])
+        return self._generate(ids, n, temperature, top_p, int(seed), frozenset(stops), stats)
+
+    def _generate(self, ids, n, temperature, top_p, seed, stops, stats) -> Iterator[int]:
+        context = list(self._tokens)
+        try:
+            logits = self._prefill(ids, self.length + len(ids) + n, stats)
+        except BaseException:  # the context stays as it was; the cache may have been given to the call
+            self._tokens = context
+            self._drop_cache()
+            raise
+        key = jax.random.key(seed)
+        temp, topp = jnp.float32(temperature), jnp.float32(top_p)
+        for _ in range(n):
+            try:
+                exe = self._executable("decode step", ("step",), stats, lambda: _lower_step(
+                    self.model.params, self._cache, jnp.zeros(1, jnp.int32), key, temp, topp, logits,
+                    self._cfg, self._impl))
+                t0 = time.perf_counter()
+                key, sub = jax.random.split(key)
+                token, logits, self._cache = _run_step(exe, self.model.params, self._cache,
+                                                       jnp.full(1, self.length, jnp.int32), sub, temp, topp, logits)
+                tok = int(np.asarray(token)[0])
+            except BaseException:  # e.g. Ctrl-C inside the call, whose cache was donated: rebuilt next time
+                self._drop_cache()
+                raise
+            stats["decode_s"] += time.perf_counter() - t0
+            stats["decode_steps"] += 1
+            self._tokens.append(tok)
+            yield tok  # the cache holds every token yielded: closing the iteration here loses nothing
+            if tok in stops:
+                return
+
+    def _drop_cache(self) -> None:
+        self._cache, self._capacity = None, 0
+
+    def _prefill(self, ids: list[int], needed: int, stats: dict):
+        """Write ``ids`` after the context (re-prefilling the context first if the cache was dropped) into a
+        cache of at least ``needed`` slots; -> the logits after the last id."""
+        pending = ids
+        if self._cache is None and self._tokens:  # the cache was dropped by an interrupted call
+            pending = self._tokens + ids
+            self._tokens = []
+        self._reserve(needed, stats)
+        t0, compile_before = time.perf_counter(), stats["compile_s"]
+        logits = None
+        for i in range(0, len(pending), PIECE):
+            piece = pending[i:i + PIECE]
+            start = self.length
+            size = min(bucket(len(piece)), self._capacity - start)
+            tokens = np.zeros((1, size), np.int32)
+            tokens[0, :len(piece)] = piece
+            positions = (start + np.arange(size, dtype=np.int32))[None]
+            last = np.array([len(piece) - 1], np.int32)
+            exe = self._executable(f"prefill for bucket {size}", ("prefill", size), stats, lambda: _lower_prefill(
+                self.model.params, tokens, positions, self._cache, last, self._cfg, self._impl))
+            logits, self._cache = _run_prefill(exe, self.model.params, jnp.asarray(tokens), jnp.asarray(positions),
+                                               self._cache, jnp.asarray(last))
+            self._tokens.extend(piece)
+        jax.block_until_ready(logits)
+        stats["prefill_tokens"] += len(pending)
+        stats["prefill_s"] += time.perf_counter() - t0 - (stats["compile_s"] - compile_before)
+        return logits
+
+    def _reserve(self, needed: int, stats: dict) -> None:
+        """A cache of at least ``needed`` slots (and room for the padding of the next prefill piece)."""
+        needed = min(self.max_len, max(needed, self.length + MIN_BUCKET))
+        if self._cache is not None and self._capacity >= needed:
+            return
+        capacity = min(self.max_len, max(MIN_CAPACITY, bucket(needed)))
+        cache = _init_cache(self._cfg, capacity)
+        if self._cache is not None:
+            t0 = time.perf_counter()
+            cache = _copy_into(cache, self._cache)
+            jax.block_until_ready(cache)
+            stats["prefill_s"] += time.perf_counter() - t0
+        self._cache, self._capacity = cache, capacity
+
+    def _executable(self, label: str, shape: tuple, stats: dict, lower: Callable):
+        if self._params_key is None:
+            self._params_key = tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(self.model.params))
+        key = (shape, self._capacity, self._cfg, self._impl, self._params_key)
+        exe = _EXECUTABLES.get(key)
+        if exe is None:
+            label = f"{label} (cache {self._capacity})"
+            if self.on_compile is not None:
+                self.on_compile(label, None)
+            t0 = time.perf_counter()
+            exe = lower().compile()
+            dt = time.perf_counter() - t0
+            _EXECUTABLES[key] = exe
+            stats["compile_s"] += dt
+            stats["compiled"].append(label)
+            if self.on_compile is not None:
+                self.on_compile(label, dt)
+        return exe
