@@ -1,4 +1,10 @@
-"""`dsv32` command line: demo (the embedded default of `make demo`), generate, chat, convert."""
+"""`dsv32` command line: demo (the embedded default of `make demo`), generate, chat, convert.
+
+Every user error (a bad argument, a missing or broken checkpoint, a prompt that does not fit) ends the
+command with one line on stderr: usage errors exit 2, the others 1; ``--debug`` shows the traceback
+instead. What can be checked without the weights (config.json, the tokenizer, the prompt length) is
+checked before they are loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +13,154 @@ import os
 import sys
 import time
 
+# User errors: the project's error types are ValueError subclasses (ConfigError, CheckpointError,
+# SafetensorsError, TokenizerError, ChatFormatError, ConvertError, OrbaxCheckpointError); files are OSError.
+USER_ERRORS = (ValueError, OSError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _checked(convert, check):
+    """An argparse `type` that converts the text, then validates it with a `dsv32_jax.engine.checks` check."""
+
+    def parse(text: str):
+        from dsv32_jax.engine import checks
+
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {convert.__name__}") from None
+        try:
+            return getattr(checks, check)(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
 
 def _cache_dir() -> str:
     return os.environ.get("DSV32_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv32_jax")
 
 
-def _load(path: str, args: argparse.Namespace):
-    import dsv32_jax
+_open_line = False  # a "compiling ..." line on stderr waits for its time
+
+
+def _say(*parts, end: str = "\n") -> None:
+    global _open_line
+    if _open_line and end:  # an error in the middle of a compile: finish that line first
+        print(file=sys.stderr)
+    _open_line = not end
+    print(*parts, file=sys.stderr, flush=True, end=end)
+
+
+def _compile_notice(label: str, seconds: float | None) -> None:
+    """`ChatSession.on_compile`: a line on stderr while a new shape compiles (10-25 s on a large model)."""
+    global _open_line
+    if seconds is None:
+        _say(f"compiling {label} ...", end="")
+    else:
+        _open_line = False
+        _say(f" {seconds:.1f}s")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoint: what can be checked before the weights, then the weights
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _read_config(path: str, args: argparse.Namespace):
+    """The checkpoint's Config from config.json alone (no weights read), in the layout load_model reads."""
+    from dsv32_jax.checkpoint import orbax_layout
+    from dsv32_jax.checkpoint.hf import is_hf_dir
+    from dsv32_jax.model.config import Config
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path}: not a directory (--ckpt takes a checkpoint directory)")
+    numerics = dict(dtype=args.dtype, fp8_activations=not args.no_fp8)
+    if orbax_layout.is_orbax_dir(path):
+        return orbax_layout.load_config(path, **numerics)
+    if not is_hf_dir(path):
+        raise ValueError(f"{path}: not a checkpoint directory: expected config.json and *.safetensors (the "
+                         "Hugging Face layout), or a directory written by `dsv32 convert`")
+    return Config.from_hf(path, **numerics)
+
+
+def _tokenizer(ckpt: str, option: str | None, cfg):
     from dsv32_jax.text.tokenizer import Tokenizer
 
+    if option is None and not os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
+        raise FileNotFoundError(f"{ckpt} has no tokenizer.json: pass --tokenizer PATH (a tokenizer.json, or a "
+                                "directory holding one)")
+    tok = Tokenizer.load(ckpt if option is None else option)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tok.path}: the tokenizer has {tok.vocab_size} entries but the model's vocabulary "
+                         f"has {cfg.vocab_size}: they do not belong together")
+    return tok
+
+
+def _open(args: argparse.Namespace):
+    """(config, tokenizer) of --ckpt, checked before any weight is read."""
+    cfg = _read_config(args.ckpt, args)
+    return cfg, _tokenizer(args.ckpt, args.tokenizer, cfg)
+
+
+def _load_weights(path: str, args: argparse.Namespace):
+    import dsv32_jax
+
     t = time.perf_counter()
-    print(f"loading {path} ...", file=sys.stderr, flush=True)
-    model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8,
-                                 progress=True)
-    tok = Tokenizer.load(path)
-    print(f"loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
-    return model, tok
+    _say(f"loading {path} ...")
+    model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, progress=True)
+    _say(f"loaded in {time.perf_counter() - t:.1f}s")
+    return model
 
 
-def _stream_reply(model, tok, prompt_ids: list[int], args, out=sys.stdout) -> tuple[list[int], dict]:
-    """Generate for one prompt, printing text as it comes. Returns (new ids, timing stats)."""
+def _session(model):
+    from dsv32_jax.engine.session import ChatSession
+
+    return ChatSession(model, on_compile=_compile_notice)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _stream_reply(session, tok, new_ids: list[int], max_new: int, args, out=None) -> tuple[list[int], dict]:
+    """Generate after `new_ids`, printing text as it comes. Returns (new ids, timing stats)."""
+    out = sys.stdout if out is None else out
     stats: dict = {}
     dec = tok.stream(skip_special_tokens=not args.show_special)
     new: list[int] = []
-    for step in model.generate_stream([prompt_ids], args.max_new_tokens, args.temperature,
-                                      args.top_p, args.seed, [tok.eos_id], stats):
-        if step[0] is None:
-            break
-        new.append(step[0])
-        print(dec.push(step[0]), end="", file=out, flush=True)
-    print(dec.flush(), file=out, flush=True)
+    steps = session.stream(new_ids, max_new, args.temperature, args.top_p, args.seed, [tok.eos_id], stats)
+    try:
+        for token in steps:
+            new.append(token)
+            print(dec.push(token), end="", file=out, flush=True)
+    finally:
+        print(dec.flush(), file=out, flush=True)
     return new, stats
 
 
+def _rate(n: int, s: float) -> str:
+    return f"{n / s:.1f}" if n and s > 0 else "nan"
+
+
 def _rates(stats: dict) -> str:
-    pre = stats["prefill_tokens"] / stats["prefill_s"]
-    dec = stats["decode_steps"] / stats["decode_s"] if stats["decode_steps"] else float("nan")
-    return (f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s']:.2f}s ({pre:.1f} tok/s), "
-            f"decode {stats['decode_steps']} tokens in {stats['decode_s']:.2f}s ({dec:.1f} tok/s)")
+    """Steady-state speeds, with the compile time (first use of a shape) reported apart."""
+    line = (f"prefill {stats['prefill_tokens']} tokens in {stats['prefill_s']:.2f}s "
+            f"({_rate(stats['prefill_tokens'], stats['prefill_s'])} tok/s), "
+            f"decode {stats['decode_steps']} tokens in {stats['decode_s']:.2f}s "
+            f"({_rate(stats['decode_steps'], stats['decode_s'])} tok/s)")
+    if stats.get("compiled"):
+        line += f"; compile {stats['compile_s']:.1f}s apart ({', '.join(stats['compiled'])})"
+    return line
 
 
 def _prompt_ids(tok, text: str, raw: bool, thinking: bool) -> list[int]:
@@ -57,40 +173,128 @@ def _prompt_ids(tok, text: str, raw: bool, thinking: bool) -> list[int]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    model, tok = _load(args.ckpt, args)
+    from dsv32_jax.engine.checks import check_budget
+
+    cfg, tok = _open(args)
     ids = _prompt_ids(tok, args.prompt, args.raw, args.thinking)
-    _, stats = _stream_reply(model, tok, ids, args)
-    print(_rates(stats), file=sys.stderr)
+    n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
+    session = _session(_load_weights(args.ckpt, args))
+    _, stats = _stream_reply(session, tok, ids, n, args)
+    _say(_rates(stats))
     return 0
 
 
-def chat(args: argparse.Namespace) -> int:
-    from dsv32_jax.text.chat import EOS, ChatFormatError, encode_messages, parse_message_from_completion_text
+class Conversation:
+    """A chat as turns of token ids that always fit a context of `max_len` positions.
 
-    model, tok = _load(args.ckpt, args)
+    The token history is BOS, then per turn the user message as the chat template writes it followed by the
+    reply as generated (and EOS when the reply was cut off). Earlier turns keep their reasoning (the template's
+    ``drop_thinking=False``), so the history only grows by appending and the session's cache can be reused.
+    When a new message and a reply no longer fit, the oldest turns are dropped.
+    """
+
+    def __init__(self, tok, thinking_mode: str, max_len: int) -> None:
+        self.tok, self.mode, self.max_len = tok, thinking_mode, max_len
+        self.turns: list[tuple[list[dict], list[int]]] = []  # (messages, ids) per completed turn
+        self.clip_noted = False
+
+    @property
+    def messages(self) -> list[dict]:
+        return [m for msgs, _ in self.turns for m in msgs]
+
+    def context(self) -> list[int]:
+        return [self.tok.bos_id] + [t for _, ids in self.turns for t in ids]
+
+    def clear(self) -> None:
+        self.turns.clear()
+
+    def plan(self, user: dict, want: int) -> tuple[list[int], int, list[str]]:
+        """Fit the next user message: -> (the token context to generate after, new-token budget, notes for
+        the user). Drops the oldest turns when needed; raises ValueError if the message alone cannot fit."""
+        from dsv32_jax.text.chat import encode_messages
+
+        text = encode_messages([user], self.mode, context=self.messages, drop_thinking=False,
+                               add_default_bos_token=False)
+        user_ids = self.tok.encode(text)
+        cap = self.max_len - 1 - len(user_ids)  # the most any reply can have, with every earlier turn dropped
+        if cap < 1:
+            raise ValueError(f"this message is {len(user_ids)} tokens with the chat template; the context holds "
+                             f"{self.max_len} positions: shorten it")
+        notes = []
+        n = min(want, cap)
+        keep_reply = min(n, max(16, self.max_len // 8))  # keep history while at least this much reply fits
+        dropped = 0
+        while self.turns and len(self.context()) + len(user_ids) + keep_reply > self.max_len:
+            self.turns.pop(0)
+            dropped += 1
+        if dropped:
+            notes.append(f"(dropped the {'oldest turn' if dropped == 1 else f'{dropped} oldest turns'} to fit the "
+                         f"context of {self.max_len} tokens; /clear starts afresh)")
+        context = self.context() + user_ids
+        n = min(n, self.max_len - len(context))
+        if n < want and not self.clip_noted:
+            self.clip_noted = True
+            notes.append(f"(replies are limited to the room left in the context of {self.max_len} tokens: "
+                         f"this one to {n} new tokens instead of {want})")
+        self._pending = (user, user_ids)
+        return context, n, notes
+
+    def add_reply(self, reply_ids: list[int]) -> dict:
+        """Record the reply to the planned message -> the assistant message (plain text if it does not parse)."""
+        from dsv32_jax.text.chat import EOS, ChatFormatError, parse_message_from_completion_text
+
+        user, user_ids = self._pending
+        completion = self.tok.decode(reply_ids)
+        try:
+            msg = parse_message_from_completion_text(completion, self.mode)
+            note = None
+        except ChatFormatError as e:  # e.g. cut off by the budget: keep the raw text
+            msg = {"role": "assistant", "content": completion.removesuffix(EOS)}
+            note = f"(reply kept as plain text: {e})"
+        ids = user_ids + reply_ids
+        if not reply_ids or reply_ids[-1] != self.tok.eos_id:  # cut off: close the turn as the template does
+            ids.append(self.tok.eos_id)
+            note = f"(reply cut off after {len(reply_ids)} tokens: kept as plain text)"
+        self.turns.append(([user, msg], ids))
+        return {"message": msg, "note": note}
+
+
+def chat(args: argparse.Namespace) -> int:
+    _, tok = _open(args)
+    session = _session(_load_weights(args.ckpt, args))
     mode = "thinking" if args.thinking else "chat"
-    history: list[dict] = []
-    print(f"chat ({mode} mode). /clear resets the conversation, /exit quits.", file=sys.stderr)
+    convo = Conversation(tok, mode, session.max_len)
+    _say(f"chat ({mode} mode, context {session.max_len} tokens). /clear resets the conversation, /exit quits.")
     for line in sys.stdin:
         text = line.strip()
         if text == "/exit":
             break
         if text == "/clear":
-            history.clear()
-            print("(conversation cleared)", file=sys.stderr)
+            convo.clear()
+            session.reset()
+            _say("(conversation cleared)")
             continue
         if not text:
             continue
-        history.append({"role": "user", "content": text})
-        ids = tok.encode(encode_messages(history, thinking_mode=mode))
-        new, stats = _stream_reply(model, tok, ids, args)
-        completion = tok.decode(new)
         try:
-            history.append(parse_message_from_completion_text(completion, mode))
-        except ChatFormatError as e:  # e.g. cut off by --max-new-tokens: keep the raw text
-            print(f"(reply kept as plain text: {e})", file=sys.stderr)
-            history.append({"role": "assistant", "content": completion.removesuffix(EOS)})
-        print(_rates(stats), file=sys.stderr)
+            context, n, notes = convo.plan({"role": "user", "content": text}, args.max_new_tokens)
+        except ValueError as e:
+            _say(f"({e})")
+            continue
+        for note in notes:
+            _say(note)
+        new_ids = session.prepare(context)
+        reply: list[int] = []
+        try:
+            reply, stats = _stream_reply(session, tok, new_ids, n, args)
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            reply, stats = session.tokens[len(context):], None
+            _say("(interrupted)")
+        result = convo.add_reply(reply)
+        if result["note"] and stats is not None:
+            _say(result["note"])
+        if stats is not None:
+            _say(_rates(stats))
     return 0
 
 
@@ -98,10 +302,11 @@ def demo(args: argparse.Namespace) -> int:
     import jax
 
     import dsv32_jax
-    from dsv32_jax.model.cache import bytes_per_token
-    from dsv32_jax.text.chat import encode_messages
-    from dsv32_jax.model.config import preset
     from dsv32_jax.checkpoint.synthetic import write_checkpoint
+    from dsv32_jax.engine.checks import check_budget
+    from dsv32_jax.model.cache import bytes_per_token
+    from dsv32_jax.model.config import preset
+    from dsv32_jax.text.chat import encode_messages
     from dsv32_jax.text.tokenizer import Tokenizer
 
     cfg = preset(args.preset)
@@ -114,25 +319,20 @@ def demo(args: argparse.Namespace) -> int:
         print(f"wrote synthetic checkpoint ({args.preset}) to {ckpt} in {time.perf_counter() - t:.1f}s")
     else:
         print(f"using cached synthetic checkpoint {ckpt}")
+    tok = Tokenizer.load(ckpt)
+    prompt = encode_messages([{"role": "user", "content": args.prompt}], thinking_mode="chat")
+    ids = tok.encode(prompt)
+    n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
     t = time.perf_counter()
     model = dsv32_jax.load_model(ckpt, dtype=args.dtype, fp8_activations=not args.no_fp8)
-    tok = Tokenizer.load(ckpt)
     c = model.config
     print(f"loaded in {time.perf_counter() - t:.1f}s: {c.n_layers} layers ({c.n_dense_layers} dense, "
           f"{c.n_moe_layers} MoE, {c.n_routed_experts} experts), dim {c.dim}, vocab {c.vocab_size}; "
           f"numerics dtype={c.dtype} fp8_activations={c.fp8_activations}; "
           f"device {jax.devices()[0].device_kind}")
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt = encode_messages(messages, thinking_mode="chat")
-    ids = tok.encode(prompt)
     print(f"prompt ({len(ids)} tokens, chat template): {prompt!r}")
-    t = time.perf_counter()
-    for i, _ in enumerate(model.generate_stream([ids], args.max_new_tokens, args.temperature,
-                                                args.top_p, args.seed, [tok.eos_id])):
-        if i == 1:  # the prefill and decode-step programs of this bucket are compiled now
-            break
-    print(f"compiled in {time.perf_counter() - t:.1f}s; generating {args.max_new_tokens} tokens:")
-    new, stats = _stream_reply(model, tok, ids, args)
+    print(f"generating {n} tokens (each new shape is compiled first, timed apart):", flush=True)
+    new, stats = _stream_reply(_session(model), tok, ids, n, args)
     print(_rates(stats))
     bpt = bytes_per_token(c)
     end = len(ids) + len(new)
@@ -143,24 +343,31 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["convert"]:  # `dsv32 convert ...` is `python -m convert ...`
-        from convert.cli import main as convert_main
+# ------------------------------------------------------------------------------------------------------------
 
-        return convert_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 in JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dsv32", description="DeepSeek-V3.2 in JAX")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p, max_new=64):
-        p.add_argument("--max-new-tokens", type=int, default=max_new)
-        p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=0.95)
+        p.add_argument("--max-new-tokens", type=_checked(int, "check_max_new_tokens"), default=max_new,
+                       metavar="N", help=f"at most N new tokens (default {max_new})")
+        p.add_argument("--temperature", type=_checked(float, "check_temperature"), default=1.0,
+                       help="sampling temperature >= 0; 0 = greedy (default 1.0)")
+        p.add_argument("--top-p", type=_checked(float, "check_top_p"), default=0.95,
+                       help="nucleus mass in (0, 1]; 1 = no cut (default 0.95)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
         p.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
         p.add_argument("--show-special", action="store_true",
                        help="print special/reserved tokens in the output stream")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     d = sub.add_parser("demo", help="random synthetic checkpoint (cached): load, chat-template a "
                                     "prompt, generate with streaming, report speeds")
@@ -169,20 +376,48 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--cache-dir", default=None, help="default: $DSV32_CACHE or ~/.cache/dsv32_jax")
     common(d, max_new=32)
     d.set_defaults(func=demo)
+    tok_help = "tokenizer.json, or a directory holding one (default: the checkpoint's own)"
     g = sub.add_parser("generate", help="complete one prompt")
-    g.add_argument("--ckpt", required=True, help="checkpoint directory (HF layout)")
+    g.add_argument("--ckpt", required=True, help="checkpoint directory (HF layout, or from `dsv32 convert`)")
+    g.add_argument("--tokenizer", metavar="PATH", default=None, help=tok_help)
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="no chat template: continue the raw text")
     g.add_argument("--thinking", action="store_true", help="thinking mode chat template")
     common(g)
     g.set_defaults(func=generate)
-    c = sub.add_parser("chat", help="interactive chat on stdin (/clear, /exit)")
-    c.add_argument("--ckpt", required=True)
-    c.add_argument("--thinking", action="store_true")
+    c = sub.add_parser("chat", help="interactive chat on stdin (/clear, /exit); continues from the cache of "
+                                    "the previous turn, drops the oldest turns when the context is full")
+    c.add_argument("--ckpt", required=True, help="checkpoint directory (HF layout, or from `dsv32 convert`)")
+    c.add_argument("--tokenizer", metavar="PATH", default=None, help=tok_help)
+    c.add_argument("--thinking", action="store_true", help="thinking mode chat template")
     common(c, max_new=256)
     c.set_defaults(func=chat)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    # Listed for --help only: main() hands `dsv32 convert ...` to convert.cli before parsing.
+    sub.add_parser("convert", add_help=False,
+                   help="convert the released HF checkpoint to Orbax (see `dsv32 convert --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:  # `dsv32 convert ...` is `python -m convert ...`
+        from convert.cli import main as convert_main
+
+        return convert_main(argv[1:])
+    args = _parser().parse_args(argv)
+    prog = f"dsv32 {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _say(f"{prog}: interrupted")
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        _say(f"{prog}: error: {_one_line(e)}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,30 +1,30 @@
-"""The `dsv32` CLI end to end on a synthetic checkpoint: demo, generate, chat."""
+"""The `dsv32` CLI end to end on a synthetic checkpoint: demo, generate, chat; user errors in one line."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
 
 import pytest
 
+import dsv32_jax
 from dsv32_jax import preset
-from dsv32_jax.cli import main
 from dsv32_jax.checkpoint.synthetic import write_checkpoint
+from dsv32_jax.cli import Conversation, main
+from dsv32_jax.engine import session as session_mod
+from dsv32_jax.text import chat as chat_format
+from dsv32_jax.text.tokenizer import Tokenizer
+
+RATES = r"prefill (\d+) tokens in [0-9.]+s \(([0-9.]+) tok/s\), decode (\d+) tokens in [0-9.]+s \(([0-9.]+) tok/s\)"
 
 
-def test_demo_runs_and_caches(tmp_path, capsys):
-    args = ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "RANDOM weights" in out and "wrote synthetic checkpoint" in out
-    assert "chat template" in out and "<｜User｜>" in out
-    m = re.search(r"prefill (\d+) tokens in [0-9.]+s \(([0-9.]+) tok/s\), decode (\d+) tokens", out)
-    assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0 and 1 <= int(m.group(3)) <= 8
-    assert re.search(r"cache: \d+ B/token/layer MLA \+ \d+ B indexer keys", out)
-    m = re.search(r"attended (\d+) of the (\d+) keys available \(index_topk=16\)", out)
-    assert m and int(m.group(1)) == min(16, int(m.group(2)))
-    assert main(args) == 0  # the second run reuses the cached checkpoint
-    assert "using cached synthetic checkpoint" in capsys.readouterr().out
+def _run(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse
+        return e.code
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,67 @@ def ckpt(tmp_path_factory):
     return write_checkpoint(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if the weights are loaded: these errors must come before."""
+    def refuse(*a, **k):
+        raise AssertionError("load_model was called")
+
+    monkeypatch.setattr(dsv32_jax, "load_model", refuse)
+
+
+def test_demo_runs_and_caches(tmp_path, capsys):
+    session_mod._EXECUTABLES.clear()  # so that this run compiles and reports it
+    args = ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    out = cap.out
+    assert "RANDOM weights" in out and "wrote synthetic checkpoint" in out
+    assert "chat template" in out and "<｜User｜>" in out
+    m = re.search(RATES, out)
+    assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0 and 1 <= int(m.group(3)) <= 8
+    # compiles are announced on stderr as they start, and timed apart from the steady-state speeds
+    assert re.search(r"^compiling prefill for bucket 16 \(cache 128\) \.\.\. [0-9.]+s$", cap.err, re.M)
+    assert re.search(r"^compiling decode step \(cache 128\) \.\.\. [0-9.]+s$", cap.err, re.M)
+    assert re.search(r"; compile [0-9.]+s apart \(prefill for bucket 16 \(cache 128\), decode step", out)
+    assert re.search(r"cache: \d+ B/token/layer MLA \+ \d+ B indexer keys", out)
+    m = re.search(r"attended (\d+) of the (\d+) keys available \(index_topk=16\)", out)
+    assert m and int(m.group(1)) == min(16, int(m.group(2)))
+    assert main(args) == 0  # the second run reuses the cached checkpoint and the compiled shapes
+    cap = capsys.readouterr()
+    assert "using cached synthetic checkpoint" in cap.out
+    assert "compiling" not in cap.err and "compile" not in re.search(RATES + ".*", cap.out).group(0)
+
+
 def test_generate(ckpt, capsys):
-    args = ["generate", "--ckpt", ckpt, "--prompt", "Hello there", "--max-new-tokens", "5",
-            "--temperature", "0", "--dtype", "float32"]
+    args = ["generate", "--ckpt", ckpt, "--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "0"]
     assert main(args) == 0
     first = capsys.readouterr()
     assert "loaded in" in first.err and re.search(r"decode [1-5] tokens", first.err)
     assert main(args) == 0  # greedy: the same text again
     assert capsys.readouterr().out == first.out
+
+
+def test_tokenizer_option(ckpt, tmp_path, capsys, monkeypatch):
+    bare = tmp_path / "bare"  # a checkpoint without tokenizer.json, like the shared fixtures
+    bare.mkdir()
+    for name in os.listdir(ckpt):
+        if not name.startswith("tokenizer"):
+            os.symlink(os.path.join(ckpt, name), bare / name)
+    args = ["generate", "--ckpt", str(bare), "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"]
+    real_load = dsv32_jax.load_model
+    monkeypatch.setattr(dsv32_jax, "load_model", lambda *a, **k: pytest.fail("loaded the weights first"))
+    assert _run(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no tokenizer.json: pass --tokenizer PATH" in err and str(bare) in err
+    monkeypatch.setattr(dsv32_jax, "load_model", real_load)
+    outs = []
+    for tok in (ckpt, os.path.join(ckpt, "tokenizer.json")):
+        assert _run([*args, "--tokenizer", tok]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()
+    assert _run(["generate", "--ckpt", ckpt, "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == outs[0]
 
 
 def test_chat_clear_and_exit(ckpt, capsys, monkeypatch):
@@ -50,8 +103,185 @@ def test_chat_clear_and_exit(ckpt, capsys, monkeypatch):
     assert len(re.findall(r"prefill \d+ tokens", err)) == 2  # two turns, then /exit
 
 
-def test_generate_errors(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["generate", "--prompt", "x"])  # --ckpt is required
+def test_chat_continues_from_the_cache(ckpt, tok, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\n"))
+    assert main(["chat", "--ckpt", ckpt, "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    prefills = [int(n) for n in re.findall(r"prefill (\d+) tokens", capsys.readouterr().err)]
+    second = tok.encode(chat_format.encode_messages([{"role": "user", "content": "how are you"}], "chat",
+                                                    add_default_bos_token=False))
+    # only the new message (after the EOS that closes the cut-off first reply) is prefilled
+    assert prefills[1] == len(second) + 1 and prefills[1] < prefills[0] + 3 + len(second)
+
+
+def test_chat_with_default_options_clips_and_drops_old_turns(ckpt, capsys, monkeypatch):
+    """The tiny context (128) is smaller than the default --max-new-tokens (256): replies are clipped (said
+    once), then the oldest turns go (said each time); a message too long for the context is refused."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"hi\nok\n{'word ' * 200}\nlast one\n"))
+    real = session_mod.ChatSession.stream  # replies never stop early, whatever the random weights say
+    monkeypatch.setattr(session_mod.ChatSession, "stream", lambda self, ids, n, t, p, seed, stops, stats:
+                        real(self, ids, n, t, p, seed, [], stats))
+    assert main(["chat", "--ckpt", ckpt]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("replies are limited to the room left in the context of 128 tokens") == 1
+    assert err.count("dropped the oldest turn to fit the context of 128 tokens; /clear starts afresh") == 2
+    assert re.search(r"this message is \d+ tokens with the chat template; the context holds 128", err)
+    decoded = [int(n) for n in re.findall(r"decode (\d+) tokens", err)]
+    assert len(decoded) == 3 and all(n > 100 for n in decoded)  # every turn but the one too long
+    assert err.count("reply cut off after") == 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conversation: the history as token turns that fit the context (no model needed)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return Tokenizer.load(ckpt)
+
+
+def _reply(tok, text: str, eos: bool = True) -> list[int]:
+    return tok.encode(text) + ([tok.eos_id] if eos else [])
+
+
+def test_conversation_appends_and_clips_once(tok):
+    convo = Conversation(tok, "chat", max_len=128)
+    context, n, notes = convo.plan({"role": "user", "content": "hi"}, 256)
+    assert context[0] == tok.bos_id and tok.decode(context).startswith(chat_format.BOS + chat_format.USER + "hi")
+    assert n == 128 - len(context) and len(notes) == 1 and "instead of 256" in notes[0]
+    result = convo.add_reply(_reply(tok, "hello"))
+    assert result["message"]["content"] == "hello" and result["note"] is None
+    context2, n2, notes2 = convo.plan({"role": "user", "content": "again"}, 256)
+    assert context2[:len(context) + len(_reply(tok, "hello"))] == context + _reply(tok, "hello")  # appended
+    assert notes2 == [] and n2 == 128 - len(context2)  # clipped again, said once
+    # the same text as the chat template writes the whole conversation (reasoning kept: drop_thinking=False)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "again"}]
+    assert tok.decode(context2) == chat_format.encode_messages(msgs, "chat", drop_thinking=False)
+
+
+def test_conversation_closes_a_cut_off_reply_with_eos(tok):
+    convo = Conversation(tok, "chat", max_len=128)
+    convo.plan({"role": "user", "content": "hi"}, 8)
+    result = convo.add_reply(_reply(tok, "cut sho", eos=False))
+    assert "cut off after" in result["note"] and result["message"]["content"] == "cut sho"
+    assert convo.context()[-1] == tok.eos_id
+
+
+def test_conversation_drops_oldest_turns_and_never_loses_the_latest(tok):
+    convo = Conversation(tok, "chat", max_len=128)
+    for i in range(6):
+        context, n, notes = convo.plan({"role": "user", "content": f"message {i}"}, 20)
+        assert len(context) + n <= 128 and n == 20
+        convo.add_reply(_reply(tok, f"answer {i} " + "x" * 30))
+        assert convo.messages[-2]["content"] == f"message {i}"
+    assert any("dropped the" in note for note in notes) or len(convo.turns) < 6
+    kept = [m["content"] for m in convo.messages if m["role"] == "user"]
+    assert kept == [f"message {i}" for i in range(6 - len(kept), 6)] and len(kept) < 6
+    too_long = {"role": "user", "content": "word " * 200}
+    before = list(convo.turns)
+    with pytest.raises(ValueError, match="shorten it"):
+        convo.plan(too_long, 20)
+    assert convo.turns == before  # nothing lost
+
+
+# ------------------------------------------------------------------------------------------------------------
+# User errors: one line on stderr, exit 2 for usage and 1 for the rest, a traceback only with --debug
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "nan"], "argument --temperature: temperature must be finite, got nan"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "warm"], "'warm' is not a valid float"),
+    (["--top-p", "1.5"], r"top_p must be in (0, 1]"),
+    (["--top-p", "0"], r"top_p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    (["--max-new-tokens", "2.5"], "'2.5' is not a valid int"),
+    (["--dtype", "float16"], "invalid choice"),
+])
+def test_usage_errors_exit_2_in_one_line(ckpt, extra, message, capsys, no_weights):
+    for command in (["generate", "--prompt", "x"], ["chat"]):
+        assert _run([*command, "--ckpt", ckpt, *extra]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err.count("\n") == 1 and message in cap.err
+        assert cap.err.startswith(f"dsv32 {command[0]}: error: ")
+
+
+def test_missing_required_argument(capsys):
+    assert _run(["generate", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--ckpt" in err
+
+
+def _broken(ckpt, tmp_path, what: str) -> str:
+    path = tmp_path / what
+    shutil.copytree(ckpt, path)
+    if what == "config":
+        (path / "config.json").write_text('{"vocab_size": ')
+    elif what == "bad-config":
+        (path / "config.json").write_text('{"model_type": "llama"}')
+    elif what == "no-shards":
+        for f in path.glob("*.safetensors"):
+            f.unlink()
+    elif what == "tokenizer":
+        (path / "tokenizer.json").write_text("{")
+    return str(path)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("config", "config.json: not valid JSON"),
+    ("bad-config", "model_type 'llama' is not 'deepseek_v32'"),
+    ("no-shards", "not a checkpoint directory"),
+    ("tokenizer", "not a valid tokenizer.json"),
+])
+def test_broken_checkpoint_is_reported_before_the_weights(ckpt, tmp_path, what, message, capsys, no_weights):
+    path = _broken(ckpt, tmp_path, what)
+    for command in (["generate", "--prompt", "x"], ["chat"]):
+        assert _run([*command, "--ckpt", path]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"dsv32 {command[0]}: error: ") and message in err
+
+
+def test_truncated_shard(ckpt, tmp_path, capsys):
+    path = tmp_path / "truncated"
+    shutil.copytree(ckpt, path)
+    shard = sorted(path.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100_000])
+    assert _run(["generate", "--ckpt", str(path), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[-1].startswith("dsv32 generate: error: ") and "truncated file?" in lines[-1]
+    assert "Traceback" not in err
+
+
+def test_prompt_and_budget_errors_come_before_the_weights(ckpt, tmp_path, capsys, no_weights):
+    cases = [
+        (["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"], "no such checkpoint directory"),
+        (["generate", "--ckpt", os.path.join(ckpt, "config.json"), "--prompt", "x"], "not a directory"),
+        (["generate", "--ckpt", ckpt, "--prompt", "word " * 200], "leaves no room for new tokens"),
+        (["generate", "--ckpt", ckpt, "--prompt", "x", "--max-new-tokens", "500"],
+         r"exceeds the context of 128 positions; at most \d+ new tokens fit"),
+        (["generate", "--ckpt", ckpt, "--prompt", "", "--raw"], "at least one token"),
+        (["generate", "--ckpt", ckpt, "--prompt", "x", "--tokenizer", str(tmp_path / "none.json")], "not found"),
+        (["demo", "--cache-dir", str(tmp_path / "demo"), "--max-new-tokens", "500"], "exceeds the context"),
+    ]
+    for argv, message in cases:
+        assert _run(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(message, err), (argv, err)
+
+
+def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FileNotFoundError):
-        main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"])
+        main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x", "--debug"])
+
+
+def test_help_lists_every_command(capsys):
+    assert _run(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "generate", "chat", "convert"):
+        assert re.search(rf"^\s+{command}\s", out, re.M), command
+    assert _run(["convert"]) == 2  # handed to the converter's own parser
+    assert "dsv32 convert" in capsys.readouterr().err
