@@ -128,8 +128,16 @@ def test_generate_input_errors():
         model.generate([[]], 4)
     with pytest.raises(ValueError, match="outside"):
         model.generate([[model.config.vocab_size]], 4)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with pytest.raises(ValueError, match="exceeds the context of 128 positions"):
         model.generate([[1] * 100], 40)
+    for kw, match in (({"temperature": float("nan")}, "finite"), ({"temperature": -1}, ">= 0"),
+                      ({"top_p": 1.5}, r"\(0, 1\]"), ({"top_p": 0}, r"\(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            model.generate([[1, 2]], 4, **kw)
+        with pytest.raises(ValueError, match=match):  # at the call, not at the first token
+            model.generate_stream([[1, 2]], 4, **kw)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        model.generate([[1, 2]], 0)
 
 
 def test_cache_bytes_per_token():

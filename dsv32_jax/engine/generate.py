@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
 from dsv32_jax.model.config import Config
+from dsv32_jax.model.layers import cdiv
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
 
 MAX_STOP_TOKENS = 8
@@ -182,9 +184,7 @@ def setup(cfg: Config, prompts, max_new_tokens: int, stop_tokens, chunk: int = P
     n_out, cache length, stop ids (MAX_STOP_TOKENS,))."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     for p in prompts:
         bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
         if bad:
@@ -192,11 +192,9 @@ def setup(cfg: Config, prompts, max_new_tokens: int, stop_tokens, chunk: int = P
     lengths = np.array([len(p) for p in prompts], np.int32)
     p_bucket = bucket(int(lengths.max()))
     if p_bucket > chunk:
-        p_bucket = -(-p_bucket // chunk) * chunk
+        p_bucket = cdiv(p_bucket, chunk) * chunk
     n_out = bucket(max_new_tokens)
-    if int(lengths.max()) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds max_position_embeddings {cfg.max_seq_len}")
+    check_budget(int(lengths.max()), max_new_tokens, cfg.max_seq_len)
     total = min(p_bucket + n_out, cfg.max_seq_len)
     tokens = np.zeros((len(prompts), p_bucket), np.int32)
     for i, p in enumerate(prompts):
@@ -212,6 +210,7 @@ def setup(cfg: Config, prompts, max_new_tokens: int, stop_tokens, chunk: int = P
 def generate(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
              stop_tokens: Sequence[int] | None = None) -> list[list[int]]:
+    temperature, top_p = check_sampling(temperature, top_p)
     tokens, lengths, n_out, total, stop_ids = setup(cfg, prompts, max_new_tokens, stop_tokens)
     cache = init_cache(cfg, len(prompts), total)
     logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
@@ -225,18 +224,25 @@ def stream(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max
            temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
            stop_tokens: Sequence[int] | None = None, stats: dict | None = None
            ) -> Iterator[list[int | None]]:
-    """Yields, per step, the new token of each sequence (None once it has stopped).
-    `stats` (a dict) receives prefill_s, prefill_tokens, decode_s, decode_steps."""
-    stats = {} if stats is None else stats
-    tokens, lengths, _, total, stop_ids = setup(cfg, prompts, max_new_tokens, stop_tokens)
+    """An iterator yielding, per step, the new token of each sequence (None once it has stopped).
+    `stats` (a dict) receives prefill_s, prefill_tokens, decode_s, decode_steps. The request is
+    validated here, before the first token is asked for."""
+    temperature, top_p = check_sampling(temperature, top_p)
+    request = setup(cfg, prompts, max_new_tokens, stop_tokens)
+    return _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed,
+                   {} if stats is None else stats)
+
+
+def _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed, stats):
+    tokens, lengths, _, total, stop_ids = request
     t0 = time.perf_counter()
-    cache = init_cache(cfg, len(prompts), total)
+    cache = init_cache(cfg, len(lengths), total)
     logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
     jax.block_until_ready(logits)
     stats.update(prefill_s=time.perf_counter() - t0, prefill_tokens=int(lengths.sum()),
                  decode_s=0.0, decode_steps=0)
     pos, key = jnp.asarray(lengths), jax.random.key(seed)
-    done = np.zeros(len(prompts), bool)
+    done = np.zeros(len(lengths), bool)
     for _ in range(max_new_tokens):
         t0 = time.perf_counter()
         key, sub = jax.random.split(key)

@@ -14,6 +14,7 @@ from dsv32_jax.checkpoint.weights import abstract_params
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.model.attention import ATTENTION_IMPLS
 from dsv32_jax.model.config import DTYPES, Config
+from dsv32_jax.model.layers import cdiv
 from dsv32_jax.model.transformer import init_cache
 
 
@@ -43,7 +44,7 @@ class Model:
         t = self._tokens(tokens)
         b, s = t.shape
         chunk = min(gen.PREFILL_CHUNK, s)
-        padded = -(-s // chunk) * chunk
+        padded = cdiv(s, chunk) * chunk
         t = np.pad(t, ((0, 0), (0, padded - s)))
         cache = init_cache(self.config, b, padded)
         logits, _, inter = gen.prefill(self.params, self.config, self.attention_impl, t,
