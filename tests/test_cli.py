@@ -113,6 +113,27 @@ def test_chat_continues_from_the_cache(ckpt, tok, capsys, monkeypatch):
     assert prefills[1] == len(second) + 1 and prefills[1] < prefills[0] + 3 + len(second)
 
 
+def test_chat_survives_ctrl_c_during_a_reply(ckpt, tok, capsys, monkeypatch):
+    real, calls = session_mod._run_step, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(session_mod, "_run_step", interrupted)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nnext\n"))
+    assert main(["chat", "--ckpt", ckpt, "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "(interrupted)" in err
+    prefills = [int(n) for n in re.findall(r"prefill (\d+) tokens", err)]
+    user = [tok.encode(chat_format.encode_messages([{"role": "user", "content": t}], "chat",
+                                                   add_default_bos_token=False)) for t in ("hi", "next")]
+    # the next turn rebuilt the cache: BOS, the first message, its one-token reply, EOS, the new message
+    assert prefills == [1 + len(user[0]) + 1 + 1 + len(user[1])]
+
+
 def test_chat_with_default_options_clips_and_drops_old_turns(ckpt, capsys, monkeypatch):
     """The tiny context (128) is smaller than the default --max-new-tokens (256): replies are clipped (said
     once), then the oldest turns go (said each time); a message too long for the context is refused."""
