@@ -83,6 +83,12 @@ class Model:
         return gen.stream(self.params, self.config, self.attention_impl, prompts, max_new_tokens,
                           temperature, top_p, seed, stop_tokens, stats)
 
+    def chat_session(self, max_len: int | None = None, on_compile=None):
+        """A `ChatSession`: multi-turn generation that continues from its own cache."""
+        from dsv32_jax.engine.session import ChatSession
+
+        return ChatSession(self, max_len, on_compile)
+
 
 def _cut(inter: dict, s: int, padded: int) -> dict:
     """Intermediates of a padded prompt -> those of its first s positions (and keys)."""
