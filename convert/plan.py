@@ -10,7 +10,6 @@ worker is about two chunks (`chunk_bytes`, 32 MiB by default; tensorstore encode
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import threading
@@ -19,15 +18,18 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
-from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.checkpoint.hf import check
+from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.quant import dequant
+from dsv32_jax.checkpoint.hf import accepted_dtypes, check
 from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
-from dsv32_jax.checkpoint.safetensors import ShardedCheckpoint
+from dsv32_jax.checkpoint.safetensors import (Header, SafetensorsError, ShardedCheckpoint,
+                                              TensorNotFoundError, read_header)
 from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
+F16 = np.dtype(np.float16)
 DEFAULT_CHUNK_BYTES = 32 << 20
 SCALE_SUFFIX = "weight_scale_inv"
 
@@ -65,7 +67,7 @@ class Leaf:
         return self.names.size * (2 if self.scale_names is not None else 1)
 
     def grid(self) -> tuple[int, ...]:
-        return tuple(-(-d // c) for d, c in zip(self.shape, self.chunks))
+        return tuple(cdiv(d, c) for d, c in zip(self.shape, self.chunks))
 
     def units(self) -> Iterator["Unit"]:
         for idx in np.ndindex(*self.grid()):
@@ -149,7 +151,8 @@ def _make_leaves(group: str, entries: dict[Path, tuple[np.ndarray, tuple, np.dty
         if weights == "bf16" and str(names.reshape(-1)[0]).endswith("." + SCALE_SUFFIX):
             continue  # folded into its weight
         scale_names = scale_shape = None
-        out = dtype
+        out = dtype  # the param dtype; a source in another accepted float dtype is cast to it
+        src = np.dtype(ckpt.dtype(str(names.reshape(-1)[0])))
         if weights == "bf16" and dtype == FP8:
             flat = [_scale_name(str(n)) for n in names.reshape(-1)]
             for w, s in zip(names.reshape(-1), flat):
@@ -158,7 +161,7 @@ def _make_leaves(group: str, entries: dict[Path, tuple[np.ndarray, tuple, np.dty
                                        f"tensor {w!r}, needed for --weights bf16)")
             scale_names = np.array(flat, dtype=object).reshape(names.shape)
             scale_shape = tuple(ckpt.shape(flat[0]))
-            want = tuple(-(-d // BLOCK) for d in shape)
+            want = tuple(cdiv(d, BLOCK) for d in shape)
             for s in flat:
                 if tuple(ckpt.shape(s)) != want or np.dtype(ckpt.dtype(s)) != F32:
                     raise ConvertError(f"{ckpt.file_of(s)}: tensor {s!r} has {np.dtype(ckpt.dtype(s)).name}"
@@ -166,7 +169,7 @@ def _make_leaves(group: str, entries: dict[Path, tuple[np.ndarray, tuple, np.dty
                                        f"(128x128 block scales of a {list(shape)} weight)")
             out = BF16
         chunks = plan_chunks(tuple(names.shape), tuple(shape), out.itemsize, target)
-        leaves.append(Leaf(group, tuple(path), names, tuple(shape), dtype, out, chunks,
+        leaves.append(Leaf(group, tuple(path), names, tuple(shape), src, out, chunks,
                            scale_names, scale_shape))
     return leaves
 
@@ -216,54 +219,69 @@ def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
         *module, leaf = suffix.split(".")
         leaf = {"weight": "weight", SCALE_SUFFIX: "scale", "bias": "bias"}.get(leaf, leaf)
         names = np.array([p + suffix for p in prefixes], dtype=object)
-        entries[(*module, leaf)] = (names, tuple(ckpt.shape(names[0])), np.dtype(ckpt.dtype(names[0])))
+        stored = np.dtype(ckpt.dtype(names[0]))
+        if stored in (F32, F16) and leaf != "scale":  # as released: MTP-only modules are bf16
+            stored = BF16
+        entries[(*module, leaf)] = (names, tuple(ckpt.shape(names[0])), stored)
     for path, (names, shape, dtype) in entries.items():
         for name in names.reshape(-1):
             if name not in ckpt:
                 raise ConvertError(f"{where}: missing MTP tensor {name!r} (expected shape {list(shape)})")
-            if tuple(ckpt.shape(name)) != shape or np.dtype(ckpt.dtype(name)) != dtype:
+            ok = accepted_dtypes(dtype, name)
+            if tuple(ckpt.shape(name)) != shape or np.dtype(ckpt.dtype(name)) not in ok:
                 raise ConvertError(f"{ckpt.file_of(name)}: MTP tensor {name!r} has "
                                    f"{np.dtype(ckpt.dtype(name)).name}{list(ckpt.shape(name))}, "
-                                   f"expected {dtype.name}{list(shape)}")
+                                   f"expected {'/'.join(d.name for d in ok)}{list(shape)}")
     return _make_leaves(MTP_DIR, entries, ckpt, weights, target)
 
 
 # ---- reading source bytes -------------------------------------------------------------------
 class SourceReader:
     """Reads byte ranges of tensors with `os.pread` into caller buffers (no mmap kept, so the
-    process's resident memory does not grow with what was read). Thread-safe."""
+    process's resident memory does not grow with what was read). Thread-safe. Each shard's header
+    is parsed and validated by `dsv32_jax.checkpoint.safetensors.read_header` (the project's one
+    header parser), through the same file descriptor the data is then read from."""
 
     def __init__(self, ckpt: ShardedCheckpoint):
         self.ckpt = ckpt
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self._offsets: dict[str, dict[str, tuple[int, int]]] = {}
+        self._headers: dict[str, Header] = {}
 
-    def _file(self, path: str) -> tuple[int, dict[str, tuple[int, int]]]:
+    def _file(self, path: str) -> tuple[int, Header]:
         with self._lock:
             if path not in self._fds:
-                fd = os.open(path, os.O_RDONLY)
                 try:
-                    head = os.pread(fd, 8, 0)
-                    n = int.from_bytes(head, "little")
-                    header = json.loads(os.pread(fd, n, 8))
-                except (OSError, ValueError) as e:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise ConvertError(f"{path}: cannot open the shard: {e}") from None
+                try:
+                    header = read_header(path, fd)
+                except SafetensorsError as e:
                     os.close(fd)
-                    raise ConvertError(f"{path}: cannot read the safetensors header ({e})") from None
-                start = 8 + n
-                self._offsets[path] = {k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
-                                       for k, v in header.items() if k != "__metadata__"}
+                    raise ConvertError(str(e)) from None
+                self._headers[path] = header
                 self._fds[path] = fd
-            return self._fds[path], self._offsets[path]
+            return self._fds[path], self._headers[path]
+
+    def _entry(self, name: str):
+        try:
+            path = self.ckpt.file_of(name)
+        except TensorNotFoundError as e:
+            raise ConvertError(str(e)) from None
+        _, header = self._file(path)
+        if name not in header.entries:
+            raise ConvertError(f"{path}: tensor {name!r} is listed in the index but not in this shard")
+        return path, header, header.entries[name]
 
     def location(self, name: str) -> tuple[str, int, int]:
         """(shard path, absolute byte offset, nbytes) of tensor `name`."""
-        path = self.ckpt.file_of(name)
-        _, offsets = self._file(path)
-        if name not in offsets:
-            raise ConvertError(f"{path}: tensor {name!r} is listed in the index but not in this shard")
-        begin, end = offsets[name]
-        return path, begin, end - begin
+        path, header, e = self._entry(name)
+        return path, header.data_start + e.begin, e.end - e.begin
+
+    def dtype(self, name: str) -> np.dtype:
+        """The stored dtype of tensor `name` (from the shard's own header)."""
+        return self._entry(name)[2].dtype
 
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Fill `out` (C-contiguous) with the bytes of tensor `name` from byte `start` on."""
@@ -292,13 +310,13 @@ class SourceReader:
 
 
 def _dequant_rows(w: np.ndarray, s: np.ndarray, out: np.ndarray, row0: int) -> None:
-    """out = bf16(float32(w) * expand(s)) for weight rows [row0, row0 + len(w)); s holds block rows
-    row0 // 128 on. Same math and rounding as `dsv32_jax.model.quant.dequant`."""
-    cols, end, r = w.shape[1], row0 + w.shape[0], row0
+    """out = bf16 weight rows [row0, row0 + len(w)) dequantized by `quant.dequant` (on the host),
+    one 128-row block at a time; s holds block rows row0 // 128 on."""
+    end, r = row0 + w.shape[0], row0
     while r < end:
         e = min((r // BLOCK + 1) * BLOCK, end)
-        srow = np.repeat(s[r // BLOCK - row0 // BLOCK], BLOCK)[:cols]
-        out[r - row0:e - row0] = (w[r - row0:e - row0].astype(F32) * srow).astype(BF16)
+        srow = s[r // BLOCK - row0 // BLOCK][None]  # (1, in/128): this block row's scales
+        out[r - row0:e - row0] = dequant(w[r - row0:e - row0], srow, BF16, xp=np)
         r = e
 
 
@@ -311,6 +329,27 @@ class Buffers(threading.local):
         if buf is None or buf.size < unit.nbytes:
             buf = self.buf = np.empty(unit.nbytes, np.uint8)
         return buf[:unit.nbytes].view(unit.leaf.dtype).reshape(unit.shape)
+
+
+CAST_BYTES = 4 << 20  # source bytes per step when a tensor is cast to the output dtype
+
+
+def _read_rows(reader: SourceReader, name: str, row0: int, out: np.ndarray) -> None:
+    """Fill `out` (C-contiguous; rows [row0, row0 + len(out)) of tensor `name`, or the whole tensor
+    when it is 0-d) in out's dtype. A tensor stored in another float dtype (an f32/f16 checkpoint of
+    bf16 params) is read and cast in steps of about CAST_BYTES source bytes."""
+    src = reader.dtype(name)
+    flat = out.reshape(out.shape[0] if out.ndim else 1, -1)
+    row_bytes = flat.shape[1] * src.itemsize
+    if src == out.dtype:
+        reader.read_into(name, row0 * row_bytes, out)
+        return
+    step = max(1, CAST_BYTES // max(row_bytes, 1))
+    tmp = np.empty((min(step, flat.shape[0]), flat.shape[1]), src)
+    for r in range(0, flat.shape[0], step):
+        k = min(step, flat.shape[0] - r)
+        reader.read_into(name, (row0 + r) * row_bytes, tmp[:k])
+        flat[r:r + k] = tmp[:k]
 
 
 def read_unit(reader: SourceReader, unit: Unit, out: np.ndarray | None = None) -> np.ndarray:
@@ -333,11 +372,11 @@ def read_unit(reader: SourceReader, unit: Unit, out: np.ndarray | None = None) -
     for pos in np.ndindex(*names.shape):
         name = str(names[pos])
         if scales is None:
-            reader.read_into(name, rows.start * row_bytes, out[pos])
+            _read_rows(reader, name, rows.start, out[pos])
             continue
         w = np.empty(out[pos].shape, leaf.src_dtype)
         reader.read_into(name, rows.start * row_bytes, w)
-        r0, r1 = rows.start // BLOCK, -(-rows.stop // BLOCK)
+        r0, r1 = rows.start // BLOCK, cdiv(rows.stop, BLOCK)
         s = np.empty((r1 - r0, *leaf.scale_shape[1:]), F32)
         reader.read_into(str(scales[pos]), r0 * s[0].nbytes, s)
         _dequant_rows(w, s, out[pos], rows.start)

@@ -16,8 +16,8 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.model.quant import FP8_MAX
+from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.quant import weight_quant
 from dsv32_jax.checkpoint.safetensors import LazyTensor, write_safetensors
 from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names
@@ -45,7 +45,7 @@ def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple
                           p + "embed_tokens.weight": ((cfg.vocab_size, d), bf16)})
             if cfg.quantized:
                 specs[p + "eh_proj.weight"] = ((d, 2 * d), np.dtype(ml_dtypes.float8_e4m3fn))
-                specs[p + "eh_proj.weight_scale_inv"] = ((-(-d // BLOCK), -(-2 * d // BLOCK)),
+                specs[p + "eh_proj.weight_scale_inv"] = ((cdiv(d, BLOCK), cdiv(2 * d, BLOCK)),
                                                          np.dtype(np.float32))
             else:
                 specs[p + "eh_proj.weight"] = ((d, 2 * d), bf16)
@@ -59,19 +59,6 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 def _stddev(name: str, fan_in: int) -> float:
     residual_out = ("o_proj" in name) or ("down_proj" in name)
     return (0.25 if residual_out else 1.0) / np.sqrt(fan_in)
-
-
-def _quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (out, in) -> e4m3 (out, in), fp32 scales (ceil(out/128), ceil(in/128))."""
-    n, k = w.shape
-    nb, kb = -(-n // BLOCK), -(-k // BLOCK)
-    padded = np.zeros((nb * BLOCK, kb * BLOCK), np.float32)
-    padded[:n, :k] = w
-    blocks = padded.reshape(nb, BLOCK, kb, BLOCK)
-    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / FP8_MAX
-    q = np.clip(blocks / scale[:, None, :, None], -FP8_MAX, FP8_MAX)
-    q = q.reshape(nb * BLOCK, kb * BLOCK)[:n, :k].astype(ml_dtypes.float8_e4m3fn)
-    return q, scale.astype(np.float32)
 
 
 def _make(seed: int, name: str, shape, dtype) -> np.ndarray:
@@ -93,7 +80,7 @@ def _fp8_pair(seed: int, base: str, shape) -> tuple[np.ndarray, np.ndarray]:
     """(e4m3 weight, fp32 block scales) of FP8 linear `base`; both come from one generator."""
     rng = _rng(seed, base)
     w = rng.standard_normal(shape, np.float32) * _stddev(base, shape[1])
-    return _quantize_blocks(w)
+    return weight_quant(w)
 
 
 def _producer(seed: int, name: str, shape, dtype, specs):

@@ -21,7 +21,7 @@ import numpy as np
 
 from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
 from dsv32_jax.model.config import Config
-from dsv32_jax.model.layers import cdiv
+from dsv32_jax.model.config import cdiv
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
 
 MAX_STOP_TOKENS = 8

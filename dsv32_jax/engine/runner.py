@@ -14,7 +14,7 @@ from dsv32_jax.checkpoint.weights import abstract_params
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.model.attention import ATTENTION_IMPLS
 from dsv32_jax.model.config import DTYPES, Config
-from dsv32_jax.model.layers import cdiv
+from dsv32_jax.model.config import cdiv
 from dsv32_jax.model.transformer import init_cache
 
 

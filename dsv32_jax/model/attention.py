@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsv32_jax.model.cache import KVCache
-from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, cdiv, einsum
+from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
 from dsv32_jax.model.quant import HIGHEST, act_quant, hadamard
 from dsv32_jax.model.rope import apply_rope
 

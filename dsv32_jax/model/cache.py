@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.model.layers import cdiv
+from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import FP8, act_dequant
 
 

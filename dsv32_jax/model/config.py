@@ -17,6 +17,11 @@ BLOCK = 128  # FP8 block size: 128x128 weight blocks, 128-wide activation blocks
 DTYPES = ("bfloat16", "float32")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (block counts, chunk counts)."""
+    return -(-a // b)
+
+
 class ConfigError(ValueError):
     """An unsupported or inconsistent model config."""
 

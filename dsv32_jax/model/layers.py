@@ -10,15 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dsv32_jax.model.config import BLOCK, Config
+from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import FP8, HIGHEST, act_quant, blockwise_matmul, dequant
 
 Axes = tuple[str, ...]
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for positive ints."""
-    return -(-a // b)
 
 
 def param(module: nn.Module, name: str, shape, dtype, axes: Axes, init):

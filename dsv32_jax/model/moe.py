@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dsv32_jax.model.config import BLOCK, Config
-from dsv32_jax.model.layers import (FP8, Linear, cdiv, const_init, fp8_linear, matmul, normal_init,
+from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.layers import (FP8, Linear, const_init, fp8_linear, matmul, normal_init,
                                     param, precision, fp8_init)
 from dsv32_jax.model.quant import dequant
 

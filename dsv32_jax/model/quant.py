@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.model.config import BLOCK
+from dsv32_jax.model.config import BLOCK, cdiv
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0
@@ -73,6 +73,20 @@ def dequant(weight, scale, dtype, xp=jnp):
     out_f, in_f = weight.shape[-2:]
     w = weight.astype(xp.float32) * expand_scale(scale.astype(xp.float32), out_f, in_f, xp)
     return w.astype(dtype)
+
+
+def weight_quant(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dequant's inverse, on the host: float32 (out, in) -> e4m3 (out, in) and float32 128x128
+    block scales (ceil(out/128), ceil(in/128)) with amax/448 per block (synthetic checkpoints)."""
+    n, k = w.shape
+    nb, kb = cdiv(n, BLOCK), cdiv(k, BLOCK)
+    padded = np.zeros((nb * BLOCK, kb * BLOCK), np.float32)
+    padded[:n, :k] = w
+    blocks = padded.reshape(nb, BLOCK, kb, BLOCK)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / FP8_MAX
+    q = np.clip(blocks / scale[:, None, :, None], -FP8_MAX, FP8_MAX)
+    q = q.reshape(nb * BLOCK, kb * BLOCK)[:n, :k].astype(FP8)
+    return q, scale.astype(np.float32)
 
 
 # Largest f32 partial-product buffer `blockwise_matmul` builds at once.
