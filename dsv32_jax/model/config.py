@@ -125,9 +125,7 @@ class Config:
             if list(q.get("weight_block_size", [BLOCK, BLOCK])) != [BLOCK, BLOCK]:
                 raise ConfigError(f"{where}: weight_block_size {q['weight_block_size']} must be [128, 128]")
             weight_dtype, scale_fmt = "fp8", q.get("scale_fmt")
-        rs = hf.get("rope_scaling") or {}
-        if rs and rs.get("type", rs.get("rope_type", "yarn")) != "yarn":
-            raise ConfigError(f"{where}: rope_scaling type {rs.get('type')!r}: only 'yarn' is supported")
+        rope = _rope_from_hf(hf, where)
         try:
             kw = dict(
                 vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
@@ -140,7 +138,7 @@ class Config:
                 n_expert_groups=hf["n_group"], n_limited_groups=hf["topk_group"],
                 route_scale=float(hf["routed_scaling_factor"]), index_n_heads=hf["index_n_heads"],
                 index_head_dim=hf["index_head_dim"], index_topk=hf["index_topk"],
-                rope_theta=float(hf["rope_theta"]), max_seq_len=hf["max_position_embeddings"],
+                max_seq_len=hf["max_position_embeddings"],
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 n_mtp_layers=hf.get("num_nextn_predict_layers", 0),
                 bos_token_id=hf.get("bos_token_id", 0), eos_token_id=hf.get("eos_token_id", 1),
@@ -148,13 +146,20 @@ class Config:
             )
         except KeyError as e:
             raise ConfigError(f"{where}: missing required field {e.args[0]!r}") from None
-        if rs:
-            kw.update(rope_factor=float(rs["factor"]),
-                      original_seq_len=rs["original_max_position_embeddings"],
-                      beta_fast=rs.get("beta_fast", 32), beta_slow=rs.get("beta_slow", 1),
-                      mscale=float(rs.get("mscale", 1.0)))
-            if rs.get("mscale_all_dim", kw["mscale"]) != kw["mscale"]:
-                raise ConfigError(f"{where}: rope_scaling mscale_all_dim != mscale is not supported")
+        kw["rope_theta"] = rope.pop("rope_theta")
+        if rope["rope_type"] == "yarn":
+            kw.update(rope_factor=rope["factor"], original_seq_len=rope["original_max_position_embeddings"],
+                      beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
+                      mscale=rope.get("mscale", 1.0))
+            if rope.get("mscale_all_dim", kw["mscale"]) != kw["mscale"]:
+                raise ConfigError(f"{where}: {rope['where']} mscale_all_dim={rope['mscale_all_dim']} != "
+                                  f"mscale={kw['mscale']} is not supported")
+            if _is_number(kw["max_seq_len"]) and kw["max_seq_len"] <= kw["original_seq_len"]:
+                raise ConfigError(
+                    f"{where}: {rope['where']} asks for YaRN, but max_position_embeddings="
+                    f"{kw['max_seq_len']} does not exceed original_max_position_embeddings="
+                    f"{kw['original_seq_len']}, so YaRN would be inactive; use rope_type 'default' "
+                    "or fix the lengths")
         else:  # no YaRN: make the condition max_seq_len > original_seq_len false
             kw.update(rope_factor=1.0, original_seq_len=kw["max_seq_len"])
         kw.update(overrides)
@@ -211,6 +216,96 @@ class Config:
         return hf
 
 
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+              "mscale_all_dim")
+_YARN_REQUIRED = ("factor", "original_max_position_embeddings")
+_ROPE_TOP_LEVEL = ("rope_theta", "rope_scaling", "rope_parameters", "rope_interleave")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _rope_block(block, where: str, label: str, theta_allowed: bool) -> dict:
+    """One rotary layout normalized: {"rope_type": "default"|"yarn", "rope_theta"?: float, yarn
+    keys...}. `label` is where it came from ("rope_scaling" or "rope_parameters")."""
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where}: {label} must be an object, got {block!r}")
+    types = {k: block[k] for k in ("rope_type", "type") if k in block}
+    if len(set(types.values())) > 1:
+        raise ConfigError(f"{where}: {label} has contradictory 'type' and 'rope_type': {types}")
+    # the legacy rope_scaling of DeepSeek configs is YaRN when no type is given
+    rtype = next(iter(types.values())) if types else ("yarn" if label == "rope_scaling" else "default")
+    if rtype not in ("default", "yarn"):
+        raise ConfigError(f"{where}: {label} rope type {rtype!r} is not supported (only 'yarn', as "
+                          "released, and 'default': plain rotary)")
+    allowed = {"rope_type", "type"} | ({"rope_theta"} if theta_allowed else set())
+    if rtype == "yarn":
+        allowed |= set(_YARN_KEYS)
+    for k in block:
+        if k not in allowed:
+            why = (f"has no meaning for rope type {rtype!r}" if k in _YARN_KEYS
+                   else "is not a rotary setting this model knows")
+            raise ConfigError(f"{where}: {label} key {k!r} {why} (allowed: {sorted(allowed)})")
+    out = {"rope_type": rtype}
+    for k in allowed - {"rope_type", "type"}:
+        if k in block:
+            v = block[k]
+            if not _is_number(v) or not math.isfinite(v):
+                raise ConfigError(f"{where}: {label}.{k} must be a number, got {v!r}")
+            out[k] = v
+    if rtype == "yarn":
+        for k in _YARN_REQUIRED:
+            if k not in out:
+                raise ConfigError(f"{where}: {label} (YaRN) is missing required key {k!r}")
+    return out
+
+
+def _rope_from_hf(hf: Mapping[str, Any], where: str) -> dict:
+    """The rotary settings of a HF config in either layout: the legacy top-level `rope_theta` plus
+    `rope_scaling` (null: no scaling), or transformers 5's `rope_parameters` (rope_theta, rope_type
+    and the YaRN keys in one object). Both may be present but must agree; unknown rope types and
+    unknown rotary keys are errors, never ignored. Returns the normalized dict (with "where", the
+    layout the values came from, for messages)."""
+    for k in hf:
+        if k.startswith("rope_") and k not in _ROPE_TOP_LEVEL:
+            raise ConfigError(f"{where}: unknown rotary setting {k!r} (known: {list(_ROPE_TOP_LEVEL)})")
+    if "rope_interleave" in hf and hf["rope_interleave"] is not True:
+        raise ConfigError(f"{where}: rope_interleave={hf['rope_interleave']!r}: only the released "
+                          "interleaved rotary layout (true) is supported")
+    layouts = []
+    if hf.get("rope_scaling") is not None:
+        layouts.append(("rope_scaling", _rope_block(hf["rope_scaling"], where, "rope_scaling",
+                                                   theta_allowed=False)))
+    if "rope_theta" in hf:
+        theta = hf["rope_theta"]
+        if not _is_number(theta) or not math.isfinite(theta):
+            raise ConfigError(f"{where}: rope_theta must be a number, got {theta!r}")
+        layouts.append(("rope_theta", {"rope_theta": theta}))
+    if hf.get("rope_parameters") is not None:
+        layouts.append(("rope_parameters", _rope_block(hf["rope_parameters"], where, "rope_parameters",
+                                                      theta_allowed=True)))
+    elif hf.get("rope_scaling") is None:  # the legacy layout without rope_scaling: plain rotary
+        layouts.append(("rope_scaling", {"rope_type": "default"}))
+    merged: dict = {}
+    source: dict = {}
+    for label, block in layouts:
+        for k, v in block.items():
+            if k in merged and merged[k] != v:
+                raise ConfigError(f"{where}: contradictory rotary settings: {k}={merged[k]!r} from "
+                                  f"{source[k]} but {v!r} from {label}")
+            merged.setdefault(k, v)
+            source.setdefault(k, label)
+    if "rope_theta" not in merged:
+        raise ConfigError(f"{where}: missing required field 'rope_theta' (top-level, or inside "
+                          "rope_parameters)")
+    merged.setdefault("rope_type", "default")
+    if merged["rope_type"] == "yarn":
+        merged["where"] = source.get("factor", "rope_scaling")
+    merged["rope_theta"] = float(merged["rope_theta"])
+    return merged
+
+
 def _read_json(source, filename: str) -> dict:
     if isinstance(source, Mapping):
         return dict(source)
@@ -218,12 +313,15 @@ def _read_json(source, filename: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, filename)
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(obj).__name__}, expected an object")
+    return obj
 
 
 def _where(source, filename: str) -> str:
