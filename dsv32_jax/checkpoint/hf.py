@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -22,6 +23,28 @@ from dsv32_jax.checkpoint.weights import (ParamSpec, abstract_params, flatten, h
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the config/model: names the tensor and what was expected."""
+
+
+_BF16, _F16, _F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)
+SCALE_SUFFIX = ".weight_scale_inv"
+
+
+def accepted_dtypes(spec_dtype, name: str) -> tuple[np.dtype, ...]:
+    """Stored dtypes accepted for a tensor whose param has dtype `spec_dtype` (the first is the
+    param's own). Non-FP8 float params (norms, embeddings, bf16 weights, the router bias) are also
+    accepted in float32/float16/bfloat16 and cast to the param dtype on load; FP8 weights and their
+    float32 `weight_scale_inv` scales must be stored exactly as the model expects."""
+    spec = np.dtype(spec_dtype)
+    if name.endswith(SCALE_SUFFIX) or spec not in (_BF16, _F32):
+        return (spec,)
+    return (spec,) + tuple(d for d in (_BF16, _F32, _F16) if d != spec)
+
+
+def _dtype_error(file: str, name: str, stored, spec_dtype) -> str:
+    ok = accepted_dtypes(spec_dtype, name)
+    alts = f" (or {'/'.join(d.name for d in ok[1:])}, cast on load)" if len(ok) > 1 else ""
+    return (f"{file}: tensor {name!r} has dtype {np.dtype(stored).name}, expected "
+            f"{np.dtype(spec_dtype).name}{alts}")
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -52,9 +75,8 @@ def check(ckpt: ShardedCheckpoint, cfg: Config, specs: dict | None = None) -> di
             if tuple(shape) != tuple(per_tensor):
                 raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {tuple(shape)},"
                                       f" expected {tuple(per_tensor)} from config")
-            if np.dtype(dtype) != np.dtype(spec.dtype):
-                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype "
-                                      f"{np.dtype(dtype).name}, expected {np.dtype(spec.dtype).name}")
+            if np.dtype(dtype) not in accepted_dtypes(spec.dtype, name):
+                raise CheckpointError(_dtype_error(ckpt.file_of(name), name, dtype, spec.dtype))
     extra = sorted(n for n in ckpt.keys() if n not in expected and not is_mtp_tensor(cfg, n))
     mtp_layers = {layer_index(n) for n in ckpt.keys() if is_mtp_tensor(cfg, n)}
     for i in sorted(mtp_layers):  # an MTP layer has eh_proj; a decoder layer does not
@@ -68,14 +90,19 @@ def check(ckpt: ShardedCheckpoint, cfg: Config, specs: dict | None = None) -> di
 
 
 def _reader(ckpt: ShardedCheckpoint, names: np.ndarray, spec: ParamSpec):
-    """Callback for make_array_from_callback: reads just the requested slice."""
+    """Callback for make_array_from_callback: reads just the requested slice, in the param's dtype
+    (a tensor stored in another accepted float dtype is cast as it is copied out of the memory map,
+    so no widened copy of it is made)."""
     lead = names.ndim
 
     def read(index):
         index = tuple(index) + (slice(None),) * (len(spec.shape) - len(index))
         sub, tail = names[index[:lead]], index[lead:]
         if lead == 0:
-            return np.array(ckpt.get(str(sub))[tail])
+            src = ckpt.get(str(sub))[tail]
+            out = np.empty(src.shape, spec.dtype)
+            out[...] = src
+            return out
         first = ckpt.get(sub.reshape(-1)[0])[tail]
         out = np.empty(sub.shape + first.shape, spec.dtype)
         for pos in np.ndindex(sub.shape):
