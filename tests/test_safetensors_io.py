@@ -304,3 +304,173 @@ def test_cross_check_with_safetensors_package(tmp_path):
     assert f.metadata == {"k": "v"}
     for k, v in tensors.items():
         assert f.dtype(k) == v.dtype and _bits(f.get(k)) == _bits(v)
+
+
+# ---- the one header parser: cap, tiling, strict entries ------------------------------------------
+def test_header_length_over_the_cap_is_refused_before_reading(tmp_path, monkeypatch):
+    import dsv32_jax.checkpoint.safetensors as st
+
+    path = _raw_file(tmp_path / "big.safetensors", {}, n=st.MAX_HEADER_BYTES + 1)
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real(fd, n, off))
+    with pytest.raises(SafetensorsError, match=rf"big\.safetensors: header length {st.MAX_HEADER_BYTES + 1} "
+                                               "exceeds the limit"):
+        SafetensorsFile(path)
+    assert reads == [8]  # only the length field was read
+    # the cap holds even where the file is big enough to hold such a header (sparse file)
+    with open(path, "r+b") as f:
+        f.truncate(st.MAX_HEADER_BYTES + 100)
+    reads.clear()
+    with pytest.raises(SafetensorsError, match="exceeds the limit"):
+        st.read_header(path)
+    assert reads == [8]
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"\0" * 12, r"12 bytes but its tensors end at byte 8 \(4 trailing bytes"),
+    ],
+)
+def test_trailing_bytes_refused(tmp_path, data, match):
+    e = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    path = _raw_file(tmp_path / "t.safetensors", {"a": e}, data)
+    with pytest.raises(SafetensorsError, match=match):
+        SafetensorsFile(path)
+
+
+def test_gap_between_tensors_refused(tmp_path):
+    e = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    path = _raw_file(tmp_path / "g.safetensors", {"a": e, "b": {**e, "data_offsets": [8, 12]}}, b"\0" * 12)
+    with pytest.raises(SafetensorsError, match=r"g\.safetensors: bytes \[4, 8\) .*before tensor 'b'.*gap"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}},
+         r"'w': unknown header entry keys \['extra'\]"),
+        ({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, "'w': unknown dtype"),
+        ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, "'w': shape"),
+        ({"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, "'w': shape"),
+    ],
+)
+def test_strict_entries(tmp_path, header, match):
+    path = _raw_file(tmp_path / "s.safetensors", header, b"\0" * 4)
+    with pytest.raises(SafetensorsError, match=match):
+        SafetensorsFile(path)
+
+
+def test_nan_and_deep_nesting_in_header(tmp_path):
+    raw = b'{"__metadata__": {"k": "v"}, "w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}'
+    path = tmp_path / "n.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    with pytest.raises(SafetensorsError, match="NaN is not a JSON number"):
+        SafetensorsFile(path)
+    raw = b"[" * 100_000 + b"]" * 100_000  # RecursionError inside json, not a crash
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with pytest.raises(SafetensorsError, match=r"n\.safetensors: header is not valid UTF-8 JSON"):
+        SafetensorsFile(path)
+
+
+def test_read_header_through_a_descriptor(tmp_path):
+    from dsv32_jax.checkpoint.safetensors import read_header
+
+    path = tmp_path / "h.safetensors"
+    write_safetensors(path, {"a": np.ones(3, np.float32), "b": np.zeros((2, 2), np.int8)}, {"k": "v"})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        h = read_header(path, fd)
+        os.fstat(fd)  # still open: the caller's descriptor is not closed
+    finally:
+        os.close(fd)
+    assert h.metadata == {"k": "v"} and sorted(h.entries) == ["a", "b"]
+    raw = path.read_bytes()
+    a = h.entries["a"]
+    assert raw[h.data_start + a.begin:h.data_start + a.end] == np.ones(3, np.float32).tobytes()
+    assert h.file_size == len(raw)
+
+
+def test_file_changed_after_header_was_read(tmp_path):
+    path = tmp_path / "c.safetensors"
+    write_safetensors(path, {"a": np.ones(4, np.float32)})
+    f = SafetensorsFile(path)
+    with open(path, "ab") as g:
+        g.write(b"\0" * 8)
+    with pytest.raises(SafetensorsError, match=r"c\.safetensors: the file is now .*reading tensor 'a'"):
+        f.get("a")
+
+
+# ---- the index may not point outside the checkpoint directory ------------------------------------
+@pytest.mark.parametrize("fname", ["../model-00001-of-00002.safetensors", "/tmp/x.safetensors",
+                                   "sub/model-00001-of-00002.safetensors", "..", ".", "",
+                                   "a\\b.safetensors", "x\0.safetensors"])
+def test_index_paths_may_not_escape(tmp_path, fname):
+    d = tmp_path / "ck"
+    d.mkdir()
+    _two_shards(d, with_index=True)
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(
+        (d / "model-00001-of-00002.safetensors").read_bytes())  # an escape target that exists
+    index = d / "model.safetensors.index.json"
+    idx = json.loads(index.read_text())
+    idx["weight_map"]["model.embed"] = fname
+    index.write_text(json.dumps(idx))
+    with pytest.raises(SafetensorsError) as e:
+        ShardedCheckpoint(d)
+    msg = str(e.value)
+    assert str(index) in msg and "'model.embed'" in msg and repr(fname) in msg and "plain file name" in msg
+
+
+@pytest.mark.parametrize("weight_map, match", [
+    ([1, 2], "must map tensor names to file names, found a JSON list"),
+    ({"model.embed": 3}, "entry 'model.embed': 3 is not a file name"),
+])
+def test_index_bad_weight_map(tmp_path, weight_map, match):
+    _two_shards(tmp_path, with_index=True)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(SafetensorsError, match=match):
+        ShardedCheckpoint(tmp_path)
+
+
+def test_shard_tensor_missing_from_index(tmp_path):
+    _two_shards(tmp_path, with_index=True)
+    index = tmp_path / "model.safetensors.index.json"
+    idx = json.loads(index.read_text())
+    del idx["weight_map"]["model.l0.w"]
+    index.write_text(json.dumps(idx))
+    ck = ShardedCheckpoint(tmp_path)
+    with pytest.raises(SafetensorsError, match=r"00001-of-00002\.safetensors: holds tensor 'model\.l0\.w' but "
+                                               r".*index\.json does not list it"):
+        ck.shape("model.embed")
+    idx["weight_map"]["model.l0.w"] = "model-00002-of-00002.safetensors"  # listed under the wrong shard
+    index.write_text(json.dumps(idx))
+    with pytest.raises(SafetensorsError, match=r"holds tensor 'model\.l0\.w' but .* maps it to .*00002"):
+        ShardedCheckpoint(tmp_path).shape("model.embed")
+
+
+# ---- writer durability -----------------------------------------------------------------------------
+def test_writer_fsyncs_file_and_directory_and_never_touches_other_files(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = tmp_path / "w.safetensors"
+    (tmp_path / "w.safetensors.tmp").write_text("a user's file")  # the old fixed temp name
+    write_safetensors(path, {"a": np.ones(2, np.float32)})
+    assert len(synced) == 2
+    assert os.path.basename(synced[0]).startswith(".w.safetensors.") and synced[0].endswith(".tmp")
+    assert synced[1] == str(tmp_path)  # the directory, after the rename
+    assert (tmp_path / "w.safetensors.tmp").read_text() == "a user's file"
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors", "w.safetensors.tmp"]
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(ln.split()[1] for ln in f if ln.startswith("Umask:")), 8)
