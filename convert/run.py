@@ -4,11 +4,18 @@ Steps: validate config.json and every tensor (names, shapes, dtypes, shard integ
 writing anything; create every output array in `OUT_DIR.partial`; write chunk by chunk (a pool of
 `workers` threads, each reading one chunk's source bytes with pread and writing that chunk);
 log each finished chunk with its CRC32 in `OUT_DIR.partial/.convert_progress`; write the Orbax
-metadata, config.json, tokenizer files and manifest.json; rename `OUT_DIR.partial` to `OUT_DIR`.
+metadata, config.json, tokenizer files and manifest.json; fsync them; rename `OUT_DIR.partial` to
+`OUT_DIR` (if that rename fails, ConvertError says where the complete result is kept and how to
+finish by hand).
 
 An interrupted run leaves `OUT_DIR.partial`; rerunning the same command resumes it: chunks in the
 progress log are re-read and their CRC checked, the rest is written. A `.partial` from different
 options or different source files is discarded and the conversion starts over.
+
+Nothing the run did not create is deleted: OUT_DIR may not overlap the source in either direction
+(resolved paths and inodes are compared); a non-empty OUT_DIR is replaced only with `force` and
+only if it is a previous conversion holding nothing else; a stale `.partial` is deleted only if it
+carries our state file or manifest.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import datetime
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -29,9 +37,11 @@ import numpy as np
 
 from dsv32_jax.model.config import Config, ConfigError
 from dsv32_jax.checkpoint.hf import CheckpointError
-from dsv32_jax.checkpoint.orbax_layout import (FORMAT, FORMAT_VERSION, MANIFEST, MTP_DIR, PARAMS_DIR, create_array,
-                                  write_context, write_tree_metadata)
-from dsv32_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsError, ShardedCheckpoint, TensorNotFoundError
+from dsv32_jax.checkpoint.orbax_layout import (FORMAT, FORMAT_VERSION, MANIFEST, MTP_DIR, PARAMS_DIR,
+                                              array_name, create_array, write_context,
+                                              write_tree_metadata)
+from dsv32_jax.checkpoint.safetensors import (INDEX_NAME, SafetensorsError, ShardedCheckpoint,
+                                              TensorNotFoundError, fsync_dir, fsync_file)
 from dsv32_jax.checkpoint.weights import abstract_params, flatten
 
 from convert.plan import (DEFAULT_CHUNK_BYTES, Buffers, ConvertError, Leaf, SourceReader, Unit,
@@ -105,18 +115,107 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """`inner` is `outer` or lies below it: compared on resolved paths (symlinks), and by inode
+    against every existing ancestor of `inner` (bind mounts, other spellings of one directory)."""
+    ri, ro = os.path.realpath(inner), os.path.realpath(outer)
+    if ri == ro or ri.startswith(ro.rstrip(os.sep) + os.sep):
+        return True
+    if not os.path.exists(ro):
+        return False
+    p = ri
+    while True:
+        if _same_dir(p, ro):
+            return True
+        parent = os.path.dirname(p)
+        if parent == p:
+            return False
+        p = parent
+
+
+def _overlap(a: str, b: str) -> bool:
+    return _inside(a, b) or _inside(b, a)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _previous_output(out_dir: str) -> None:
+    """Raise ConvertError unless the non-empty `out_dir` is a previous conversion (a manifest.json
+    with our format marker) holding nothing but what a conversion writes, so that replacing it
+    (--force) deletes no user data."""
+    m = _read_json(os.path.join(out_dir, MANIFEST))
+    if not (isinstance(m, dict) and m.get("format") == FORMAT):
+        raise ConvertError(f"{out_dir}: exists, is not empty and is not a checkpoint written by dsv32 "
+                           f"convert (no {MANIFEST} with format {FORMAT!r}); --force only replaces a "
+                           "previous conversion, so nothing was deleted. Remove it yourself or choose "
+                           "another OUT_DIR")
+    copied = m.get("copied_files") if isinstance(m.get("copied_files"), list) else []
+    expected = {MANIFEST, "config.json", PARAMS_DIR, MTP_DIR, *map(str, copied)}
+    extra = sorted(set(os.listdir(out_dir)) - expected)
+    for group, key in ((PARAMS_DIR, "params"), (MTP_DIR, "mtp")):
+        d = os.path.join(out_dir, group)
+        if not os.path.lexists(d):
+            continue
+        leaves = m.get(key) or []
+        if isinstance(leaves, dict):
+            leaves = leaves.get("leaves") or []
+        try:
+            names = {array_name(tuple(lf["path"])) for lf in leaves}
+        except (TypeError, KeyError, ValueError):
+            names = set()
+        if os.path.islink(d) or not os.path.isdir(d):
+            extra.append(group)
+            continue
+        names |= {"_METADATA", "_CHECKPOINT_METADATA"}
+        extra += [f"{group}/{n}" for n in sorted(set(os.listdir(d)) - names)]
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ConvertError(f"{out_dir}: holds files a conversion does not write: {extra[:5]}{more}; "
+                           "--force only replaces a previous conversion as it was written, so nothing "
+                           "was deleted. Move them away or choose another OUT_DIR")
+
+
 def _check_out(out_dir: str, hf_dir: str, force: bool) -> None:
-    if os.path.exists(out_dir):
+    """Refuse an output that overlaps the source (either inside the other, after resolving
+    symlinks), a non-empty output without `force`, and with `force` one that is not a previous
+    conversion (see `_previous_output`)."""
+    partial = out_dir + ".partial"
+    for path, what in ((out_dir, "output directory"), (partial, "work directory")):
+        if _overlap(path, hf_dir):
+            raise ConvertError(f"{path}: the {what} and the source {hf_dir} overlap (one is, or lies "
+                               "inside, the other); choose an OUT_DIR outside the source that does not "
+                               "contain it")
+    if os.path.islink(out_dir):
+        raise ConvertError(f"{out_dir}: is a symbolic link; pass the directory it points to "
+                           f"({os.path.realpath(out_dir)}) or another path")
+    if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir):
             raise ConvertError(f"{out_dir}: exists and is not a directory")
-        if os.path.samefile(out_dir, hf_dir):
-            raise ConvertError(f"{out_dir}: the output directory is the source directory")
-        if os.listdir(out_dir) and not force:
-            raise ConvertError(f"{out_dir}: exists and is not empty; pass --force (force=True) to "
-                               "replace it")
-    real_out, real_hf = os.path.realpath(out_dir), os.path.realpath(hf_dir)
-    if real_out.startswith(real_hf + os.sep):
-        raise ConvertError(f"{out_dir}: the output directory is inside the source directory")
+        if os.path.ismount(out_dir):
+            raise ConvertError(f"{out_dir}: is a mount point; the converter writes {partial} next to "
+                               "it (on another filesystem) and renames it into place at the end. Convert "
+                               f"into a directory inside it instead, e.g. {os.path.join(out_dir, 'dsv32')}")
+        if os.listdir(out_dir):
+            if not force:
+                raise ConvertError(f"{out_dir}: exists and is not empty; pass --force (force=True) to "
+                                   "replace a previous conversion")
+            _previous_output(out_dir)
+    if os.path.islink(partial) or (os.path.lexists(partial) and not os.path.isdir(partial)):
+        raise ConvertError(f"{partial}: exists and is not a directory made by dsv32 convert; remove it "
+                           "or choose another OUT_DIR")
 
 
 def _unit_order(reader: SourceReader, units: list[Unit]) -> list[Unit]:
@@ -262,7 +361,7 @@ def convert_checkpoint(hf_dir, out_dir, *, weights: str = "fp8", include_mtp: bo
                              {"seconds": round(time.time() - t_start, 3),
                               "write_seconds": round(write_s, 3), "written_bytes": written,
                               "write_mb_per_s": round(written / 1e6 / max(write_s, 1e-9), 1),
-                              "resumed_chunks": len(done), "chunks": len(units)})
+                              "resumed_chunks": len(done), "chunks": len(units)}, progress)
         _say(progress, f"converted {hf_dir} -> {out_dir}: {manifest['total_bytes'] / 1e9:.2f} GB "
                        f"in {manifest['stats']['seconds']:.1f}s "
                        f"({manifest['stats']['write_mb_per_s']:.0f} MB/s writing)")
@@ -277,18 +376,27 @@ def _describe(u: Unit) -> str:
     return str(names[0]) + (f" .. {names[-1]} ({names.size} tensors)" if names.size > 1 else "")
 
 
+def _own_partial(partial: str, state) -> bool:
+    """`partial` was made by a conversion: our state file, or (a finished run whose final rename
+    failed) our manifest."""
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return True
+    m = _read_json(os.path.join(partial, MANIFEST))
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
 def _prepare_partial(partial: str, state: dict, resume: bool, progress: bool) -> dict[str, int]:
-    """Create or reuse `partial`; returns the progress log of a resumable previous run ({} if none)."""
+    """Create or reuse `partial`; returns the progress log of a resumable previous run ({} if none).
+    A stale `partial` is deleted only if a conversion made it (else ConvertError)."""
     state_path = os.path.join(partial, STATE_FILE)
-    if os.path.exists(partial):
-        old = None
-        try:
-            with open(state_path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            pass
+    if os.path.lexists(partial):
+        old = _read_json(state_path)
         if resume and old == state:
             return _Progress.read(os.path.join(partial, PROGRESS_FILE))
+        if not _own_partial(partial, old):
+            raise ConvertError(f"{partial}: exists but was not made by dsv32 convert (no {STATE_FILE} or "
+                               f"{MANIFEST} with format {FORMAT!r}), so it was not deleted; remove it "
+                               "yourself or choose another OUT_DIR")
         why = "--restart" if not resume else "it was made with other options or other source files"
         _say(progress, f"removing the stale {partial} ({why})")
         shutil.rmtree(partial)
@@ -296,9 +404,21 @@ def _prepare_partial(partial: str, state: dict, resume: bool, progress: bool) ->
     for group in (PARAMS_DIR, MTP_DIR):
         if group == PARAMS_DIR or state["include_mtp"]:
             os.makedirs(os.path.join(partial, group))
-    with open(state_path, "w") as f:
-        json.dump(state, f)
+    _write_json(state_path, state)
     return {}
+
+
+def _write_json(path: str, obj, indent: int | None = None) -> None:
+    """Write a JSON file and fsync it."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_file(src: str, dst: str) -> None:
+    shutil.copyfile(src, dst)
+    fsync_file(dst)
 
 
 def _verify_logged(arrays: dict, units: list[Unit], logged: dict[str, int], workers: int) -> set[str]:
@@ -317,7 +437,7 @@ def _verify_logged(arrays: dict, units: list[Unit], logged: dict[str, int], work
 
 
 def _finalize(partial, out_dir, hf_dir, cfg, leaves, stats, files, weights, include_mtp, workers,
-              chunk_bytes, hash_files, force, run_stats) -> dict:
+              chunk_bytes, hash_files, force, run_stats, progress=False) -> dict:
     import dsv32_jax
 
     try:
@@ -334,13 +454,12 @@ def _finalize(partial, out_dir, hf_dir, cfg, leaves, stats, files, weights, incl
         hf_cfg = json.load(f)
     if weights == "bf16":
         hf_cfg.pop("quantization_config", None)
-        with open(os.path.join(partial, "config.json"), "w") as f:
-            json.dump(hf_cfg, f, indent=2)
+        _write_json(os.path.join(partial, "config.json"), hf_cfg, indent=2)
     else:
-        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(partial, "config.json"))
+        _copy_file(os.path.join(hf_dir, "config.json"), os.path.join(partial, "config.json"))
     copied = _copied_files(hf_dir)
     for name in copied:
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, name))
+        _copy_file(os.path.join(hf_dir, name), os.path.join(partial, name))
     src = {}
     for f in files:
         src[f] = {"size": stats[f].st_size}
@@ -364,23 +483,58 @@ def _finalize(partial, out_dir, hf_dir, cfg, leaves, stats, files, weights, incl
         "copied_files": copied,
         "stats": run_stats,
     }
-    with open(os.path.join(partial, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
+    _write_json(os.path.join(partial, MANIFEST), manifest, indent=1)
     for name in (STATE_FILE, PROGRESS_FILE):
-        os.remove(os.path.join(partial, name))
-    old = None
-    if os.path.exists(out_dir):
-        if os.listdir(out_dir):
-            if not force:  # appeared while we were converting
-                raise ConvertError(f"{out_dir}: exists and is not empty; the result is in {partial}")
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        else:
-            os.rmdir(out_dir)
-    os.replace(partial, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.remove(os.path.join(partial, name))  # ours: written by this run (or the one it resumed)
+    for d in [os.path.join(partial, g) for g in groups] + [partial]:
+        fsync_dir(d)
+    _swap_into_place(partial, out_dir, force, progress)
     return manifest
+
+
+def _kept(partial: str, out_dir: str) -> str:
+    return (f"the complete converted checkpoint is kept at {partial}. To finish by hand, make "
+            f"{out_dir} replaceable (an empty directory or no entry) and run `mv {partial} {out_dir}`; "
+            f"if {out_dir} is a mount point or cannot be replaced, move the contents instead: "
+            f"`mv {partial}/* {out_dir}/`")
+
+
+def _swap_into_place(partial: str, out_dir: str, force: bool, progress: bool) -> None:
+    """Rename the finished `partial` to `out_dir`. A non-empty `out_dir` is replaced only with
+    `force` and only if it is a previous conversion (checked again now); it is moved aside first
+    and deleted after the rename, or moved back if the rename fails. Any failure raises
+    ConvertError saying where the complete result is kept."""
+    old = None
+    try:
+        if os.path.lexists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+            if not force:  # appeared while we were converting
+                raise ConvertError(f"{out_dir}: exists and is not empty (it appeared during the "
+                                   f"conversion); {_kept(partial, out_dir)}")
+            try:
+                _previous_output(out_dir)
+            except ConvertError as e:
+                raise ConvertError(f"{e}; {_kept(partial, out_dir)}") from None
+            for _ in range(100):
+                old = f"{out_dir}.old-{os.getpid()}-{secrets.token_hex(4)}"
+                if not os.path.lexists(old):
+                    break
+            os.replace(out_dir, old)
+        os.replace(partial, out_dir)  # onto nothing or an empty directory
+    except OSError as e:
+        if old is not None and not os.path.lexists(out_dir):
+            try:
+                os.replace(old, out_dir)
+                old = None
+            except OSError:
+                pass
+        where = f" (the previous output was moved to {old})" if old is not None else ""
+        raise ConvertError(f"{out_dir}: cannot move the finished conversion into place ({e}){where}; "
+                           f"{_kept(partial, out_dir)}") from e
+    fsync_dir(os.path.dirname(out_dir) or ".")
+    if old is not None:  # the previous conversion, checked by _previous_output
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            _say(progress, f"warning: could not fully remove the previous output, moved to {old}")
 
 
 def leaves_for(out_manifest: dict, hf_dir: str) -> tuple[Config, ShardedCheckpoint, list[Leaf]]:

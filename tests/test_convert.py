@@ -42,6 +42,7 @@ from dsv32_jax.checkpoint.weights import flatten
 from conftest import REPO, fixture_dir, fixture_model, golden, row_cosine, row_error
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+BF16 = np.dtype(ml_dtypes.bfloat16)
 QUIET = dict(progress=False)
 
 
@@ -327,19 +328,163 @@ def test_python_m_convert_help():
     assert r.returncode == 0 and "--weights" in r.stdout and "--verify" in r.stdout
 
 
+def _tree(path) -> dict[str, bytes]:
+    """{relative path: content} of every file below `path` (to prove nothing was touched)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out
+
+
 def test_refuses_nonempty_output(synth, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(ConvertError, match="--force"):
         convert_checkpoint(synth, out, **QUIET)
-    assert (out / "keep.txt").exists() and not os.path.exists(str(out) + ".partial")
-    convert_checkpoint(synth, out, force=True, **QUIET)
-    assert not (out / "keep.txt").exists() and is_orbax_dir(out)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    convert_checkpoint(synth, empty, **QUIET)  # an empty dir is fine
-    assert is_orbax_dir(empty)
+    # --force replaces only a previous conversion: a directory of user files is never deleted
+    with pytest.raises(ConvertError, match="not a checkpoint written by dsv32 convert.*nothing was deleted"):
+        convert_checkpoint(synth, out, force=True, **QUIET)
+    assert (out / "keep.txt").read_text() == "x" and not os.path.exists(str(out) + ".partial")
+    os.remove(out / "keep.txt")
+    convert_checkpoint(synth, out, **QUIET)  # an empty dir is fine
+    assert is_orbax_dir(out)
+    before = read_manifest(out)["created"], sorted(os.listdir(out))
+    m = convert_checkpoint(synth, out, force=True, weights="bf16", **QUIET)  # a previous conversion
+    assert is_orbax_dir(out) and read_manifest(out)["options"]["weights"] == "bf16" == m["options"]["weights"]
+    assert sorted(os.listdir(out)) == before[1]
+    assert [p for p in os.listdir(tmp_path) if p != "out"] == []  # no .partial, no .old-* left
+    # a previous conversion with a user's file added: refused, and the file survives
+    (out / "notes.txt").write_text("mine")
+    (out / PARAMS_DIR / "mine.npy").write_text("mine too")
+    with pytest.raises(ConvertError, match=r"files a conversion does not write: \['notes.txt', "
+                                           r"'params/mine.npy'\].*nothing was deleted"):
+        convert_checkpoint(synth, out, force=True, **QUIET)
+    assert (out / "notes.txt").read_text() == "mine" and is_orbax_dir(out)
+
+
+@pytest.mark.parametrize("layout", ["src_inside_out", "out_inside_src", "same", "symlink_to_src",
+                                    "symlink_to_parent", "partial_holds_src"])
+def test_output_may_not_overlap_source(synth, tmp_path, layout):
+    """`dsv32 convert data/DeepSeek-V3.2 data --force` used to rename `data` aside and delete it."""
+    data = tmp_path / "data"
+    src = data / "hf"
+    if layout == "partial_holds_src":
+        src = tmp_path / "out.partial" / "hf"
+    shutil.copytree(synth, src)
+    (data if data.exists() else tmp_path).joinpath("other.txt").write_text("user data")
+    out = {"src_inside_out": data, "out_inside_src": src / "converted", "same": src,
+           "partial_holds_src": tmp_path / "out"}.get(layout)
+    if layout.startswith("symlink"):
+        out = tmp_path / "link"
+        os.symlink(src if layout == "symlink_to_src" else data, out)
+    before = _tree(tmp_path)
+    for force in (False, True):
+        with pytest.raises(ConvertError, match=r"overlap|symbolic link") as e:
+            convert_checkpoint(src, out, force=force, **QUIET)
+        assert str(out) in str(e.value) or str(out) + ".partial" in str(e.value)
+    assert _tree(tmp_path) == before  # nothing deleted, nothing written
+    # the CLI says the same and exits 1
+    from convert.cli import main
+
+    assert main([str(src), str(out), "--force", "--no-progress"]) == 1
+    assert _tree(tmp_path) == before
+
+
+def test_overlap_through_another_spelling(synth, tmp_path):
+    """OUT given through a symlinked parent still resolves into the source."""
+    src = shutil.copytree(synth, tmp_path / "data" / "hf")
+    os.symlink(tmp_path / "data", tmp_path / "alias")
+    (tmp_path / "data" / "x.txt").write_text("keep")
+    before = _tree(tmp_path / "data")
+    with pytest.raises(ConvertError, match="overlap"):
+        convert_checkpoint(src, tmp_path / "alias" / "hf" / "out", force=True, **QUIET)
+    with pytest.raises(ConvertError, match="overlap"):
+        convert_checkpoint(tmp_path / "alias" / "hf", tmp_path / "data", force=True, **QUIET)
+    assert _tree(tmp_path / "data") == before
+
+
+def test_stale_partial_is_deleted_only_if_ours(synth, tmp_path):
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "precious.txt").write_text("not ours")
+    with pytest.raises(ConvertError, match=r"out\.partial: exists but was not made by dsv32 convert"):
+        convert_checkpoint(synth, out, **QUIET)
+    assert (partial / "precious.txt").read_text() == "not ours" and not out.exists()
+    shutil.rmtree(partial)
+    partial.write_text("a file")
+    with pytest.raises(ConvertError, match="not a directory made by dsv32 convert"):
+        convert_checkpoint(synth, out, **QUIET)
+    os.remove(partial)
+    # our own stale .partial (other options) is replaced
+    partial.mkdir()
+    with open(partial / ".convert_state.json", "w") as f:
+        json.dump({"format": "dsv32-jax-orbax", "weights": "other"}, f)
+    convert_checkpoint(synth, out, **QUIET)
+    assert is_orbax_dir(out) and not partial.exists()
+
+
+def test_failed_final_rename_keeps_the_complete_partial(synth, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    partial = str(out) + ".partial"
+    real = os.replace
+
+    def busy(a, b, *args, **kw):
+        if os.fspath(a) == partial:
+            raise OSError(16, "Device or resource busy", os.fspath(b))
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(ConvertError) as e:
+        convert_checkpoint(synth, out, **QUIET)
+    msg = str(e.value)
+    assert "cannot move the finished conversion into place" in msg and "busy" in msg
+    assert f"kept at {partial}" in msg and f"mv {partial} {out}" in msg
+    assert is_orbax_dir(partial) and not out.exists()
+    assert not os.path.exists(os.path.join(partial, ".convert_state.json"))
+    monkeypatch.setattr(os, "replace", real)
+    os.rename(partial, out)  # the advice works: the result is complete
+    verify_checkpoint(out, synth, sample=0.2, **QUIET)
+    # replacing a previous conversion: when the rename fails the previous output is put back
+    created = read_manifest(out)["created"]
+    (tmp_path / "marker").write_text("")
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(ConvertError, match="kept at"):
+        convert_checkpoint(synth, out, force=True, weights="bf16", **QUIET)
+    monkeypatch.setattr(os, "replace", real)
+    assert read_manifest(out)["created"] == created and read_manifest(out)["options"]["weights"] == "fp8"
+    assert read_manifest(partial)["options"]["weights"] == "bf16"
+    assert sorted(os.listdir(tmp_path)) == ["marker", "out", "out.partial"]  # no .old-* left behind
+    # rerunning with the finished .partial in the way: it is ours, so it is redone and moved in
+    convert_checkpoint(synth, out, force=True, weights="bf16", **QUIET)
+    assert read_manifest(out)["options"]["weights"] == "bf16" and not os.path.exists(partial)
+
+
+def test_output_written_durably(synth, tmp_path, monkeypatch):
+    """Every file the finalization writes is fsynced before the rename, and the parent after it."""
+    import convert.run as run
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.fspath(a)))
+                        or real_replace(a, b))
+    monkeypatch.setattr(run.os, "sync", lambda: events.append(("sync", "")))
+    out = tmp_path / "out"
+    convert_checkpoint(synth, out, **QUIET)
+    partial = str(out) + ".partial"
+    i = events.index(("replace", partial))
+    synced_before = {p for kind, p in events[:i] if kind == "fsync"}
+    assert ("sync", "") in events[:i]  # the chunks (written without per-chunk fsync)
+    for name in ["manifest.json", "config.json", "tokenizer.json", "generation_config.json",
+                 "params/_METADATA", "params/_CHECKPOINT_METADATA", "", "params"]:
+        assert os.path.join(partial, name).rstrip("/") in synced_before, name
+    assert ("fsync", str(tmp_path)) in events[i + 1:]
 
 
 def test_resume_after_interruption(synth, tmp_path, monkeypatch):
@@ -399,6 +544,65 @@ def test_load_model_checks_converted_tree(synth, tmp_path):
     cfg2 = Config.from_hf(synth, fp8_activations=False)
     with pytest.raises(OrbaxCheckpointError, match=r"moe_layers/ffn/\S+ is stored as .*the config expects"):
         restore_params(out, dataclasses.replace(cfg2, moe_inter_dim=256))
+
+
+def test_float32_and_float16_sources_convert_to_bf16(tmp_path, monkeypatch):
+    """A non-FP8 checkpoint stored in float32/float16 converts; each tensor is cast to the param
+    dtype chunk by chunk (CAST_BYTES made tiny so every tensor takes several steps)."""
+    import convert.plan as plan
+
+    monkeypatch.setattr(plan, "CAST_BYTES", 1000)
+    cfg = preset("tiny", weight_dtype="bf16", scale_fmt=None)
+    src = write_checkpoint(cfg, tmp_path / "bf16", seed=5, n_shards=2, include_tokenizer=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(src, mixed)
+    with open(os.path.join(src, INDEX_NAME)) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    kinds = set()
+    for fname in shards:
+        with SafetensorsFile(os.path.join(src, fname)) as f:
+            tensors = {}
+            for n in f.keys():
+                dt = (np.float32, np.float16)[len(n) % 2] if f.dtype(n) == BF16 else f.dtype(n)
+                tensors[n] = np.asarray(f.get(n)).astype(dt)
+                kinds.add(np.dtype(dt).name)
+            write_safetensors(mixed / fname, tensors, f.metadata)
+    assert kinds == {"float32", "float16"}
+    out = tmp_path / "out"
+    m = convert_checkpoint(mixed, out, include_mtp=True, chunk_bytes=50_000, workers=2, **QUIET)
+    assert {leaf["source_dtype"] for leaf in m["params"]} >= {"float32", "float16"}
+    got = flatten(restore_params(out, load_config(out, fp8_activations=False)))
+    want = flatten(dsv32_jax.checkpoint.hf.load_params(mixed, Config.from_hf(mixed, fp8_activations=False)))
+    assert sorted(got) == sorted(want)
+    for p in got:  # the loader casts the same way: both equal bf16(stored value)
+        a, b = np.asarray(got[p]), np.asarray(want[p])
+        assert a.dtype == b.dtype and a.dtype in (BF16, np.float32), p
+        assert np.array_equal(_bits(a), _bits(b)), p
+    mtp = flatten(restore_mtp(out))
+    assert all(np.asarray(v).dtype in (BF16, np.float32) for v in mtp.values())
+    assert np.asarray(mtp[("enorm", "weight")]).dtype == BF16
+    verify_checkpoint(out, mixed, **QUIET)
+
+
+def test_restore_with_progress_gives_the_same_arrays(synth, tmp_path, capsys):
+    from dsv32_jax.checkpoint.orbax_layout import _restore_groups
+
+    out = tmp_path / "out"
+    convert_checkpoint(synth, out, include_mtp=True, **QUIET)
+    cfg = load_config(out)
+    plain = flatten(restore_params(out, cfg))
+    capsys.readouterr()
+    shown = flatten(restore_params(out, cfg, progress=True))
+    err = capsys.readouterr().err
+    assert "restoring params:" in err and "B/s" in err
+    assert sorted(plain) == sorted(shown)
+    for p in plain:
+        assert plain[p].sharding == shown[p].sharding, p
+    _assert_bit_equal(plain, shown)
+    _assert_bit_equal(restore_mtp(out), restore_mtp(out, progress=True))
+    sizes = {p: int(np.prod(a.shape)) * a.dtype.itemsize for p, a in plain.items()}
+    groups = _restore_groups(sizes)
+    assert 8 < len(groups) <= 64 and sorted(p for g in groups for p in g) == sorted(sizes)
 
 
 # ---- corrupt sources -----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from dsv32_jax.checkpoint import hf
 from dsv32_jax.model.config import Config, ConfigError, preset
 from dsv32_jax.checkpoint.hf import CheckpointError, check, load_params
 from dsv32_jax.engine.runner import load_model
-from dsv32_jax.checkpoint.safetensors import SafetensorsError, SafetensorsFile, ShardedCheckpoint, write_safetensors
+from dsv32_jax.checkpoint.safetensors import (LazyTensor, SafetensorsError, SafetensorsFile, ShardedCheckpoint,
+                                              write_safetensors)
 from dsv32_jax.checkpoint.synthetic import tensor_specs, write_checkpoint
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, is_mtp_tensor
 
@@ -214,6 +215,74 @@ def test_bf16_checkpoint_loads(tmp_path):
     params = flatten(load_params(d, c))
     w = np.asarray(params[("dense_layers", "attn", "wq_b", "weight")])
     assert w.dtype == BF16 and np.isfinite(w.astype(np.float32)).all()
+
+
+def _recast(src: str, dst: str, dtype_of) -> str:
+    """Copy checkpoint `src` to `dst`, storing each bf16 tensor in `dtype_of(name)` (with our own
+    writer; tensors are cast one at a time as they are written)."""
+    shutil.copytree(src, dst)
+    for fname in sorted({*_index(dst)["weight_map"].values()}):
+        path = os.path.join(dst, fname)
+        with SafetensorsFile(os.path.join(src, fname)) as f:
+            tensors = {}
+            for n in f.keys():
+                dt = np.dtype(dtype_of(n)) if f.dtype(n) == BF16 else f.dtype(n)
+                tensors[n] = LazyTensor(f.shape(n), dt, lambda n=n, dt=dt: np.asarray(f.get(n)).astype(dt))
+            write_safetensors(path, tensors, f.metadata)
+    return dst
+
+
+BF16_CFG = preset("tiny", weight_dtype="bf16", scale_fmt=None)
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16", "mixed"])
+def test_float32_and_float16_checkpoints_load_as_bf16(tmp_path, stored):
+    d = write_checkpoint(BF16_CFG, tmp_path / "bf16", seed=1, n_shards=2)
+    dtype_of = {"float32": lambda n: np.float32, "float16": lambda n: np.float16,
+                "mixed": lambda n: (np.float32, np.float16, BF16)[len(n) % 3]}[stored]
+    d2 = _recast(d, tmp_path / stored, dtype_of)
+    with ShardedCheckpoint(d2) as ck:
+        kinds = collections.Counter(ck.dtype(n).name for n in ck.keys())
+    # (the router bias is float32 in every case)
+    assert set(kinds) == {"float32": {"float32"}, "float16": {"float16", "float32"},
+                          "mixed": {"float16", "float32", "bfloat16"}}[stored]
+    want = flatten(load_params(d, Config.from_hf(d, **LOAD)))
+    m = dsv32_jax.load_model(d2, **LOAD)
+    got = flatten(m.params)
+    assert sorted(got) == sorted(want)
+    with ShardedCheckpoint(d2) as ck:
+        for path, a in got.items():
+            a, w = np.asarray(a), np.asarray(want[path])
+            assert a.dtype == w.dtype and a.shape == w.shape, path
+            names = hf_names(BF16_CFG, path).reshape(-1)
+            # the loaded param is the stored tensor cast to the param dtype (round to nearest even)
+            stored_vals = np.stack([np.asarray(ck.get(str(n))) for n in names]).astype(np.float32)
+            expect = stored_vals.astype(a.dtype).reshape(a.shape)
+            assert np.array_equal(a.view(np.uint8), expect.view(np.uint8)), path
+            if stored == "float32":  # bf16 values widened losslessly: exactly the bf16 checkpoint
+                assert np.array_equal(a.view(np.uint8), w.view(np.uint8)), path
+    if stored == "float16":  # float16 has less range: small bf16 values do change
+        assert any(not np.array_equal(np.asarray(got[p]).view(np.uint8), np.asarray(want[p]).view(np.uint8))
+                   for p in got)
+
+
+def test_fp8_weights_and_scales_keep_strict_dtypes(copy):
+    specs = abstract_params(CFG)
+    for name, dt in [("model.layers.2.self_attn.q_b_proj.weight", np.float32),
+                     ("model.layers.1.self_attn.q_b_proj.weight_scale_inv", np.float16),
+                     ("model.layers.1.mlp.experts.3.down_proj.weight_scale_inv", BF16)]:
+        shape, _ = tensor_specs(CFG)[name]
+        d = shutil.copytree(copy, f"{copy}-{name}")
+        _edit_shard(d, name, new=np.zeros(shape, dt))
+        with pytest.raises(CheckpointError, match=re.escape(repr(name)) + r" has dtype \w+, expected "
+                                                  r"(float8_e4m3fn|float32)$"):
+            check(ShardedCheckpoint(d), CFG, specs)
+    # a non-FP8 param in an unsupported dtype names what is accepted
+    name = "model.layers.0.input_layernorm.weight"
+    _edit_shard(copy, name, new=np.zeros(tensor_specs(CFG)[name][0], np.float64))
+    with pytest.raises(CheckpointError, match=r"has dtype float64, expected bfloat16 \(or float32/float16, "
+                                              r"cast on load\)"):
+        check(ShardedCheckpoint(copy), CFG, specs)
 
 
 # ---- 3. checkpoint errors ------------------------------------------------------------------------
@@ -453,3 +522,37 @@ def test_host_memory_bounded_by_largest_param(base, model):
     finally:
         tracemalloc.stop()
     assert peak < total / 2, (peak, total, largest)
+
+
+# ---- the synthetic writer deletes only its own leftovers and writes durably ----------------------
+def test_synthetic_writer_partial_dir(tmp_path, monkeypatch):
+    cfg = preset("tiny", n_layers=1, n_dense_layers=1, vocab_size=512)
+    out = tmp_path / "ck"
+    partial = tmp_path / "ck.partial"
+    partial.mkdir()
+    (partial / "mine.txt").write_text("not the writer's")
+    with pytest.raises(FileExistsError, match=r"ck\.partial: exists and was not left by write_checkpoint"):
+        write_checkpoint(cfg, out, include_tokenizer=False)
+    assert (partial / "mine.txt").read_text() == "not the writer's" and not out.exists()
+    os.remove(partial / "mine.txt")
+    (partial / ".dsv32_synthetic_partial").write_text("")  # an interrupted write_checkpoint
+    (partial / "half.safetensors").write_bytes(b"junk")
+    out.mkdir()  # an empty directory is replaced
+    synced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: replaced.append((os.fspath(a), len(synced)))
+                        or real_replace(a, b))
+    write_checkpoint(cfg, out, include_tokenizer=True)
+    assert not partial.exists()
+    files = sorted(os.listdir(out))
+    assert "half.safetensors" not in files and ".dsv32_synthetic_partial" not in files
+    assert "tokenizer.json" in files and "config.json" in files
+    n_before = dict(replaced)[str(partial)]
+    names = {os.path.basename(s) for s in synced[:n_before] if os.path.dirname(s) == str(partial)}
+    for f in files:  # shards are fsynced under their temporary name, before their own rename
+        assert f in names or any(n.startswith(f".{f}.") and n.endswith(".tmp") for n in names), f
+    assert str(partial) in synced[:n_before] and synced[-1] == str(tmp_path)
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        write_checkpoint(cfg, out, include_tokenizer=False)

@@ -18,7 +18,7 @@ import numpy as np
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import weight_quant
-from dsv32_jax.checkpoint.safetensors import LazyTensor, write_safetensors
+from dsv32_jax.checkpoint.safetensors import LazyTensor, fsync_dir, fsync_file, write_safetensors
 from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names
 
@@ -95,19 +95,36 @@ def _producer(seed: int, name: str, shape, dtype, specs):
     return lambda: _make(seed, name, shape, dtype)
 
 
+_MARKER = ".dsv32_synthetic_partial"  # marks a `.partial` directory this writer created
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_checkpoint(cfg: Config, directory: str | os.PathLike, seed: int = 0, n_shards: int = 2,
                      include_mtp: bool = True, include_tokenizer: bool = True) -> str:
     """Write a random checkpoint for `cfg` into `directory` (created; must not exist or be empty),
     with a small tokenizer of our own (`tokenizer.build_synthetic_tokenizer`) unless disabled.
 
-    Written to `directory.partial` and renamed at the end. Returns the directory path.
+    Written to `directory.partial` (marked as ours; a leftover `.partial` is removed only if it
+    carries that mark, else FileExistsError), every file fsynced, then renamed onto `directory`.
+    Returns the directory path.
     """
     out = os.fspath(directory)
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"{out}: exists and is not empty")
+    if os.path.islink(out) or (os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out))):
+        raise FileExistsError(f"{out}: exists and is not an empty directory")
     tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(tmp):
+        if os.path.islink(tmp) or not os.path.isfile(os.path.join(tmp, _MARKER)):
+            raise FileExistsError(f"{tmp}: exists and was not left by write_checkpoint (no {_MARKER}); "
+                                  "not deleting it")
+        shutil.rmtree(tmp)  # an interrupted earlier write_checkpoint
     os.makedirs(tmp)
+    open(os.path.join(tmp, _MARKER), "w").close()
     specs = tensor_specs(cfg, include_mtp)
     names = sorted(specs)
     sizes = [int(np.prod(specs[n][0])) * specs[n][1].itemsize for n in names]
@@ -123,15 +140,18 @@ def write_checkpoint(cfg: Config, directory: str | os.PathLike, seed: int = 0, n
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {n: LazyTensor(specs[n][0], specs[n][1], _producer(seed, n, *specs[n], specs))
                    for n in shard}
-        write_safetensors(os.path.join(tmp, fname), tensors, {"format": "pt"})
+        write_safetensors(os.path.join(tmp, fname), tensors, {"format": "pt"})  # fsynced
         weight_map.update({n: fname for n in shard})
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg.to_hf(), f, indent=2)
+    _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(tmp, "config.json"), cfg.to_hf())
     if include_tokenizer:
         build_synthetic_tokenizer(cfg.vocab_size, tmp)
-    if os.path.exists(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
+        for name in os.listdir(tmp):  # its files were written by the tokenizer module
+            if name.startswith("tokenizer") and os.path.isfile(os.path.join(tmp, name)):
+                fsync_file(os.path.join(tmp, name))
+    os.remove(os.path.join(tmp, _MARKER))
+    fsync_dir(tmp)
+    os.replace(tmp, out)  # onto nothing or an empty directory
+    fsync_dir(os.path.dirname(os.path.abspath(out)))
     return out
