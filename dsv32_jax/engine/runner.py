@@ -148,5 +148,6 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
             raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
         shardings = param_shardings(abstract_params(cfg), mesh)
     if converted:  # Orbax restores each leaf's shards straight onto their devices
-        return Model(cfg, orbax_layout.restore_params(path, cfg, shardings), attention_impl)
+        return Model(cfg, orbax_layout.restore_params(path, cfg, shardings, progress=progress),
+                     attention_impl)
     return Model(cfg, load_params(path, cfg, shardings, progress=progress), attention_impl)
