@@ -186,6 +186,19 @@ def plan_params(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
     return _make_leaves(PARAMS_DIR, entries, ckpt, weights, target)
 
 
+def mtp_module_specs(cfg: Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{suffix: (shape, param dtype)} of the MTP-only tensors of an MTP layer (as released; bf16
+    params may be stored in float32/float16 too and are cast to bf16)."""
+    d, v = cfg.dim, cfg.vocab_size
+    out = {"enorm.weight": ((d,), BF16), "hnorm.weight": ((d,), BF16),
+           "shared_head.norm.weight": ((d,), BF16), "shared_head.head.weight": ((v, d), BF16),
+           "embed_tokens.weight": ((v, d), BF16),
+           "eh_proj.weight": ((d, 2 * d), FP8 if cfg.quantized else BF16)}
+    if cfg.quantized:
+        out["eh_proj." + SCALE_SUFFIX] = ((cdiv(d, BLOCK), cdiv(2 * d, BLOCK)), F32)
+    return out
+
+
 def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
              target: int = DEFAULT_CHUNK_BYTES) -> list[Leaf]:
     """Leaves of the MTP tree (see `dsv32_jax.checkpoint.orbax_layout.restore_mtp`), stacked over MTP layers."""
@@ -215,14 +228,16 @@ def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
         if found != by_layer[0]:
             diff = sorted(found.symmetric_difference(by_layer[0]))[:3]
             raise ConvertError(f"{where}: MTP layers differ in their tensors ({p}*: {diff})")
+    known = mtp_module_specs(cfg)
     for suffix in extras:
+        if suffix not in known:
+            name = prefixes[0] + suffix
+            raise ConvertError(f"{ckpt.file_of(name)}: MTP tensor {name!r} is not part of the MTP layer "
+                               f"(a MoE block plus {sorted(known)})")
         *module, leaf = suffix.split(".")
         leaf = {"weight": "weight", SCALE_SUFFIX: "scale", "bias": "bias"}.get(leaf, leaf)
         names = np.array([p + suffix for p in prefixes], dtype=object)
-        stored = np.dtype(ckpt.dtype(names[0]))
-        if stored in (F32, F16) and leaf != "scale":  # as released: MTP-only modules are bf16
-            stored = BF16
-        entries[(*module, leaf)] = (names, tuple(ckpt.shape(names[0])), stored)
+        entries[(*module, leaf)] = (names, *known[suffix])
     for path, (names, shape, dtype) in entries.items():
         for name in names.reshape(-1):
             if name not in ckpt:

@@ -682,6 +682,37 @@ def test_wrong_config(copy, tmp_path):
     _no_output(tmp_path / "out")
 
 
+@pytest.mark.parametrize("name, value, match", [
+    ("model.layers.3.mystery.weight", np.zeros(4, BF16), r"MTP tensor 'model\.layers\.3\.mystery\.weight' is not "
+                                                         r"part of the MTP layer"),
+    ("model.layers.3.enorm.weight", np.zeros(255, BF16), r"'model\.layers\.3\.enorm\.weight' has "
+                                                         r"bfloat16\[255\], expected bfloat16/float32/float16\[256\]"),
+    ("model.layers.3.eh_proj.weight_scale_inv", np.zeros((2, 4), BF16), r"eh_proj\.weight_scale_inv' has "
+                                                                        r"bfloat16\[2, 4\], expected float32\[2, 4\]"),
+])
+def test_mtp_tensors_are_checked(copy, tmp_path, name, value, match):
+    """With --include-mtp every MTP-only tensor must be one the MTP layer has, in its shape and
+    dtype; without it the MTP layer is not read (like the loader)."""
+    with open(os.path.join(copy, INDEX_NAME)) as f:
+        known = name in json.load(f)["weight_map"]
+    shard = _shard_of(copy, name if known else "model.layers.3.enorm.weight")
+
+    def edit(t):
+        t[name] = value
+
+    _rewrite_shard(shard, edit)
+    index = os.path.join(copy, INDEX_NAME)
+    with open(index) as f:
+        idx = json.load(f)
+    idx["weight_map"][name] = os.path.basename(shard)
+    with open(index, "w") as f:
+        json.dump(idx, f)
+    with pytest.raises(ConvertError, match=match) as e:
+        convert_checkpoint(copy, tmp_path / "out", include_mtp=True, **QUIET)
+    assert os.path.basename(shard) in str(e.value)
+    _no_output(tmp_path / "out")
+
+
 def test_short_read_names_shard_and_tensor(copy):
     """A shard that shrinks after validation (e.g. a network filesystem) fails clearly mid-run."""
     with ShardedCheckpoint(copy) as ck:
