@@ -114,15 +114,22 @@ def test_chat_continues_from_the_cache(ckpt, tok, capsys, monkeypatch):
 
 
 def test_chat_survives_ctrl_c_during_a_reply(ckpt, tok, capsys, monkeypatch):
-    real, calls = session_mod._run_step, []
+    real, calls = session_mod.ChatSession._executable, []
 
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
+    def interrupted_steps(self, label, key, stats, lower):
+        exe = real(self, label, key, stats, lower)
+        if key[0] != "step":
+            return exe
 
-    monkeypatch.setattr(session_mod, "_run_step", interrupted)
+        def interrupted(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return exe(*args)
+
+        return interrupted
+
+    monkeypatch.setattr(session_mod.ChatSession, "_executable", interrupted_steps)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nnext\n"))
     assert main(["chat", "--ckpt", ckpt, "--max-new-tokens", "4", "--temperature", "0"]) == 0
     err = capsys.readouterr().err

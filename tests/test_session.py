@@ -110,22 +110,29 @@ def test_interrupted_call_keeps_the_conversation(model, monkeypatch):
     want, _ = _chat(reference, turns=TURNS[:2], replies=(2, 4))
 
     session = ChatSession(model)
-    real, calls = session_mod._run_step, []
+    real, calls = ChatSession._executable, []
 
-    def flaky(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # e.g. Ctrl-C while the third step runs (its cache was donated)
-        return real(*args)
+    def flaky_steps(self, label, key, stats, lower):
+        exe = real(self, label, key, stats, lower)
+        if key[0] != "step":
+            return exe
 
-    monkeypatch.setattr(session_mod, "_run_step", flaky)
+        def flaky(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # e.g. Ctrl-C while the third step runs (its cache was donated)
+            return exe(*args)
+
+        return flaky
+
+    monkeypatch.setattr(ChatSession, "_executable", flaky_steps)
     got = []
     with pytest.raises(KeyboardInterrupt):
         for t in session.stream(TURNS[0], 6, temperature=0, stop_tokens=[]):
             got.append(t)
     assert session.tokens == TURNS[0] + got and len(got) == 2
     assert session.capacity == 0  # the cache is gone: the next call rebuilds it from the tokens
-    monkeypatch.setattr(session_mod, "_run_step", real)
+    monkeypatch.setattr(ChatSession, "_executable", real)
     stats = {}
     list(session.stream(TURNS[1], 4, temperature=0, stop_tokens=[], stats=stats))
     assert session.tokens == want

@@ -27,51 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_budget, check_sampling
+from dsv32_jax.engine.generate import bucket
+from dsv32_jax.model.transformer import init_cache
 
 MIN_CAPACITY = 1024
-MIN_BUCKET = 16
 PIECE = 512  # prefill at most this many tokens per call
 
-
-# ------------------------------------------------------------------------------------------------------------
-# The engine pieces this module uses (all of them are here, so an engine refactor is adapted in one place):
-#   dsv32_jax.model.transformer.init_cache(cfg, batch, length) -> cache pytree
-#   dsv32_jax.engine.generate.forward(params, tokens (B,S), positions (B,S), cache, last (B,), *, cfg, impl,
-#                                     collect) -> (logits (B,V) at `last`, cache, None)      [jitted]
-#   dsv32_jax.engine.generate.step(params, cache, pos (B,), key, temperature, top_p, logits (B,V), *, cfg,
-#                                  impl) -> (sampled token (B,), logits after it (B,V), cache)  [jitted]
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _init_cache(cfg, length: int):
-    from dsv32_jax.model.transformer import init_cache
-
-    return init_cache(cfg, 1, length)
-
-
-def _lower_prefill(params, tokens, positions, cache, last, cfg, impl):
-    from dsv32_jax.engine import generate as gen
-
-    return gen.forward.lower(params, tokens, positions, cache, last, cfg=cfg, impl=impl, collect=False)
-
-
-def _run_prefill(exe, params, tokens, positions, cache, last):
-    logits, cache, _ = exe(params, tokens, positions, cache, last)
-    return logits, cache
-
-
-def _lower_step(params, cache, pos, key, temperature, top_p, logits, cfg, impl):
-    from dsv32_jax.engine import generate as gen
-
-    return gen.step.lower(params, cache, pos, key, temperature, top_p, logits, cfg=cfg, impl=impl)
-
-
-def _run_step(exe, params, cache, pos, key, temperature, top_p, logits):
-    return exe(params, cache, pos, key, temperature, top_p, logits)  # (token, logits, cache)
-
-
-# ------------------------------------------------------------------------------------------------------------
 
 _EXECUTABLES: dict = {}  # (kind, cfg, impl, shapes, param shardings) -> compiled executable
 
@@ -83,11 +46,6 @@ def _ids(values, what: str) -> list[int]:
             raise ValueError(f"{what} must be non-negative integer token ids, got {v!r}")
         out.append(int(v))
     return out
-
-
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    return 1 << max(int(n - 1).bit_length(), (minimum - 1).bit_length())
 
 
 @jax.jit
@@ -210,13 +168,13 @@ class ChatSession:
         temp, topp = jnp.float32(temperature), jnp.float32(top_p)
         for _ in range(n):
             try:
-                exe = self._executable("decode step", ("step",), stats, lambda: _lower_step(
+                exe = self._executable("decode step", ("step",), stats, lambda: gen.step.lower(
                     self.model.params, self._cache, jnp.zeros(1, jnp.int32), key, temp, topp, logits,
-                    self._cfg, self._impl))
+                    cfg=self._cfg, impl=self._impl))
                 t0 = time.perf_counter()
                 key, sub = jax.random.split(key)
-                token, logits, self._cache = _run_step(exe, self.model.params, self._cache,
-                                                       jnp.full(1, self.length, jnp.int32), sub, temp, topp, logits)
+                token, logits, self._cache = exe(self.model.params, self._cache,
+                                                 jnp.full(1, self.length, jnp.int32), sub, temp, topp, logits)
                 tok = int(np.asarray(token)[0])
             except BaseException:  # e.g. Ctrl-C inside the call, whose cache was donated: rebuilt next time
                 self._drop_cache()
@@ -249,10 +207,10 @@ class ChatSession:
             tokens[0, :len(piece)] = piece
             positions = (start + np.arange(size, dtype=np.int32))[None]
             last = np.array([len(piece) - 1], np.int32)
-            exe = self._executable(f"prefill for bucket {size}", ("prefill", size), stats, lambda: _lower_prefill(
-                self.model.params, tokens, positions, self._cache, last, self._cfg, self._impl))
-            logits, self._cache = _run_prefill(exe, self.model.params, jnp.asarray(tokens), jnp.asarray(positions),
-                                               self._cache, jnp.asarray(last))
+            exe = self._executable(f"prefill for bucket {size}", ("prefill", size), stats, lambda: gen.forward.lower(
+                self.model.params, tokens, positions, self._cache, last, cfg=self._cfg, impl=self._impl))
+            logits, self._cache, _ = exe(self.model.params, jnp.asarray(tokens), jnp.asarray(positions),
+                                         self._cache, jnp.asarray(last))
             self._tokens.extend(piece)
         jax.block_until_ready(logits)
         stats["prefill_tokens"] += len(pending)
@@ -261,11 +219,11 @@ class ChatSession:
 
     def _reserve(self, needed: int, stats: dict) -> None:
         """A cache of at least ``needed`` slots (and room for the padding of the next prefill piece)."""
-        needed = min(self.max_len, max(needed, self.length + MIN_BUCKET))
+        needed = min(self.max_len, max(needed, self.length + bucket(1)))
         if self._cache is not None and self._capacity >= needed:
             return
         capacity = min(self.max_len, max(MIN_CAPACITY, bucket(needed)))
-        cache = _init_cache(self._cfg, capacity)
+        cache = init_cache(self._cfg, 1, capacity)
         if self._cache is not None:
             t0 = time.perf_counter()
             cache = _copy_into(cache, self._cache)
