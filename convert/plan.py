@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
-from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
 from dsv32_jax.model.quant import dequant
 from dsv32_jax.checkpoint.hf import accepted_dtypes, check
 from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
@@ -109,10 +109,6 @@ class Unit:
 
 
 # ---- chunking --------------------------------------------------------------------------------
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
 def plan_chunks(stack: tuple[int, ...], tensor: tuple[int, ...], itemsize: int,
                 target: int = DEFAULT_CHUNK_BYTES) -> tuple[int, ...]:
     """Chunk shape of a stacked array: small tensors are grouped along the stacked dims (innermost
@@ -127,7 +123,7 @@ def plan_chunks(stack: tuple[int, ...], tensor: tuple[int, ...], itemsize: int,
         return tuple(chunks) + (min(rows, tensor[0]),) + tuple(tensor[1:])
     budget = max(1, target // max(tbytes, 1))
     for i in reversed(range(len(stack))):
-        take = stack[i] if stack[i] <= budget else _pow2_floor(budget)
+        take = stack[i] if stack[i] <= budget else pow2_floor(budget)
         chunks[i] = max(1, take)
         budget //= chunks[i]
         if chunks[i] < stack[i] or budget < 2:

@@ -13,8 +13,6 @@ bf16:  the deployment numerics (the reference even runs scores/softmax in bf16):
 from __future__ import annotations
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

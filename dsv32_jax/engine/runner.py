@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dsv32_jax.checkpoint.hf import is_hf_dir, load_params

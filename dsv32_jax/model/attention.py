@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsv32_jax.model.cache import KVCache
-from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
 from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
 from dsv32_jax.model.quant import HIGHEST, act_quant, hadamard
 from dsv32_jax.model.rope import apply_rope
@@ -87,8 +87,7 @@ def key_tile_size(batch: int, queries: int, heads: int, length: int, budget: int
     """Keys per indexer tile: the (B, S, n, tile) float32 dots fit in `budget`; a power of two,
     at most KEY_TILE_MAX and the context length, so no buffer grows with the context."""
     per_key = batch * queries * heads * 4
-    tile = 1 << max(0, (budget // per_key).bit_length() - 1)
-    return max(1, min(tile, KEY_TILE_MAX, length))
+    return max(1, min(pow2_floor(budget // per_key), KEY_TILE_MAX, length))
 
 
 def index_topk(q: jax.Array, w: jax.Array, q_pos: jax.Array,
@@ -138,7 +137,7 @@ def query_chunk_size(batch: int, picks: int, width: int, heads: int, budget: int
     """Queries per sparse-attention chunk: the gathered (B, chunk, k, width) rows and the
     (B, chunk, H, k) scores, in float32, fit in `budget`; a power of two."""
     per_query = batch * picks * (width + heads) * 4
-    return 1 << max(0, (budget // per_query).bit_length() - 1)
+    return pow2_floor(budget // per_query)
 
 
 def sparse_mla(q_c, q_pe, idx, rows: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
