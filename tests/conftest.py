@@ -66,6 +66,29 @@ def topk_agreement(ours, gold) -> float:
     return float(np.mean(same))
 
 
+def interrupt_step(monkeypatch, at: int) -> None:
+    """Make the `at`-th compiled decode step of every ChatSession raise KeyboardInterrupt (as a
+    Ctrl-C during the device call, whose cache was donated); other executables run as they are."""
+    from dsv32_jax.engine.session import ChatSession
+
+    real, calls = ChatSession._executable, []
+
+    def patched(self, label, key, stats, lower):
+        exe = real(self, label, key, stats, lower)
+        if key[0] != "step":
+            return exe
+
+        def step(*args):
+            calls.append(1)
+            if len(calls) == at:
+                raise KeyboardInterrupt
+            return exe(*args)
+
+        return step
+
+    monkeypatch.setattr(ChatSession, "_executable", patched)
+
+
 def components(model, z: dict) -> list[dict]:
     """Per layer, the model's MLA / FFN (or MoE) outputs and intermediates fed the golden attn_in /
     ffn_in of `z`, in the model's compute dtype: the production modules, one layer at a time."""

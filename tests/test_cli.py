@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 
+from conftest import interrupt_step
+
 import dsv32_jax
 from dsv32_jax import preset
 from dsv32_jax.checkpoint.synthetic import write_checkpoint
@@ -114,22 +116,7 @@ def test_chat_continues_from_the_cache(ckpt, tok, capsys, monkeypatch):
 
 
 def test_chat_survives_ctrl_c_during_a_reply(ckpt, tok, capsys, monkeypatch):
-    real, calls = session_mod.ChatSession._executable, []
-
-    def interrupted_steps(self, label, key, stats, lower):
-        exe = real(self, label, key, stats, lower)
-        if key[0] != "step":
-            return exe
-
-        def interrupted(*args):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return exe(*args)
-
-        return interrupted
-
-    monkeypatch.setattr(session_mod.ChatSession, "_executable", interrupted_steps)
+    interrupt_step(monkeypatch, at=2)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nnext\n"))
     assert main(["chat", "--ckpt", ckpt, "--max-new-tokens", "4", "--temperature", "0"]) == 0
     err = capsys.readouterr().err

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import interrupt_step
+
 import dsv32_jax
 from dsv32_jax.checkpoint.synthetic import write_checkpoint
 from dsv32_jax.engine import session as session_mod
@@ -110,29 +112,14 @@ def test_interrupted_call_keeps_the_conversation(model, monkeypatch):
     want, _ = _chat(reference, turns=TURNS[:2], replies=(2, 4))
 
     session = ChatSession(model)
-    real, calls = ChatSession._executable, []
-
-    def flaky_steps(self, label, key, stats, lower):
-        exe = real(self, label, key, stats, lower)
-        if key[0] != "step":
-            return exe
-
-        def flaky(*args):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt  # e.g. Ctrl-C while the third step runs (its cache was donated)
-            return exe(*args)
-
-        return flaky
-
-    monkeypatch.setattr(ChatSession, "_executable", flaky_steps)
+    interrupt_step(monkeypatch, at=3)  # Ctrl-C while the third step runs
     got = []
     with pytest.raises(KeyboardInterrupt):
         for t in session.stream(TURNS[0], 6, temperature=0, stop_tokens=[]):
             got.append(t)
     assert session.tokens == TURNS[0] + got and len(got) == 2
     assert session.capacity == 0  # the cache is gone: the next call rebuilds it from the tokens
-    monkeypatch.setattr(ChatSession, "_executable", real)
+    monkeypatch.undo()
     stats = {}
     list(session.stream(TURNS[1], 4, temperature=0, stop_tokens=[], stats=stats))
     assert session.tokens == want
