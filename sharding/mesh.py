@@ -1,34 +1,120 @@
-"""Device meshes and the param shardings derived from the logical-axis rules."""
+"""Device meshes and the shardings the rules table gives params, caches and activations."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from sharding.rules import MESH_AXES, logical_specs
+from sharding.rules import MESH_AXES, fit
 
 
-def make_mesh(expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (expert, tensor) mesh over `devices` (default: all); expert * tensor must equal their count."""
+def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, expert, tensor) mesh over `devices` (default: every device of every process);
+    data * expert * tensor must equal their count. Devices are laid out in `jax.devices()` order,
+    so a tensor group is the innermost (on one host: its fastest links)."""
+    for name, n in (("data", data), ("expert", expert), ("tensor", tensor)):
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"mesh {name}={n!r}: expected an integer >= 1")
     devices = list(jax.devices() if devices is None else devices)
-    if expert * tensor != len(devices):
-        raise ValueError(f"mesh expert={expert} x tensor={tensor} needs {expert * tensor} devices, "
-                         f"{len(devices)} available")
-    return Mesh(np.array(devices).reshape(expert, tensor), MESH_AXES)
+    if data * expert * tensor != len(devices):
+        raise ValueError(f"mesh data={data} x expert={expert} x tensor={tensor} needs "
+                         f"{data * expert * tensor} devices, {len(devices)} available")
+    return Mesh(np.array(devices).reshape(data, expert, tensor), MESH_AXES,
+                axis_types=(AxisType.Auto,) * 3)
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """'d,e,t' (e.g. '1,8,1') -> (data, expert, tensor)."""
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise ValueError(f"mesh {text!r}: expected three integers >= 1 as data,expert,tensor "
+                         "(e.g. 1,8,1)")
+    return parts
+
+
+def sharding_for(mesh: Mesh, names, shape) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(*fit(tuple(names), tuple(shape), mesh.shape)))
 
 
 def param_shardings(specs_tree, mesh: Mesh):
-    """Tree of ParamSpec -> tree of NamedSharding. A dim whose size the mesh axis does not divide
-    (e.g. a block-scale dim of ceil(out/128)) is replicated instead of split."""
+    """Tree of ParamSpec (checkpoint.weights.abstract_params) -> tree of NamedSharding."""
     from dsv32_jax.checkpoint.weights import ParamSpec
 
-    def fit(spec: ParamSpec, pspec: PartitionSpec) -> NamedSharding:
-        axes = []
-        for size, axis in zip(spec.shape, tuple(pspec) + (None,) * (len(spec.shape) - len(pspec))):
-            n = 1 if axis is None else mesh.shape[axis]
-            axes.append(axis if size % n == 0 else None)
-        return NamedSharding(mesh, PartitionSpec(*axes))
+    return jax.tree.map(lambda s: sharding_for(mesh, s.names, s.shape), specs_tree,
+                        is_leaf=lambda x: isinstance(x, ParamSpec))
 
-    pspecs = logical_specs(specs_tree)
-    return jax.tree.map(fit, specs_tree, pspecs, is_leaf=lambda x: isinstance(x, ParamSpec))
+
+def cache_shardings(caches, mesh: Mesh):
+    """{group: KVCache} (arrays or ShapeDtypeStructs) -> the same tree of NamedSharding (the
+    cache's logical axes: `KVCache.AXES`)."""
+    from dsv32_jax.model.cache import KVCache
+
+    return {g: KVCache(**{k: sharding_for(mesh, KVCache.AXES[k], getattr(c, k).shape)
+                          for k in KVCache.AXES})
+            for g, c in caches.items()}
+
+
+def context_mesh():
+    """The mesh set by `jax.set_mesh` (tracing under it), or None when there is none or it has a
+    single device: the model then runs unpartitioned code."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    return mesh
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """A sharding constraint from logical names on an activation (a no-op without a mesh)."""
+    mesh = context_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*fit(names, x.shape, mesh.shape)))
+
+
+def params_mesh(params) -> Mesh | None:
+    """The mesh the params are laid out on (None: one device)."""
+    for leaf in jax.tree.leaves(params):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+        return None
+    return None
+
+
+def on_mesh(params):
+    """Context for tracing or running the model over these params: their mesh set (constraints,
+    expert parallelism), or nothing for params on one device."""
+    mesh = params_mesh(params)
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def local(fn, in_names: tuple, out_names):
+    """fn run on each device's own block of its arguments, laid out by logical names (one tuple
+    per argument, () for a scalar; out_names: a tuple, or a tuple of them for several results),
+    with no communication: for ops whose every output element depends only on the same block of
+    its inputs (the per-sequence cache writes and row gathers, batch over "data"). Without a mesh,
+    fn itself. This keeps such ops local where XLA's partitioner might otherwise re-split them
+    (it has split the layer dim of a cache scatter and all-gathered it back)."""
+    def run(*args):
+        mesh = context_mesh()
+        if mesh is None:
+            return fn(*args)
+
+        def spec(names, shape):
+            return PartitionSpec(*fit(tuple(names), tuple(shape), mesh.shape))
+
+        out_shapes = jax.eval_shape(fn, *args)
+        specs_in = tuple(spec(n, a.shape) for n, a in zip(in_names, args))
+        if isinstance(out_shapes, tuple):
+            specs_out = tuple(spec(n, o.shape) for n, o in zip(out_names, out_shapes))
+        else:
+            specs_out = spec(out_names, out_shapes.shape)
+        return jax.shard_map(fn, in_specs=specs_in, out_specs=specs_out, check_vma=False)(*args)
+
+    return run

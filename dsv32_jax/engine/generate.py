@@ -23,6 +23,8 @@ from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sa
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
+from sharding.distributed import to_host
+from sharding.mesh import on_mesh
 
 MAX_STOP_TOKENS = 8
 PREFILL_CHUNK = 512
@@ -128,18 +130,23 @@ def prefill(params, cfg: Config, impl: str, tokens: np.ndarray, lengths: np.ndar
     outs, parts, last_logits = [], [], None
     for i in range(0, p, chunk):
         pos = start[:, None] + i + np.arange(chunk, dtype=np.int32)[None]
-        in_chunk = None if all_logits else jnp.asarray(
-            np.clip(lengths - 1 - i, 0, chunk - 1).astype(np.int32))
-        logits, cache, inter = forward(params, jnp.asarray(tokens[:, i:i + chunk]), jnp.asarray(pos),
-                                       cache, in_chunk, cfg=cfg, impl=impl, collect=collect)
+        in_chunk = None if all_logits else np.clip(lengths - 1 - i, 0, chunk - 1).astype(np.int32)
+        with on_mesh(params):
+            logits, cache, inter = forward(params, tokens[:, i:i + chunk], pos.astype(np.int32),
+                                           cache, in_chunk, cfg=cfg, impl=impl, collect=collect)
         parts.append(inter)
         if all_logits:
             outs.append(logits)
             continue
-        hit = jnp.asarray((lengths - 1 >= i) & (lengths - 1 < i + chunk))[:, None]
-        last_logits = logits if last_logits is None else jnp.where(hit, logits, last_logits)
+        hit = ((lengths - 1 >= i) & (lengths - 1 < i + chunk))[:, None]
+        last_logits = logits if last_logits is None else _pick(hit, logits, last_logits)
     logits = jnp.concatenate(outs, axis=1) if all_logits else last_logits
     return logits, cache, (join_intermediates(parts) if collect else None)
+
+
+@jax.jit
+def _pick(hit, new, old):
+    return jnp.where(hit, new, old)
 
 
 def join_intermediates(parts: list) -> dict:
@@ -212,12 +219,14 @@ def generate(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], m
              stop_tokens: Sequence[int] | None = None) -> list[list[int]]:
     temperature, top_p = check_sampling(temperature, top_p)
     tokens, lengths, n_out, total, stop_ids = setup(cfg, prompts, max_new_tokens, stop_tokens)
-    cache = init_cache(cfg, len(prompts), total)
+    with on_mesh(params):
+        cache = init_cache(cfg, len(prompts), total)
     logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
-    out, _ = decode_loop(params, cache, logits, jnp.asarray(lengths), jnp.int32(max_new_tokens),
-                         jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p),
-                         jnp.asarray(stop_ids), cfg=cfg, impl=impl, n_out=n_out)
-    return [_trim(row, max_new_tokens, stop_ids) for row in np.asarray(out)]
+    with on_mesh(params):
+        out, _ = decode_loop(params, cache, logits, lengths, np.int32(max_new_tokens),
+                             jax.random.key(seed), np.float32(temperature), np.float32(top_p),
+                             stop_ids, cfg=cfg, impl=impl, n_out=n_out)
+    return [_trim(row, max_new_tokens, stop_ids) for row in to_host(out)]
 
 
 def stream(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -236,20 +245,22 @@ def stream(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max
 def _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed, stats):
     tokens, lengths, _, total, stop_ids = request
     t0 = time.perf_counter()
-    cache = init_cache(cfg, len(lengths), total)
+    with on_mesh(params):
+        cache = init_cache(cfg, len(lengths), total)
     logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
     jax.block_until_ready(logits)
     stats.update(prefill_s=time.perf_counter() - t0, prefill_tokens=int(lengths.sum()),
                  decode_s=0.0, decode_steps=0)
-    pos, key = jnp.asarray(lengths), jax.random.key(seed)
+    pos, key = lengths, jax.random.key(seed)
     done = np.zeros(len(lengths), bool)
     for _ in range(max_new_tokens):
         t0 = time.perf_counter()
         key, sub = jax.random.split(key)
-        token, logits, cache = step(params, cache, pos, sub, jnp.float32(temperature),
-                                    jnp.float32(top_p), logits, cfg=cfg, impl=impl)
+        with on_mesh(params):
+            token, logits, cache = step(params, cache, pos, sub, np.float32(temperature),
+                                        np.float32(top_p), logits, cfg=cfg, impl=impl)
         pos = pos + 1
-        tok = np.asarray(token)
+        tok = to_host(token)
         stats["decode_s"] += time.perf_counter() - t0
         stats["decode_steps"] += 1
         yield [None if d else int(t) for t, d in zip(tok, done)]

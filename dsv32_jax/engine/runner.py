@@ -15,6 +15,7 @@ from dsv32_jax.model.attention import ATTENTION_IMPLS
 from dsv32_jax.model.config import DTYPES, Config
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.model.transformer import init_cache
+from sharding.mesh import on_mesh
 
 
 class Model:
@@ -45,7 +46,8 @@ class Model:
         chunk = min(gen.PREFILL_CHUNK, s)
         padded = cdiv(s, chunk) * chunk
         t = np.pad(t, ((0, 0), (0, padded - s)))
-        cache = init_cache(self.config, b, padded)
+        with on_mesh(self.params):
+            cache = init_cache(self.config, b, padded)
         logits, _, inter = gen.prefill(self.params, self.config, self.attention_impl, t,
                                        np.full(b, s, np.int32), cache, chunk=chunk,
                                        all_logits=True, collect=collect)
@@ -118,9 +120,10 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
     released FP8 activation quantization (linear inputs, indexer q/k, latent cache).
     attention_impl: "xla" (sparse: gathers the indexer's top-k keys, O(S*k)) or "xla_dense" (a
-    masked dense reference, O(S^2)). mesh: a jax Mesh with axes ("expert", "tensor")
+    masked dense reference, O(S^2)). mesh: a jax Mesh with axes ("data", "expert", "tensor")
     (`sharding.make_mesh`): params are loaded straight into their shards (rules in
-    `sharding.rules`) and the forward runs SPMD-partitioned by XLA.
+    `sharding.rules`; in a multi-process run each process reads only its devices' shards), the
+    caches are created in shards, and the routed experts run expert-parallel (all-to-all).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -141,10 +144,16 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
     shardings = None
     if mesh is not None:
-        from sharding import param_shardings
+        from sharding import MESH_AXES, param_shardings
 
         if not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
+        if tuple(mesh.axis_names) != MESH_AXES:
+            raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected {MESH_AXES} "
+                             "(sharding.make_mesh(data=, expert=, tensor=))")
+        if cfg.n_routed_experts % mesh.size:
+            raise ValueError(f"{path}: {cfg.n_routed_experts} routed experts do not split over the "
+                             f"mesh's {mesh.size} devices (experts are spread over all of them)")
         shardings = param_shardings(abstract_params(cfg), mesh)
     if converted:  # Orbax restores each leaf's shards straight onto their devices
         return Model(cfg, orbax_layout.restore_params(path, cfg, shardings, progress=progress),

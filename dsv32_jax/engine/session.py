@@ -31,6 +31,7 @@ from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.engine.generate import bucket
 from dsv32_jax.model.transformer import init_cache
+from sharding.mesh import on_mesh
 
 MIN_CAPACITY = 1024
 PIECE = 512  # prefill at most this many tokens per call
@@ -223,7 +224,8 @@ class ChatSession:
         if self._cache is not None and self._capacity >= needed:
             return
         capacity = min(self.max_len, max(MIN_CAPACITY, bucket(needed)))
-        cache = init_cache(self._cfg, 1, capacity)
+        with on_mesh(self.model.params):
+            cache = init_cache(self._cfg, 1, capacity)
         if self._cache is not None:
             t0 = time.perf_counter()
             cache = _copy_into(cache, self._cache)
@@ -241,7 +243,8 @@ class ChatSession:
             if self.on_compile is not None:
                 self.on_compile(label, None)
             t0 = time.perf_counter()
-            exe = lower().compile()
+            with on_mesh(self.model.params):
+                exe = lower().compile()
             dt = time.perf_counter() - t0
             _EXECUTABLES[key] = exe
             stats["compile_s"] += dt

@@ -25,6 +25,9 @@ from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
 from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
 from dsv32_jax.model.quant import HIGHEST, act_quant, hadamard
 from dsv32_jax.model.rope import apply_rope
+from sharding.mesh import constrain
+
+HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (B, S, H, ...)
 
 NEG_INF = -jnp.inf
 ATTENTION_IMPLS = ("xla", "xla_dense")
@@ -109,7 +112,7 @@ def index_topk(q: jax.Array, w: jax.Array, q_pos: jax.Array,
     def tile_scores(i):
         start = jnp.minimum(i * tile, length - tile)  # the last tile ends at T (overlap masked)
         k, k_s = keys(start, tile)
-        raw = index_scores(q, w, k, k_s)  # (B,S,tile)
+        raw = constrain(index_scores(q, w, k, k_s), ("batch", "seq", None))  # (B,S,tile)
         slot = start + jnp.arange(tile)
         seen = slot < i * tile  # keys an earlier tile already offered
         visible = (slot[None, None, :] <= q_pos[..., None]) & ~seen
@@ -233,7 +236,7 @@ class MLA(nn.Module):
         collect = self.is_mutable_collection("intermediates")
         with jax.named_scope("q"):
             qr = self.q_norm(self.wq_a(x))  # (B,S,q_lora)
-            q = self.wq_b(qr).reshape(b, s, h, dn + r)
+            q = constrain(self.wq_b(qr).reshape(b, s, h, dn + r), HEADS)
             q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos, sin, interleaved=True)
         with jax.named_scope("kv"):
             kv = self.wkv_a(x)  # (B,S,C+R)
@@ -245,6 +248,7 @@ class MLA(nn.Module):
                 c_q, c_s = c, jnp.ones((b, s, cdiv(c_dim, BLOCK)), jnp.float32)
         with jax.named_scope("indexer"):
             iq, iw = self.indexer.queries(x, qr, cos, sin)  # (B,S,n,d), (B,S,n)
+            iq, iw = constrain(iq, ("batch", "seq", None, None)), constrain(iw, ("batch", "seq", None))
             ik, iks = self.indexer.keys(x, cos, sin)  # (B,S,d), (B,S)
         cache = cache.write(layer, positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
         t = cache.length
@@ -259,7 +263,7 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.dense_weight().reshape(h, dn + dv, c_dim)
         if self.impl == "xla":
             with jax.named_scope("sparse_attention"):
-                q_c = einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :dn], dtype)
+                q_c = constrain(einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :dn], dtype), HEADS)
                 chunk = query_chunk_size(b, idx.shape[-1], c_dim + r, h)
                 attend = lambda q_c, q_pe, idx: sparse_mla(  # noqa: E731
                     q_c, q_pe, idx, lambda i: cache.gather(layer, i, dtype), cfg.softmax_scale,
@@ -275,4 +279,4 @@ class MLA(nn.Module):
                 picked = jnp.zeros((b, s, t), bool).at[(*rows, slot)].set(True, mode="drop")
                 o = dense_mla(q_nope, q_pe, kvb[..., :dn], pe_all, kvb[..., dn:], picked,
                               cfg.softmax_scale, dtype)
-        return self.wo(o.reshape(b, s, h * dv)), cache
+        return self.wo(constrain(o, HEADS).reshape(b, s, h * dv)), cache

@@ -14,12 +14,15 @@ time, the attention the selected rows (`gather`). No layer's cache is ever copie
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import FP8, act_dequant
+from sharding.mesh import local
 
 
 @struct.dataclass
@@ -29,6 +32,13 @@ class KVCache:
     k_pe: jax.Array  # (L, B, T, R) compute dtype, rotated, stored as BITS
     ik: jax.Array  # (L, B, T, d) indexer keys, e4m3 or compute dtype, stored as BITS
     ik_scale: jax.Array  # (L, B, T) f32
+
+    # logical axes of each field (sharding.rules): sequences split over "data", the rest whole
+    AXES: ClassVar[dict] = {"c": ("layers", "batch", "seq", "kv_lora"),
+                            "c_scale": ("layers", "batch", "seq", None),
+                            "k_pe": ("layers", "batch", "seq", None),
+                            "ik": ("layers", "batch", "seq", "index_dim"),
+                            "ik_scale": ("layers", "batch", "seq")}
 
     @classmethod
     def zeros(cls, cfg: Config, layers: int, batch: int, length: int) -> "KVCache":
@@ -45,26 +55,43 @@ class KVCache:
         return self.c.shape[2]
 
     def write(self, layer: jax.Array, positions: jax.Array, **new: jax.Array) -> "KVCache":
-        """Store new entries (B, S, ...) of `layer` at slots `positions` (B, S), in place."""
-        b = jnp.arange(positions.shape[0])[:, None]
-        return self.replace(**{k: getattr(self, k).at[layer, b, positions].set(_store(v, getattr(self, k)))
-                               for k, v in new.items()})
+        """Store new entries (B, S, ...) of `layer` at slots `positions` (B, S), in place (on each
+        device's own sequences under a mesh: `sharding.mesh.local`)."""
+        def put(a, layer, p, v):  # a (L, B, T, ...), p (B, S), v (B, S, ...)
+            return a.at[layer, jnp.arange(p.shape[0])[:, None], p].set(v)
+
+        return self.replace(**{
+            k: local(put, (self.AXES[k], (), ("batch", "seq"), self.AXES[k][1:]), self.AXES[k])(
+                getattr(self, k), layer, positions, _store(v, getattr(self, k)))
+            for k, v in new.items()})
 
     def gather(self, layer: jax.Array, idx: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         """The selected rows of `layer`: idx (B, ...) slots (negative: invalid, reads slot 0) ->
         latent (B, ..., C) dequantized to `dtype` after the gather, k_pe (B, ..., R)."""
-        b = jnp.arange(idx.shape[0]).reshape(-1, *([1] * (idx.ndim - 1)))
+        def rows(a, layer, i):  # a (L, B, T, W), i (B, ...) -> (B, ..., W)
+            b = jnp.arange(i.shape[0]).reshape(-1, *([1] * (i.ndim - 1)))
+            return a[layer, b, i]
+
         slot = jnp.maximum(idx, 0)
-        c = act_dequant(_load(self.c[layer, b, slot]), self.c_scale[layer, b, slot], dtype)
-        return c, _load(self.k_pe[layer, b, slot])
+        lead = ("batch",) + (None,) * (idx.ndim - 1)
+
+        def pick(a):
+            return local(rows, (KVCache.AXES["c"], (), lead), lead + (None,))(a, layer, slot)
+
+        c = act_dequant(_load(pick(self.c)), pick(self.c_scale), dtype)
+        return c, _load(pick(self.k_pe))
 
     def key_tile(self, layer: jax.Array, start: jax.Array, size: int):
         """Indexer keys of slots [start, start + size) of `layer`: (B, size, d), (B, size)."""
-        b, d = self.ik.shape[1], self.ik.shape[3]
-        zero = jnp.zeros((), jnp.int32)
-        ik = jax.lax.dynamic_slice(self.ik, (layer, zero, start, zero), (1, b, size, d))
-        s = jax.lax.dynamic_slice(self.ik_scale, (layer, zero, start), (1, b, size))
-        return _load(ik[0]), s[0]
+        def tile(ik, s, layer, start):  # (L, B, T, d), (L, B, T) -> (B, size, d), (B, size)
+            zero = jnp.zeros((), jnp.int32)
+            k = jax.lax.dynamic_slice(ik, (layer, zero, start, zero), (1, ik.shape[1], size, ik.shape[3]))
+            sc = jax.lax.dynamic_slice(s, (layer, zero, start), (1, s.shape[1], size))
+            return k[0], sc[0]
+
+        k, s = local(tile, (self.AXES["ik"], self.AXES["ik_scale"], (), ()),
+                     (("batch", "seq", None), ("batch", "seq")))(self.ik, self.ik_scale, layer, start)
+        return _load(k), s
 
     def layer_latent(self, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         """Every slot of `layer`: latent (B, T, C) in `dtype`, k_pe (B, T, R). Only the dense

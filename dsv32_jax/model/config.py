@@ -75,6 +75,9 @@ class Config:
     # numerics (runtime choice, not part of the checkpoint)
     dtype: str = "bfloat16"  # activation / compute dtype
     fp8_activations: bool = True  # simulate the deployed FP8 activation quantization
+    # expert parallelism (sharded runs only): None = exact, no pick ever dropped; f > 0 = send
+    # buffers of f x the mean load per device, overflow dropped and counted (`moe_dropped`)
+    ep_capacity_factor: float | None = None
 
     def __post_init__(self):
         _validate(self)
@@ -178,7 +181,8 @@ class Config:
         if a.get("score_func", "sigmoid") != "sigmoid":
             raise ConfigError(f"{where}: score_func {a['score_func']!r}: only 'sigmoid' is supported")
         # our field names are the reference's, except its "dtype" (the weight format)
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "fp8_activations"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "fp8_activations",
+                                                             "ep_capacity_factor"}
         kw = {k: v for k, v in a.items() if k in names}
         if "dtype" in a:
             kw["weight_dtype"] = a["dtype"]
@@ -368,6 +372,9 @@ def _validate(c: Config) -> None:
             need(isinstance(v, int) and v > 0, f"{f.name} must be a positive integer, got {v!r}")
     need(c.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {c.dtype!r}")
     need(isinstance(c.fp8_activations, bool), f"fp8_activations must be a bool, got {c.fp8_activations!r}")
+    need(c.ep_capacity_factor is None or (isinstance(c.ep_capacity_factor, (int, float))
+                                          and c.ep_capacity_factor > 0),
+         f"ep_capacity_factor must be None (exact) or a number > 0, got {c.ep_capacity_factor!r}")
     need(c.weight_dtype in ("fp8", "bf16"), f"weight_dtype must be 'fp8' or 'bf16', got {c.weight_dtype!r}")
     need(c.scale_fmt in (None, "ue8m0"), f"scale_fmt must be None or 'ue8m0', got {c.scale_fmt!r}")
     need(0 <= c.n_dense_layers <= c.n_layers,

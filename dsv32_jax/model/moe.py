@@ -14,6 +14,8 @@ from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.layers import (FP8, Linear, const_init, fp8_linear, matmul, normal_init,
                                     param, precision, fp8_init)
 from dsv32_jax.model.quant import dequant
+from sharding import expert_parallel
+from sharding.mesh import context_mesh
 
 
 class FFN(nn.Module):
@@ -97,40 +99,69 @@ class Experts(nn.Module):
                             dtype)
         return nn.unbox(box.value)
 
-    def __call__(self, x: jax.Array, experts: jax.Array, layer: jax.Array) -> jax.Array:
-        """x (N,D), experts (N,k) of MoE layer `layer` -> per-pick outputs (N,k,D) in the compute
-        dtype."""
+    def __call__(self, x: jax.Array, experts: jax.Array, weights: jax.Array,
+                 layer: jax.Array) -> jax.Array:
+        """x (N,D), experts (N,k) of MoE layer `layer`, routing weights (N,k) f32 -> (N,D) f32:
+        sum over picks of weight * Expert_e(x). With a mesh of several devices in context the
+        experts are the devices' own (`sharding.expert_parallel`): token rows travel to them."""
+        cfg = self.cfg
+        params = {"w": self.w, "s": self.s}
+
+        def compute(params, rows, ids, expected):
+            return routed_rows(cfg, params["w"], params["s"], layer, rows, jnp.arange(rows.shape[0]),
+                               ids, expected)
+
+        mesh = context_mesh()
+        if mesh is not None:
+            y, dropped = expert_parallel.dispatch(compute, params, x, experts, weights,
+                                                  cfg.n_routed_experts, mesh.size,
+                                                  cfg.ep_capacity_factor)
+            self.sow("intermediates", "moe_dropped", dropped)
+            return y
         n, k = experts.shape
-        n_exp, p = self.cfg.n_routed_experts, n * k
-        flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)  # picks sorted by expert
-        counts = jnp.bincount(flat, length=n_exp)  # an expert has at most n rows
-        window = expert_window(n, p, n_exp)
-        plan = _windows(counts, window, min(n_exp, p) + (cdiv(p, window) if window < n else 0))
-        xs = jnp.pad(x[order // k], ((0, window), (0, 0)))  # (P + window, D), pad rows unused
-        cfg, weights, scales = self.cfg, self.w, self.s  # bound here, outside the loop
+        picks = experts.reshape(-1)
+        out = routed_rows(cfg, self.w, self.s, layer, x, jnp.arange(n * k) // k, picks, n * k)
+        return jnp.einsum("nkd,nk->nd", out.reshape(n, k, -1).astype(jnp.float32), weights,
+                          precision=precision(jnp.float32))
 
-        def linear(name, e, rows):
-            s = scales[name][layer, e] if scales else None
-            return expert_linear(cfg, weights[name][layer, e], s, rows)
 
-        def run(i, y):
-            e, start, rows = plan[0][i], plan[1][i], plan[2][i]
+def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, src: jax.Array,
+                ids: jax.Array, expected: int) -> jax.Array:
+    """Rows x[src] (R,) through their experts `ids` (R,) (an id >= E, the stack's expert count:
+    no expert, the row's output is 0) of MoE layer `layer` -> (R, D) in the compute dtype.
 
-            def swiglu(y):
-                xw = jax.lax.dynamic_slice_in_dim(xs, start, window, 0)
-                h = (jax.nn.silu(linear("w1", e, xw).astype(jnp.float32))
-                     * linear("w3", e, xw).astype(jnp.float32))
-                out = linear("w2", e, h.astype(x.dtype))
-                out = jnp.where((jnp.arange(window) < rows)[:, None], out, 0).astype(y.dtype)
-                cur = jax.lax.dynamic_slice_in_dim(y, start, window, 0)
-                return jax.lax.dynamic_update_slice_in_dim(y, cur + out, start, 0)
+    w / s: the stacked weights (L, E, out, in) / block scales by projection name. The rows are
+    sorted by expert and cut into windows of one expert (`expert_window`, sized for `expected`
+    rows with an expert); a loop over windows reads that expert at [layer, e] and runs its
+    SwiGLU on the window's rows. An expert gets at most len(x) rows (each token picks it once).
+    """
+    n_exp, r, tokens = w["w1"].shape[1], ids.shape[0], x.shape[0]
+    order = jnp.argsort(ids, stable=True)  # rows sorted by expert, the expert-less last
+    counts = jnp.bincount(ids, length=n_exp)  # ids >= n_exp are not counted
+    window = expert_window(tokens, expected, n_exp)
+    plan = _windows(counts, window, min(n_exp, r) + (cdiv(r, window) if window < tokens else 0))
+    xs = jnp.pad(x[src[order]], ((0, window), (0, 0)))  # (R + window, D), pad rows unused
 
-            return jax.lax.cond(rows > 0, swiglu, lambda y: y, y)
+    def linear(name, e, rows):
+        return expert_linear(cfg, w[name][layer, e], s[name][layer, e] if s else None, rows)
 
-        y = jax.lax.fori_loop(0, plan[0].shape[0], run,
-                              jnp.zeros((p + window, x.shape[-1]), self.cfg.dtype))
-        return jnp.zeros((p, x.shape[-1]), y.dtype).at[order].set(y[:p]).reshape(n, k, -1)
+    def run(i, y):
+        e, start, rows = plan[0][i], plan[1][i], plan[2][i]
+
+        def swiglu(y):
+            xw = jax.lax.dynamic_slice_in_dim(xs, start, window, 0)
+            h = (jax.nn.silu(linear("w1", e, xw).astype(jnp.float32))
+                 * linear("w3", e, xw).astype(jnp.float32))
+            out = linear("w2", e, h.astype(x.dtype))
+            out = jnp.where((jnp.arange(window) < rows)[:, None], out, 0).astype(y.dtype)
+            cur = jax.lax.dynamic_slice_in_dim(y, start, window, 0)
+            return jax.lax.dynamic_update_slice_in_dim(y, cur + out, start, 0)
+
+        return jax.lax.cond(rows > 0, swiglu, lambda y: y, y)
+
+    y = jax.lax.fori_loop(0, plan[0].shape[0], run,
+                          jnp.zeros((r + window, x.shape[-1]), cfg.dtype))
+    return jnp.zeros((r, x.shape[-1]), y.dtype).at[order].set(y[:r])
 
 
 def expert_linear(cfg: Config, w: jax.Array, s: jax.Array | None, x: jax.Array) -> jax.Array:
@@ -183,17 +214,15 @@ class MoE(nn.Module):
         x = x.reshape(-1, cfg.dim)
         with jax.named_scope("gate"):
             wg = param(self, "gate_weight", (cfg.n_routed_experts, cfg.dim), jnp.bfloat16,
-                       ("experts", "embed"), normal_init(cfg.dim**-0.5))
-            bias = param(self, "gate_bias", (cfg.n_routed_experts,), jnp.float32, ("experts",),
+                       ("router", "embed"), normal_init(cfg.dim**-0.5))
+            bias = param(self, "gate_bias", (cfg.n_routed_experts,), jnp.float32, ("router",),
                          const_init(0.0))
             logits = jnp.einsum("nd,ed->ne", x.astype(jnp.float32), wg.astype(jnp.float32),
                                 precision=precision(jnp.float32))
             weights, experts = route(logits, bias, cfg)
             self.sow("intermediates", "gate_experts", jnp.sort(experts, axis=-1))
         with jax.named_scope("experts"):
-            y = Experts(cfg, name="experts")(x, experts, layer)  # (N,k,D)
-            y = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights,
-                           precision=precision(jnp.float32))
+            y = Experts(cfg, name="experts")(x, experts, weights, layer)  # (N,D) f32
         with jax.named_scope("shared_experts"):
             y = y + FFN(cfg, cfg.n_shared_experts * cfg.moe_inter_dim, name="shared")(x)
         return y.astype(x.dtype).reshape(shape)

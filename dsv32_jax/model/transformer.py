@@ -7,6 +7,8 @@ which rides in the scan's carry and is updated in place.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -17,6 +19,9 @@ from dsv32_jax.model.config import Config
 from dsv32_jax.model.layers import Embed, Linear, RMSNorm
 from dsv32_jax.model.moe import EXPERTS, FFN, MoE
 from dsv32_jax.model.rope import rope_tables
+from sharding.mesh import constrain
+
+ACT = ("batch", "seq", "embed")  # logical axes of the residual stream (B, S, D)
 
 
 class Block(nn.Module):
@@ -31,6 +36,7 @@ class Block(nn.Module):
     def __call__(self, carry, layer, positions, cos, sin):
         cfg = self.cfg
         h, residual, cache = carry
+        h, residual = constrain(h, ACT), constrain(residual, ACT)
         x, residual = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(h, residual)
         self.sow("intermediates", "attn_in", x)
         with jax.named_scope("attn"):
@@ -41,7 +47,7 @@ class Block(nn.Module):
         with jax.named_scope("moe" if self.moe else "ffn"):
             h = MoE(cfg, name="ffn")(x, layer) if self.moe else FFN(cfg, cfg.inter_dim, name="ffn")(x)
         self.sow("intermediates", "ffn_out", h)
-        return (h, residual, cache), None
+        return (constrain(h, ACT), constrain(residual, ACT), constrain_cache(cache)), None
 
 
 def _stack(cfg: Config, moe: bool, n: int, impl: str, name: str):
@@ -57,9 +63,16 @@ def layer_counts(cfg: Config) -> dict[str, int]:
     return {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers}
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2))
 def init_cache(cfg: Config, batch: int, length: int) -> dict[str, KVCache]:
-    """Empty caches for every layer group: {group: KVCache (layers, batch, length, ...)}."""
-    return {g: KVCache.zeros(cfg, n, batch, length) for g, n in layer_counts(cfg).items() if n}
+    """Empty caches for every layer group: {group: KVCache (layers, batch, length, ...)}. Under
+    a mesh (`jax.set_mesh`) each is created in its shards (`KVCache.AXES`), never whole."""
+    return {g: constrain_cache(KVCache.zeros(cfg, n, batch, length))
+            for g, n in layer_counts(cfg).items() if n}
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    return cache.replace(**{k: constrain(getattr(cache, k), axes) for k, axes in KVCache.AXES.items()})
 
 
 class Transformer(nn.Module):
@@ -84,7 +97,7 @@ class Transformer(nn.Module):
         if cache is None:
             cache = init_cache(cfg, b, s)
         cos, sin = rope_tables(cfg, positions)
-        h = Embed(cfg, name="embed")(tokens)
+        h = constrain(Embed(cfg, name="embed")(tokens), ACT)
         h, residual = h, jnp.zeros_like(h)  # residual 0: the first fused add is exact (h + 0 = h)
         new_cache = {}
         for group, n in layer_counts(cfg).items():
