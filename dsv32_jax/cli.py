@@ -48,10 +48,13 @@ def _cache_dir() -> str:
 
 
 _open_line = False  # a "compiling ..." line on stderr waits for its time
+_quiet = False  # a multi-process run's processes other than 0 print nothing
 
 
 def _say(*parts, end: str = "\n") -> None:
     global _open_line
+    if _quiet:
+        return
     if _open_line and end:  # an error in the middle of a compile: finish that line first
         print(file=sys.stderr)
     _open_line = not end
@@ -111,14 +114,62 @@ def _open(args: argparse.Namespace):
     return cfg, _tokenizer(args.ckpt, args.tokenizer, cfg)
 
 
+def _join(args: argparse.Namespace) -> None:
+    """Join a multi-process run (--coordinator/--num-processes/--process-id or DSV32_* variables)
+    before anything touches a device; only process 0 prints from then on."""
+    global _quiet
+    from sharding.distributed import initialize
+
+    if initialize(args.coordinator, args.num_processes, args.process_id):
+        import jax
+
+        _quiet = jax.process_index() != 0
+
+
+def _mesh(args: argparse.Namespace):
+    """--mesh d,e,t; without it one device, or in a multi-process run (1, every device, 1)."""
+    import jax
+
+    from sharding.mesh import make_mesh, parse_mesh
+
+    if args.mesh is not None:
+        return make_mesh(*parse_mesh(args.mesh))
+    return make_mesh(expert=jax.device_count()) if jax.process_count() > 1 else None
+
+
 def _load_weights(path: str, args: argparse.Namespace):
     import dsv32_jax
 
     t = time.perf_counter()
-    _say(f"loading {path} ...")
-    model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, progress=True)
+    mesh = _mesh(args)
+    where = "" if mesh is None else f" on a {'x'.join(map(str, mesh.devices.shape))} mesh"
+    _say(f"loading {path}{where} ...")
+    model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
+                                 progress=not _quiet)
     _say(f"loaded in {time.perf_counter() - t:.1f}s")
     return model
+
+
+def _lines():
+    """The chat's input lines: stdin, or in a multi-process run process 0's stdin sent to all."""
+    import jax
+
+    if jax.process_count() == 1:
+        yield from sys.stdin
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    while True:
+        data = b""
+        if jax.process_index() == 0:
+            line = sys.stdin.readline()
+            data = line.encode() if line else b""
+        n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data else -1)))
+        if n < 0:
+            return
+        buf = np.frombuffer(data, np.uint8) if data else np.zeros(n, np.uint8)
+        yield bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode()
 
 
 def _session(model):
@@ -134,7 +185,7 @@ def _session(model):
 
 def _stream_reply(session, tok, new_ids: list[int], max_new: int, args, out=None) -> tuple[list[int], dict]:
     """Generate after `new_ids`, printing text as it comes. Returns (new ids, timing stats)."""
-    out = sys.stdout if out is None else out
+    out = (open(os.devnull, "w") if _quiet else sys.stdout) if out is None else out
     stats: dict = {}
     dec = tok.stream(skip_special_tokens=not args.show_special)
     new: list[int] = []
@@ -175,6 +226,7 @@ def _prompt_ids(tok, text: str, raw: bool, thinking: bool) -> list[int]:
 def generate(args: argparse.Namespace) -> int:
     from dsv32_jax.engine.checks import check_budget
 
+    _join(args)
     cfg, tok = _open(args)
     ids = _prompt_ids(tok, args.prompt, args.raw, args.thinking)
     n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
@@ -260,12 +312,13 @@ class Conversation:
 
 
 def chat(args: argparse.Namespace) -> int:
+    _join(args)
     _, tok = _open(args)
     session = _session(_load_weights(args.ckpt, args))
     mode = "thinking" if args.thinking else "chat"
     convo = Conversation(tok, mode, session.max_len)
     _say(f"chat ({mode} mode, context {session.max_len} tokens). /clear resets the conversation, /exit quits.")
-    for line in sys.stdin:
+    for line in _lines():
         text = line.strip()
         if text == "/exit":
             break
@@ -391,6 +444,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", metavar="PATH", default=None, help=tok_help)
     c.add_argument("--thinking", action="store_true", help="thinking mode chat template")
     common(c, max_new=256)
+    for p in (g, c):
+        p.add_argument("--mesh", metavar="D,E,T", default=None,
+                       help="run sharded on a data,expert,tensor mesh of all devices (e.g. 1,8,1); "
+                            "default: one device (several processes: 1,<all devices>,1)")
+        p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                       help="multi-process run: process 0's address (or $DSV32_COORDINATOR)")
+        p.add_argument("--num-processes", type=int, metavar="N", default=None,
+                       help="multi-process run: how many processes (or $DSV32_NUM_PROCESSES)")
+        p.add_argument("--process-id", type=int, metavar="I", default=None,
+                       help="multi-process run: this process, 0..N-1 (or $DSV32_PROCESS_ID)")
     c.set_defaults(func=chat)
     # Listed for --help only: main() hands `dsv32 convert ...` to convert.cli before parsing.
     sub.add_parser("convert", add_help=False,

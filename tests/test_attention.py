@@ -128,17 +128,19 @@ def test_f32_matmul_widens_in_chunks_exactly():
 @pytest.mark.parametrize("fp8_act", [True, False])
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_expert_windows_equal_every_expert_on_every_token(weights, fp8_act, tokens):
-    """The routed-only expert loop == computing all experts on all tokens and picking."""
+    """The routed-only expert loop == computing all experts on all tokens, picking and summing
+    with the routing weights."""
     cfg = dataclasses.replace(preset("tiny"), dtype="float32", fp8_activations=fp8_act,
                               weight_dtype=weights, scale_fmt="ue8m0" if weights == "fp8" else None)
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((tokens, cfg.dim)), jnp.float32)
     experts = jnp.asarray(np.stack([rng.choice(cfg.n_routed_experts, cfg.n_activated_experts,
                                                replace=False) for _ in range(tokens)]), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, experts.shape), jnp.float32)
     mod = Experts(cfg)
     layer = cfg.n_moe_layers - 1  # read from the stack of all MoE layers' experts
-    params = mod.init(jax.random.key(0), x, experts, layer)
-    got = jax.jit(mod.apply)(params, x, experts, layer)
+    params = mod.init(jax.random.key(0), x, experts, weights, layer)
+    got = jax.jit(mod.apply)(params, x, experts, weights, layer)
 
     def all_experts(m, x):
         from dsv32_jax.model.moe import expert_linear
@@ -151,7 +153,8 @@ def test_expert_windows_equal_every_expert_on_every_token(weights, fp8_act, toke
         return jnp.stack(outs, 1)  # (N, E, D)
 
     every = mod.apply(params, x, method=all_experts)
-    want = jnp.take_along_axis(every, experts[..., None], 1)
+    want = jnp.einsum("nkd,nk->nd", jnp.take_along_axis(every, experts[..., None], 1), weights,
+                      precision="highest")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 

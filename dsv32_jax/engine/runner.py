@@ -3,6 +3,7 @@ one. The object holds no compiled state: deleting it frees its params."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -114,7 +115,8 @@ def _check_impl(impl: str) -> None:
 
 
 def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations: bool = True,
-               attention_impl: str = "xla", mesh=None, progress: bool = False) -> Model:
+               attention_impl: str = "xla", mesh=None, progress: bool = False,
+               ep_capacity_factor: float | None = None) -> Model:
     """Load a checkpoint directory in the released HF layout.
 
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
@@ -124,6 +126,8 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     (`sharding.make_mesh`): params are loaded straight into their shards (rules in
     `sharding.rules`; in a multi-process run each process reads only its devices' shards), the
     caches are created in shards, and the routed experts run expert-parallel (all-to-all).
+    ep_capacity_factor: None (exact: no routed pick is ever dropped) or f > 0: expert-parallel
+    send buffers of f x the mean load, overflow dropped and counted (`sharding.expert_parallel`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -142,6 +146,7 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         cfg = orbax_layout.load_config(path, dtype=dtype, fp8_activations=fp8_activations)
     else:
         cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
+    cfg = dataclasses.replace(cfg, ep_capacity_factor=ep_capacity_factor)
     shardings = None
     if mesh is not None:
         from sharding import MESH_AXES, param_shardings

@@ -31,6 +31,7 @@ from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.engine.generate import bucket
 from dsv32_jax.model.transformer import init_cache
+from sharding.distributed import to_host
 from sharding.mesh import on_mesh
 
 MIN_CAPACITY = 1024
@@ -176,7 +177,7 @@ class ChatSession:
                 key, sub = jax.random.split(key)
                 token, logits, self._cache = exe(self.model.params, self._cache,
                                                  jnp.full(1, self.length, jnp.int32), sub, temp, topp, logits)
-                tok = int(np.asarray(token)[0])
+                tok = int(to_host(token)[0])
             except BaseException:  # e.g. Ctrl-C inside the call, whose cache was donated: rebuilt next time
                 self._drop_cache()
                 raise

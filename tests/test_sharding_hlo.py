@@ -1,0 +1,23 @@
+"""What the sharded program does, read off its compiled HLO on 8 simulated CPU devices (the
+deployment numerics: bf16, FP8 weights and activations), and the expert-parallel capacity."""
+
+from __future__ import annotations
+
+from test_sharding import run_sharded
+
+
+def test_compiled_sharded_forward():
+    """Prefill and decode on meshes (1,8,1), (2,2,2), (1,2,4): no FP8 weight is
+    all-gathered, the routed experts are reached by all-to-all (rows and ids there, rows back),
+    and the cache comes back laid out as it went in. A tight expert-parallel capacity drops
+    picks and counts them; the default (exact) drops none and equals one device."""
+    res = run_sharded("tiny-fp8", [], "hlo,capacity")
+    for mesh, r in res["hlo"].items():
+        for step in ("prefill", "decode"):
+            assert r[step]["fp8_all_gathers"] == 0, (mesh, step, r)
+            assert r[step]["all_to_alls"] >= 3, (mesh, step, r)  # rows, ids there; rows back
+            assert r[step]["cache_kept"], (mesh, step, r)
+    assert res["capacity_None"]["dropped"] == 0
+    assert res["capacity_None"]["max_diff_over_std"] < 1e-5
+    assert res["capacity_0.25"]["dropped"] > 0
+    assert res["capacity_0.25"]["max_diff_over_std"] > 1e-3  # dropped picks change the result
