@@ -115,6 +115,55 @@ def test_activation_estimate_against_compiled_temp():
         sum(p.workspace.values())
 
 
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from dsv32_jax.checkpoint.weights import abstract_params
+    from dsv32_jax.engine.generate import forward
+    from dsv32_jax.model.config import preset
+    from dsv32_jax.model.transformer import init_cache
+    from sharding import cache_shardings, make_mesh, param_shardings
+    mesh_shape, batch, context, queries = json.loads(sys.argv[1])
+    cfg, mesh = preset("small"), make_mesh(*mesh_shape)
+    specs = abstract_params(cfg)
+    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), specs,
+                          param_shardings(specs, mesh), is_leaf=lambda x: hasattr(x, "names"))
+    with jax.set_mesh(mesh):
+        cache = jax.eval_shape(lambda: init_cache(cfg, batch, context))
+    cache = jax.tree.map(lambda c, s: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=s), cache,
+                         cache_shardings(cache, mesh))
+    rows = NamedSharding(mesh, P("data"))
+    tok = jax.ShapeDtypeStruct((batch, queries), jnp.int32, sharding=rows)
+    last = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    with jax.set_mesh(mesh):
+        mem = forward.lower(params, tok, tok, cache, last, cfg=cfg).compile().memory_analysis()
+    print(json.dumps({"args": int(mem.argument_size_in_bytes), "temp": int(mem.temp_size_in_bytes)}))
+""")
+
+
+def test_sharded_estimate_against_compiled_temp():
+    """The same check on a mesh (data 2 x expert 4, 8 simulated devices, `small`, batch 4, context
+    1024, a 512-token prefill chunk), where the expert-parallel buffers and the data split count:
+    XLA's per-device argument bytes are exactly the plan's weights + cache plus the step's inputs
+    (tokens, positions, last), and the prefill estimate is within 0.5x..2x of the per-device
+    compiled temp (measured: 1.31x; XLA:CPU caveats as above)."""
+    mesh, batch, context, queries = (2, 4, 1), 4, 1024, 512
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT,
+                           json.dumps([mesh, batch, context, queries])],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode:
+        pytest.fail(proc.stderr[-3000:])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    p = plan(preset("small"), mesh, context, batch)
+    local = batch // mesh[0]
+    inputs = 2 * local * queries * 4 + local * 4
+    assert got["args"] == p.weights["total"] + p.cache + inputs
+    assert 0.5 <= p.phases["prefill"]["total"] / got["temp"] <= 2.0, (p.phases["prefill"], got)
+
+
 def test_parse_bytes_and_meshes():
     assert parse_bytes("141GB") == 141 * 10**9
     assert parse_bytes("80GiB") == 80 * 2**30
