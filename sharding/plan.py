@@ -42,8 +42,8 @@ mesh, without allocating anything, and the search for meshes that fit.
       returned rows (4 buffers), the received rows sorted and the windowed output (2 more), the
       ids (2 x P*C int32), and the returned picks (rows*k, D) plus the f32 sum (rows, D). On one
       device: the sorted rows and windowed output (2 x (B*s*k, D)) and the scattered output;
-    - `expert_window`: one expert window (`moe.expert_window` rows): its rows and output (w, D)
-      and the f32 SwiGLU halves (w, I).
+    - `expert_window`: one expert window (`moe.expert_window` rows): its rows and output (w, D),
+      the f32 SwiGLU halves (w, I) and its projections' blockwise partials (w, g, N) f32.
   Two phases are planned: a prefill chunk (s = min(PREFILL_CHUNK, context) queries per sequence,
   the logits at one position) and a decode step (s = 1, with sampling); the larger total counts.
 
@@ -288,7 +288,14 @@ def _phase(cfg, ms: dict, context: int, batch: int, s: int, decode: bool) -> tup
             r = n_tok * k_exp
             window = moe.expert_window(n_tok, r, E)
             ws["expert_parallel"] = 3 * r * D * dt + 2 * window * D * dt + n_tok * D * f32
-        ws["expert_window"] = window * (2 * D * dt + 2 * I_moe * f32)
+        partials = 0
+        if cfg.quantized and cfg.fp8_activations:  # the window's blockwise_matmul (w1/w3, w2)
+            for n, k in ((I_moe, D), (D, I_moe)):
+                nb = k // BLOCK
+                g = max([x for x in range(1, nb + 1)
+                         if nb % x == 0 and window * x * n * 4 <= quant.PARTIALS_BYTES] or [1])
+                partials = max(partials, window * g * n * f32)
+        ws["expert_window"] = window * (2 * D * dt + 2 * I_moe * f32) + partials
     return act, ws
 
 
