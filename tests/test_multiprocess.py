@@ -1,0 +1,130 @@
+"""Multi-process runs on this machine: 2 processes x 4 CPU devices (jax.distributed over
+localhost, gloo collectives) give the same logits and greedy tokens as 1 process x 8 devices,
+through the Python API (HF and Orbax checkpoints) and through `dsv32 generate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO, fixture_dir
+
+MESH = "2,2,2"
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from sharding import distributed
+    distributed.initialize()  # from DSV32_COORDINATOR / DSV32_NUM_PROCESSES / DSV32_PROCESS_ID
+    import jax
+    import dsv32_jax
+    from sharding import make_mesh, parse_mesh
+    paths, tokens = json.loads(sys.argv[1]), np.array(json.loads(sys.argv[2]))
+    mesh = make_mesh(*parse_mesh(sys.argv[3]))
+    prompts = [list(map(int, r[:20])) for r in tokens]
+    out = {"processes": jax.process_count(), "local_devices": len(jax.local_devices())}
+    for name, path in paths.items():
+        model = dsv32_jax.load_model(path, dtype="float32", fp8_activations=False, mesh=mesh)
+        w1 = model.params["moe_layers"]["ffn"]["experts"]["w1_weight"]
+        out[name] = {
+            "logits": distributed.to_host(model.logits(tokens)).tolist(),
+            "greedy": model.generate(prompts, 6, temperature=0, stop_tokens=[]),
+            "local_shards": len(w1.addressable_shards),
+            "local_experts": sorted({int(s.index[1].start) for s in w1.addressable_shards})}
+    if jax.process_index() == 0:
+        print(json.dumps(out))
+""")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
+def _run_both(cmd: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, list]:
+    """cmd as 1 process x 8 devices, then as 2 processes x 4 devices (coordinated over a free
+    localhost port through the DSV32_* variables) -> (single, [process 0, process 1])."""
+    single = subprocess.run(cmd, capture_output=True, text=True, env=_env(8), timeout=timeout)
+    coord = f"127.0.0.1:{_port()}"
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(4, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
+                                       DSV32_PROCESS_ID=str(i))) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    multi = [subprocess.CompletedProcess(cmd, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    return single, multi
+
+
+def _ok(proc: subprocess.CompletedProcess) -> str:
+    """stdout less the lines the gloo library itself prints on connecting (CPU collectives)."""
+    if proc.returncode:
+        pytest.fail(f"rc {proc.returncode}: {proc.stderr[-3000:]}")
+    return "".join(l for l in proc.stdout.splitlines(True) if not l.startswith("[Gloo]"))
+
+
+def test_two_processes_equal_one(tmp_path):
+    from convert import convert_checkpoint
+
+    case = fixture_dir("tiny-fp8")
+    with np.load(case / "golden_exact.npz") as z:
+        tokens = z["tokens"].tolist()
+    orbax = tmp_path / "orbax"
+    convert_checkpoint(case / "hf", orbax, progress=False)
+    paths = {"hf": str(case / "hf"), "orbax": str(orbax)}
+    single, multi = _run_both([sys.executable, "-c", SCRIPT, json.dumps(paths), json.dumps(tokens),
+                               MESH])
+    one = json.loads(_ok(single).strip().splitlines()[-1])
+    two = json.loads(_ok(multi[0]).strip().splitlines()[-1])
+    assert _ok(multi[1]).strip() == ""  # only process 0 prints
+    assert (one["processes"], one["local_devices"]) == (1, 8)
+    assert (two["processes"], two["local_devices"]) == (2, 4)
+    for name in ("hf", "orbax"):
+        a, b = np.array(one[name]["logits"]), np.array(two[name]["logits"])
+        assert np.abs(a - b).max() <= 1e-5 * a.std(), name
+        assert one[name]["greedy"] == two[name]["greedy"], name
+        assert two[name]["local_shards"] == 4  # process 0 holds its 4 devices' shards only
+        assert two[name]["local_experts"] == [0, 1, 2, 3]  # 4 of the 8 experts, not all
+
+
+def test_generate_cli_two_processes(tmp_path):
+    from dsv32_jax.checkpoint.synthetic import write_checkpoint
+    from dsv32_jax.model.config import preset
+
+    ckpt = tmp_path / "ck"
+    write_checkpoint(preset("tiny"), ckpt)
+    cmd = [sys.executable, "-m", "dsv32_jax.cli", "generate", "--ckpt", str(ckpt), "--prompt",
+           "Hello there", "--temperature", "0", "--max-new-tokens", "8", "--mesh", MESH,
+           "--dtype", "float32", "--no-fp8"]
+    single, multi = _run_both(cmd)
+    text = _ok(single)
+    assert text.strip()
+    assert _ok(multi[0]) == text  # the same greedy reply
+    assert _ok(multi[1]) == ""  # process 1 computes with it but prints nothing
+    assert "".join(l for l in multi[1].stderr.splitlines(True) if not l.startswith("[Gloo]")) == ""
+
+
+def test_partial_multiprocess_settings_are_one_line_errors(tmp_path):
+    env = _env(1, DSV32_COORDINATOR="127.0.0.1:1")
+    env.pop("DSV32_NUM_PROCESSES", None)
+    env.pop("DSV32_PROCESS_ID", None)
+    proc = subprocess.run([sys.executable, "-m", "dsv32_jax.cli", "generate", "--ckpt",
+                           str(tmp_path), "--prompt", "x"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "--num-processes" in proc.stderr, proc.stderr
