@@ -1,0 +1,53 @@
+"""What the kernels share: the backend choice (the Triton lowering of `pl.pallas_call`), interpret
+mode on CPU, and argument checks that raise clear `ValueError`s."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltr
+
+HIGHEST = jax.lax.Precision.HIGHEST  # f32 operands: IEEE dots under Triton (not TF32)
+
+
+def interpret_default() -> bool:
+    """Kernels run interpreted (the same kernel, jax's generic Pallas interpreter) off GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params; passing them is also what selects the Triton lowering (without
+    them a GPU pallas_call lowers through Mosaic GPU)."""
+    return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_shape(name: str, x, shape: tuple, dtypes=None) -> None:
+    """x.shape == shape (None entries: any size) and x.dtype in dtypes."""
+    ok = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+    want = tuple("*" if s is None else s for s in shape)
+    check(ok, f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(jnp.dtype(d) for d in dtypes)
+        check(x.dtype in dtypes, f"{name} must have dtype in {[d.name for d in dtypes]}, "
+                                 f"got {x.dtype}")
+
+
+def check_pow2(name: str, n: int) -> None:
+    """Triton tensors (a loaded block, a dot operand) need power-of-two sizes."""
+    check(is_pow2(n), f"{name} must be a power of two (Triton block sizes), got {n}")
+
+
+FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn)
