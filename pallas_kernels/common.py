@@ -51,3 +51,38 @@ def check_pow2(name: str, n: int) -> None:
 
 
 FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn)
+
+
+# The cache keeps e4m3 / bf16 values as their bit patterns (uint8 / uint16); kernels take either
+# and reinterpret the bits in registers (a bitcast of the whole cache outside could be a copy).
+FROM_BITS = {jnp.dtype(jnp.uint8): jnp.dtype(jnp.float8_e4m3fn),
+             jnp.dtype(jnp.uint16): jnp.dtype(jnp.bfloat16)}
+
+
+def value_dtype(x) -> jnp.dtype:
+    """The float type of an array given as values or as their bit patterns."""
+    return FROM_BITS.get(jnp.dtype(x.dtype), jnp.dtype(x.dtype))
+
+
+def from_bits(x):
+    """In a kernel: a loaded block as its float values."""
+    want = FROM_BITS.get(jnp.dtype(x.dtype))
+    return x if want is None else jax.lax.bitcast_convert_type(x, want)
+
+
+def layer_arg(x, layer, ndim: int, name: str):
+    """A cache array of one layer (ndim dims) or layer-stacked (ndim + 1, with `layer`): ->
+    (shape without the layer axis, the layer as a (1,) int32 array for the kernel)."""
+    if x.ndim == ndim + 1:
+        check(layer is not None, f"{name} is layer-stacked {tuple(x.shape)}: pass layer=")
+        return x.shape[1:], jnp.asarray(layer, jnp.int32).reshape(1)
+    check(x.ndim == ndim and layer is None,
+          f"{name} must have {ndim} dims (or {ndim + 1} with layer=), got shape {tuple(x.shape)}"
+          + (" and a layer" if layer is not None else ""))
+    return x.shape, jnp.zeros((1,), jnp.int32)
+
+
+def lead(ref, ndim: int, layer, b) -> tuple:
+    """The leading index of sequence b in a cache ref of `ndim` dims a layer (and the layer,
+    when the ref is layer-stacked)."""
+    return (layer, b) if len(ref.shape) == ndim + 1 else (b,)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (FLOATS, HIGHEST, check, check_pow2, check_shape,
-                                   compiler_params, interpret_default, pow2_floor)
+                                   compiler_params, from_bits, interpret_default, layer_arg, lead,
+                                   pow2_floor, value_dtype)
 
 QBLOCK = 128  # the latent's quantization block (one f32 scale per 128 values)
 
@@ -44,7 +45,8 @@ PREFILL = SparseMLABlocks(block_h=32, block_k=32, n_split=1, num_warps=8)
 
 
 def sparse_mla_reference(q_c, q_pe, idx, c, c_scale, k_pe, scale: float, length=None):
-    """jnp: the same math on gathered rows, f32 softmax; -> (B,S,H,C) in q_c's dtype."""
+    """jnp: the same math on gathered rows (c, k_pe as values), f32 softmax; -> (B,S,H,C) in
+    q_c's dtype."""
     bsz, t_len = c.shape[0], c.shape[1]
     dtype = q_c.dtype
     length = jnp.full((bsz,), t_len, jnp.int32) if length is None else length
@@ -65,13 +67,15 @@ def sparse_mla_reference(q_c, q_pe, idx, c, c_scale, k_pe, scale: float, length=
     return jnp.einsum("bshk,bskc->bshc", p, cs, precision=HIGHEST).astype(dtype)
 
 
-def _kernel(qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref, o_ref, lse_ref, *,
-            bh, bk, part, k, s_len, scale, dtype):
-    # qc_ref (B,S,H,C) · qpe_ref (B,S,H,R) · idx_ref (B,S,k) i32 · len_ref (B,) i32
-    # c_ref (B,T,C) e4m3 or dtype · cs_ref (B,T,C/128) f32 · pe_ref (B,T,R)
+def _kernel(layer_ref, qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref, o_ref, lse_ref,
+            *, bh, bk, part, k, s_len, scale, dtype):
+    # layer_ref (1,) i32 · qc_ref (B,S,H,C) · qpe_ref (B,S,H,R) · idx_ref (B,S,k) i32
+    # len_ref (B,) i32 · c_ref ([L,]B,T,C) e4m3 / its uint8 bits / dtype
+    # cs_ref ([L,]B,T,C/128) f32 · pe_ref ([L,]B,T,R) dtype / uint16 bf16 bits
     # o_ref (B,S,n_split,H,C) f32 · lse_ref (B,S,n_split,H) f32; whole arrays (ANY)
     q, hb, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, s = q // s_len, q % s_len
+    cl = lead(c_ref, 3, layer_ref[0], b)  # c, c_scale and k_pe share the leading axes
     heads = pl.ds(hb * bh, bh)
     n_c = qc_ref.shape[3] // QBLOCK
     qc = [qc_ref[b, s, heads, pl.ds(j * QBLOCK, QBLOCK)] for j in range(n_c)]  # n_c x (bh, 128)
@@ -86,9 +90,9 @@ def _kernel(qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref, o_ref, lse
         t = idx_ref[b, s, jnp.minimum(at, k - 1)]  # (bk,)
         valid = (at < hi) & (t >= 0) & (t < length)
         t = jnp.where(valid, t, 0)
-        rows = [(c_ref[b, t, pl.ds(j * QBLOCK, QBLOCK)].astype(jnp.float32)
-                 * cs_ref[b, t, j][:, None]).astype(dtype) for j in range(n_c)]  # (bk, 128)
-        pe = pe_ref[b, t, :].astype(dtype)  # (bk, R)
+        rows = [(from_bits(c_ref[(*cl, t, pl.ds(j * QBLOCK, QBLOCK))]).astype(jnp.float32)
+                 * cs_ref[(*cl, t, j)][:, None]).astype(dtype) for j in range(n_c)]  # (bk, 128)
+        pe = from_bits(pe_ref[(*cl, t, slice(None))]).astype(dtype)  # (bk, R)
         dot_t = lambda a, r: jax.lax.dot_general(  # noqa: E731  (bh, x) . (bk, x) -> (bh, bk)
             a, r, (((1,), (1,)), ((), ())), precision=HIGHEST, preferred_element_type=jnp.float32)
         sc = dot_t(qpe, pe)
@@ -126,14 +130,15 @@ def combine(o, lse, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "blocks", "interpret"))
-def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, *, scale: float,
+def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, layer=None, *, scale: float,
                blocks: SparseMLABlocks | None = None, interpret: bool | None = None):
     """Absorbed sparse MLA -> (B,S,H,C) in q_c's dtype.
 
     q_c (B,S,H,C) and q_pe (B,S,H,R) in the compute dtype; idx (B,S,k) int32 slots; the cache of
-    one layer: c (B,T,C) e4m3 or the compute dtype, c_scale (B,T,C/128) f32, k_pe (B,T,R) the
-    compute dtype; length (B,) int32: slots >= length[b] are invalid (default T). blocks: DECODE
-    for S <= 2, else PREFILL, unless given.
+    one layer: c (B,T,C) e4m3 (or its uint8 bits) or the compute dtype, c_scale (B,T,C/128) f32,
+    k_pe (B,T,R) the compute dtype (bf16 also as uint16 bits); or all three layer-stacked
+    ((L,B,T,...)) with `layer` naming the one to read in place. length (B,) int32: slots >=
+    length[b] are invalid (default T). blocks: DECODE for S <= 2, else PREFILL, unless given.
     """
     check(q_c.ndim == 4, f"q_c must be (B,S,H,C), got shape {tuple(q_c.shape)}")
     bsz, s_len, h, c_dim = q_c.shape
@@ -146,12 +151,16 @@ def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, *, scale: float,
     check(idx.ndim == 3, f"idx must be (B,S,k), got shape {tuple(idx.shape)}")
     k = idx.shape[2]
     check_shape("idx", idx, (bsz, s_len, k), (jnp.int32,))
-    check(c.ndim == 3, f"c must be (B,T,C), got shape {tuple(c.shape)}")
-    t_len = c.shape[1]
-    check_shape("c", c, (bsz, t_len, c_dim), (dtype, jnp.float8_e4m3fn))
+    c_shape, layer_a = layer_arg(c, layer, 3, "c")
+    t_len, stack = c_shape[1], tuple(c.shape[:-3])
+    check(tuple(c_shape) == (bsz, t_len, c_dim), f"c must be (B,T,C) = ({bsz}, T, {c_dim}) a "
+          f"layer, got {tuple(c.shape)}")
+    check(value_dtype(c) in (dtype, jnp.dtype(jnp.float8_e4m3fn)),
+          f"c must hold e4m3 or {dtype} values, got {c.dtype}")
     check(c_dim % QBLOCK == 0, f"the latent width C must be a multiple of {QBLOCK}, got {c_dim}")
-    check_shape("c_scale", c_scale, (bsz, t_len, c_dim // QBLOCK), (jnp.float32,))
-    check_shape("k_pe", k_pe, (bsz, t_len, r), (dtype,))
+    check_shape("c_scale", c_scale, (*stack, bsz, t_len, c_dim // QBLOCK), (jnp.float32,))
+    check_shape("k_pe", k_pe, (*stack, bsz, t_len, r))
+    check(value_dtype(k_pe) == dtype, f"k_pe must hold {dtype} values, got {k_pe.dtype}")
     length = jnp.full((bsz,), t_len, jnp.int32) if length is None else length
     check_shape("length", length, (bsz,), (jnp.int32,))
     check(k >= 1 and s_len >= 1, "need at least one query and one selected slot")
@@ -172,9 +181,9 @@ def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, *, scale: float,
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
     o, lse = pl.pallas_call(
         kernel, grid=(bsz * s_len, h // bh, n_split),
-        in_specs=[anyspec] * 7, out_specs=[anyspec, anyspec],
+        in_specs=[anyspec] * 8, out_specs=[anyspec, anyspec],
         out_shape=[jax.ShapeDtypeStruct((bsz, s_len, n_split, h, c_dim), jnp.float32),
                    jax.ShapeDtypeStruct((bsz, s_len, n_split, h), jnp.float32)],
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
-        interpret=interpret, name="sparse_mla")(q_c, q_pe, idx, length, c, c_scale, k_pe)
+        interpret=interpret, name="sparse_mla")(layer_a, q_c, q_pe, idx, length, c, c_scale, k_pe)
     return combine(o, lse, dtype)

@@ -104,9 +104,6 @@ def _cut(inter: dict, s: int, padded: int) -> dict:
 
 
 def _check_impl(impl: str) -> None:
-    if impl == "pallas":
-        raise NotImplementedError("attention_impl='pallas' is not implemented yet (the Pallas "
-                                  f"indexer/sparse-attention kernels); use one of {ATTENTION_IMPLS}")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
