@@ -86,3 +86,14 @@ def lead(ref, ndim: int, layer, b) -> tuple:
     """The leading index of sequence b in a cache ref of `ndim` dims a layer (and the layer,
     when the ref is layer-stacked)."""
     return (layer, b) if len(ref.shape) == ndim + 1 else (b,)
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def lower_for_gpu(fn, *avals, device_kind: str = H100, num_cores: int = 132) -> str:
+    """Lower jit(fn) for an abstract GPU, no GPU needed: runs the Triton lowering of every kernel
+    (unsupported ops, block shapes) but not ptxas. Returns the StableHLO text."""
+    dev = jax.sharding.AbstractDevice(device_kind=device_kind, platform="gpu", num_cores=num_cores)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev)):
+        return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
