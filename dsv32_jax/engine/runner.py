@@ -114,8 +114,9 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
 
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
     released FP8 activation quantization (linear inputs, indexer q/k, latent cache).
-    attention_impl: "xla" (sparse: gathers the indexer's top-k keys, O(S*k)) or "xla_dense" (a
-    masked dense reference, O(S^2)). mesh: a jax Mesh with axes ("expert", "tensor")
+    attention_impl: "xla" (sparse: gathers the indexer's top-k keys, O(S*k)), "xla_dense" (a
+    masked dense reference, O(S^2)) or "pallas" (the `pallas_kernels` indexer, top-k and sparse
+    MLA; interpreted off GPU). mesh: a jax Mesh with axes ("expert", "tensor")
     (`sharding.make_mesh`): params are loaded straight into their shards (rules in
     `sharding.rules`) and the forward runs SPMD-partitioned by XLA.
     """
