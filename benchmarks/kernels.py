@@ -306,8 +306,11 @@ def sweep(sh: Shapes, repeats: int, quick: bool = False) -> list[dict]:
     out = []
     b_mla, t_mla, b_idx, t_idx = (2, 64, 2, 64) if quick else (64, 32768, 8, 131072)
     q_c, q_pe, idx, c, cs, pe = mla_inputs(sh, b_mla, 1, t_mla)
-    for bh, bk, ns, nw in ((16, 32, 8, 4), (32, 32, 8, 8), (64, 32, 4, 8), (32, 64, 16, 8),
-                           (16, 64, 16, 4)):
+    mla_cfgs = ((16, 32, 8, 4), (32, 32, 8, 8), (64, 32, 4, 8), (32, 64, 16, 8), (16, 64, 16, 4))
+    idx_cfgs = ((128, 4), (256, 4), (512, 8))
+    if quick:  # a smoke run: one of each
+        mla_cfgs, idx_cfgs = mla_cfgs[:1], idx_cfgs[:1]
+    for bh, bk, ns, nw in mla_cfgs:
         blk = pk.SparseMLABlocks(block_h=bh, block_k=bk, n_split=ns, num_warps=nw)
         row = {"kernel": "sparse_mla", "blocks": dataclasses.asdict(blk),
                "shape": f"B={b_mla} T={t_mla}"}
@@ -322,7 +325,7 @@ def sweep(sh: Shapes, repeats: int, quick: bool = False) -> list[dict]:
         print("sweep", row, flush=True)
     del q_c, q_pe, idx, c, cs, pe
     a = indexer_inputs(sh, b_idx, 1, t_idx)
-    for bt, nw in ((128, 4), (256, 4), (512, 8)):
+    for bt, nw in idx_cfgs:
         blk = pk.IndexerBlocks(block_q=1, block_t=bt, num_warps=nw)
         row = {"kernel": "index_logits", "blocks": dataclasses.asdict(blk),
                "shape": f"B={b_idx} T={t_idx}"}
