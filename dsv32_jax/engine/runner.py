@@ -107,9 +107,6 @@ def _cut(inter: dict, s: int, padded: int) -> dict:
 
 
 def _check_impl(impl: str) -> None:
-    if impl == "pallas":
-        raise NotImplementedError("attention_impl='pallas' is not implemented yet (the Pallas "
-                                  f"indexer/sparse-attention kernels); use one of {ATTENTION_IMPLS}")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
@@ -121,8 +118,9 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
 
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
     released FP8 activation quantization (linear inputs, indexer q/k, latent cache).
-    attention_impl: "xla" (sparse: gathers the indexer's top-k keys, O(S*k)) or "xla_dense" (a
-    masked dense reference, O(S^2)). mesh: a jax Mesh with axes ("data", "expert", "tensor")
+    attention_impl: "xla" (sparse: gathers the indexer's top-k keys, O(S*k)), "xla_dense" (a
+    masked dense reference, O(S^2)) or "pallas" (the `pallas_kernels` indexer, top-k and sparse
+    MLA; interpreted off GPU). mesh: a jax Mesh with axes ("data", "expert", "tensor")
     (`sharding.make_mesh`): params are loaded straight into their shards (rules in
     `sharding.rules`; in a multi-process run each process reads only its devices' shards), the
     caches are created in shards, and the routed experts run expert-parallel (all-to-all).

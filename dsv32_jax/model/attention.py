@@ -8,6 +8,8 @@ one for one:
   index_topk    key tiles of the cache        -> (B,S,k)    top-k per tile, merged; O(S*k) live
   sparse_mla    the k selected cache rows     -> (B,S,H,C)  absorbed MLA, query chunks
   dense_mla     masked MHA over all keys      -> (B,S,H,dv) reference / short sequences
+attention_impl="pallas" replaces index_topk by `index_logits` + `topk` and sparse_mla by the
+Pallas `sparse_mla` (interpreted off GPU: the same kernels, not a fallback).
 Every buffer is bounded by `BUDGET` bytes (a key tile of the indexer, a query chunk of the
 gathered rows), not by the context length.
 """
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+import pallas_kernels as pk
 from dsv32_jax.model.cache import KVCache
 from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
 from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
@@ -30,7 +33,7 @@ from sharding.mesh import constrain
 HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (B, S, H, ...)
 
 NEG_INF = -jnp.inf
-ATTENTION_IMPLS = ("xla", "xla_dense")
+ATTENTION_IMPLS = ("xla", "xla_dense", "pallas")
 BUDGET = 64 << 20  # bytes: the largest float32 working buffer of the indexer / sparse attention
 
 
@@ -253,9 +256,15 @@ class MLA(nn.Module):
         cache = cache.write(layer, positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
         t = cache.length
         with jax.named_scope("index_topk"):
-            tile = key_tile_size(b, s, cfg.index_n_heads, t)
-            idx, scores = index_topk(iq, iw, positions, lambda i, n: cache.key_tile(layer, i, n),
-                                     t, cfg.index_topk, tile, collect)
+            if self.impl == "pallas":  # raw scores when collecting (top-k masks causally itself)
+                scores = pk.index_logits(iq, iw, cache.ik, cache.ik_scale, positions, layer,
+                                         causal=not collect)  # reads the stacked cache in place
+                idx = pk.topk(scores, positions, k=cfg.index_topk)
+            else:
+                tile = key_tile_size(b, s, cfg.index_n_heads, t)
+                idx, scores = index_topk(iq, iw, positions,
+                                         lambda i, n: cache.key_tile(layer, i, n), t,
+                                         cfg.index_topk, tile, collect)
         if collect:
             self.sow("intermediates", "index_scores", scores)
             self.sow("intermediates", "topk", idx)
@@ -269,6 +278,12 @@ class MLA(nn.Module):
                     q_c, q_pe, idx, lambda i: cache.gather(layer, i, dtype), cfg.softmax_scale,
                     dtype)
                 o_c = over_query_chunks(attend, chunk, (q_c, q_pe, idx))
+                o = einsum("bshc,hdc->bshd", o_c, wkv_b[:, dn:], dtype)
+        elif self.impl == "pallas":
+            with jax.named_scope("sparse_attention"):
+                q_c = einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :dn], dtype)
+                o_c = pk.sparse_mla(q_c, q_pe.astype(dtype), idx, cache.c, cache.c_scale,
+                                    cache.k_pe, layer=layer, scale=cfg.softmax_scale)
                 o = einsum("bshc,hdc->bshd", o_c, wkv_b[:, dn:], dtype)
         else:
             with jax.named_scope("dense_attention"):

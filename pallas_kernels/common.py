@@ -1,0 +1,99 @@
+"""What the kernels share: the backend choice (the Triton lowering of `pl.pallas_call`), interpret
+mode on CPU, and argument checks that raise clear `ValueError`s."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltr
+
+HIGHEST = jax.lax.Precision.HIGHEST  # f32 operands: IEEE dots under Triton (not TF32)
+
+
+def interpret_default() -> bool:
+    """Kernels run interpreted (the same kernel, jax's generic Pallas interpreter) off GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params; passing them is also what selects the Triton lowering (without
+    them a GPU pallas_call lowers through Mosaic GPU)."""
+    return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_shape(name: str, x, shape: tuple, dtypes=None) -> None:
+    """x.shape == shape (None entries: any size) and x.dtype in dtypes."""
+    ok = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+    want = tuple("*" if s is None else s for s in shape)
+    check(ok, f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(jnp.dtype(d) for d in dtypes)
+        check(x.dtype in dtypes, f"{name} must have dtype in {[d.name for d in dtypes]}, "
+                                 f"got {x.dtype}")
+
+
+def check_pow2(name: str, n: int) -> None:
+    """Triton tensors (a loaded block, a dot operand) need power-of-two sizes."""
+    check(is_pow2(n), f"{name} must be a power of two (Triton block sizes), got {n}")
+
+
+FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn)
+
+
+# The cache keeps e4m3 / bf16 values as their bit patterns (uint8 / uint16); kernels take either
+# and reinterpret the bits in registers (a bitcast of the whole cache outside could be a copy).
+FROM_BITS = {jnp.dtype(jnp.uint8): jnp.dtype(jnp.float8_e4m3fn),
+             jnp.dtype(jnp.uint16): jnp.dtype(jnp.bfloat16)}
+
+
+def value_dtype(x) -> jnp.dtype:
+    """The float type of an array given as values or as their bit patterns."""
+    return FROM_BITS.get(jnp.dtype(x.dtype), jnp.dtype(x.dtype))
+
+
+def from_bits(x):
+    """In a kernel: a loaded block as its float values."""
+    want = FROM_BITS.get(jnp.dtype(x.dtype))
+    return x if want is None else jax.lax.bitcast_convert_type(x, want)
+
+
+def layer_arg(x, layer, ndim: int, name: str):
+    """A cache array of one layer (ndim dims) or layer-stacked (ndim + 1, with `layer`): ->
+    (shape without the layer axis, the layer as a (1,) int32 array for the kernel)."""
+    if x.ndim == ndim + 1:
+        check(layer is not None, f"{name} is layer-stacked {tuple(x.shape)}: pass layer=")
+        return x.shape[1:], jnp.asarray(layer, jnp.int32).reshape(1)
+    check(x.ndim == ndim and layer is None,
+          f"{name} must have {ndim} dims (or {ndim + 1} with layer=), got shape {tuple(x.shape)}"
+          + (" and a layer" if layer is not None else ""))
+    return x.shape, jnp.zeros((1,), jnp.int32)
+
+
+def lead(ref, ndim: int, layer, b) -> tuple:
+    """The leading index of sequence b in a cache ref of `ndim` dims a layer (and the layer,
+    when the ref is layer-stacked)."""
+    return (layer, b) if len(ref.shape) == ndim + 1 else (b,)
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def lower_for_gpu(fn, *avals, device_kind: str = H100, num_cores: int = 132) -> str:
+    """Lower jit(fn) for an abstract GPU, no GPU needed: runs the Triton lowering of every kernel
+    (unsupported ops, block shapes) but not ptxas. Returns the StableHLO text."""
+    dev = jax.sharding.AbstractDevice(device_kind=device_kind, platform="gpu", num_cores=num_cores)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev)):
+        return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
