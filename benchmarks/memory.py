@@ -13,6 +13,9 @@ Reports, per program:
 
     python -m benchmarks.memory            # the table (a few minutes on 2 cores)
     python -m benchmarks.memory --json F   # also write the figures to F
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.memory --mesh 1,8,1
+                                           # the same programs sharded: per-device figures and
+                                           # the collectives of the compiled program
 `tests/test_memory.py` gates the same figures.
 """
 
@@ -52,15 +55,79 @@ def abstract(cfg: Config):
                         is_leaf=lambda x: hasattr(x, "names"))
 
 
-def lower(cfg: Config, context: int, queries: int, impl: str = "xla"):
-    """forward() of `queries` new tokens written at the end of a `context`-slot cache."""
+def lower(cfg: Config, context: int, queries: int, impl: str = "xla", mesh=None, batch: int = 1):
+    """forward() of `queries` new tokens written at the end of a `context`-slot cache; with a
+    mesh, params and cache carry the shardings `load_model(mesh=)` gives them."""
     params = abstract(cfg)
-    cache = jax.eval_shape(lambda: init_cache(cfg, 1, context))
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, context))
+    if mesh is not None:
+        from sharding.mesh import cache_shardings, param_shardings
+
+        def put(x, s):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+        params = jax.tree.map(put, params, param_shardings(abstract_params(cfg), mesh))
+        cache = jax.tree.map(put, cache, cache_shardings(cache, mesh))
     i32 = jnp.int32
-    tokens = jax.ShapeDtypeStruct((1, queries), i32)
-    pos = jax.ShapeDtypeStruct((1, queries), i32)
-    last = jax.ShapeDtypeStruct((1,), i32)
-    return forward.lower(params, tokens, pos, cache, last, cfg=cfg, impl=impl)
+    tokens = jax.ShapeDtypeStruct((batch, queries), i32)
+    pos = jax.ShapeDtypeStruct((batch, queries), i32)
+    last = jax.ShapeDtypeStruct((batch,), i32)
+    if mesh is None:
+        return forward.lower(params, tokens, pos, cache, last, cfg=cfg, impl=impl)
+    with jax.set_mesh(mesh):
+        return forward.lower(params, tokens, pos, cache, last, cfg=cfg, impl=impl)
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def collectives(hlo: str) -> dict[str, dict]:
+    """Compiled HLO text -> {collective: {"count", "largest_bytes", "fp8"}} (fp8: how many move
+    e4m3 operands)."""
+    out = {}
+    for line in hlo.splitlines():
+        m = re.search(r"= (\(?[\w\[\],{}: ]*?\)?) ?(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if not m:
+            continue
+        kind = m.group(2)
+        size = 0
+        for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+            bits = {"f8e4m3fn": 8, "u8": 8, "s8": 8, "bf16": 16, "f16": 16, "u16": 16, "f32": 32,
+                    "s32": 32, "u32": 32, "pred": 8}.get(dt, 0)
+            size = max(size, math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+        row = out.setdefault(kind, {"count": 0, "largest_bytes": 0, "fp8": 0})
+        row["count"] += 1
+        row["largest_bytes"] = max(row["largest_bytes"], size)
+        row["fp8"] += "f8e4m3" in m.group(1)
+    return out
+
+
+def measure_sharded(cfg: Config, mesh, context: int = 131072, batch: int = 1, chunk: int = 512):
+    """Per-device figures of the sharded decode step and prefill chunk at `context`."""
+    out = {"config": f"released widths, 1 dense + 2 MoE layers, batch {batch}, mesh "
+                     f"{'x'.join(map(str, mesh.devices.shape))} (data, expert, tensor)"}
+    for name, queries in (("decode", 1), ("prefill", chunk)):
+        t0 = time.perf_counter()
+        comp = lower(cfg, context, queries, mesh=mesh, batch=batch).compile()
+        mem = comp.memory_analysis()
+        out[name] = {"argument_bytes": int(mem.argument_size_in_bytes),
+                     "temp_bytes": int(mem.temp_size_in_bytes),
+                     "collectives": collectives(comp.as_text()),
+                     "seconds": time.perf_counter() - t0}
+    return out
+
+
+def report_sharded(res: dict) -> str:
+    lines = [f"# {res['config']}", "| program | per-device arguments | compiled temp (XLA:CPU) | "
+             "collectives (count, largest) | FP8 operands moved |", "| --- | --- | --- | --- | --- |"]
+    for name in ("decode", "prefill"):
+        r = res[name]
+        coll = ", ".join(f"{k} {v['count']} ({v['largest_bytes'] / MIB:.1f} MiB)"
+                         for k, v in sorted(r["collectives"].items()))
+        fp8 = sum(v["fp8"] for v in r["collectives"].values())
+        lines.append(f"| {name} | {r['argument_bytes'] / GIB:.2f} GiB | {r['temp_bytes'] / GIB:.2f} GiB"
+                     f" | {coll} | {fp8} |")
+    return "\n".join(lines)
 
 
 def _tensor_bytes(t: str) -> int:
@@ -154,9 +221,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--no-compile", action="store_true", help="lowering only (largest tensors)")
+    ap.add_argument("--mesh", metavar="D,E,T", help="sharded over this mesh of all devices")
+    ap.add_argument("--batch", type=int, default=1, help="sequences (with --mesh; default 1)")
     args = ap.parse_args(argv)
-    res = measure(released_cut(), compile_=not args.no_compile)
-    print(report(res))
+    if args.mesh:
+        from sharding.mesh import make_mesh, parse_mesh
+
+        res = measure_sharded(released_cut(), make_mesh(*parse_mesh(args.mesh)), batch=args.batch)
+        print(report_sharded(res))
+    else:
+        res = measure(released_cut(), compile_=not args.no_compile)
+        print(report(res))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

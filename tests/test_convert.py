@@ -211,7 +211,7 @@ print("RESULT", all(jax.tree.leaves(same)), len(w.sharding.device_set),
     assert r.returncode == 0, r.stderr[-3000:]
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")][0].split()
     assert line[1] == "True" and line[2] == "4"
-    assert int(line[3]) * 2 == int(line[4])  # experts split over the 'expert' axis
+    assert int(line[3]) * 4 == int(line[4])  # experts split over every device of the mesh
 
 
 def test_metadata_matches_what_orbax_writes(tmp_path):
