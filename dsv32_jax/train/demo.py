@@ -3,7 +3,7 @@
 sparse training over the indexer's top-k. Its final checkpoint is shipped as package data
 (`dsv32_jax/demo_model/`) and `dsv32 demo` generates with it.
 
-    python -m dsv32_jax.train.demo OUT      # ~30-45 min on 2 CPU cores; then copies OUT/model
+    python -m dsv32_jax.train.demo OUT      # ~15-25 min on 2 CPU cores; then copies OUT/model
                                             # into dsv32_jax/demo_model with --install
 """
 
@@ -21,9 +21,9 @@ from dsv32_jax.train import step as S
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
 VOCAB = 1024
 BATCH, SEQ = 16, 128  # sequences of 128 tokens, index_topk 16: the sparse attention really selects
-STAGES = (("dense", 1000, S.Hparams(lr=3e-3, warmup_steps=50)),
-          ("warmup", 150, S.Hparams(indexer_lr=3e-3, warmup_steps=10)),
-          ("sparse", 400, S.Hparams(lr=1e-3, indexer_lr=1e-3, warmup_steps=20)))
+STAGES = (("dense", 400, S.Hparams(lr=3e-3, warmup_steps=40)),
+          ("warmup", 100, S.Hparams(indexer_lr=3e-3, warmup_steps=10)),
+          ("sparse", 200, S.Hparams(lr=1e-3, indexer_lr=1e-3, warmup_steps=20)))
 
 
 def demo_config(dtype: str = "float32"):

@@ -50,17 +50,23 @@ def _json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def check_init(path: str) -> str:
+    """The HF checkpoint directory to start from (a run directory: its exported `hf/`), from its
+    config.json alone; an FP8 checkpoint is refused."""
+    if os.path.isfile(os.path.join(path, "run.json")) and os.path.isdir(os.path.join(path, "hf")):
+        path = os.path.join(path, "hf")
+    other = Config.from_hf(path, fp8_activations=False)  # the weight format is what matters
+    if other.quantized:
+        raise TrainError(f"{path}: an FP8 checkpoint: FP8 weights are not trained (no useful gradient "
+                         "through e4m3); start from a bf16 checkpoint")
+    return path
+
+
 def load_init(path: str, cfg: Config) -> dict:
     """Params of a HF checkpoint directory (or a run directory: its exported `hf/`) for `cfg`."""
     from dsv32_jax.checkpoint.hf import load_params
 
-    if os.path.isfile(os.path.join(path, "run.json")) and os.path.isdir(os.path.join(path, "hf")):
-        path = os.path.join(path, "hf")
-    other = Config.from_hf(path)
-    if other.quantized:
-        raise TrainError(f"{path}: an FP8 checkpoint: FP8 weights are not trained (no useful gradient "
-                         "through e4m3); start from a bf16 checkpoint")
-    return load_params(path, cfg)
+    return load_params(check_init(path), cfg)
 
 
 def export_hf(params: dict, cfg: Config, directory: str, tokenizer_dir: str | None) -> str:
@@ -168,10 +174,9 @@ class Run:
             item_names=("state", "meta"))
         params = load_init(init, cfg) if init else init_params(cfg, seed)
         params = self._place(params)
-        self.tx = S.make_optimizer(stage, hp, steps, params)
+        self.tx, self.step_fn = S.trainer(cfg, stage, hp, steps)
         with self._ctx():
             self.state = S.init_state(params, self.tx)
-        self.step_fn = S.make_step(cfg, stage, self.tx, hp.remat)
         self.start = 0
         latest = self.manager.latest_step()
         if latest is not None:

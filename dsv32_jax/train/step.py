@@ -21,6 +21,7 @@ the cast) update the masters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -72,8 +73,9 @@ def make_optimizer(stage: str, hp: Hparams, total_steps: int, params: dict):
     mask = _decay_mask(params)
 
     def group(lr):
-        sched = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(1, min(hp.warmup_steps, total_steps)), max(total_steps, hp.warmup_steps + 1),
+        warm = max(1, min(hp.warmup_steps, total_steps))
+        sched = optax.warmup_cosine_decay_schedule(  # the first step at lr/warm, not 0
+            lr / warm, lr, warm, max(total_steps, hp.warmup_steps + 1),
             lr * hp.min_lr_ratio)
         return optax.chain(optax.clip_by_global_norm(hp.clip),
                            optax.adamw(sched, hp.b1, hp.b2, weight_decay=hp.weight_decay, mask=mask))
@@ -127,10 +129,18 @@ def make_step(cfg: Config, stage: str, tx, remat: str = "none"):
         labels = flatten(param_labels(grads))
         for g in ("main", "indexer"):
             leaves = [v for p, v in flatten(grads).items() if labels[p] == g]
-            metrics[f"grad_norm_{g}"] = optax.global_norm(leaves)
+            metrics[f"grad_norm_{g}"] = jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in leaves))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def trainer(cfg: Config, stage: str, hp: Hparams, total_steps: int):
+    """(optimizer, jitted step) for a run; cached, so runs of the same settings in one process
+    (a resume, a test) share one compiled step."""
+    tx = make_optimizer(stage, hp, total_steps, abstract_params(cfg))  # labels need paths only
+    return tx, make_step(cfg, stage, tx, hp.remat)
 
 
 def evaluate(cfg: Config, stage: str):
