@@ -43,6 +43,20 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(dsv32_jax, "load_model", refuse)
 
 
+def test_demo_trained_model_speaks(capsys):
+    """`make demo`: the shipped trained model answers the scripted chat, with sparse attention
+    selecting (the context outgrows index_topk); the last answer needs the name from turn one."""
+    assert main(["demo", "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "trained on this machine's CPU from scratch" in out
+    assert "Assistant: Nice to meet you, Alice!" in out
+    assert "Assistant: The sky is blue." in out
+    assert "User: What is my name?\nAssistant: Your name is Alice." in out
+    picks = [(int(a), int(b)) for a, b in
+             re.findall(r"\[(\d+) tokens in context; each new token attended (\d+) of them", out)]
+    assert len(picks) == 4 and all(k == 16 for _, k in picks) and picks[-1][0] > 16
+
+
 def test_demo_runs_and_caches(tmp_path, capsys):
     session_mod._EXECUTABLES.clear()  # so that this run compiles and reports it
     args = ["demo", "--random", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"]
