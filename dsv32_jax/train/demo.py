@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
     from dsv32_jax.train import corpus
     from dsv32_jax.train.data import Batches, tokenize_file
-    from dsv32_jax.train.loop import Run
+    from dsv32_jax.train.loop import Run, plot, read_metrics
 
     p = argparse.ArgumentParser(prog="python -m dsv32_jax.train.demo")
     p.add_argument("out")
@@ -81,7 +81,10 @@ def main(argv=None) -> int:
     final = os.path.join(args.out, "model")
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(os.path.join(args.out, "sparse", "hf"), final)
-    print(f"trained in {time.perf_counter() - t0:.0f}s; model in {final}")
+    curves = plot(args.out, [m for stage, _, _ in STAGES
+                             for m in read_metrics(os.path.join(args.out, stage))])
+    print(f"trained in {time.perf_counter() - t0:.0f}s; model in {final}"
+          + (f"; curves {curves}" if curves else ""))
     if args.install:
         shutil.rmtree(DEMO_DIR, ignore_errors=True)
         shutil.copytree(final, DEMO_DIR)

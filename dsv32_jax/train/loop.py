@@ -19,6 +19,7 @@ need re-quantization each step; `--init` of an FP8 checkpoint is refused (conver
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -71,8 +72,6 @@ def load_init(path: str, cfg: Config) -> dict:
 
 def export_hf(params: dict, cfg: Config, directory: str, tokenizer_dir: str | None) -> str:
     """The float32 masters as a bf16 checkpoint in the released HF layout (no MTP layer)."""
-    import dataclasses
-
     cfg = dataclasses.replace(cfg, n_mtp_layers=0)
     specs = flatten(abstract_params(cfg))
     tmp = directory + ".partial"
@@ -106,8 +105,9 @@ def read_metrics(out: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot(out: str, metrics: list[dict] | None = None) -> str | None:
-    """curves.png beside the checkpoint; None (and nothing written) without matplotlib."""
+def plot(out: str, metrics: list[dict] | None = None, name: str = "curves.png") -> str | None:
+    """OUT/curves.png (LM loss, KL, recall per step; stage changes dashed); None (and nothing
+    written) without matplotlib."""
     try:
         import matplotlib
 
@@ -118,18 +118,22 @@ def plot(out: str, metrics: list[dict] | None = None) -> str | None:
     metrics = read_metrics(out) if metrics is None else metrics
     if not metrics:
         return None
-    steps = [m["step"] for m in metrics]
+    steps = list(range(1, len(metrics) + 1))  # stages one after another (see join_stages)
+    stages = [m.get("stage", "") for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, keys, title in ((axes[0], ("lm",), "LM loss"), (axes[1], ("kl",), "indexer KL"),
-                            (axes[2], ("recall",), "recall of dense attention mass")):
-        for k in keys:
-            ax.plot(steps, [m[k] for m in metrics], lw=1)
+    for ax, key, title in ((axes[0], "lm", "LM loss"), (axes[1], "kl", "indexer KL"),
+                           (axes[2], "recall", "recall of dense attention mass")):
+        ax.plot(steps, [m[key] for m in metrics], lw=1)
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax.axvline(i + 0.5, color="gray", ls="--", lw=0.8)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{metrics[-1].get('stage', '')} stage")
+    names = list(dict.fromkeys(stages))
+    fig.suptitle(" -> ".join(names) + (" stages" if len(names) > 1 else " stage"))
     fig.tight_layout()
-    path = os.path.join(out, "curves.png")
+    path = os.path.join(out, name)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -149,8 +153,7 @@ class Run:
         self.out, self.cfg, self.stage, self.steps, self.batches = out, cfg, stage, steps, batches
         self.hp, self.seed, self.ckpt_every, self.tokenizer_dir, self.mesh = hp, seed, ckpt_every, tokenizer_dir, mesh
         settings = {"config": cfg.to_hf(), "dtype": cfg.dtype, "stage": stage, "steps": steps,
-                    "hparams": vars(hp) if not hasattr(hp, "__dataclass_fields__") else
-                    {k: getattr(hp, k) for k in hp.__dataclass_fields__},
+                    "hparams": dataclasses.asdict(hp),
                     "batch": batches.b, "seq_len": batches.s, "seed": seed, "init": init,
                     "data": os.path.basename(data)}
         os.makedirs(out, exist_ok=True)
