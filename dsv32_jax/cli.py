@@ -1,4 +1,5 @@
-"""`dsv32` command line: demo (the embedded default of `make demo`), generate, chat, convert, plan.
+"""`dsv32` command line: demo (the embedded default of `make demo`), generate, chat, train, convert,
+plan.
 
 Every user error (a bad argument, a missing or broken checkpoint, a prompt that does not fit) ends the
 command with one line on stderr: usage errors exit 2, the others 1; ``--debug`` shows the traceback
@@ -352,6 +353,59 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    """The trained demo model (shipped in dsv32_jax/demo_model) in a short chat; --random: the
+    architecture with random weights (a synthetic checkpoint)."""
+    return random_demo(args) if args.random else trained_demo(args)
+
+
+DEMO_TURNS = ("Hello! My name is Alice.", None, "What color is the sky?", "What is my name?")  # None: --prompt
+
+
+def trained_demo(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    import dsv32_jax
+    from dsv32_jax.checkpoint.hf import is_hf_dir
+    from dsv32_jax.text.tokenizer import Tokenizer
+    from dsv32_jax.train.demo import DEMO_DIR
+
+    if not is_hf_dir(DEMO_DIR):
+        raise FileNotFoundError(f"{DEMO_DIR}: the trained demo model is not installed (train it with "
+                                "`python -m dsv32_jax.train.demo OUT --install`); `dsv32 demo --random` "
+                                "runs the random-weights demo")
+    t = time.perf_counter()
+    tok = Tokenizer.load(DEMO_DIR)
+    model = dsv32_jax.load_model(DEMO_DIR, dtype=args.dtype, fp8_activations=not args.no_fp8)
+    c = model.config
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params))
+    print(f"dsv32 demo: a tiny DeepSeek-V3.2 ({n_params / 1e6:.2f}M params: {c.n_layers} layers, "
+          f"{c.n_routed_experts} routed experts, dim {c.dim}, vocab {c.vocab_size}) trained on this "
+          "machine's CPU from scratch on the project's own chat corpus: dense attention first, then "
+          "the indexer's dense warm-up, then sparse attention over the indexer's top-"
+          f"{c.index_topk} keys (DSA). Loaded from {DEMO_DIR} in {time.perf_counter() - t:.1f}s; "
+          f"numerics dtype={c.dtype} fp8_activations={c.fp8_activations}; device "
+          f"{jax.devices()[0].device_kind}.")
+    session = _session(model)
+    convo = Conversation(tok, "chat", session.max_len)
+    stats = None
+    for text in DEMO_TURNS:
+        text = args.prompt if text is None else text
+        context, n, notes = convo.plan({"role": "user", "content": text}, args.max_new_tokens)
+        for note in notes:
+            print(note)
+        print(f"User: {text}")
+        print("Assistant: ", end="", flush=True)
+        reply, stats = _stream_reply(session, tok, session.prepare(context), n, args)
+        convo.add_reply(reply)
+        end = len(context) + len(reply)
+        print(f"    [{end} tokens in context; each new token attended "
+              f"{min(c.index_topk, end)} of them, picked by the indexer]")
+    print(_rates(stats))
+    return 0
+
+
+def random_demo(args: argparse.Namespace) -> int:
     import jax
 
     import dsv32_jax
@@ -502,12 +556,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="print special/reserved tokens in the output stream")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
-    d = sub.add_parser("demo", help="random synthetic checkpoint (cached): load, chat-template a "
-                                    "prompt, generate with streaming, report speeds")
-    d.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    d = sub.add_parser("demo", help="the tiny trained demo model in a short chat (sparse attention "
+                                    "selecting); --random: a random synthetic checkpoint (cached)")
+    d.add_argument("--random", action="store_true",
+                   help="the architecture with random weights (synthetic checkpoint) instead")
+    d.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="with --random")
     d.add_argument("--prompt", default="Explain sparse attention in one sentence.")
-    d.add_argument("--cache-dir", default=None, help="default: $DSV32_CACHE or ~/.cache/dsv32_jax")
+    d.add_argument("--cache-dir", default=None, help="with --random; default: $DSV32_CACHE or "
+                                                     "~/.cache/dsv32_jax")
     common(d, max_new=32)
+    d.set_defaults(temperature=0.0)  # greedy: the trained model's most likely reply
+    from dsv32_jax.train.cli import add_parser as add_train
+
+    add_train(sub)
     d.set_defaults(func=demo)
     tok_help = "tokenizer.json, or a directory holding one (default: the checkpoint's own)"
     g = sub.add_parser("generate", help="complete one prompt")

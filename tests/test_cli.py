@@ -43,9 +43,23 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(dsv32_jax, "load_model", refuse)
 
 
+def test_demo_trained_model_speaks(capsys):
+    """`make demo`: the shipped trained model answers the scripted chat, with sparse attention
+    selecting (the context outgrows index_topk); the last answer needs the name from turn one."""
+    assert main(["demo", "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "trained on this machine's CPU from scratch" in out
+    assert "Assistant: Nice to meet you, Alice!" in out
+    assert "Assistant: The sky is blue." in out
+    assert "User: What is my name?\nAssistant: Your name is Alice." in out
+    picks = [(int(a), int(b)) for a, b in
+             re.findall(r"\[(\d+) tokens in context; each new token attended (\d+) of them", out)]
+    assert len(picks) == 4 and all(k == 16 for _, k in picks) and picks[-1][0] > 16
+
+
 def test_demo_runs_and_caches(tmp_path, capsys):
     session_mod._EXECUTABLES.clear()  # so that this run compiles and reports it
-    args = ["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"]
+    args = ["demo", "--random", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"]
     assert main(args) == 0
     cap = capsys.readouterr()
     out = cap.out
@@ -280,7 +294,8 @@ def test_prompt_and_budget_errors_come_before_the_weights(ckpt, tmp_path, capsys
          r"exceeds the context of 128 positions; at most \d+ new tokens fit"),
         (["generate", "--ckpt", ckpt, "--prompt", "", "--raw"], "at least one token"),
         (["generate", "--ckpt", ckpt, "--prompt", "x", "--tokenizer", str(tmp_path / "none.json")], "not found"),
-        (["demo", "--cache-dir", str(tmp_path / "demo"), "--max-new-tokens", "500"], "exceeds the context"),
+        (["demo", "--random", "--cache-dir", str(tmp_path / "demo"), "--max-new-tokens", "500"],
+         "exceeds the context"),
     ]
     for argv, message in cases:
         assert _run(argv) == 1, argv
@@ -296,7 +311,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_help_lists_every_command(capsys):
     assert _run(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("demo", "generate", "chat", "convert"):
+    for command in ("demo", "generate", "chat", "train", "convert"):
         assert re.search(rf"^\s+{command}\s", out, re.M), command
     assert _run(["convert"]) == 2  # handed to the converter's own parser
     assert "dsv32 convert" in capsys.readouterr().err

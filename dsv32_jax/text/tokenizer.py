@@ -208,7 +208,7 @@ def _training_text() -> list[str]:
     return [*(p.strip() for p in _corpus().split("\n\n") if p.strip()), *_chat_samples()]
 
 
-def _train(vocab_size: int) -> dict:
+def _train(vocab_size: int, texts: list[str] | None = None) -> dict:
     """Train the BPE and return its tokenizer.json as a dict (before the placeholders are added)."""
     hf = _HFTokenizer(models.BPE())
     # Digits in groups of at most three, then GPT-2-style word splitting on the byte-level symbols.
@@ -220,22 +220,25 @@ def _train(vocab_size: int) -> dict:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=1, special_tokens=list(chat.SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=24, show_progress=False)
-    hf.train_from_iterator(_training_text(), trainer=trainer)
+    hf.train_from_iterator(_training_text() if texts is None else [*texts, *_chat_samples()],
+                           trainer=trainer)
     return json.loads(hf.to_str())
 
 
 def build_synthetic_tokenizer(vocab_size: int, directory: str | os.PathLike,
-                              model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Tokenizer:
+                              model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+                              texts: list[str] | None = None) -> Tokenizer:
     """Train a byte-level BPE with exactly ``vocab_size`` entries and the V3.2 control tokens (BOS 0, EOS 1),
     write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (created if needed), and load it.
 
-    Deterministic: the same ``vocab_size`` (and chat format) gives byte-identical files.
+    Deterministic: the same ``vocab_size`` (and chat format) gives byte-identical files. ``texts``: train on
+    these paragraphs (plus the rendered chat prompts) instead of the embedded text (the demo model's corpus).
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_SYNTHETIC_VOCAB:
         raise TokenizerError(f"vocab_size must be an int >= {MIN_SYNTHETIC_VOCAB} for a byte-level tokenizer "
                              f"(256 byte symbols + {len(chat.SPECIAL_TOKENS)} control tokens + merges), "
                              f"got {vocab_size!r}")
-    spec = _train(vocab_size)
+    spec = _train(vocab_size, texts)
     n_model = len(spec["model"]["vocab"])
     for entry in spec["added_tokens"]:
         entry["special"] = entry["content"] not in _NOT_SKIPPED

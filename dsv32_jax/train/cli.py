@@ -1,0 +1,124 @@
+"""`dsv32 train`: one stage of training (dense | warmup | sparse) on a text file, with a progress
+bar, checkpoints (resumed when OUT holds the same run), curves and the trained model in OUT/hf."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dsv32_jax.train.model import REMAT, STAGES
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train one stage (dense | warmup: the indexer's dense warm-up | "
+                                     "sparse: DSA training) on a text file; resumable")
+    t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    t.add_argument("--data", required=True, metavar="FILE.txt",
+                   help="UTF-8 text; paragraphs (blank-line separated) are documents")
+    t.add_argument("--steps", type=positive_int, required=True, metavar="N")
+    t.add_argument("--stage", default="warmup", choices=list(STAGES),
+                   help="dense: LM loss, dense attention, indexer frozen; warmup: main model "
+                        "frozen, the indexer learns the dense attention (KL); sparse: attention over "
+                        "the indexer's top-k, LM loss on the model, KL on the selected keys for the "
+                        "indexer (default warmup)")
+    t.add_argument("--out", default=None, help="run directory (default runs/PRESET-STAGE); an "
+                                                "existing run of the same settings is resumed")
+    t.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from a bf16 HF checkpoint or a run directory (default: random init)")
+    t.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.json or a directory holding one (default: --init's, else a "
+                        "synthetic byte-level BPE of the preset's vocabulary)")
+    t.add_argument("--batch", type=positive_int, default=8)
+    t.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per sequence (default min(128, max_position_embeddings))")
+    t.add_argument("--lr", type=float, default=3e-3, help="main model peak LR")
+    t.add_argument("--indexer-lr", type=float, default=3e-3)
+    t.add_argument("--warmup-steps", type=int, default=20)
+    t.add_argument("--clip", type=float, default=1.0, help="global-norm clip per param group")
+    t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="compute dtype (masters are float32)")
+    t.add_argument("--remat", default="none", choices=list(REMAT))
+    t.add_argument("--ckpt-every", type=positive_int, default=50, metavar="N")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dsv32_jax.model.config import preset
+    from dsv32_jax.text.tokenizer import Tokenizer, build_synthetic_tokenizer
+    from dsv32_jax.train import step as S
+    from dsv32_jax.train.data import Batches, tokenize_file
+    from dsv32_jax.train.loop import Run, TrainError, check_init
+
+    cfg = S.train_config(preset(args.preset), args.dtype)
+    seq = args.seq_len or min(128, cfg.max_seq_len)
+    if seq > cfg.max_seq_len:
+        raise TrainError(f"--seq-len {seq} exceeds the preset's max_position_embeddings {cfg.max_seq_len}")
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"{args.data}: no such data file")
+    out = args.out or os.path.join("runs", f"{args.preset}-{args.stage}")
+    init = args.init
+    if init is not None:
+        if not os.path.isdir(init):
+            raise FileNotFoundError(f"{init}: no such checkpoint or run directory")
+        check_init(init)
+    tok_src = args.tokenizer
+    if tok_src is None and init is not None:
+        for d in (init, os.path.join(init, "hf")):
+            if os.path.isfile(os.path.join(d, "tokenizer.json")):
+                tok_src = d
+                break
+    if tok_src is None:
+        tok_dir = os.path.join(out, "tokenizer")
+        tok = build_synthetic_tokenizer(cfg.vocab_size, tok_dir)
+    else:
+        tok = Tokenizer.load(tok_src)
+        tok_dir = os.path.dirname(tok.path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise TrainError(f"{tok.path}: {tok.vocab_size} tokens do not fit the preset's vocabulary "
+                         f"of {cfg.vocab_size}")
+    tokens = tokenize_file(args.data, tok)
+    hp = S.Hparams(lr=args.lr, indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps,
+                   clip=args.clip, remat=args.remat)
+    run_ = Run(out, cfg, args.stage, args.steps, Batches(tokens, args.batch, seq, args.seed), hp,
+               init=init, seed=args.seed, ckpt_every=args.ckpt_every, tokenizer_dir=tok_dir,
+               data=args.data)
+    print(f"dsv32 train: {args.stage} stage, preset {args.preset} ({cfg.n_layers} layers, dim "
+          f"{cfg.dim}, index_topk {cfg.index_topk}), {len(tokens)} tokens, batch {args.batch} x "
+          f"{seq}; {out}" + (f" (resumed at step {run_.start})" if run_.start else ""),
+          file=sys.stderr, flush=True)
+    bar = tqdm(total=args.steps, initial=run_.start, desc=args.stage, disable=args.no_progress,
+               file=sys.stderr)
+
+    def show(m):
+        bar.update(1)
+        bar.set_postfix_str(f"lm {m['lm']:.3f} kl {m['kl']:.4f} recall {m['recall']:.3f}")
+
+    try:
+        run_.train(show)
+    finally:
+        bar.close()
+    summary = run_.finish()
+    f, last = summary["first"], summary["last"]
+    if f is not None:
+        print(f"{args.stage}: steps {f['step']}..{last['step']}: lm {f['lm']:.3f} -> {last['lm']:.3f}, "
+              f"kl {f['kl']:.4f} -> {last['kl']:.4f}, recall {f['recall']:.3f} -> {last['recall']:.3f}")
+    print(f"model: {summary['hf']} (bf16, HF layout); metrics: {os.path.join(out, 'metrics.jsonl')}; "
+          + (f"curves: {summary['plot']}" if summary["plot"] else
+             "no curves plot: matplotlib is not installed (pip install matplotlib)"))
+    return 0

@@ -1,0 +1,258 @@
+"""A training run: a directory holding the run's settings, Orbax checkpoints of the whole state,
+the metrics of every step, the curves, and at the end the trained model as a bf16 checkpoint in the
+released HF layout (`load_model` reads it like any other).
+
+  OUT/run.json         config, stage, hyper-parameters, batch shape, seed, data file
+  OUT/ckpt/<step>/     Orbax: params (float32 masters) + optimizer state + step, and the data position
+  OUT/metrics.jsonl    one line per step: loss, lm, kl, recall, grad norms
+  OUT/curves.png       loss and recall curves (when matplotlib is installed)
+  OUT/hf/              the trained model: config.json, model.safetensors (bf16), tokenizer
+
+Running again on the same OUT resumes from the latest checkpoint (after a crash or kill -9 too:
+Orbax commits a checkpoint by renaming a finished temporary directory), with the metrics log cut back
+to that step: the resumed run computes exactly the steps and losses of an uninterrupted one (same
+batches by position, same state, deterministic CPU computation).
+
+FP8 checkpoints are not trained: the e4m3 weights have no useful gradient and updating them would
+need re-quantization each step; `--init` of an FP8 checkpoint is refused (convert it to bf16 first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from dsv32_jax.checkpoint.safetensors import write_safetensors
+from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, init_params
+from dsv32_jax.model.config import Config
+from dsv32_jax.train import step as S
+from dsv32_jax.train.data import Batches
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class TrainError(ValueError):
+    """A training run that cannot start or resume as asked."""
+
+
+def _json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_init(path: str) -> str:
+    """The HF checkpoint directory to start from (a run directory: its exported `hf/`), from its
+    config.json alone; an FP8 checkpoint is refused."""
+    if os.path.isfile(os.path.join(path, "run.json")) and os.path.isdir(os.path.join(path, "hf")):
+        path = os.path.join(path, "hf")
+    other = Config.from_hf(path, fp8_activations=False)  # the weight format is what matters
+    if other.quantized:
+        raise TrainError(f"{path}: an FP8 checkpoint: FP8 weights are not trained (no useful gradient "
+                         "through e4m3); start from a bf16 checkpoint")
+    return path
+
+
+def load_init(path: str, cfg: Config) -> dict:
+    """Params of a HF checkpoint directory (or a run directory: its exported `hf/`) for `cfg`."""
+    from dsv32_jax.checkpoint.hf import load_params
+
+    return load_params(check_init(path), cfg)
+
+
+def export_hf(params: dict, cfg: Config, directory: str, tokenizer_dir: str | None) -> str:
+    """The float32 masters as a bf16 checkpoint in the released HF layout (no MTP layer)."""
+    cfg = dataclasses.replace(cfg, n_mtp_layers=0)
+    specs = flatten(abstract_params(cfg))
+    tmp = directory + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tensors = {}
+    for path, leaf in flatten(params).items():
+        names = hf_names(cfg, path)
+        arr = np.asarray(jax.device_get(leaf)).astype(specs[path].dtype)
+        for i in np.ndindex(names.shape):
+            tensors[str(names[i])] = arr[i]
+    fname = "model.safetensors"
+    write_safetensors(os.path.join(tmp, fname), tensors, {"format": "pt"})
+    _json(os.path.join(tmp, "model.safetensors.index.json"),
+          {"metadata": {"total_size": sum(int(t.nbytes) for t in tensors.values())},
+           "weight_map": {n: fname for n in sorted(tensors)}})
+    _json(os.path.join(tmp, "config.json"), cfg.to_hf())
+    for name in TOKENIZER_FILES if tokenizer_dir else ():
+        if os.path.isfile(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def read_metrics(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(out: str, metrics: list[dict] | None = None, name: str = "curves.png") -> str | None:
+    """OUT/curves.png (LM loss, KL, recall per step; stage changes dashed); None (and nothing
+    written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metrics = read_metrics(out) if metrics is None else metrics
+    if not metrics:
+        return None
+    steps = list(range(1, len(metrics) + 1))  # stages one after another (see join_stages)
+    stages = [m.get("stage", "") for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in ((axes[0], "lm", "LM loss"), (axes[1], "kl", "indexer KL"),
+                           (axes[2], "recall", "recall of dense attention mass")):
+        ax.plot(steps, [m[key] for m in metrics], lw=1)
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax.axvline(i + 0.5, color="gray", ls="--", lw=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    names = list(dict.fromkeys(stages))
+    fig.suptitle(" -> ".join(names) + (" stages" if len(names) > 1 else " stage"))
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+class Run:
+    """One stage of training into directory `out` (created, or resumed when it holds a run)."""
+
+    def __init__(self, out: str, cfg: Config, stage: str, steps: int, batches: Batches,
+                 hp: S.Hparams = S.Hparams(), init: str | None = None, seed: int = 0,
+                 ckpt_every: int = 50, tokenizer_dir: str | None = None, data: str = "",
+                 mesh=None):
+        import orbax.checkpoint as ocp
+
+        if cfg.quantized:
+            raise TrainError("FP8 weights are not trained: use a bf16 config (train.step.train_config)")
+        self.out, self.cfg, self.stage, self.steps, self.batches = out, cfg, stage, steps, batches
+        self.hp, self.seed, self.ckpt_every, self.tokenizer_dir, self.mesh = hp, seed, ckpt_every, tokenizer_dir, mesh
+        settings = {"config": cfg.to_hf(), "dtype": cfg.dtype, "stage": stage, "steps": steps,
+                    "hparams": dataclasses.asdict(hp),
+                    "batch": batches.b, "seq_len": batches.s, "seed": seed, "init": init,
+                    "data": os.path.basename(data)}
+        os.makedirs(out, exist_ok=True)
+        run_json = os.path.join(out, "run.json")
+        if os.path.isfile(run_json):
+            with open(run_json) as f:
+                old = json.load(f)
+            diff = [k for k in settings if k != "steps" and old.get(k) != settings[k]]
+            if diff:
+                raise TrainError(f"{out}: holds a run with other settings ({', '.join(diff)}): resume it "
+                                 "with the same ones, or train into a new directory (--init that run "
+                                 "to continue from its model)")
+        _json(run_json, settings)
+        if tokenizer_dir:
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                    shutil.copy(os.path.join(tokenizer_dir, name), out)
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(out, "ckpt")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+            item_names=("state", "meta"))
+        params = load_init(init, cfg) if init else init_params(cfg, seed)
+        params = self._place(params)
+        self.tx, self.step_fn = S.trainer(cfg, stage, hp, steps)
+        with self._ctx():
+            self.state = S.init_state(params, self.tx)
+        self.start = 0
+        latest = self.manager.latest_step()
+        if latest is not None:
+            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+            got = self.manager.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            self.state, self.start = got["state"], int(got["meta"]["step"])
+            if got["meta"]["data_position"] != self.start * batches.b:
+                raise TrainError(f"{out}: checkpoint {latest} is at data position "
+                                 f"{got['meta']['data_position']}, expected {self.start * batches.b}")
+        self.metrics = [m for m in read_metrics(out) if m["step"] <= self.start]
+        self._write_metrics(self.metrics, "w")
+
+    def _ctx(self):
+        import contextlib
+
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _place(self, params):
+        if self.mesh is None:
+            return params
+        from sharding import param_shardings
+
+        return jax.device_put(params, param_shardings(abstract_params(self.cfg), self.mesh))
+
+    def _tokens(self, step: int):
+        t = self.batches.batch(step)
+        if self.mesh is None:
+            return t
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.device_put(t, NamedSharding(self.mesh, PartitionSpec("data", None)))
+
+    def _write_metrics(self, rows: list[dict], mode: str = "a") -> None:
+        with open(os.path.join(self.out, "metrics.jsonl"), mode) as f:
+            for m in rows:
+                f.write(json.dumps(m) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save(self, step: int) -> None:
+        import orbax.checkpoint as ocp
+
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state),
+            meta=ocp.args.JsonSave({"step": step, "data_position": step * self.batches.b,
+                                    "stage": self.stage})), force=True)
+        self.manager.wait_until_finished()
+
+    def train(self, on_step: Callable[[dict], None] | None = None) -> list[dict]:
+        """Steps start..steps-1; a checkpoint every `ckpt_every` steps and at the end."""
+        pending: list[dict] = []
+        with self._ctx():
+            for i in range(self.start, self.steps):
+                t = time.perf_counter()
+                self.state, m = self.step_fn(self.state, self._tokens(i))
+                m = {k: (float(v) if np.ndim(v) == 0 else [float(x) for x in np.asarray(v)])
+                     for k, v in jax.device_get(m).items()}
+                m.update(step=i + 1, stage=self.stage, seconds=time.perf_counter() - t)
+                self.metrics.append(m)
+                pending.append(m)
+                if on_step:
+                    on_step(m)
+                if (i + 1) % self.ckpt_every == 0 or i + 1 == self.steps:
+                    self._write_metrics(pending)  # the log never runs ahead of a checkpoint by more
+                    pending = []                  # than the steps since it (cut back on resume)
+                    self.save(i + 1)
+        self._write_metrics(pending)
+        return self.metrics
+
+    def finish(self) -> dict:
+        """Export the model (OUT/hf) and the curves; -> a summary of the run."""
+        hf = export_hf(self.state["params"], self.cfg, os.path.join(self.out, "hf"), self.tokenizer_dir)
+        png = plot(self.out, self.metrics)
+        return {"hf": hf, "plot": png, "first": self.metrics[0] if self.metrics else None,
+                "last": self.metrics[-1] if self.metrics else None}

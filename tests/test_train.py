@@ -1,0 +1,255 @@
+"""Training (dsv32_jax.train): a short warm-up + sparse run on a tiny config (the loss falls, the
+indexer's recall of the dense attention mass rises), the gradient separation of the two losses
+(exactly zero where required), the trained checkpoint read back by the inference engine, resume
+after kill -9 reproducing the uninterrupted losses exactly, 8 simulated devices against one, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv32_jax.checkpoint.weights import flatten, init_params
+from dsv32_jax.model.config import preset
+from dsv32_jax.model.transformer import variables
+from dsv32_jax.train import step as S
+from dsv32_jax.train.model import TrainTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+CFG_KW = dict(vocab_size=512, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
+              n_heads=2, q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16,
+              v_head_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4,
+              n_limited_groups=2, index_n_heads=2, index_head_dim=32, index_topk=8, rope_factor=1.0,
+              original_seq_len=64, max_seq_len=64, n_mtp_layers=0, weight_dtype="bf16",
+              fp8_activations=False)
+BATCH, SEQ = 8, 32
+
+# Shared by the subprocesses: the tiny config, its data, one run.
+SETUP = f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+from dsv32_jax.model.config import preset
+from dsv32_jax.text.tokenizer import Tokenizer
+from dsv32_jax.train import step as S
+from dsv32_jax.train.data import Batches, tokenize_file
+from dsv32_jax.train.loop import Run
+cfg = S.train_config(preset("tiny", **{CFG_KW!r}), "float32")
+def batches(data):
+    tok = Tokenizer.load(os.path.join(data, "tok"))
+    return Batches(tokenize_file(os.path.join(data, "corpus.txt"), tok), {BATCH}, {SEQ}, seed=0)
+"""
+
+
+def _cfg(dtype="float32"):
+    return S.train_config(preset("tiny", **CFG_KW), dtype)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
+    from dsv32_jax.train import corpus
+
+    d = tmp_path_factory.mktemp("data")
+    corpus.write_corpus(str(d / "corpus.txt"), n=400, seed=0)
+    paras = [p for p in (d / "corpus.txt").read_text().split("\n\n") if p.strip()]
+    build_synthetic_tokenizer(512, d / "tok", texts=paras)
+    return d
+
+
+def _batches(data):
+    from dsv32_jax.text.tokenizer import Tokenizer
+    from dsv32_jax.train.data import Batches, tokenize_file
+
+    tok = Tokenizer.load(data / "tok")
+    return Batches(tokenize_file(data / "corpus.txt", tok), BATCH, SEQ, seed=0)
+
+
+def _mean(metrics, key, part):
+    vals = [m[key] for m in metrics]
+    return float(np.mean(vals[:5] if part == "first" else vals[-5:]))
+
+
+def test_warmup_then_sparse(data, tmp_path):
+    """The release's two stages on a tiny model: warm-up (KL falls, recall rises, the main model
+    untouched), then sparse training (LM loss falls, recall stays up); the exported checkpoint is
+    read by `load_model`, and the inference engine's sparse forward gives the training forward's
+    logits."""
+    import dsv32_jax
+    from dsv32_jax.train.loop import Run
+
+    cfg, batches = _cfg(), _batches(data)
+    warm = Run(str(tmp_path / "warmup"), cfg, "warmup", 40, batches,
+               S.Hparams(indexer_lr=1e-2, warmup_steps=5), ckpt_every=40,
+               tokenizer_dir=str(data / "tok"))
+    before = warm.state["params"]
+    before = jax.tree.map(np.asarray, before)
+    mw = warm.train()
+    assert _mean(mw, "kl", "last") < 0.8 * _mean(mw, "kl", "first")
+    assert _mean(mw, "recall", "last") > _mean(mw, "recall", "first") + 0.03
+    after = flatten(jax.tree.map(np.asarray, warm.state["params"]))
+    for path, v in flatten(before).items():  # warm-up: only the indexer moves
+        assert np.array_equal(v, after[path]) == ("indexer" not in path), path
+    warm.finish()
+
+    sparse = Run(str(tmp_path / "sparse"), cfg, "sparse", 40, batches,
+                 S.Hparams(lr=1e-2, indexer_lr=3e-3, warmup_steps=5), init=str(tmp_path / "warmup"),
+                 ckpt_every=40, tokenizer_dir=str(data / "tok"))
+    ms = sparse.train()
+    assert _mean(ms, "lm", "last") < _mean(ms, "lm", "first") - 0.5
+    assert _mean(ms, "recall", "last") > _mean(mw, "recall", "first") + 0.03
+    print(f"warmup: kl {mw[0]['kl']:.4f} -> {mw[-1]['kl']:.4f}, recall {mw[0]['recall']:.3f} -> "
+          f"{mw[-1]['recall']:.3f}; sparse: lm {ms[0]['lm']:.3f} -> {ms[-1]['lm']:.3f}, recall "
+          f"{ms[0]['recall']:.3f} -> {ms[-1]['recall']:.3f}")
+    hf = sparse.finish()["hf"]
+    assert (Path(hf) / "tokenizer.json").is_file()
+
+    model = dsv32_jax.load_model(hf, dtype="float32", fp8_activations=False)
+    tokens = batches.batch(0)[:2]
+    ours = np.asarray(model.logits(tokens))  # the engine: chunked prefill into a cache, sparse
+    bf16 = S.compute_params(sparse.state["params"], S.train_config(cfg, "bfloat16"))
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), bf16)  # the weights as exported (bf16)
+    theirs, _ = TrainTransformer(cfg, "sparse").apply(variables(f32), jnp.asarray(tokens))
+    np.testing.assert_allclose(ours, np.asarray(theirs), atol=2e-3, rtol=2e-3)
+
+
+def test_gradient_separation(data):
+    """Sparse stage: the LM loss's gradient on every indexer param and the KL's gradient on every
+    other param are exactly zero (and neither is zero where it should act)."""
+    cfg = _cfg()
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), init_params(cfg, seed=1))
+    tokens = jnp.asarray(_batches(data).batch(0))
+
+    def parts(p):
+        logits, stats = TrainTransformer(cfg, "sparse").apply(variables(p), tokens)
+        return S.lm_loss(logits, tokens), jnp.mean(stats["kl"])
+
+    g_lm = flatten(jax.jit(jax.grad(lambda p: parts(p)[0]))(params))
+    g_kl = flatten(jax.jit(jax.grad(lambda p: parts(p)[1]))(params))
+    idx = [p for p in g_lm if "indexer" in p]
+    main = [p for p in g_lm if "indexer" not in p and p[-1] != "gate_bias"]
+    assert idx and main
+    for p in idx:
+        assert not np.any(np.asarray(g_lm[p])), p
+    for p in g_kl:
+        if "indexer" not in p:
+            assert not np.any(np.asarray(g_kl[p])), p
+    assert all(np.any(np.asarray(g_kl[p])) for p in idx)
+    assert sum(float(jnp.sum(jnp.abs(g_lm[p]))) > 0 for p in main) == len(main)
+
+
+def test_optimizer_groups_and_fp8_refused(tmp_path):
+    """Per-stage frozen groups (set_to_zero), a bf16 forward from float32 masters, FP8 refused."""
+    from dsv32_jax.checkpoint.synthetic import write_checkpoint
+    from dsv32_jax.train.loop import TrainError, load_init
+
+    cfg = _cfg("bfloat16")
+    specs = S.abstract_params(cfg)
+    labels = flatten(S.param_labels(specs))
+    assert {v for v in labels.values()} == {"main", "indexer", "router_bias"}
+    assert all(v == "indexer" for p, v in labels.items() if "indexer" in p)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), init_params(cfg))
+    assert S.tree_dtypes(S.compute_params(params, cfg)) == {"bfloat16", "float32"}  # f32: router bias
+    for stage, frozen in (("dense", "indexer"), ("warmup", "main")):
+        tx = S.make_optimizer(stage, S.Hparams(), 10, params)
+        grads = jax.tree.map(jnp.ones_like, params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        for p, u in flatten(updates).items():
+            assert np.any(np.asarray(u)) == (labels[p] not in (frozen, "router_bias")), (stage, p)
+    fp8 = write_checkpoint(preset("tiny"), tmp_path / "fp8", include_tokenizer=False)
+    with pytest.raises(TrainError, match="FP8"):
+        load_init(fp8, _cfg())
+
+
+def _python(script: str, *args, env=None):
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+RESUME = SETUP + """
+out, data, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+run = Run(out, cfg, "sparse", 16, batches(data), S.Hparams(lr=1e-2), ckpt_every=5)
+print("start", run.start, flush=True)
+def on_step(m):
+    if m["step"] == kill_at:
+        os.kill(os.getpid(), 9)  # kill -9: no cleanup, no final checkpoint
+run.train(on_step)
+"""
+
+
+def test_resume_after_kill_is_exact(data, tmp_path):
+    """A run killed by SIGKILL after its step-10 checkpoint (at step 13) and run again resumes at
+    step 10 and logs exactly the losses of an uninterrupted run."""
+    from dsv32_jax.train.loop import read_metrics
+
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    killed = _python(RESUME, tmp_path / "a", data, 13, env=env)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert len(read_metrics(tmp_path / "a")) == 10  # the log is cut at the last checkpoint
+    resumed = _python(RESUME, tmp_path / "a", data, 0, env=env)
+    assert resumed.returncode == 0 and "start 10" in resumed.stdout, resumed.stderr[-3000:]
+    ref = _python(RESUME, tmp_path / "b", data, 0, env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in a] == list(range(1, 17))
+    for key in ("loss", "lm", "kl", "recall"):
+        assert [m[key] for m in a] == [m[key] for m in b], key
+
+
+SHARDED = SETUP + """
+import jax
+from sharding import make_mesh
+data, out = sys.argv[1], sys.argv[2]
+assert jax.device_count() == 8
+rows = {}
+for name, mesh in (("one", None), ("mesh", make_mesh(data=2, expert=2, tensor=2))):
+    run = Run(os.path.join(out, name), cfg, "sparse", 3, batches(data), S.Hparams(lr=1e-2),
+              ckpt_every=3, mesh=mesh)
+    rows[name] = [[m["lm"], m["kl"], m["recall"]] for m in run.train()]
+    if mesh is not None:
+        leaf = run.state["params"]["moe_layers"]["ffn"]["experts"]["w1_weight"]
+        rows["expert_shards"] = len({str(s.index) for s in leaf.addressable_shards})
+print(json.dumps(rows))
+"""
+
+
+def test_sharded_matches_single_device(data, tmp_path):
+    """Three sparse-stage steps on 8 simulated devices (data 2 x expert 2 x tensor 2) give the
+    losses of one device to float tolerance."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = _python(SHARDED, data, tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rows["expert_shards"] > 1  # the experts really are split over devices
+    np.testing.assert_allclose(rows["mesh"], rows["one"], rtol=2e-4, atol=2e-5)
+
+
+def test_cli_train_errors(tmp_path, capsys):
+    """User errors of `dsv32 train` are one line (exit 2 for usage, 1 otherwise)."""
+    from dsv32_jax.cli import main
+    from dsv32_jax.checkpoint.synthetic import write_checkpoint
+
+    def run(argv):
+        try:
+            return main(argv)
+        except SystemExit as e:
+            return e.code
+
+    assert run(["train", "--data", str(tmp_path / "none.txt"), "--steps", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such data file" in err[0]
+    assert run(["train", "--data", "x.txt", "--steps", "0"]) == 2
+    assert "expected an integer >= 1" in capsys.readouterr().err
+    (tmp_path / "d.txt").write_text("hello world\n\nmore text here\n")
+    fp8 = write_checkpoint(preset("tiny"), tmp_path / "fp8")
+    assert run(["train", "--data", str(tmp_path / "d.txt"), "--steps", "2", "--init", str(fp8),
+                "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "FP8 weights are not trained" in err[-1]
