@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="compute dtype (masters are float32)")
     t.add_argument("--remat", default="none", choices=list(REMAT))
+    t.add_argument("--mesh", metavar="D,E,T", default=None,
+                   help="train sharded on a data,expert,tensor mesh of all devices (batch over "
+                        "data, experts over every device); default one device")
     t.add_argument("--ckpt-every", type=positive_int, default=50, metavar="N")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
@@ -93,11 +96,19 @@ def run(args: argparse.Namespace) -> int:
         raise TrainError(f"{tok.path}: {tok.vocab_size} tokens do not fit the preset's vocabulary "
                          f"of {cfg.vocab_size}")
     tokens = tokenize_file(args.data, tok)
+    mesh = None
+    if args.mesh is not None:
+        from sharding.mesh import make_mesh, parse_mesh
+
+        mesh = make_mesh(*parse_mesh(args.mesh))
+        if cfg.n_routed_experts % mesh.size or args.batch % mesh.shape["data"]:
+            raise TrainError(f"--mesh {args.mesh}: the {cfg.n_routed_experts} experts must split over "
+                             f"its {mesh.size} devices and --batch {args.batch} over its data axis")
     hp = S.Hparams(lr=args.lr, indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps,
                    clip=args.clip, remat=args.remat)
     run_ = Run(out, cfg, args.stage, args.steps, Batches(tokens, args.batch, seq, args.seed), hp,
                init=init, seed=args.seed, ckpt_every=args.ckpt_every, tokenizer_dir=tok_dir,
-               data=args.data)
+               data=args.data, mesh=mesh)
     print(f"dsv32 train: {args.stage} stage, preset {args.preset} ({cfg.n_layers} layers, dim "
           f"{cfg.dim}, index_topk {cfg.index_topk}), {len(tokens)} tokens, batch {args.batch} x "
           f"{seq}; {out}" + (f" (resumed at step {run_.start})" if run_.start else ""),
