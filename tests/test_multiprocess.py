@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from conftest import REPO, fixture_dir
 MESH = "2,2,2"
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
+    sys.stdout = open(os.environ["DSV32_TEST_OUT"], "w")  # apart from gloo's messages (see CLI)
     import numpy as np
     from sharding import distributed
     distributed.initialize()  # from DSV32_COORDINATOR / DSV32_NUM_PROCESSES / DSV32_PROCESS_ID
@@ -42,6 +44,12 @@ SCRIPT = textwrap.dedent("""
         print(json.dumps(out))
 """)
 
+# `dsv32` with Python's stdout sent to the file $DSV32_TEST_OUT: the gloo library (CPU
+# collectives) prints its own connection messages to the process's stdout from several threads,
+# cut and interleaved with ours; this keeps what the program itself prints apart.
+CLI = ("import os, sys; sys.stdout = open(os.environ['DSV32_TEST_OUT'], 'w'); "
+       "from dsv32_jax.cli import main; sys.exit(main(sys.argv[1:]))")
+
 
 def _port() -> int:
     with socket.socket() as s:
@@ -54,28 +62,47 @@ def _env(devices: int, **extra) -> dict:
                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
 
 
-def _run_both(cmd: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, list]:
+def _run_both(cmd: list[str], tmp, timeout: int = 600) -> tuple[subprocess.CompletedProcess, list]:
     """cmd as 1 process x 8 devices, then as 2 processes x 4 devices (coordinated over a free
-    localhost port through the DSV32_* variables) -> (single, [process 0, process 1])."""
-    single = subprocess.run(cmd, capture_output=True, text=True, env=_env(8), timeout=timeout)
+    localhost port through the DSV32_* variables) -> (single, [process 0, process 1]); each
+    result's stdout is what Python printed (to $DSV32_TEST_OUT, see CLI)."""
+    def result(proc, out_file, err):
+        return subprocess.CompletedProcess(cmd, proc.returncode, out_file.read_text(), err)
+
+    outs = [tmp / f"out{i}.txt" for i in range(3)]
+    for f in outs:
+        f.write_text("")
+    single = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                            env=_env(8, DSV32_TEST_OUT=str(outs[2])))
     coord = f"127.0.0.1:{_port()}"
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(4, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
-                                       DSV32_PROCESS_ID=str(i))) for i in range(2)]
+                                       DSV32_PROCESS_ID=str(i), DSV32_TEST_OUT=str(outs[i])))
+             for i in range(2)]
     try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
     finally:
         for p in procs:
             p.kill()
-    multi = [subprocess.CompletedProcess(cmd, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
-    return single, multi
+    return (result(single, outs[2], single.stderr),
+            [result(p, f, e) for p, f, e in zip(procs, outs, errs)])
+
+
+# what the gloo library itself prints (to stdout, from several threads, so its lines may be cut
+# and interleaved) when the CPU collectives connect
+GLOO = re.compile(r"\[Gloo\] Rank |\d+ is connected to \d+ peer ranks\. "
+                  r"Expected number of connected peer ranks is : \d+")
+
+
+def _text(stream: str) -> str:
+    """A stream less gloo's messages and the blank lines they leave."""
+    return "\n".join(l for l in GLOO.sub("", stream).splitlines() if l.strip())
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
-    """stdout less the lines the gloo library itself prints on connecting (CPU collectives)."""
     if proc.returncode:
         pytest.fail(f"rc {proc.returncode}: {proc.stderr[-3000:]}")
-    return "".join(l for l in proc.stdout.splitlines(True) if not l.startswith("[Gloo]"))
+    return _text(proc.stdout)
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -88,7 +115,7 @@ def test_two_processes_equal_one(tmp_path):
     convert_checkpoint(case / "hf", orbax, progress=False)
     paths = {"hf": str(case / "hf"), "orbax": str(orbax)}
     single, multi = _run_both([sys.executable, "-c", SCRIPT, json.dumps(paths), json.dumps(tokens),
-                               MESH])
+                               MESH], tmp_path)
     one = json.loads(_ok(single).strip().splitlines()[-1])
     two = json.loads(_ok(multi[0]).strip().splitlines()[-1])
     assert _ok(multi[1]).strip() == ""  # only process 0 prints
@@ -108,15 +135,15 @@ def test_generate_cli_two_processes(tmp_path):
 
     ckpt = tmp_path / "ck"
     write_checkpoint(preset("tiny"), ckpt)
-    cmd = [sys.executable, "-m", "dsv32_jax.cli", "generate", "--ckpt", str(ckpt), "--prompt",
+    cmd = [sys.executable, "-c", CLI, "generate", "--ckpt", str(ckpt), "--prompt",
            "Hello there", "--temperature", "0", "--max-new-tokens", "8", "--mesh", MESH,
            "--dtype", "float32", "--no-fp8"]
-    single, multi = _run_both(cmd)
+    single, multi = _run_both(cmd, tmp_path)
     text = _ok(single)
     assert text.strip()
     assert _ok(multi[0]) == text  # the same greedy reply
     assert _ok(multi[1]) == ""  # process 1 computes with it but prints nothing
-    assert "".join(l for l in multi[1].stderr.splitlines(True) if not l.startswith("[Gloo]")) == ""
+    assert _text(multi[1].stderr) == ""
 
 
 def test_partial_multiprocess_settings_are_one_line_errors(tmp_path):
