@@ -86,7 +86,7 @@ def collectives(hlo: str) -> dict[str, dict]:
     e4m3 operands)."""
     out = {}
     for line in hlo.splitlines():
-        m = re.search(r"= (\(?[\w\[\],{}: ]*?\)?) ?(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        m = re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
         if not m:
             continue
         kind = m.group(2)
@@ -94,7 +94,7 @@ def collectives(hlo: str) -> dict[str, dict]:
         for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
             bits = {"f8e4m3fn": 8, "u8": 8, "s8": 8, "bf16": 16, "f16": 16, "u16": 16, "f32": 32,
                     "s32": 32, "u32": 32, "pred": 8}.get(dt, 0)
-            size = max(size, math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+            size += math.prod(int(d) for d in dims.split(",") if d) * bits // 8  # a tuple: all
         row = out.setdefault(kind, {"count": 0, "largest_bytes": 0, "fp8": 0})
         row["count"] += 1
         row["largest_bytes"] = max(row["largest_bytes"], size)
