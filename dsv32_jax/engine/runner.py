@@ -113,7 +113,7 @@ def _check_impl(impl: str) -> None:
 
 def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations: bool = True,
                attention_impl: str = "xla", mesh=None, progress: bool = False,
-               ep_capacity_factor: float | None = None) -> Model:
+               ep_capacity_factor: float | None = None, matmul_impl: str = "xla") -> Model:
     """Load a checkpoint directory in the released HF layout.
 
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
@@ -126,6 +126,9 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     caches are created in shards, and the routed experts run expert-parallel (all-to-all).
     ep_capacity_factor: None (exact: no routed pick is ever dropped) or f > 0: expert-parallel
     send buffers of f x the mean load, overflow dropped and counted (`sharding.expert_parallel`).
+    matmul_impl: "xla" (default, `quant.blockwise_matmul`) or "pallas" (the FP8 linear and the
+    grouped routed-expert Pallas kernels of `pallas_kernels`; interpreted off GPU): FP8
+    checkpoints with fp8_activations only (`Config.matmul_impl`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -144,7 +147,7 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         cfg = orbax_layout.load_config(path, dtype=dtype, fp8_activations=fp8_activations)
     else:
         cfg = Config.from_hf(path, dtype=dtype, fp8_activations=fp8_activations)
-    cfg = dataclasses.replace(cfg, ep_capacity_factor=ep_capacity_factor)
+    cfg = dataclasses.replace(cfg, ep_capacity_factor=ep_capacity_factor, matmul_impl=matmul_impl)
     shardings = None
     if mesh is not None:
         from sharding import MESH_AXES, param_shardings
@@ -155,6 +158,10 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
             raise NotImplementedError("attention_impl='pallas' on a mesh of several devices is not "
                                       "implemented yet (the kernels are not wrapped per shard); "
                                       "use attention_impl='xla' with a mesh")
+        if matmul_impl == "pallas" and mesh.size > 1:
+            raise NotImplementedError("matmul_impl='pallas' on a mesh of several devices is not "
+                                      "implemented yet (the kernels are not wrapped per shard); "
+                                      "use matmul_impl='xla' with a mesh")
         if tuple(mesh.axis_names) != MESH_AXES:
             raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected {MESH_AXES} "
                              "(sharding.make_mesh(data=, expert=, tensor=))")

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 BLOCK = 128  # FP8 block size: 128x128 weight blocks, 128-wide activation blocks
 DTYPES = ("bfloat16", "float32")
+MATMUL_IMPLS = ("xla", "pallas")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -78,6 +79,10 @@ class Config:
     # expert parallelism (sharded runs only): None = exact, no pick ever dropped; f > 0 = send
     # buffers of f x the mean load per device, overflow dropped and counted (`moe_dropped`)
     ep_capacity_factor: float | None = None
+    # the FP8 linears (block-scaled, fp8 weights x fp8 activations): "xla" = quant.blockwise_matmul
+    # (the reference); "pallas" = the kernels of pallas_kernels.fp8_linear / grouped_fp8
+    # (interpreted off GPU). Only defined for fp8 weights with fp8_activations (validated).
+    matmul_impl: str = "xla"
 
     def __post_init__(self):
         _validate(self)
@@ -182,7 +187,7 @@ class Config:
             raise ConfigError(f"{where}: score_func {a['score_func']!r}: only 'sigmoid' is supported")
         # our field names are the reference's, except its "dtype" (the weight format)
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "fp8_activations",
-                                                             "ep_capacity_factor"}
+                                                             "ep_capacity_factor", "matmul_impl"}
         kw = {k: v for k, v in a.items() if k in names}
         if "dtype" in a:
             kw["weight_dtype"] = a["dtype"]
@@ -375,6 +380,12 @@ def _validate(c: Config) -> None:
     need(c.ep_capacity_factor is None or (isinstance(c.ep_capacity_factor, (int, float))
                                           and c.ep_capacity_factor > 0),
          f"ep_capacity_factor must be None (exact) or a number > 0, got {c.ep_capacity_factor!r}")
+    need(c.matmul_impl in MATMUL_IMPLS,
+         f"matmul_impl must be one of {MATMUL_IMPLS}, got {c.matmul_impl!r}")
+    need(c.matmul_impl == "xla" or (c.weight_dtype == "fp8" and c.fp8_activations),
+         f"matmul_impl={c.matmul_impl!r} runs the FP8 block-scaled kernels: it needs FP8 weights "
+         f"and fp8_activations=True (got weight_dtype={c.weight_dtype!r}, fp8_activations="
+         f"{c.fp8_activations}); use matmul_impl='xla'")
     need(c.weight_dtype in ("fp8", "bf16"), f"weight_dtype must be 'fp8' or 'bf16', got {c.weight_dtype!r}")
     need(c.scale_fmt in (None, "ue8m0"), f"scale_fmt must be None or 'ue8m0', got {c.scale_fmt!r}")
     need(0 <= c.n_dense_layers <= c.n_layers,

@@ -12,6 +12,7 @@ from flax import linen as nn
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import FP8, HIGHEST, act_quant, blockwise_matmul, dequant
+from pallas_kernels.fp8_linear import fp8_linear as pallas_fp8_linear
 
 Axes = tuple[str, ...]
 
@@ -91,7 +92,8 @@ class Linear(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantized and self.cfg.fp8_activations:
-            return fp8_linear(x, self.weight, self.scale, self.cfg.scale_fmt, self.dtype)
+            return fp8_linear(x, self.weight, self.scale, self.cfg.scale_fmt, self.dtype,
+                              self.cfg.matmul_impl)
         if self.f32 and not self.quantized:  # bf16 weight used in float32, widened in chunks
             return f32_matmul(x, self.weight)
         return matmul(x, self.dense_weight(), self.dtype)
@@ -102,12 +104,20 @@ def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return einsum("...k,nk->...n", x, w, dtype)
 
 
-def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, scale_fmt, dtype) -> jax.Array:
-    """act_quant(x) (..., K) times FP8 w (N, K) with block scales s (N/128, K/128), blockwise."""
+def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, scale_fmt, dtype,
+               impl: str = "xla") -> jax.Array:
+    """act_quant(x) (..., K) times FP8 w (N, K) with block scales s (N/128, K/128), blockwise:
+    `quant.blockwise_matmul` (impl "xla") or the Pallas kernel `pallas_kernels.fp8_linear`."""
     n, k = w.shape
     lead = x.shape[:-1]
     xq, xs = act_quant(x.reshape(-1, k), scale_fmt)
-    return blockwise_matmul(xq, xs, w, s).reshape(*lead, n).astype(dtype)
+    if impl == "pallas":
+        y = pallas_fp8_linear(xq, xs, w, s)
+    elif impl == "xla":
+        y = blockwise_matmul(xq, xs, w, s)
+    else:
+        raise ValueError(f"fp8_linear: unknown impl {impl!r} (xla, pallas)")
+    return y.reshape(*lead, n).astype(dtype)
 
 
 # Weight rows widened to float32 at once by f32_matmul (the head: 2048 x 7168 f32 = 56 MiB).

@@ -13,7 +13,8 @@ from flax import linen as nn
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.layers import (FP8, Linear, const_init, fp8_linear, matmul, normal_init,
                                     param, precision, fp8_init)
-from dsv32_jax.model.quant import dequant
+from dsv32_jax.model.quant import act_quant, dequant
+from pallas_kernels.grouped_fp8 import grouped_fp8_matmul
 from sharding import expert_parallel
 from sharding.mesh import context_mesh
 
@@ -135,6 +136,8 @@ def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, s
     rows with an expert); a loop over windows reads that expert at [layer, e] and runs its
     SwiGLU on the window's rows. An expert gets at most len(x) rows (each token picks it once).
     """
+    if cfg.matmul_impl == "pallas" and s:
+        return routed_rows_pallas(cfg, w, s, layer, x, src, ids, expected)
     n_exp, r, tokens = w["w1"].shape[1], ids.shape[0], x.shape[0]
     order = jnp.argsort(ids, stable=True)  # rows sorted by expert, the expert-less last
     counts = jnp.bincount(ids, length=n_exp)  # ids >= n_exp are not counted
@@ -162,6 +165,43 @@ def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, s
     y = jax.lax.fori_loop(0, plan[0].shape[0], run,
                           jnp.zeros((r + window, x.shape[-1]), cfg.dtype))
     return jnp.zeros((r, x.shape[-1]), y.dtype).at[order].set(y[:r])
+
+
+def routed_rows_pallas(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array,
+                       src: jax.Array, ids: jax.Array, expected: int) -> jax.Array:
+    """`routed_rows` with FP8 weights and activations through the grouped Pallas kernel
+    (`pallas_kernels.grouped_fp8`), same arguments, same result to float rounding.
+
+    The same sorted-window layout, windows of `window` >= 16 rows (Triton's smallest dot): each
+    projection is one kernel call over every window, reading each window's expert at [layer, e]
+    from the stack. The w1 / w3 outputs come back per window, (W, window, I), and are the w2
+    call's input rows as they are (window w's rows at w * window); the w2 output rows scatter
+    back to the picks' order once."""
+    n_exp, r, tokens = w["w1"].shape[1], ids.shape[0], x.shape[0]
+    dtype = jnp.dtype(cfg.dtype)
+    order = jnp.argsort(ids, stable=True)  # rows sorted by expert, the expert-less last
+    counts = jnp.bincount(ids, length=n_exp)
+    window = max(16, expert_window(tokens, expected, n_exp))
+    n_win = min(n_exp, r) + (cdiv(r, window) if window < tokens else 0)
+    expert, start, rows = _windows(counts, window, n_win)
+
+    def proj(name, xin, st):
+        xq, xsc = act_quant(xin, cfg.scale_fmt)
+        out = grouped_fp8_matmul(xq, xsc, w[name], s[name], expert, st, rows, layer,
+                                 block_rows=window)  # (W, window, N) f32
+        return out.astype(dtype)
+
+    xin = x[src[order]]  # (R, D) sorted by expert
+    h = (jax.nn.silu(proj("w1", xin, start).astype(jnp.float32))
+         * proj("w3", xin, start).astype(jnp.float32))
+    h = h.astype(x.dtype).reshape(n_win * window, -1)  # window w's rows at w * window
+    out = proj("w2", h, jnp.arange(n_win, dtype=jnp.int32) * window)  # (W, window, D)
+    valid = jnp.arange(window)[None, :] < rows[:, None]  # (W, window)
+    pos = jnp.clip(start[:, None] + jnp.arange(window)[None, :], 0, r - 1)
+    dest = jnp.where(valid, order[pos], r)  # the pick each output row belongs to; r: none
+    y = jnp.zeros((r + 1, x.shape[-1]), dtype).at[dest.reshape(-1)].set(
+        out.reshape(-1, x.shape[-1]), mode="drop")
+    return y[:r]
 
 
 def expert_linear(cfg: Config, w: jax.Array, s: jax.Array | None, x: jax.Array) -> jax.Array:
