@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernels import PEAK, _time
+from benchmarks.kernels import DEADLINE, PEAK, _fmt_row, _time, device_header, markdown
 from dsv32_jax.model.config import preset
 from dsv32_jax.model.moe import routed_rows
 from dsv32_jax.model.quant import act_quant, blockwise_matmul, dequant
@@ -41,7 +41,6 @@ RELEASED = [("q_a 7168->1536", 7168, 1536), ("kv_a 7168->576", 7168, 576),
 QUICK = [("tiny 256->128", 256, 128), ("tiny 384->200", 384, 200)]
 MS_RELEASED, MS_QUICK = (1, 16, 64, 512, 4096, 16384), (1, 16)
 MAX_OUT_BYTES = 4 << 30  # skip a row whose f32 output would exceed this
-DEADLINE = [float("inf")]
 
 
 def linear_inputs(m, k, n, seed=0):
@@ -62,7 +61,7 @@ def linear_rows(shapes, ms, repeats):
     rows = []
     for name, k, n in shapes:
         for m in ms:
-            row = {"kernel": "fp8_linear", "shape": name, "M": m}
+            row = {"kernel": "fp8_linear", "variant": f"M={m}", "shape": name}
             if time.perf_counter() > DEADLINE[0] or m * n * 4 > MAX_OUT_BYTES:
                 row["error"] = ("skipped: --budget-s spent" if m * n * 4 <= MAX_OUT_BYTES
                                 else "skipped: f32 output > 4 GiB")
@@ -74,7 +73,7 @@ def linear_rows(shapes, ms, repeats):
                 by = m * k + n * k + 4 * (m * k // 128 + ws.size) + 4 * m * n
                 tp = _time(jax.jit(fp8_linear), (xq, xs, wq, ws), repeats)
                 row.update(pallas_ms=tp * 1e3, tflops=fl / tp / 1e12, gbs=by / tp / 1e9,
-                           pct_fp8=100 * fl / tp / PEAK["fp8"], pct_hbm=100 * by / tp / PEAK["hbm"])
+                           pct_flops=100 * fl / tp / PEAK["fp8"], pct_hbm=100 * by / tp / PEAK["hbm"])
                 tx = _time(jax.jit(blockwise_matmul), (xq, xs, wq, ws), repeats)
                 row.update(xla_ms=tx * 1e3, **{"xla/pallas": tx / tp})
                 wd = dequant(wq, ws, jnp.bfloat16)  # dequantized once, outside the timing
@@ -84,7 +83,7 @@ def linear_rows(shapes, ms, repeats):
             except Exception as e:  # noqa: BLE001  (an OOM: recorded, the other rows run)
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
-            print(_fmt(row), flush=True)
+            print(_fmt_row(row), flush=True)
     return rows
 
 
@@ -109,8 +108,7 @@ def moe_rows(quick, repeats):
     per_expert = 3 * cfg.dim * cfg.moe_inter_dim  # FP8 bytes of one expert's w1, w3, w2
     rows = []
     for tokens, kind in batches:
-        row = {"kernel": "moe routed experts", "shape": f"{kind} tokens={tokens} top-{k_act}",
-               "M": tokens}
+        row = {"kernel": "moe routed experts", "variant": kind, "shape": f"tokens={tokens} top-{k_act}"}
         if time.perf_counter() > DEADLINE[0]:
             row["error"] = "skipped: --budget-s spent"
             rows.append(row)
@@ -119,6 +117,7 @@ def moe_rows(quick, repeats):
             rng = np.random.default_rng(tokens)
             picks = np.stack([rng.choice(e, k_act, replace=False) for _ in range(tokens)])
             touched = len(np.unique(picks))
+            row["shape"] += f" ({touched} experts)"
             ids = jnp.asarray(picks.reshape(-1), jnp.int32)
             src = jnp.arange(tokens * k_act) // k_act
             x = jax.random.normal(jax.random.key(1), (tokens, cfg.dim), jnp.bfloat16)
@@ -132,14 +131,14 @@ def moe_rows(quick, repeats):
             tp = _time(fn("pallas"), (w, s, x, ids), repeats)
             tx = _time(fn("xla"), (w, s, x, ids), repeats)
             roof = by / PEAK["hbm"]
-            row.update(experts_touched=touched, pallas_ms=tp * 1e3, tflops=fl / tp / 1e12,
-                       gbs=by / tp / 1e9, pct_fp8=100 * fl / tp / PEAK["fp8"],
-                       pct_hbm=100 * by / tp / PEAK["hbm"], roofline_ms=roof * 1e3,
-                       xla_ms=tx * 1e3, **{"xla/pallas": tx / tp})
+            row.update(pallas_ms=tp * 1e3, tflops=fl / tp / 1e12, gbs=by / tp / 1e9,
+                       pct_flops=100 * fl / tp / PEAK["fp8"], pct_hbm=100 * by / tp / PEAK["hbm"],
+                       roofline_ms=roof * 1e3, xla_ms=tx * 1e3,
+                       **{"roofline/pallas": roof / tp, "xla/pallas": tx / tp})
         except Exception as e_:  # noqa: BLE001
             row["error"] = f"{type(e_).__name__}: {str(e_)[:200]}"
         rows.append(row)
-        print(_fmt(row), flush=True)
+        print(_fmt_row(row), flush=True)
     return rows
 
 
@@ -171,34 +170,6 @@ def checks(quick):
     return res
 
 
-def _fmt(row):
-    if "error" in row:
-        return f"{row['kernel']:<20} {row['shape']:<30} M={row['M']:<6} {row['error']}"
-    base = "  ".join(f"{k[:-3]} {row[k]:.3f} ms ({row[k[:-3] + '/pallas']:.2f}x)"
-                     for k in ("xla_ms", "bf16_ms") if k in row)
-    roof = f"  roofline {row['roofline_ms']:.3f} ms" if "roofline_ms" in row else ""
-    return (f"{row['kernel']:<20} {row['shape']:<30} M={row['M']:<6} {row['pallas_ms']:9.3f} ms "
-            f"{row['tflops']:8.2f} TF/s ({row['pct_fp8']:5.1f}%) {row['gbs']:8.1f} GB/s "
-            f"({row['pct_hbm']:5.1f}%){roof}  {base}")
-
-
-def markdown(rows, title):
-    out = [f"## {title}", "", "| kernel | shape | M | pallas ms | TFLOPS (% 1979) | GB/s (% 3.35 TB/s)"
-           " | baselines: ms (baseline/pallas) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['kernel']} | {r['shape']} | {r['M']} | {r['error'][:100]} | | | |")
-            continue
-        base = "; ".join(f"{k[:-3]} {r[k]:.3f} ({r[k[:-3] + '/pallas']:.2f}x)"
-                         for k in ("xla_ms", "bf16_ms") if k in r)
-        if "roofline_ms" in r:
-            base += f"; roofline {r['roofline_ms']:.3f} ({r['experts_touched']} experts)"
-        out.append(f"| {r['kernel']} | {r['shape']} | {r['M']} | {r['pallas_ms']:.3f} | "
-                   f"{r['tflops']:.1f} ({r['pct_fp8']:.1f}%) | {r['gbs']:.0f} "
-                   f"({r['pct_hbm']:.1f}%) | {base} |")
-    return "\n".join(out) + "\n"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU interpret mode, tiny shapes")
@@ -210,10 +181,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     DEADLINE[0] = time.perf_counter() + a.budget_s
     repeats = a.repeats or (2 if a.quick else 10)
-    dev = jax.devices()[0]
-    head = f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-    if jax.default_backend() != "gpu":
-        head += " -- kernels INTERPRETED: times are not performance figures"
+    head = device_header()
     print(head, flush=True)
     t0 = time.perf_counter()
     result = {"device": head, "checks": checks(a.quick)}
@@ -223,7 +191,9 @@ def main(argv=None):
     result["total_s"] = round(time.perf_counter() - t0, 1)
     md = [f"# FP8 GEMMs ({head})", "", "| check | ok | detail |", "|---|---|---|"]
     md += [f"| {c['check']} | {c['ok']} | {c['detail']} |" for c in result["checks"]]
-    md += ["", markdown(result["linear"], "FP8 linear"), markdown(result["moe"], "MoE layer")]
+    md += ["", markdown(result["linear"], "FP8 linear (TFLOPS % of 1979 FP8)"),
+           markdown(result["moe"], "MoE layer (TFLOPS % of 1979 FP8; roofline: the touched "
+                                   "experts' FP8 bytes at 3.35 TB/s)")]
     print("\n".join(md))
     if a.out:
         out = Path(a.out)

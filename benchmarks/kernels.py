@@ -53,6 +53,15 @@ RELEASED = Shapes()
 TINY = Shapes(heads=16, c=128, r=16, n=16, d=32, topk=16)
 
 
+def device_header() -> str:
+    """The device and jax version every table is headed by (and the warning off GPU)."""
+    dev = jax.devices()[0]
+    head = f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    if jax.default_backend() != "gpu":
+        head += " -- kernels INTERPRETED: times are not performance figures"
+    return head
+
+
 def _time(fn, args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))  # compile + warm up
     times = []
@@ -356,10 +365,7 @@ def main(argv=None):
     DEADLINE[0] = time.perf_counter() + a.budget_s
     sh = TINY if a.quick else RELEASED
     repeats = a.repeats or (2 if a.quick else 10)
-    dev = jax.devices()[0]
-    head = f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-    if jax.default_backend() != "gpu":
-        head += " -- kernels INTERPRETED: times are not performance figures"
+    head = device_header()
     print(head, flush=True)
     if a.gpu_all:
         out = Path(a.out)
