@@ -62,25 +62,29 @@ def _env(devices: int, **extra) -> dict:
                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
 
 
-def _run_both(cmd: list[str], tmp, timeout: int = 600) -> tuple[subprocess.CompletedProcess, list]:
+def _run_both(cmd: list[str], tmp, stdin: str = "", timeout: int = 600
+              ) -> tuple[subprocess.CompletedProcess, list]:
     """cmd as 1 process x 8 devices, then as 2 processes x 4 devices (coordinated over a free
     localhost port through the DSV32_* variables) -> (single, [process 0, process 1]); each
-    result's stdout is what Python printed (to $DSV32_TEST_OUT, see CLI)."""
+    result's stdout is what Python printed (to $DSV32_TEST_OUT, see CLI). `stdin` goes to the
+    single process and to process 0; process 1 has none."""
     def result(proc, out_file, err):
         return subprocess.CompletedProcess(cmd, proc.returncode, out_file.read_text(), err)
 
     outs = [tmp / f"out{i}.txt" for i in range(3)]
     for f in outs:
         f.write_text("")
-    single = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+    single = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin,
                             env=_env(8, DSV32_TEST_OUT=str(outs[2])))
     coord = f"127.0.0.1:{_port()}"
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
                               env=_env(4, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
                                        DSV32_PROCESS_ID=str(i), DSV32_TEST_OUT=str(outs[i])))
              for i in range(2)]
     try:
-        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        errs = [p.communicate(input=stdin if i == 0 else None, timeout=timeout)[1]
+                for i, p in enumerate(procs)]
     finally:
         for p in procs:
             p.kill()
@@ -129,19 +133,26 @@ def test_two_processes_equal_one(tmp_path):
         assert two[name]["local_experts"] == [0, 1, 2, 3]  # 4 of the 8 experts, not all
 
 
-def test_generate_cli_two_processes(tmp_path):
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_cli_two_processes(tmp_path, command):
+    """`dsv32 generate` and `dsv32 chat` (process 0 reads stdin and sends each line to process 1,
+    which has no stdin) print what one process prints; process 1 prints nothing."""
     from dsv32_jax.checkpoint.synthetic import write_checkpoint
     from dsv32_jax.model.config import preset
 
     ckpt = tmp_path / "ck"
     write_checkpoint(preset("tiny"), ckpt)
-    cmd = [sys.executable, "-c", CLI, "generate", "--ckpt", str(ckpt), "--prompt",
-           "Hello there", "--temperature", "0", "--max-new-tokens", "8", "--mesh", MESH,
-           "--dtype", "float32", "--no-fp8"]
-    single, multi = _run_both(cmd, tmp_path)
+    args = ["--prompt", "Hello there"] if command == "generate" else []
+    cmd = [sys.executable, "-c", CLI, command, "--ckpt", str(ckpt), *args, "--temperature", "0",
+           "--max-new-tokens", "6", "--mesh", MESH, "--dtype", "float32", "--no-fp8"]
+    stdin = "Hello there\n/clear\nand again\n/exit\n" if command == "chat" else ""
+    single, multi = _run_both(cmd, tmp_path, stdin)
     text = _ok(single)
     assert text.strip()
-    assert _ok(multi[0]) == text  # the same greedy reply
+    if command == "chat":
+        assert "conversation cleared" in single.stderr  # two turns read from stdin, then /exit
+        assert len(re.findall(r"prefill \d+ tokens", single.stderr)) == 2
+    assert _ok(multi[0]) == text  # the same greedy replies
     assert _ok(multi[1]) == ""  # process 1 computes with it but prints nothing
     assert _text(multi[1].stderr) == ""
 
