@@ -155,21 +155,25 @@ def largest_tensors(stablehlo: str, top: int = 5) -> list[tuple[int, str, str]]:
     return found[:top]
 
 
-def decode_ideal_bytes(cfg: Config, context: int) -> int:
-    """What one decode step must read: every dense weight once, the shared and the 8 routed
-    experts of each MoE layer, one embedding row, the head; the indexer keys of every slot and
-    the k selected latent rows of every layer; plus the new cache rows written."""
+def decode_ideal_bytes(cfg: Config, context: int, batch: int = 1) -> int:
+    """What one decode step of `batch` sequences must read: every dense weight once, the shared
+    and the routed experts the batch touches in each MoE layer (8 at batch 1; the expected number
+    of distinct experts, E * (1 - (1 - 8/E)^batch), beyond), an embedding row per sequence, the
+    head; per sequence the indexer keys of every slot and the k selected latent rows of every
+    layer; plus the new cache rows written."""
+    e, k_act = cfg.n_routed_experts, cfg.n_activated_experts
+    touched = e * (1 - (1 - k_act / e) ** batch)
     total = 0
     for path, spec in flatten(abstract_params(cfg)).items():
         if path == ("embed", "weight"):
-            total += spec.shape[1] * np.dtype(spec.dtype).itemsize
+            total += batch * spec.shape[1] * np.dtype(spec.dtype).itemsize
         elif "experts" in path:
-            total += spec.nbytes * cfg.n_activated_experts // cfg.n_routed_experts
+            total += int(spec.nbytes * touched / e)
         else:
             total += spec.nbytes
     per = bytes_per_token(cfg)
     k = min(cfg.index_topk, context)
-    total += cfg.n_layers * (context * per["indexer"] + k * per["mla"] + per["total"])
+    total += batch * cfg.n_layers * (context * per["indexer"] + k * per["mla"] + per["total"])
     return total
 
 
