@@ -154,10 +154,6 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
 
         if not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
-        if attention_impl == "pallas" and mesh.size > 1:
-            raise NotImplementedError("attention_impl='pallas' on a mesh of several devices is not "
-                                      "implemented yet (the kernels are not wrapped per shard); "
-                                      "use attention_impl='xla' with a mesh")
         if matmul_impl == "pallas" and mesh.size > 1:
             raise NotImplementedError("matmul_impl='pallas' on a mesh of several devices is not "
                                       "implemented yet (the kernels are not wrapped per shard); "

@@ -28,9 +28,11 @@ from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
 from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
 from dsv32_jax.model.quant import HIGHEST, act_quant, hadamard
 from dsv32_jax.model.rope import apply_rope
-from sharding.mesh import constrain
+from sharding.mesh import constrain, local
 
 HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (B, S, H, ...)
+QUERY = ("batch", "seq", None, None)  # indexer queries (B, S, n, d); [:3] weights, [:2] positions
+SCORES = ("batch", "seq", None)  # (B, S, T) scores, (B, S, k) picks
 
 NEG_INF = -jnp.inf
 ATTENTION_IMPLS = ("xla", "xla_dense", "pallas")
@@ -115,7 +117,7 @@ def index_topk(q: jax.Array, w: jax.Array, q_pos: jax.Array,
     def tile_scores(i):
         start = jnp.minimum(i * tile, length - tile)  # the last tile ends at T (overlap masked)
         k, k_s = keys(start, tile)
-        raw = constrain(index_scores(q, w, k, k_s), ("batch", "seq", None))  # (B,S,tile)
+        raw = constrain(index_scores(q, w, k, k_s), SCORES)  # (B,S,tile)
         slot = start + jnp.arange(tile)
         seen = slot < i * tile  # keys an earlier tile already offered
         visible = (slot[None, None, :] <= q_pos[..., None]) & ~seen
@@ -251,15 +253,20 @@ class MLA(nn.Module):
                 c_q, c_s = c, jnp.ones((b, s, cdiv(c_dim, BLOCK)), jnp.float32)
         with jax.named_scope("indexer"):
             iq, iw = self.indexer.queries(x, qr, cos, sin)  # (B,S,n,d), (B,S,n)
-            iq, iw = constrain(iq, ("batch", "seq", None, None)), constrain(iw, ("batch", "seq", None))
+            iq, iw = constrain(iq, QUERY), constrain(iw, QUERY[:3])
             ik, iks = self.indexer.keys(x, cos, sin)  # (B,S,d), (B,S)
         cache = cache.write(layer, positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
         t = cache.length
         with jax.named_scope("index_topk"):
             if self.impl == "pallas":  # raw scores when collecting (top-k masks causally itself)
-                scores = pk.index_logits(iq, iw, cache.ik, cache.ik_scale, positions, layer,
-                                         causal=not collect)  # reads the stacked cache in place
-                idx = pk.topk(scores, positions, k=cfg.index_topk)
+                # each device's own sequences (sharding.mesh.local); reads the stacked cache in place
+                scores = local(lambda q, w, k, ks, p, i: pk.index_logits(q, w, k, ks, p, i,
+                                                                         causal=not collect),
+                               (QUERY, QUERY[:3], KVCache.AXES["ik"], KVCache.AXES["ik_scale"],
+                                QUERY[:2], ()), SCORES)(iq, iw, cache.ik, cache.ik_scale, positions,
+                                                        layer)
+                idx = local(lambda sc, p: pk.topk(sc, p, k=cfg.index_topk), (SCORES, QUERY[:2]),
+                            SCORES)(scores, positions)
             else:
                 tile = key_tile_size(b, s, cfg.index_n_heads, t)
                 idx, scores = index_topk(iq, iw, positions,
@@ -282,8 +289,11 @@ class MLA(nn.Module):
         elif self.impl == "pallas":
             with jax.named_scope("sparse_attention"):
                 q_c = einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :dn], dtype)
-                o_c = pk.sparse_mla(q_c, q_pe.astype(dtype), idx, cache.c, cache.c_scale,
-                                    cache.k_pe, layer=layer, scale=cfg.softmax_scale)
+                o_c = local(lambda qc, qpe, i, c, cs, kpe, l: pk.sparse_mla(
+                    qc, qpe, i, c, cs, kpe, layer=l, scale=cfg.softmax_scale),
+                    (HEADS, HEADS, SCORES, KVCache.AXES["c"], KVCache.AXES["c_scale"],
+                     KVCache.AXES["k_pe"], ()), HEADS)(
+                    q_c, q_pe.astype(dtype), idx, cache.c, cache.c_scale, cache.k_pe, layer)
                 o = einsum("bshc,hdc->bshd", o_c, wkv_b[:, dn:], dtype)
         else:
             with jax.named_scope("dense_attention"):
