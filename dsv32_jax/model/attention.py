@@ -229,6 +229,23 @@ class MLA(nn.Module):
         self.wo = Linear(cfg, h * cfg.v_head_dim, cfg.dim, ("embed", "o_heads"), q8)
         self.indexer = Indexer(cfg)
 
+    def project(self, x: jax.Array, cos, sin):
+        """x (B,S,D) -> the query latent qr (B,S,q_lora), q_nope (B,S,H,dn), q_pe (B,S,H,R)
+        rotated, the key latent c (B,S,C) and k_pe (B,S,R) rotated (before any FP8 cache
+        quantization). Shared by inference and the training forward (`train.model.TrainMLA`)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        dn, r, c_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        with jax.named_scope("q"):
+            qr = self.q_norm(self.wq_a(x))  # (B,S,q_lora)
+            q = constrain(self.wq_b(qr).reshape(b, s, cfg.n_heads, dn + r), HEADS)
+            q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos, sin, interleaved=True)
+        with jax.named_scope("kv"):
+            kv = self.wkv_a(x)  # (B,S,C+R)
+            c = self.kv_norm(kv[..., :c_dim])  # (B,S,C)
+            k_pe = apply_rope(kv[..., c_dim:], cos, sin, interleaved=True)  # (B,S,R)
+        return qr, q_nope, q_pe, c, k_pe
+
     def __call__(self, x: jax.Array, positions: jax.Array, cos, sin, cache: KVCache,
                  layer: jax.Array):
         cfg = self.cfg
@@ -239,14 +256,8 @@ class MLA(nn.Module):
                                cfg.v_head_dim, cfg.kv_lora_rank)
         dtype = jnp.dtype(cfg.dtype)
         collect = self.is_mutable_collection("intermediates")
-        with jax.named_scope("q"):
-            qr = self.q_norm(self.wq_a(x))  # (B,S,q_lora)
-            q = constrain(self.wq_b(qr).reshape(b, s, h, dn + r), HEADS)
-            q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos, sin, interleaved=True)
+        qr, q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
         with jax.named_scope("kv"):
-            kv = self.wkv_a(x)  # (B,S,C+R)
-            c = self.kv_norm(kv[..., :c_dim])  # (B,S,C)
-            k_pe = apply_rope(kv[..., c_dim:], cos, sin, interleaved=True)  # (B,S,R)
             if cfg.fp8_activations:  # the FP8 latent cache
                 c_q, c_s = act_quant(c, cfg.scale_fmt)
             else:

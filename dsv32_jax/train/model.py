@@ -33,7 +33,7 @@ from dsv32_jax.model.attention import MLA, NEG_INF, dense_mla, index_scores, spa
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.layers import Embed, Linear, RMSNorm, einsum
 from dsv32_jax.model.moe import EXPERTS, FFN, MoE
-from dsv32_jax.model.rope import apply_rope, rope_tables
+from dsv32_jax.model.rope import rope_tables
 from dsv32_jax.model.transformer import ACT, layer_counts
 from sharding.mesh import constrain
 
@@ -75,15 +75,9 @@ class TrainMLA(MLA):
     def __call__(self, x, positions, cos, sin):  # noqa: D102  (replaces MLA.__call__)
         cfg = self.cfg
         b, s, _ = x.shape
-        h, dn, r, dv, c_dim = (cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                               cfg.v_head_dim, cfg.kv_lora_rank)
+        h, dn, dv, c_dim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         dtype = jnp.dtype(cfg.dtype)
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).reshape(b, s, h, dn + r)
-        q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos, sin, interleaved=True)
-        kv = self.wkv_a(x)
-        c = self.kv_norm(kv[..., :c_dim])  # (B,S,C): every key is a token of this sequence
-        k_pe = apply_rope(kv[..., c_dim:], cos, sin, interleaved=True)  # (B,S,R)
+        qr, q_nope, q_pe, c, k_pe = self.project(x, cos, sin)  # every key: a token of this sequence
 
         # the indexer on detached inputs: its loss (the KL) cannot reach the main model
         xd, qrd = jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)
