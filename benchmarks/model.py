@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernels import PEAK, device_header
+from benchmarks.kernels import PEAK, _time, device_header
 from benchmarks.memory import decode_ideal_bytes, released_cut
 from dsv32_jax.checkpoint.weights import ParamSpec, abstract_params
 from dsv32_jax.engine import generate as gen
@@ -73,15 +73,6 @@ def random_params(cfg, seed: int = 0) -> dict:
     return jax.tree_util.tree_unflatten(tree, leaves)
 
 
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def prefill_row(params, cfg, prompt: int, repeats: int) -> dict:
     tokens = np.random.default_rng(prompt).integers(0, cfg.vocab_size, (1, prompt), dtype=np.int32)
     lengths = np.full(1, prompt, np.int32)
@@ -93,9 +84,9 @@ def prefill_row(params, cfg, prompt: int, repeats: int) -> dict:
         jax.block_until_ready((logits, cache))
 
     t0 = time.perf_counter()
-    run()  # compile + warm up
+    run()  # the first call: compile included
     first = time.perf_counter() - t0
-    t = _median_s(run, repeats)
+    t = _time(run, (), repeats)
     chunks = prompt // chunk
     return {"tokens_per_s": prompt / t, "ms": t * 1e3, "chunk": chunk, "ms_per_layer_per_chunk":
             t * 1e3 / chunks / cfg.n_layers, "first_call_s": first}
@@ -112,9 +103,9 @@ def decode_row(params, cfg, batch: int, context: int, repeats: int) -> dict:
         jax.block_until_ready(logits)
 
     t0 = time.perf_counter()
-    run()
+    run()  # the first call: compile included
     first = time.perf_counter() - t0
-    t = _median_s(run, repeats)
+    t = _time(run, (), repeats)
     ideal = decode_ideal_bytes(cfg, context, batch)
     roof = ideal / PEAK["hbm"]
     return {"ms": t * 1e3, "ms_per_layer": t * 1e3 / cfg.n_layers, "ideal_gb": ideal / 1e9,

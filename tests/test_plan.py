@@ -12,14 +12,13 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import REPO
 from dsv32_jax.checkpoint.weights import abstract_params, flatten
 from dsv32_jax.cli import main
 from dsv32_jax.model.config import preset
-from sharding.plan import H100, H200, meshes, parse_bytes, plan, search, smallest
+from sharding.plan import H100, H200, meshes, parse_bytes, plan, search
 
 # (mesh, batch): (1,1,8) puts 8 tensor shards on the tiny config's 4 heads (replicated fallback);
 # batch 3 over 2 data groups is replicated too
