@@ -18,13 +18,14 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
+from dsv32_jax.files import open_regular
 from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
 from dsv32_jax.model.quant import dequant
-from dsv32_jax.checkpoint.hf import accepted_dtypes, check
+from dsv32_jax.checkpoint.hf import check
 from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
 from dsv32_jax.checkpoint.safetensors import (Header, SafetensorsError, ShardedCheckpoint,
                                               TensorNotFoundError, read_header)
-from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names
+from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names, mtp_tensor_specs
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -182,22 +183,10 @@ def plan_params(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
     return _make_leaves(PARAMS_DIR, entries, ckpt, weights, target)
 
 
-def mtp_module_specs(cfg: Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{suffix: (shape, param dtype)} of the MTP-only tensors of an MTP layer (as released; bf16
-    params may be stored in float32/float16 too and are cast to bf16)."""
-    d, v = cfg.dim, cfg.vocab_size
-    out = {"enorm.weight": ((d,), BF16), "hnorm.weight": ((d,), BF16),
-           "shared_head.norm.weight": ((d,), BF16), "shared_head.head.weight": ((v, d), BF16),
-           "embed_tokens.weight": ((v, d), BF16),
-           "eh_proj.weight": ((d, 2 * d), FP8 if cfg.quantized else BF16)}
-    if cfg.quantized:
-        out["eh_proj." + SCALE_SUFFIX] = ((cdiv(d, BLOCK), cdiv(2 * d, BLOCK)), F32)
-    return out
-
-
 def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
              target: int = DEFAULT_CHUNK_BYTES) -> list[Leaf]:
-    """Leaves of the MTP tree (see `dsv32_jax.checkpoint.orbax_layout.restore_mtp`), stacked over MTP layers."""
+    """Leaves of the MTP tree (see `dsv32_jax.checkpoint.orbax_layout.restore_mtp`), stacked over MTP
+    layers. After `plan_params`, whose `check` validated the MTP tensors that are present."""
     where = ckpt.directory
     n = cfg.n_mtp_layers
     if n < 1:
@@ -224,25 +213,16 @@ def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
         if found != by_layer[0]:
             diff = sorted(found.symmetric_difference(by_layer[0]))[:3]
             raise ConvertError(f"{where}: MTP layers differ in their tensors ({p}*: {diff})")
-    known = mtp_module_specs(cfg)
+    known = mtp_tensor_specs(cfg)  # `check` (run by plan_params) refused any other MTP tensor
     for suffix in extras:
-        if suffix not in known:
-            name = prefixes[0] + suffix
-            raise ConvertError(f"{ckpt.file_of(name)}: MTP tensor {name!r} is not part of the MTP layer "
-                               f"(a MoE block plus {sorted(known)})")
         *module, leaf = suffix.split(".")
         leaf = {"weight": "weight", SCALE_SUFFIX: "scale", "bias": "bias"}.get(leaf, leaf)
         names = np.array([p + suffix for p in prefixes], dtype=object)
-        entries[(*module, leaf)] = (names, *known[suffix])
+        entries[(*module, leaf)] = (names, *known[prefixes[0] + suffix])
     for path, (names, shape, dtype) in entries.items():
         for name in names.reshape(-1):
             if name not in ckpt:
                 raise ConvertError(f"{where}: missing MTP tensor {name!r} (expected shape {list(shape)})")
-            ok = accepted_dtypes(dtype, name)
-            if tuple(ckpt.shape(name)) != shape or np.dtype(ckpt.dtype(name)) not in ok:
-                raise ConvertError(f"{ckpt.file_of(name)}: MTP tensor {name!r} has "
-                                   f"{np.dtype(ckpt.dtype(name)).name}{list(ckpt.shape(name))}, "
-                                   f"expected {'/'.join(d.name for d in ok)}{list(shape)}")
     return _make_leaves(MTP_DIR, entries, ckpt, weights, target)
 
 
@@ -263,7 +243,7 @@ class SourceReader:
         with self._lock:
             if path not in self._fds:
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = open_regular(path)
                 except OSError as e:
                     raise ConvertError(f"{path}: cannot open the shard: {e}") from None
                 try:

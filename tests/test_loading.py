@@ -344,10 +344,40 @@ def test_unexpected_tensor(copy, name):
     assert "unexpected" in str(e.value) and repr(name) in str(e.value)
 
 
-def test_extra_tensor_in_mtp_layer_is_skipped(copy):
-    """Anything under model.layers.{n_layers}.* is the MTP layer's and is not checked."""
-    _edit_shard(copy, f"model.layers.{CFG.n_layers}.something.new", new=np.zeros((3,), np.float32))
-    load_params(copy, Config.from_hf(copy, **LOAD))
+_MTP = f"model.layers.{CFG.n_layers}."
+
+
+@pytest.mark.parametrize("suffix,new,match", [
+    ("something.new", np.zeros((3,), np.float32), "is not part of the MTP layer"),
+    ("enorm.weight", np.zeros((1 << 20,), BF16), r"has shape \(1048576,\), expected \(256,\)"),
+    ("shared_head.head.weight", np.zeros((CFG.vocab_size, CFG.dim), np.int32), "has dtype int32"),
+    ("mlp.experts.1.up_proj.weight", np.zeros((CFG.moe_inter_dim, CFG.dim), BF16), "has dtype bfloat16"),
+    ("eh_proj.weight_scale_inv", np.ones((2, 3), np.float32), r"has shape \(2, 3\), expected \(2, 4\)"),
+])
+def test_mtp_tensors_are_checked_though_skipped(copy, suffix, new, match):
+    """The MTP layer is not loaded, but its tensors are checked all the same (by load_params and by
+    convert without --include-mtp): a wrong name, shape or dtype is refused, naming the shard."""
+    import convert.run as run
+    from convert.plan import ConvertError
+
+    shard = _edit_shard(copy, _MTP + suffix, new=new)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_params(copy, Config.from_hf(copy, **LOAD))
+    assert shard in str(e.value) and repr(_MTP + suffix) in str(e.value)
+    with pytest.raises(ConvertError, match=match):
+        run._load_source(copy, "fp8", False, 1 << 20)
+
+
+def test_partial_or_missing_mtp_layer_is_accepted(copy):
+    """The loader needs no MTP tensor: a checkpoint with only part of the MTP layer (its eh_proj,
+    which tells it from a decoder layer) or none of it passes the check."""
+    mtp = sorted(n for n in _index(copy)["weight_map"] if n.startswith(_MTP))
+    for name in [n for n in mtp if "eh_proj" not in n] + [None] + [n for n in mtp if "eh_proj" in n]:
+        if name is None:
+            check(ShardedCheckpoint(copy), CFG)
+        else:
+            _edit_shard(copy, name, drop=True)
+    check(ShardedCheckpoint(copy), CFG)
 
 
 def test_truncated_shard(copy):

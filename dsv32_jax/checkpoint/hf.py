@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from dsv32_jax.model.config import Config
 from dsv32_jax.checkpoint.safetensors import ShardedCheckpoint
 from dsv32_jax.checkpoint.weights import (ParamSpec, abstract_params, flatten, hf_names, is_mtp_tensor,
-                               layer_index, unflatten)
+                                          layer_index, mtp_tensor_specs, unflatten)
 
 
 class CheckpointError(ValueError):
@@ -40,10 +40,10 @@ def accepted_dtypes(spec_dtype, name: str) -> tuple[np.dtype, ...]:
     return (spec,) + tuple(d for d in (_BF16, _F32, _F16) if d != spec)
 
 
-def _dtype_error(file: str, name: str, stored, spec_dtype) -> str:
+def _dtype_error(file: str, name: str, stored, spec_dtype, what: str = "tensor") -> str:
     ok = accepted_dtypes(spec_dtype, name)
     alts = f" (or {'/'.join(d.name for d in ok[1:])}, cast on load)" if len(ok) > 1 else ""
-    return (f"{file}: tensor {name!r} has dtype {np.dtype(stored).name}, expected "
+    return (f"{file}: {what} {name!r} has dtype {np.dtype(stored).name}, expected "
             f"{np.dtype(spec_dtype).name}{alts}")
 
 
@@ -57,36 +57,49 @@ def check(ckpt: ShardedCheckpoint, cfg: Config, specs: dict | None = None) -> di
     """Validate names, shapes and dtypes of every tensor against the abstract params.
 
     Returns {param path: HF names array}. Raises CheckpointError on missing, mis-shaped,
-    wrongly-typed or unexpected tensors (the MTP layer is recognized and skipped).
+    wrongly-typed or unexpected tensors. The tensors of the MTP layer that are present are checked
+    too (names, shapes, dtypes: they are skipped, not trusted); it may be absent or partial.
     """
-    specs = flatten(specs if specs is not None else abstract_params(cfg))
+    tree = specs if specs is not None else abstract_params(cfg)
     where = ckpt.directory
     sources, expected = {}, set()
-    for path, spec in specs.items():
+    for path, spec in flatten(tree).items():
         names = hf_names(cfg, path)
         sources[path] = names
-        per_tensor = spec.shape[names.ndim:]
+        per_tensor = tuple(spec.shape[names.ndim:])
         for name in names.reshape(-1):
             expected.add(name)
             if name not in ckpt:
                 raise CheckpointError(f"{where}: missing tensor {name!r} (for param "
                                       f"{'/'.join(path)}, expected shape {per_tensor})")
-            shape, dtype = ckpt.shape(name), ckpt.dtype(name)
-            if tuple(shape) != tuple(per_tensor):
-                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {tuple(shape)},"
-                                      f" expected {tuple(per_tensor)} from config")
-            if np.dtype(dtype) not in accepted_dtypes(spec.dtype, name):
-                raise CheckpointError(_dtype_error(ckpt.file_of(name), name, dtype, spec.dtype))
+            _check_tensor(ckpt, name, per_tensor, spec.dtype)
     extra = sorted(n for n in ckpt.keys() if n not in expected and not is_mtp_tensor(cfg, n))
-    mtp_layers = {layer_index(n) for n in ckpt.keys() if is_mtp_tensor(cfg, n)}
-    for i in sorted(mtp_layers):  # an MTP layer has eh_proj; a decoder layer does not
+    mtp = sorted(n for n in ckpt.keys() if is_mtp_tensor(cfg, n))
+    for i in sorted({layer_index(n) for n in mtp}):  # an MTP layer has eh_proj; a decoder layer does not
         if f"model.layers.{i}.eh_proj.weight" not in ckpt:
             raise CheckpointError(f"{where}: model.layers.{i} has no eh_proj, so it is a decoder "
                                   f"layer, but config.json says num_hidden_layers={cfg.n_layers}")
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise CheckpointError(f"{where}: unexpected tensors not used by the model: {extra[:5]}{more}")
+    mtp_specs = mtp_tensor_specs(cfg, tree) if mtp else {}
+    for name in mtp:
+        if name not in mtp_specs:
+            raise CheckpointError(f"{ckpt.file_of(name)}: MTP tensor {name!r} is not part of the MTP "
+                                  "layer (a MoE block plus enorm, hnorm, eh_proj, shared_head, "
+                                  "embed_tokens)")
+        _check_tensor(ckpt, name, *mtp_specs[name], what="MTP tensor")
     return sources
+
+
+def _check_tensor(ckpt: ShardedCheckpoint, name: str, shape: tuple, spec_dtype, what: str = "tensor"):
+    """The stored shape must be `shape` and the dtype one `accepted_dtypes` allows."""
+    stored, dtype = tuple(ckpt.shape(name)), ckpt.dtype(name)
+    if stored != shape:
+        raise CheckpointError(f"{ckpt.file_of(name)}: {what} {name!r} has shape {stored}, expected "
+                              f"{shape} from config")
+    if np.dtype(dtype) not in accepted_dtypes(spec_dtype, name):
+        raise CheckpointError(_dtype_error(ckpt.file_of(name), name, dtype, spec_dtype, what))
 
 
 def _reader(ckpt: ShardedCheckpoint, names: np.ndarray, spec: ParamSpec):

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dsv32_jax.files import read_regular
 from dsv32_jax.model.config import Config
 from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, unflatten
 
@@ -131,13 +132,12 @@ def stored_leaves(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Leaf paths listed in an Orbax checkpoint's `_METADATA`."""
     p = os.path.join(ckpt_dir, _PYTREE_METADATA)
     try:
-        with open(p) as f:
-            meta = json.load(f)
+        meta = json.loads(read_regular(p))
         return [tuple(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()]
     except FileNotFoundError:
         raise OrbaxCheckpointError(f"{ckpt_dir}: no {_PYTREE_METADATA} (not a complete Orbax "
                                    "checkpoint)") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise OrbaxCheckpointError(f"{p}: not valid Orbax PyTree metadata ({e!r})") from None
 
 
@@ -152,9 +152,8 @@ def is_orbax_dir(path: str | os.PathLike) -> bool:
 def read_manifest(path: str | os.PathLike) -> dict:
     p = os.path.join(os.fspath(path), MANIFEST)
     try:
-        with open(p) as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
+        m = json.loads(read_regular(p))
+    except (OSError, ValueError, RecursionError) as e:
         raise OrbaxCheckpointError(f"{p}: cannot read the manifest ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise OrbaxCheckpointError(f"{p}: not a {FORMAT} manifest")

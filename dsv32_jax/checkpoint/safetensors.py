@@ -20,6 +20,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from dsv32_jax.files import no_constants, open_regular
+
 __all__ = [
     "DTYPES",
     "Header",
@@ -115,10 +117,6 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _is_int_list(x: Any) -> bool:
     return isinstance(x, list) and all(type(d) is int for d in x)
 
@@ -154,7 +152,7 @@ def read_header(path: str | os.PathLike[str], fd: int | None = None) -> Header:
     own = fd is None
     if own:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
         except OSError as e:
             raise SafetensorsError(f"{path}: cannot open: {e}") from None
     try:
@@ -173,7 +171,7 @@ def read_header(path: str | os.PathLike[str], fd: int | None = None) -> Header:
             os.close(fd)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                            parse_constant=_no_constants)
+                            parse_constant=no_constants)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise SafetensorsError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
     if not isinstance(header, dict):
@@ -296,7 +294,7 @@ class ShardedCheckpoint:
             self._weight_map = self._read_index(index_path)
             first_tensor = {f: n for n, f in sorted(self._weight_map.items(), reverse=True)}
             for fname, name in sorted(first_tensor.items()):
-                if not os.path.isfile(fname):
+                if not os.path.exists(fname):  # (not a regular file: refused when it is opened)
                     raise SafetensorsError(f"{index_path}: shard {fname} (holding tensor {name!r}) does not exist")
             return
         paths = sorted(glob.glob(os.path.join(glob.escape(self.directory), "*.safetensors")))
@@ -315,13 +313,13 @@ class ShardedCheckpoint:
         """{tensor name: shard path} from the index; every shard must be a plain file name in this
         directory (no separator, no '..', not absolute), so an index cannot point outside it."""
         try:
-            size = os.path.getsize(index_path)
-            if size > MAX_INDEX_BYTES:
-                raise SafetensorsError(f"{index_path}: {size} bytes, more than the {MAX_INDEX_BYTES}-byte "
-                                       "limit for an index (corrupt file?)")
-            with open(index_path, "rb") as fh:
+            with os.fdopen(open_regular(index_path), "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_INDEX_BYTES:
+                    raise SafetensorsError(f"{index_path}: {size} bytes, more than the {MAX_INDEX_BYTES}-"
+                                           "byte limit for an index (corrupt file?)")
                 index = json.loads(fh.read().decode("utf-8"), object_pairs_hook=_no_duplicates,
-                                   parse_constant=_no_constants)
+                                   parse_constant=no_constants)
             wm = index["weight_map"]
         except (ValueError, KeyError, TypeError, RecursionError, OSError) as e:
             if isinstance(e, SafetensorsError):

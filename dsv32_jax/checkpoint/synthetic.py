@@ -16,11 +16,11 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.config import Config
 from dsv32_jax.model.quant import weight_quant
 from dsv32_jax.checkpoint.safetensors import LazyTensor, fsync_dir, fsync_file, write_safetensors
 from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
-from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names
+from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, mtp_tensor_specs
 
 
 def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -31,24 +31,7 @@ def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple
         for name in names.reshape(-1):
             specs[str(name)] = (tuple(spec.shape[names.ndim:]), np.dtype(spec.dtype))
     if include_mtp:
-        last = f"model.layers.{cfg.n_layers - 1}."
-        block = {k[len(last):]: v for k, v in specs.items() if k.startswith(last)}
-        if cfg.n_layers == cfg.n_dense_layers:  # the MTP block is MoE; no MoE layer to copy from
-            block = {}
-        for i in range(cfg.n_layers, cfg.n_layers + cfg.n_mtp_layers):
-            p = f"model.layers.{i}."
-            specs.update({p + k: v for k, v in block.items()})
-            d, bf16 = cfg.dim, np.dtype(ml_dtypes.bfloat16)
-            specs.update({p + "enorm.weight": ((d,), bf16), p + "hnorm.weight": ((d,), bf16),
-                          p + "shared_head.norm.weight": ((d,), bf16),
-                          p + "shared_head.head.weight": ((cfg.vocab_size, d), bf16),
-                          p + "embed_tokens.weight": ((cfg.vocab_size, d), bf16)})
-            if cfg.quantized:
-                specs[p + "eh_proj.weight"] = ((d, 2 * d), np.dtype(ml_dtypes.float8_e4m3fn))
-                specs[p + "eh_proj.weight_scale_inv"] = ((cdiv(d, BLOCK), cdiv(2 * d, BLOCK)),
-                                                         np.dtype(np.float32))
-            else:
-                specs[p + "eh_proj.weight"] = ((d, 2 * d), bf16)
+        specs.update(mtp_tensor_specs(cfg))
     return specs
 
 

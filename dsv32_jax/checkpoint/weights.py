@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dsv32_jax.model.config import Config
+from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.transformer import Transformer, merge_experts
 
 Path = tuple[str, ...]
@@ -130,6 +130,35 @@ def is_mtp_tensor(cfg: Config, name: str) -> bool:
     """Tensors of the multi-token-prediction layer(s): layers n_layers .. n_layers+n_mtp-1."""
     i = layer_index(name)
     return i is not None and cfg.n_layers <= i < cfg.n_layers + cfg.n_mtp_layers
+
+
+def mtp_tensor_specs(cfg: Config, specs: dict | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{HF name: (shape, param dtype)} of the multi-token-prediction layer(s) (layers n_layers ..
+    n_layers+n_mtp-1) as released: a MoE decoder block, its tensors named like a MoE layer's,
+    plus enorm, hnorm, eh_proj (FP8 with its scales in an FP8 checkpoint), shared_head.norm,
+    shared_head.head and embed_tokens. The model does not use them; loaders check them and skip
+    them. `specs`: `abstract_params(cfg)` if already at hand. (No MoE layer: no block.)"""
+    specs = flatten(specs if specs is not None else abstract_params(cfg))
+    first_moe = f"model.layers.{cfg.n_dense_layers}."
+    block = {}
+    if cfg.n_moe_layers:
+        for path, spec in specs.items():
+            if path[0] != "moe_layers":
+                continue
+            names = hf_names(cfg, path)
+            for name in np.asarray(names[0], dtype=object).reshape(-1):
+                block[str(name)[len(first_moe):]] = (tuple(spec.shape[names.ndim:]), np.dtype(spec.dtype))
+    d, v, bf16 = cfg.dim, cfg.vocab_size, np.dtype(jnp.bfloat16)
+    block.update({"enorm.weight": ((d,), bf16), "hnorm.weight": ((d,), bf16),
+                  "shared_head.norm.weight": ((d,), bf16), "shared_head.head.weight": ((v, d), bf16),
+                  "embed_tokens.weight": ((v, d), bf16)})
+    if cfg.quantized:
+        block["eh_proj.weight"] = ((d, 2 * d), np.dtype(jnp.float8_e4m3fn))
+        block["eh_proj.weight_scale_inv"] = ((cdiv(d, BLOCK), cdiv(2 * d, BLOCK)), np.dtype(np.float32))
+    else:
+        block["eh_proj.weight"] = ((d, 2 * d), bf16)
+    return {f"model.layers.{i}.{k}": v for i in range(cfg.n_layers, cfg.n_layers + cfg.n_mtp_layers)
+            for k, v in block.items()}
 
 
 def layer_params(cfg: Config, params: dict, layer: int) -> tuple[bool, dict]:

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any, Mapping
 
+from dsv32_jax.files import no_constants, read_regular
+
 BLOCK = 128  # FP8 block size: 128x128 weight blocks, 128-wide activation blocks
 DTYPES = ("bfloat16", "float32")
 MATMUL_IMPLS = ("xla", "pallas")
@@ -129,36 +131,14 @@ class Config:
             raise ConfigError(f"{where}: moe_layer_freq must be 1")
         if hf.get("tie_word_embeddings", False):
             raise ConfigError(f"{where}: tie_word_embeddings=true is not the V3.2 layout")
-        q = hf.get("quantization_config")
-        if q is None:
-            weight_dtype, scale_fmt = "bf16", None
-        else:
-            if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
-                raise ConfigError(f"{where}: quantization_config {q}: only fp8 e4m3 is supported")
-            if list(q.get("weight_block_size", [BLOCK, BLOCK])) != [BLOCK, BLOCK]:
-                raise ConfigError(f"{where}: weight_block_size {q['weight_block_size']} must be [128, 128]")
-            weight_dtype, scale_fmt = "fp8", q.get("scale_fmt")
+        weight_dtype, scale_fmt = _quant_from_hf(hf.get("quantization_config"), where)
         rope = _rope_from_hf(hf, where)
-        try:
-            kw = dict(
-                vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
-                moe_inter_dim=hf["moe_intermediate_size"], n_layers=hf["num_hidden_layers"],
-                n_dense_layers=hf["first_k_dense_replace"], n_heads=hf["num_attention_heads"],
-                q_lora_rank=hf["q_lora_rank"], kv_lora_rank=hf["kv_lora_rank"],
-                qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
-                v_head_dim=hf["v_head_dim"], n_routed_experts=hf["n_routed_experts"],
-                n_shared_experts=hf["n_shared_experts"], n_activated_experts=hf["num_experts_per_tok"],
-                n_expert_groups=hf["n_group"], n_limited_groups=hf["topk_group"],
-                route_scale=float(hf["routed_scaling_factor"]), index_n_heads=hf["index_n_heads"],
-                index_head_dim=hf["index_head_dim"], index_topk=hf["index_topk"],
-                max_seq_len=hf["max_position_embeddings"],
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                n_mtp_layers=hf.get("num_nextn_predict_layers", 0),
-                bos_token_id=hf.get("bos_token_id", 0), eos_token_id=hf.get("eos_token_id", 1),
-                weight_dtype=weight_dtype, scale_fmt=scale_fmt,
-            )
-        except KeyError as e:
-            raise ConfigError(f"{where}: missing required field {e.args[0]!r}") from None
+        missing = [k for k in _HF_REQUIRED.values() if k not in hf]
+        if missing:
+            raise ConfigError(f"{where}: missing required field {missing[0]!r}")
+        kw = {f: hf[k] for f, k in _HF_REQUIRED.items()}
+        kw.update({f: hf.get(k, d) for f, (k, d) in _HF_OPTIONAL.items()})
+        kw.update(weight_dtype=weight_dtype, scale_fmt=scale_fmt)
         kw["rope_theta"] = rope.pop("rope_theta")
         if rope["rope_type"] == "yarn":
             kw.update(rope_factor=rope["factor"], original_seq_len=rope["original_max_position_embeddings"],
@@ -176,7 +156,7 @@ class Config:
         else:  # no YaRN: make the condition max_seq_len > original_seq_len false
             kw.update(rope_factor=1.0, original_seq_len=kw["max_seq_len"])
         kw.update(overrides)
-        return cls(**_checked_types(kw, where))
+        return _build(cls, kw, where)
 
     @classmethod
     def from_reference_args(cls, source: str | os.PathLike | Mapping[str, Any], **overrides) -> "Config":
@@ -192,7 +172,7 @@ class Config:
         if "dtype" in a:
             kw["weight_dtype"] = a["dtype"]
         kw.update(overrides)
-        return cls(**_checked_types(kw, where))
+        return _build(cls, kw, where)
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict of this config (numerics fields are not part of it)."""
@@ -230,6 +210,82 @@ class Config:
         return hf
 
 
+# Config field -> its config.json key (required, then optional with the default when absent)
+_HF_REQUIRED = {
+    "vocab_size": "vocab_size", "dim": "hidden_size", "inter_dim": "intermediate_size",
+    "moe_inter_dim": "moe_intermediate_size", "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace", "n_heads": "num_attention_heads",
+    "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim", "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts", "n_activated_experts": "num_experts_per_tok",
+    "n_expert_groups": "n_group", "n_limited_groups": "topk_group",
+    "route_scale": "routed_scaling_factor", "index_n_heads": "index_n_heads",
+    "index_head_dim": "index_head_dim", "index_topk": "index_topk",
+    "max_seq_len": "max_position_embeddings",
+}
+_HF_OPTIONAL = {"rms_norm_eps": ("rms_norm_eps", 1e-6),
+                "n_mtp_layers": ("num_nextn_predict_layers", 0),
+                "bos_token_id": ("bos_token_id", 0), "eos_token_id": ("eos_token_id", 1)}
+_HF_ROPE = {"rope_factor": "factor", "original_seq_len": "original_max_position_embeddings",
+            "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale"}
+
+# Upper bounds of the integer fields: far above every released model of the family (V3, V3.1,
+# V3.2, R1: the defaults above) and the presets, low enough that nothing traced from a config
+# overflows int32 or loops for hours (a block loop over hidden_size/128, say).
+LIMITS = {
+    "vocab_size": 1 << 22, "dim": 1 << 16, "inter_dim": 1 << 18, "moe_inter_dim": 1 << 16,
+    "n_layers": 1024, "n_dense_layers": 1024, "n_heads": 1024, "q_lora_rank": 1 << 16,
+    "kv_lora_rank": 1 << 16, "qk_nope_head_dim": 1024, "qk_rope_head_dim": 1024,
+    "v_head_dim": 1024, "n_routed_experts": 4096, "n_shared_experts": 64,
+    "n_activated_experts": 4096, "n_expert_groups": 4096, "n_limited_groups": 4096,
+    "index_n_heads": 1024, "index_head_dim": 1024, "index_topk": 1 << 20,
+    "original_seq_len": 1 << 24, "max_seq_len": 1 << 24, "beta_fast": 1 << 16,
+    "beta_slow": 1 << 16, "n_mtp_layers": 64, "bos_token_id": 1 << 22, "eos_token_id": 1 << 22,
+}
+_MAY_BE_ZERO = ("bos_token_id", "eos_token_id", "n_mtp_layers", "n_dense_layers")
+# float fields that must be finite and > 0 (ep_capacity_factor: also None)
+_POSITIVE_FLOATS = ("route_scale", "rope_theta", "rope_factor", "mscale", "rms_norm_eps")
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:40] + f"... ({len(r)} characters)"
+
+
+def _label(field: str) -> str:
+    """A field's name as the user wrote it: `route_scale (routed_scaling_factor)`."""
+    hf = (_HF_REQUIRED.get(field) or _HF_OPTIONAL.get(field, (None,))[0]
+          or (f"rope_scaling.{_HF_ROPE[field]}" if field in _HF_ROPE else None))
+    return field if hf in (None, field) else f"{field} ({hf})"
+
+
+def _quant_from_hf(q, where: str) -> tuple[str, str | None]:
+    """(weight_dtype, scale_fmt) from `quantization_config` (absent or null: bf16 weights)."""
+    if q is None:
+        return "bf16", None
+    if not isinstance(q, Mapping):
+        raise ConfigError(f"{where}: quantization_config must be an object or null, got {q!r}")
+    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"{where}: quantization_config {q}: only fp8 e4m3 is supported")
+    wbs = q.get("weight_block_size", [BLOCK, BLOCK])
+    if not isinstance(wbs, (list, tuple)) or list(wbs) != [BLOCK, BLOCK]:
+        raise ConfigError(f"{where}: quantization_config.weight_block_size {wbs!r} must be [128, 128]")
+    fmt = q.get("scale_fmt")
+    if fmt not in (None, "ue8m0"):
+        raise ConfigError(f"{where}: quantization_config.scale_fmt {fmt!r} must be 'ue8m0' or absent")
+    return "fp8", fmt
+
+
+def _build(cls, kw: dict, where: str) -> "Config":
+    """cls(**kw) with types checked, every error naming the file."""
+    kw = _checked_types(kw, where)
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 _YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
               "mscale_all_dim")
 _YARN_REQUIRED = ("factor", "original_max_position_embeddings")
@@ -238,6 +294,13 @@ _ROPE_TOP_LEVEL = ("rope_theta", "rope_scaling", "rope_parameters", "rope_interl
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    """A real number float() keeps finite (not NaN/Inf, not an int past float's range)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return abs(v) < 2**1000
+    return isinstance(v, float) and math.isfinite(v)
 
 
 def _rope_block(block, where: str, label: str, theta_allowed: bool) -> dict:
@@ -265,8 +328,8 @@ def _rope_block(block, where: str, label: str, theta_allowed: bool) -> dict:
     for k in allowed - {"rope_type", "type"}:
         if k in block:
             v = block[k]
-            if not _is_number(v) or not math.isfinite(v):
-                raise ConfigError(f"{where}: {label}.{k} must be a number, got {v!r}")
+            if not _is_finite(v):
+                raise ConfigError(f"{where}: {label}.{k} must be a finite number, got {_show(v)}")
             out[k] = v
     if rtype == "yarn":
         for k in _YARN_REQUIRED:
@@ -293,8 +356,8 @@ def _rope_from_hf(hf: Mapping[str, Any], where: str) -> dict:
                                                    theta_allowed=False)))
     if "rope_theta" in hf:
         theta = hf["rope_theta"]
-        if not _is_number(theta) or not math.isfinite(theta):
-            raise ConfigError(f"{where}: rope_theta must be a number, got {theta!r}")
+        if not _is_finite(theta):
+            raise ConfigError(f"{where}: rope_theta must be a finite number, got {_show(theta)}")
         layouts.append(("rope_theta", {"rope_theta": theta}))
     if hf.get("rope_parameters") is not None:
         layouts.append(("rope_parameters", _rope_block(hf["rope_parameters"], where, "rope_parameters",
@@ -327,11 +390,12 @@ def _read_json(source, filename: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, filename)
     try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
+        obj = json.loads(read_regular(path).decode("utf-8"), parse_constant=no_constants)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+    except OSError as e:  # a FIFO or device (would block or never end), permissions, ...
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: holds a JSON {type(obj).__name__}, expected an object")
@@ -357,10 +421,10 @@ def _checked_types(kw: dict, where: str) -> dict:
                 if isinstance(v, float) and v.is_integer():
                     v = int(v)
                 else:
-                    raise ConfigError(f"{where}: {k} must be an integer, got {v!r}")
+                    raise ConfigError(f"{where}: {_label(k)} must be an integer, got {_show(v)}")
         elif t == "float":
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{where}: {k} must be a number, got {v!r}")
+            if not _is_finite(v):
+                raise ConfigError(f"{where}: {_label(k)} must be a finite number, got {_show(v)}")
             v = float(v)
         out[k] = v
     return out
@@ -373,12 +437,19 @@ def _validate(c: Config) -> None:
 
     for f in dataclasses.fields(c):
         v = getattr(c, f.name)
-        if f.type == "int" and f.name not in ("bos_token_id", "eos_token_id", "n_mtp_layers", "n_dense_layers"):
-            need(isinstance(v, int) and v > 0, f"{f.name} must be a positive integer, got {v!r}")
+        if f.type == "int":
+            low = 0 if f.name in _MAY_BE_ZERO else 1
+            need(isinstance(v, int) and not isinstance(v, bool) and low <= v <= LIMITS[f.name],
+                 f"{_label(f.name)} must be an integer in [{low}, {LIMITS[f.name]}], got {_show(v)}")
+    for name in _POSITIVE_FLOATS:
+        v = getattr(c, name)
+        need(_is_finite(v) and v > 0, f"{_label(name)} must be a finite number > 0, got {_show(v)}")
+    for name in ("bos_token_id", "eos_token_id"):
+        need(getattr(c, name) < c.vocab_size,
+             f"{name}={getattr(c, name)} is outside the vocabulary [0, vocab_size={c.vocab_size})")
     need(c.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {c.dtype!r}")
     need(isinstance(c.fp8_activations, bool), f"fp8_activations must be a bool, got {c.fp8_activations!r}")
-    need(c.ep_capacity_factor is None or (isinstance(c.ep_capacity_factor, (int, float))
-                                          and c.ep_capacity_factor > 0),
+    need(c.ep_capacity_factor is None or (_is_finite(c.ep_capacity_factor) and c.ep_capacity_factor > 0),
          f"ep_capacity_factor must be None (exact) or a number > 0, got {c.ep_capacity_factor!r}")
     need(c.matmul_impl in MATMUL_IMPLS,
          f"matmul_impl must be one of {MATMUL_IMPLS}, got {c.matmul_impl!r}")
