@@ -21,6 +21,7 @@ import numpy as np
 from dsv32_jax.files import open_regular
 from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
 from dsv32_jax.model.quant import dequant
+from dsv32_jax.checkpoint.finite import nonfinite, what_is_wrong
 from dsv32_jax.checkpoint.hf import check
 from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
 from dsv32_jax.checkpoint.safetensors import (Header, SafetensorsError, ShardedCheckpoint,
@@ -364,11 +365,22 @@ def read_unit(reader: SourceReader, unit: Unit, out: np.ndarray | None = None) -
         name = str(names[pos])
         if scales is None:
             _read_rows(reader, name, rows.start, out[pos])
+            _finite(reader, name, out[pos])
             continue
         w = np.empty(out[pos].shape, leaf.src_dtype)
         reader.read_into(name, rows.start * row_bytes, w)
         r0, r1 = rows.start // BLOCK, cdiv(rows.stop, BLOCK)
         s = np.empty((r1 - r0, *leaf.scale_shape[1:]), F32)
         reader.read_into(str(scales[pos]), r0 * s[0].nbytes, s)
+        _finite(reader, name, w)
+        _finite(reader, str(scales[pos]), s)
         _dequant_rows(w, s, out[pos], rows.start)
+        _finite(reader, name, out[pos], " after dequantization (block scales too large for bfloat16)")
     return out
+
+
+def _finite(reader: SourceReader, name: str, data: np.ndarray, when: str = "") -> None:
+    """ConvertError naming the shard and tensor if `data` (read from tensor `name`) holds NaN/Inf."""
+    if nonfinite(data, xp=np):
+        raise ConvertError(f"{reader.location(name)[0]}: tensor {name!r} {what_is_wrong(data.dtype)}"
+                           f"{when}")

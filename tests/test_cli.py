@@ -315,3 +315,50 @@ def test_help_lists_every_command(capsys):
         assert re.search(rf"^\s+{command}\s", out, re.M), command
     assert _run(["convert"]) == 2  # handed to the converter's own parser
     assert "dsv32 convert" in capsys.readouterr().err
+
+
+def _set_tensor(path, name: str, fn) -> None:
+    """Rewrite the shard holding tensor `name` of checkpoint `path` with fn(its values)."""
+    import json
+
+    import numpy as np
+
+    from dsv32_jax.checkpoint.safetensors import SafetensorsFile, write_safetensors
+
+    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+    with SafetensorsFile(shard) as f:
+        tensors, meta = {n: np.array(f.get(n)) for n in f.keys()}, dict(f.metadata)
+    tensors[name] = fn(tensors[name])
+    write_safetensors(shard, tensors, meta)
+
+
+def test_nan_in_config_or_weights_is_one_line(ckpt, tmp_path, capsys):
+    """routed_scaling_factor NaN (the JSON literal) and a NaN norm weight: refused in one line,
+    exit 1 (the config before the weights are read; the weight while loading)."""
+    path = tmp_path / "nan"
+    shutil.copytree(ckpt, path)
+    text = (path / "config.json").read_text()
+    (path / "config.json").write_text(re.sub(r'"routed_scaling_factor": [0-9.]+', '"routed_scaling_factor": NaN',
+                                             text))
+    name = "model.layers.0.input_layernorm.weight"
+    _set_tensor(path, name, lambda a: a.__setitem__(3, float("nan")) or a)
+    for fix, message in ((None, "NaN is not a JSON number"), (text, f"tensor '{name}' holds NaN or Inf")):
+        if fix:
+            (path / "config.json").write_text(fix)
+        assert _run(["generate", "--ckpt", str(path), "--prompt", "x"]) == 1
+        err = capsys.readouterr().err  # (a progress line may come first)
+        last = err.splitlines()[-1]
+        assert last.startswith("dsv32 generate: error: ") and message in last and "Traceback" not in err
+
+
+def test_nonfinite_logits_end_generate_in_one_line(ckpt, tmp_path, capsys):
+    """Finite weights whose activations overflow (the final norm's weight near the bf16 maximum):
+    generation stops with one line naming where, exit 1, instead of printing garbage."""
+    path = tmp_path / "overflow"
+    shutil.copytree(ckpt, path)
+    _set_tensor(path, "model.norm.weight", lambda a: (a * 0 + 3e38).astype(a.dtype))
+    assert _run(["generate", "--ckpt", str(path), "--prompt", "Hello", "--max-new-tokens", "3"]) == 1
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith("dsv32 generate: error: sequence 0: the logits after ") and "NaN or Inf" in last
+    assert "the final norm or the output head overflows" in last and "Traceback" not in err

@@ -150,3 +150,35 @@ def test_topk_agreement_helper_detects_differences():
     assert topk_agreement(a, a) == 1.0
     assert topk_agreement(a, np.array([[[0, 1], [1, 0]]])) == 1.0  # order does not matter
     assert topk_agreement(np.array([[[0, 5], [0, 1]]]), np.array([[[0, 7], [0, 0]]])) == 0.5
+
+
+def test_nonfinite_logits_stop_the_sequence_and_name_the_layer():
+    """A sequence whose logits hold NaN/Inf is stopped (the others run to their end) and the error
+    names the first layer whose output went non-finite: in generate (the on-device loop), the
+    stream and the chat session. NaN is put straight into the params (loading would refuse it):
+    the embedding row of token 7, so only a sequence ending in it breaks, in layer 0's attention;
+    then the MoE layer's FFN norm, which breaks every sequence in layer 1's MoE."""
+    from dsv32_jax.checkpoint.weights import init_params
+    from dsv32_jax.engine.runner import Model
+    from dsv32_jax.model.config import preset
+
+    cfg = preset("tiny", n_layers=2, vocab_size=256, dtype="float32", fp8_activations=False)
+    params = init_params(cfg)
+    params["embed"]["weight"] = params["embed"]["weight"].at[7].set(jnp.nan)
+    model = Model(cfg, params)
+    with pytest.raises(gen.NonFiniteLogits, match=r"^sequence 1: the logits after 3 prompt and 0 "
+                       r"generated tokens hold NaN or Inf.*layer 0's attention") as e:
+        model.generate([[1, 2, 3], [4, 5, 7]], 3, temperature=0, stop_tokens=[])
+    assert e.value.sequence == 1 and len(e.value.outputs[0]) == 3 and e.value.outputs[1] == []
+    steps = []
+    with pytest.raises(gen.NonFiniteLogits, match="sequence 1: .*layer 0's attention"):
+        for step in model.generate_stream([[1, 2, 3], [4, 5, 7]], 3, temperature=0, stop_tokens=[]):
+            steps.append(step)
+    assert [s[1] for s in steps] == [None] * 3 and all(s[0] is not None for s in steps)
+    with pytest.raises(gen.NonFiniteLogits, match="layer 0's attention"):
+        list(model.chat_session().stream([4, 5, 7], 3, temperature=0))
+    moe_norm = params["moe_layers"]["ffn_norm"]["weight"]
+    model.params = {**params, "moe_layers": {**params["moe_layers"],
+                                             "ffn_norm": {"weight": moe_norm.at[0, 5].set(jnp.nan)}}}
+    with pytest.raises(gen.NonFiniteLogits, match="sequence 0: .*layer 1's MoE"):
+        model.generate([[1, 2, 3]], 3, temperature=0)

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dsv32_jax.model.config import Config
+from dsv32_jax.checkpoint.finite import first_nonfinite, what_is_wrong
 from dsv32_jax.checkpoint.safetensors import ShardedCheckpoint
 from dsv32_jax.checkpoint.weights import (ParamSpec, abstract_params, flatten, hf_names, is_mtp_tensor,
                                           layer_index, mtp_tensor_specs, unflatten)
@@ -128,7 +129,9 @@ def _reader(ckpt: ShardedCheckpoint, names: np.ndarray, spec: ParamSpec):
 def load_params(directory: str | os.PathLike, cfg: Config, shardings=None,
                 progress: bool = False) -> dict:
     """Params from a HF checkpoint dir. `shardings`: a tree of jax.sharding.Sharding like the
-    params (default: everything on the first device). `progress`: a tqdm bar in bytes."""
+    params (default: everything on the first device). `progress`: a tqdm bar in bytes. Every
+    float param is then checked for NaN/Inf on the devices (`finite.first_nonfinite`): a
+    CheckpointError names the first tensor holding one."""
     specs = flatten(abstract_params(cfg))
     with ShardedCheckpoint(directory) as ckpt:
         sources = check(ckpt, cfg, unflatten(specs))
@@ -142,4 +145,10 @@ def load_params(directory: str | os.PathLike, cfg: Config, shardings=None,
                 out[path] = jax.make_array_from_callback(spec.shape, sharding,
                                                          _reader(ckpt, sources[path], spec))
                 bar.update(spec.nbytes)
+        bad = first_nonfinite(unflatten(out), {p: sources[p].ndim for p in out})
+        if bad is not None:
+            path, index = bad
+            name = str(sources[path][index])
+            raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} "
+                                  f"{what_is_wrong(specs[path].dtype)}")
     return unflatten(out)

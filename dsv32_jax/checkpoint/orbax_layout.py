@@ -33,7 +33,8 @@ import numpy as np
 
 from dsv32_jax.files import read_regular
 from dsv32_jax.model.config import Config
-from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, unflatten
+from dsv32_jax.checkpoint.finite import first_nonfinite, what_is_wrong
+from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names, unflatten
 
 PARAMS_DIR = "params"
 MTP_DIR = "mtp"
@@ -273,9 +274,19 @@ def _restore_groups(nbytes: Mapping[Path, int], parts: int = 64) -> list[list[Pa
 
 
 def restore_params(path: str | os.PathLike, cfg: Config, shardings=None, **kw) -> dict:
-    """The model params of a converted directory, as `abstract_params(cfg)` describes them."""
+    """The model params of a converted directory, as `abstract_params(cfg)` describes them;
+    checked for NaN/Inf on the devices (OrbaxCheckpointError naming the first tensor with one)."""
     specs = flatten(abstract_params(cfg))
-    return restore_tree(os.path.join(os.fspath(path), PARAMS_DIR), specs, shardings, **kw)
+    params = restore_tree(os.path.join(os.fspath(path), PARAMS_DIR), specs, shardings, **kw)
+    names = {p: hf_names(cfg, p) for p in specs}
+    bad = first_nonfinite(params, {p: n.ndim for p, n in names.items()})
+    if bad is not None:
+        p, index = bad
+        at = f" [{', '.join(map(str, index))}]" if index else ""
+        raise OrbaxCheckpointError(
+            f"{os.path.join(os.fspath(path), PARAMS_DIR)}: param {'/'.join(p)}{at} (converted from "
+            f"{str(names[p][index])!r}) {what_is_wrong(specs[p].dtype)}")
+    return params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from sharding.mesh import on_mesh
 
 MAX_STOP_TOKENS = 8
 PREFILL_CHUNK = 512
+NONFINITE = -2  # `sample`'s answer for a logits row holding NaN/Inf
 INTERMEDIATES = ("attn_in", "attn_out", "ffn_in", "ffn_out", "index_scores", "topk", "gate_experts")
 
 
@@ -36,8 +37,18 @@ def bucket(n: int, minimum: int = 16) -> int:
     return 1 << max(int(n - 1).bit_length(), (minimum - 1).bit_length())
 
 
+class NonFiniteLogits(ValueError):
+    """A sequence's logits held NaN/Inf: it was stopped. `outputs`: the tokens every sequence had
+    produced (the others ran to their end), `sequence`: the first failed one."""
+
+    def __init__(self, msg: str, sequence: int, outputs: list[list[int]]):
+        super().__init__(msg)
+        self.sequence, self.outputs = sequence, outputs
+
+
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """logits (B,V) f32 -> tokens (B,) int32. temperature <= 0: greedy; else nucleus sampling."""
+    """logits (B,V) f32 -> tokens (B,) int32. temperature <= 0: greedy; else nucleus sampling.
+    A row holding NaN/Inf gives NONFINITE instead of a token (the cheap check of every step)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled, axis=-1)
@@ -46,7 +57,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the most likely token
     choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature <= 0, greedy, sampled)
+    token = jnp.where(temperature <= 0, greedy, sampled)
+    return jnp.where(jnp.isfinite(logits).all(axis=-1), token, NONFINITE)
 
 
 def _apply(params, tokens, positions, cache, last, cfg: Config, impl: str, collect: bool):
@@ -82,7 +94,8 @@ def step(params, cache, pos, key, temperature, top_p, logits, *, cfg: Config, im
 def decode_loop(params, cache, logits, pos, max_new, key, temperature, top_p, stop_ids, *,
                 cfg: Config, impl: str = "xla", n_out: int):
     """On-device loop: up to max_new (<= n_out) tokens per sequence, stopping each on a stop
-    token. -> (tokens (B, n_out), -1 after a sequence stopped; cache)."""
+    token or on non-finite logits. -> (tokens (B, n_out), -1 after a sequence stopped, NONFINITE
+    where its logits were not finite; cache)."""
     b = logits.shape[0]
 
     def cond(state):
@@ -94,7 +107,7 @@ def decode_loop(params, cache, logits, pos, max_new, key, temperature, top_p, st
         key, sub = jax.random.split(key)
         token = sample(logits, sub, temperature, top_p)
         out = out.at[:, i].set(jnp.where(done, -1, token))
-        done = done | jnp.isin(token, stop_ids)
+        done = done | jnp.isin(token, stop_ids) | (token == NONFINITE)
 
         def run(args):
             cache, pos = args
@@ -226,7 +239,13 @@ def generate(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], m
         out, _ = decode_loop(params, cache, logits, lengths, np.int32(max_new_tokens),
                              jax.random.key(seed), np.float32(temperature), np.float32(top_p),
                              stop_ids, cfg=cfg, impl=impl, n_out=n_out)
-    return [_trim(row, max_new_tokens, stop_ids) for row in to_host(out)]
+    rows = to_host(out)[:, :max_new_tokens]
+    outputs = [_trim(row, max_new_tokens, stop_ids) for row in rows]
+    failed = [i for i, row in enumerate(rows) if (row == NONFINITE).any()]
+    if failed:
+        i = failed[0]
+        raise nonfinite_error(params, cfg, impl, list(prompts[i]), outputs[i], i, outputs)
+    return outputs
 
 
 def stream(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -253,6 +272,8 @@ def _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed
                  decode_s=0.0, decode_steps=0)
     pos, key = lengths, jax.random.key(seed)
     done = np.zeros(len(lengths), bool)
+    outputs: list[list[int]] = [[] for _ in lengths]
+    failed = []
     for _ in range(max_new_tokens):
         t0 = time.perf_counter()
         key, sub = jax.random.split(key)
@@ -263,10 +284,57 @@ def _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed
         tok = to_host(token)
         stats["decode_s"] += time.perf_counter() - t0
         stats["decode_steps"] += 1
+        failed += [i for i, (t, d) in enumerate(zip(tok, done)) if t == NONFINITE and not d]
+        done |= tok == NONFINITE
+        for i, (t, d) in enumerate(zip(tok, done)):
+            if not d:
+                outputs[i].append(int(t))
         yield [None if d else int(t) for t, d in zip(tok, done)]
         done |= np.isin(tok, stop_ids)
         if done.all():
-            return
+            break
+    if failed:  # the other sequences ran to their end first
+        i = failed[0]
+        prompt = [int(t) for t in tokens[i, :lengths[i]]]
+        raise nonfinite_error(params, cfg, impl, prompt, outputs[i], i, outputs)
+
+
+def nonfinite_error(params, cfg: Config, impl: str, prompt: list[int], produced: list[int],
+                    sequence: int, outputs: list[list[int]]) -> NonFiniteLogits:
+    """The error for sequence `sequence`, whose logits after prompt + produced were not finite,
+    naming where a replay of those tokens first goes non-finite (`locate_nonfinite`)."""
+    where = locate_nonfinite(params, cfg, impl, prompt + produced)
+    return NonFiniteLogits(
+        f"sequence {sequence}: the logits after {len(prompt)} prompt and {len(produced)} generated "
+        f"tokens hold NaN or Inf, so it was stopped; {where}", sequence, outputs)
+
+
+def locate_nonfinite(params, cfg: Config, impl: str, tokens: list[int]) -> str:
+    """Where a forward over `tokens` (one sequence, from position 0) first goes non-finite: the
+    first layer whose attention or FFN output holds NaN/Inf, else the final norm and head. It
+    replays the prefill with intermediates (`prefill(collect=True)`): only after a failure."""
+    try:
+        s = len(tokens)
+        chunk = min(PREFILL_CHUNK, bucket(s))
+        padded = cdiv(s, chunk) * chunk
+        t = np.zeros((1, padded), np.int32)
+        t[0, :s] = tokens
+        with on_mesh(params):
+            cache = init_cache(cfg, 1, padded)
+        logits, _, inter = prefill(params, cfg, impl, t, np.array([s], np.int32), cache, chunk=chunk,
+                                   collect=True)
+        bad = {k: to_host(jnp.any(~jnp.isfinite(inter[k][:, :, :s]), axis=(1, 2, 3)))
+               for k in ("attn_out", "ffn_out")}
+    except Exception as e:  # noqa: BLE001 - a diagnosis that failed must not hide the error itself
+        return f"the search for the first non-finite layer failed ({type(e).__name__}: {e})"
+    for layer in range(cfg.n_layers):
+        ffn = "MoE" if layer >= cfg.n_dense_layers else "FFN"
+        for k, part in (("attn_out", "attention"), ("ffn_out", ffn)):
+            if bad[k][layer]:
+                return f"the first non-finite output is layer {layer}'s {part}"
+    if not to_host(jnp.isfinite(logits).all()):
+        return "every layer's output is finite: the final norm or the output head overflows"
+    return "a full forward over the same tokens stays finite (the layer could not be found)"
 
 
 def _trim(row: np.ndarray, max_new: int, stop_ids: np.ndarray) -> list[int]:

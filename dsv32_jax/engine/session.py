@@ -178,6 +178,13 @@ class ChatSession:
                 token, logits, self._cache = exe(self.model.params, self._cache,
                                                  jnp.full(1, self.length, jnp.int32), sub, temp, topp, logits)
                 tok = int(to_host(token)[0])
+                if tok == gen.NONFINITE:
+                    produced = self._tokens[len(context) + len(ids):]
+                    raise gen.nonfinite_error(self.model.params, self._cfg, self._impl,
+                                              self._tokens[:len(context) + len(ids)], produced, 0,
+                                              [produced])
+            except gen.NonFiniteLogits:
+                raise
             except BaseException:  # e.g. Ctrl-C inside the call, whose cache was donated: rebuilt next time
                 self._drop_cache()
                 raise
