@@ -786,3 +786,58 @@ def test_conversion_memory_is_bounded(tmp_path):
     assert peak < size / 2
     r = verify_checkpoint(out, hf, sample=0.05, **QUIET)
     assert r["chunks_checked"] >= r["leaves"]
+
+
+def _set(name, fn):
+    return lambda t: t.__setitem__(name, fn(t[name]))
+
+
+def _fp8_nan(a):
+    b = a.view(np.uint8).copy()
+    b[3, 5] = 0xFF
+    return b.view(a.dtype)
+
+
+def _put(value):
+    def fn(a):
+        a = a.copy()
+        a.reshape(-1)[1] = value
+        return a
+    return fn
+
+
+_NORM = "model.layers.0.input_layernorm.weight"
+NONFINITE = [(VICTIM, _fp8_nan, "holds the FP8 e4m3 NaN code"),
+             (VICTIM + "_scale_inv", _put(np.inf), r"holds NaN or Inf \(as float32\)"),
+             (_NORM, _put(np.nan), r"holds NaN or Inf \(as bfloat16\)")]
+
+
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+@pytest.mark.parametrize("name,fn,match", NONFINITE, ids=["fp8-nan-byte", "inf-scale", "nan-norm"])
+def test_nonfinite_source_is_refused(copy, tmp_path, weights, name, fn, match):
+    """NaN/Inf in a weight, a scale or a norm: convert stops with the shard and the tensor (the
+    check runs on each chunk as it streams through; no complete OUT_DIR is left)."""
+    shard = _shard_of(copy, name)
+    _rewrite_shard(shard, _set(name, fn))
+    with pytest.raises(ConvertError, match=match) as e:
+        convert_checkpoint(copy, tmp_path / "out", weights=weights, **QUIET)
+    assert f"{shard}: tensor '{name}'" in str(e.value)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_verify_and_load_refuse_nonfinite_data(copy, tmp_path):
+    """`convert --verify` refuses a source that went non-finite after the conversion, and loading
+    a converted directory whose stored chunk holds NaN names the param, the layer and the tensor."""
+    out = tmp_path / "out"
+    convert_checkpoint(copy, out, **QUIET)
+    shard = _shard_of(copy, _NORM)
+    _rewrite_shard(shard, _set(_NORM, _put(np.nan)))  # same size: verify reads it
+    with pytest.raises(ConvertError, match=rf"{shard}: tensor '{_NORM}' holds NaN or Inf"):
+        verify_checkpoint(out, copy, **QUIET)
+    leaf = out / PARAMS_DIR / "dense_layers.attn_norm.weight"  # (layers, dim) bf16, raw chunks
+    chunk = sorted(p for p in os.listdir(leaf) if not p.startswith("."))[0]
+    with open(leaf / chunk, "r+b") as f:
+        f.write(np.array([np.nan], ml_dtypes.bfloat16).tobytes())
+    with pytest.raises(OrbaxCheckpointError, match=r"param dense_layers/attn_norm/weight \[0\] "
+                       rf"\(converted from '{_NORM}'\) holds NaN or Inf"):
+        dsv32_jax.load_model(out, dtype="float32", fp8_activations=False)

@@ -585,3 +585,39 @@ def test_synthetic_writer_partial_dir(tmp_path, monkeypatch):
     assert str(partial) in synced[:n_before] and synced[-1] == str(tmp_path)
     with pytest.raises(FileExistsError, match="not an empty directory"):
         write_checkpoint(cfg, out, include_tokenizer=False)
+
+
+def _with(name: str, index, value, view=None):
+    """The tensor `name` of `base` as stored, with element `index` set (through a `view` dtype)."""
+    def edit(ckdir):
+        with ShardedCheckpoint(ckdir) as ck:
+            a = np.array(ck.get(name))
+        b = a.view(view) if view else a
+        b[index] = value
+        return b.view(a.dtype) if view else b
+    return edit
+
+
+@pytest.mark.parametrize("name,edit,match", [
+    ("model.layers.1.mlp.experts.2.gate_proj.weight_scale_inv", _with(
+        "model.layers.1.mlp.experts.2.gate_proj.weight_scale_inv", (0, 1), np.inf), r"NaN or Inf \(as float32\)"),
+    ("model.layers.1.mlp.experts.2.gate_proj.weight_scale_inv", _with(
+        "model.layers.1.mlp.experts.2.gate_proj.weight_scale_inv", (0, 0), np.nan), r"NaN or Inf \(as float32\)"),
+    ("model.layers.2.self_attn.q_b_proj.weight", _with(
+        "model.layers.2.self_attn.q_b_proj.weight", (7, 9), 0x7F, np.uint8), "FP8 e4m3 NaN code"),
+    ("model.layers.0.mlp.gate_proj.weight", _with(
+        "model.layers.0.mlp.gate_proj.weight", (0, 0), 0xFF, np.uint8), "FP8 e4m3 NaN code"),
+    ("model.norm.weight", _with("model.norm.weight", 5, np.nan), r"NaN or Inf \(as bfloat16\)"),
+    ("model.layers.1.mlp.gate.e_score_correction_bias", _with(
+        "model.layers.1.mlp.gate.e_score_correction_bias", 3, -np.inf), r"NaN or Inf \(as float32\)"),
+    # stored as float32, finite, but past bfloat16's range: Inf once cast to the param dtype
+    ("model.layers.0.input_layernorm.weight", lambda ckdir: np.full(CFG.dim, 3.4e38, np.float32),
+     r"NaN or Inf \(as bfloat16\)"),
+])
+def test_nonfinite_weights_are_refused(copy, name, edit, match):
+    """A NaN/Inf scale, an FP8 NaN byte (0x7f / 0xff), a NaN norm or bias, or a float32 value that
+    is Inf in bfloat16: load_params refuses the checkpoint naming the shard and the tensor."""
+    shard = _edit_shard(copy, name, new=edit(copy))
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_params(copy, Config.from_hf(copy, **LOAD))
+    assert str(e.value).startswith(f"{shard}: tensor {name!r} holds")
