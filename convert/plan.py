@@ -202,7 +202,8 @@ def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
                                f"{p}* (num_nextn_predict_layers={n})")
     first_moe = f"model.layers.{cfg.n_dense_layers}."
     entries, used = {}, set()
-    for path, spec in flatten(abstract_params(cfg)["moe_layers"]).items():
+    specs = abstract_params(cfg)
+    for path, spec in flatten(specs["moe_layers"]).items():
         names0 = np.asarray(hf_names(cfg, ("moe_layers", *path))[0], dtype=object)  # 1st MoE layer
         suffixes = [str(s)[len(first_moe):] for s in names0.reshape(-1)]
         used.update(suffixes)
@@ -214,7 +215,7 @@ def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
         if found != by_layer[0]:
             diff = sorted(found.symmetric_difference(by_layer[0]))[:3]
             raise ConvertError(f"{where}: MTP layers differ in their tensors ({p}*: {diff})")
-    known = mtp_tensor_specs(cfg)  # `check` (run by plan_params) refused any other MTP tensor
+    known = mtp_tensor_specs(cfg, specs)  # `check` (run by plan_params) refused any other MTP tensor
     for suffix in extras:
         *module, leaf = suffix.split(".")
         leaf = {"weight": "weight", SCALE_SUFFIX: "scale", "bias": "bias"}.get(leaf, leaf)

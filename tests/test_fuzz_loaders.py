@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -49,7 +50,7 @@ from dsv32_jax.checkpoint.safetensors import (DTYPES, INDEX_NAME, MAX_HEADER_BYT
                                               write_safetensors)
 from dsv32_jax.checkpoint.synthetic import write_checkpoint
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, is_mtp_tensor
-from dsv32_jax.model.config import preset
+from dsv32_jax.model.config import Config, ConfigError, preset
 
 CFG = preset("tiny")
 OURS = (SafetensorsError, CheckpointError, ConvertError)
@@ -516,8 +517,152 @@ def test_whole_file_damage(env):
 def test_case_count(env):
     """At least a few hundred cases in all (when the whole module ran)."""
     total = sum(env.counts.values())
-    if len(env.counts) < 7:
+    if len(env.counts) < 9:
         pytest.skip("only part of the module ran")
     print(f"\ntotal fuzz cases: {total}")
     assert total >= 600
     assert env.outcomes["check:accepted"] > 0  # benign damage (e.g. metadata bytes) loads fine
+
+
+# ---- config.json: every field with values of every wrong type and range -----------------------------
+_BAD_VALUES = [None, "7", [], {}, True, float("nan"), float("inf"), -1, 0, 0.5, 2**40, 2**62]
+
+
+def _config_keys(hf: dict) -> list[tuple[str, ...]]:
+    """Every key of config.json, nested ones (quantization_config, rope_scaling) as paths."""
+    keys = []
+    for k, v in hf.items():
+        keys.append((k,))
+        if isinstance(v, dict):
+            keys += [(k, sub) for sub in v]
+    return keys + [("quantization_config", "weight_block_size", 0)]
+
+
+def _set_key(hf: dict, path: tuple, value) -> dict:
+    out = json.loads(json.dumps(hf))
+    node = out
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return out
+
+
+def _config_case(env: Env, label: str, text: str, key: str | None) -> list[str]:
+    """config.json replaced by `text`: Config.from_hf and the converter's source path must refuse it
+    with a ConfigError / ConvertError naming config.json (and `key`, when given), or accept it and then
+    end in our own errors or a clean plan - within CASE_SECONDS, never another exception."""
+    env.counts["config"] += 1
+    path = env.path("config.json")
+    with open(path, "w") as f:
+        f.write(text)
+    problems = []
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(CASE_SECONDS)
+    try:
+        for loader, fn in (("from_hf", lambda: Config.from_hf(env.work)),
+                           ("convert", lambda: run._load_source(env.work, "fp8", True, 1 << 20)[1].close())):
+            try:
+                fn()
+                env.outcomes[f"config-{loader}:accepted"] += 1
+            except (ConfigError, *OURS) as e:
+                if isinstance(e, ConfigError) and env.counts["config"] % 10:
+                    break  # the converter reads config.json with from_hf: run it on every 10th only
+                env.outcomes[f"config-{loader}:{type(e).__name__}"] += 1
+                if isinstance(e, ConfigError) or "bad config.json" in str(e):
+                    if path not in str(e) or (key is not None and key not in str(e)):
+                        problems.append(f"[config] {label}: {loader}: does not name {path} and "
+                                        f"{key!r}: {str(e)[:300]}")
+    except _Hang as e:
+        problems.append(f"[config] {label}: {e}")
+    except Exception as e:  # noqa: BLE001 - the point: nothing else may escape
+        problems.append(f"[config] {label}: raised {type(e).__name__}: {str(e)[:300]}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        with open(path, "wb") as f:
+            f.write(env.originals["config.json"])
+    return problems
+
+
+def test_config_types_and_ranges(env):
+    """Each config.json field set to a value of another type or out of range (null, a string, a list,
+    an object, a bool, NaN, ±Infinity, negative, zero, fractional, 2**40, 2**62, 10**30): refused
+    naming the file and the field, or accepted and loaded as the checkpoint dictates."""
+    hf = json.loads(env.originals["config.json"])
+    problems = []
+    for path in _config_keys(hf):
+        for value in _BAD_VALUES:
+            text = json.dumps(_set_key(hf, path, value))  # NaN / Infinity: the JSON literals
+            key = str(path[-1]) if len(path) < 3 else "weight_block_size"
+            literal = isinstance(value, float) and not math.isfinite(value)  # refused by the parser
+            problems += _config_case(env, f"{'.'.join(map(str, path))}={value!r}", text,
+                                     key=None if literal else key)
+    for key in ("quantization_config", "rope_scaling"):
+        for value in ("fp8", ["fp8"], 128, True):
+            problems += _config_case(env, f"{key}={value!r}", json.dumps(dict(hf, **{key: value})), key)
+    _report(env, "config", problems, 500)
+
+
+# ---- non-regular files where a checkpoint file should be --------------------------------------------
+def _nonregular_case(env: Env, rel: str, kind: str, root: str) -> list[str]:
+    """`rel` replaced by a FIFO, a directory, a symlink to a FIFO or to /dev/zero: every loader must
+    refuse it at once with our error (for config.json: ConfigError) naming it - not block in open()."""
+    env.counts["non-regular"] += 1
+    path = env.path(rel)
+    aside = path + ".aside"
+    os.rename(path, aside)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "link to a fifo":
+        target = os.path.join(root, f"fifo-{len(os.listdir(root))}")
+        os.mkfifo(target)
+        os.symlink(target, path)
+    else:
+        os.symlink("/dev/zero", path)
+    problems = []
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(CASE_SECONDS)
+
+    def with_check():
+        with ShardedCheckpoint(env.work) as ck:
+            check(ck, CFG)
+
+    loaders = [("from_hf", lambda: Config.from_hf(env.work)), ("check", with_check),
+               ("convert", lambda: run._load_source(env.work, "fp8", True, 1 << 20)[1].close())]
+    if rel.endswith(".safetensors"):
+        loaders.append(("SafetensorsFile", lambda: SafetensorsFile(path)))
+    try:
+        for label, fn in loaders:
+            try:
+                fn()
+                if (rel == "config.json") == (label in ("from_hf", "convert")):  # it reads the file
+                    problems.append(f"[non-regular] {rel} as {kind}: {label} accepted it")
+            except (ConfigError, *OURS) as e:
+                if rel not in str(e):
+                    problems.append(f"[non-regular] {rel} as {kind}: {label}: does not name it: {e}")
+                env.outcomes[f"non-regular:{type(e).__name__}"] += 1
+    except _Hang as e:
+        problems.append(f"[non-regular] {rel} as {kind}: {e}")
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"[non-regular] {rel} as {kind}: raised {type(e).__name__}: {str(e)[:300]}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        else:
+            os.remove(path)
+        os.rename(aside, path)
+    return problems
+
+
+def test_non_regular_files(env, tmp_path):
+    """config.json, the index and each shard as a FIFO (open() would block forever), a directory, a
+    symlink to a FIFO and a symlink to a character device (/dev/zero never ends)."""
+    problems = []
+    for rel in ("config.json", INDEX_NAME, *SHARDS):
+        for kind in ("fifo", "directory", "link to a fifo", "link to /dev/zero"):
+            problems += _nonregular_case(env, rel, kind, str(tmp_path))
+    _report(env, "non-regular", problems, 16)

