@@ -165,9 +165,9 @@ def test_default_rope_type_is_plain_rotary():
         ({"rope_type": "llama3"}, "'llama3' is not supported"),
         ({"truncate": False}, "key 'truncate' is not a rotary setting"),
         ({"attention_factor": 1.0}, "key 'attention_factor'"),
-        ({"factor": "40"}, r"rope_parameters\.factor must be a number"),
+        ({"factor": "40"}, r"rope_parameters\.factor must be a finite number"),
         ({"rope_type": "yarn", "type": "default"}, "contradictory 'type' and 'rope_type'"),
-        ({"original_max_position_embeddings": None}, "original_max_position_embeddings must be a number"),
+        ({"original_max_position_embeddings": None}, "original_max_position_embeddings must be a finite number"),
         ({"mscale_all_dim": 0.707}, "mscale_all_dim=0.707 != mscale=1.0"),
     ],
 )
