@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv32_jax.model.layers import pick_sum
 from sharding.rules import EVERY_DEVICE, axis_size, expert_axes
 
 
@@ -85,8 +86,7 @@ def dispatch(compute: Callable, params: dict, x: jax.Array, experts: jax.Array,
         out = compute(params, exchange(send), exchange(ids), rows * k)  # (Q*C, D)
         back = exchange(out)
         got = jnp.where(kept[:, None], back[jnp.minimum(slot, groups * cap - 1)], 0)
-        y = jnp.einsum("nkd,nk->nd", got.reshape(rows, k, -1).astype(jnp.float32), weights,
-                       precision=jax.lax.Precision.HIGHEST)
+        y = pick_sum(got.reshape(rows, k, -1), weights)
         dropped = jax.lax.psum(jnp.sum(valid & ~kept, dtype=jnp.int32), EVERY_DEVICE)
         return y, dropped
 
