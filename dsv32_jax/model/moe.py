@@ -4,8 +4,6 @@ the work is O(tokens * top_k) and only routed experts' weights are read."""
 
 from __future__ import annotations
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -93,11 +91,11 @@ class Experts(nn.Module):
         self.w, self.s = w, s  # (L, E, out, in) e4m3 | bf16;  (L, E, out/128, in/128) f32
 
     def _stacked(self, name, shape, dtype, axes, init):
-        # a broadcast variable's init must not depend on the scan step (nor on its split rngs):
-        # random test weights from a fixed key per tensor
-        key = jax.random.key(zlib.crc32(name.encode()))
-        box = self.variable(EXPERTS, name, nn.with_logical_partitioning(init, axes), key, shape,
-                            dtype)
+        # a broadcast variable's init must not depend on the scan step, so not on the split
+        # "params" rngs: random weights come from the EXPERTS rng stream, which the layer scan
+        # does not split (`weights.init_params` seeds it); drawn only when initializing
+        boxed = nn.with_logical_partitioning(init, axes)
+        box = self.variable(EXPERTS, name, lambda: boxed(self.make_rng(EXPERTS), shape, dtype))
         return nn.unbox(box.value)
 
     def __call__(self, x: jax.Array, experts: jax.Array, weights: jax.Array,
@@ -115,7 +113,7 @@ class Experts(nn.Module):
         mesh = context_mesh()
         if mesh is not None:
             y, dropped = expert_parallel.dispatch(compute, params, x, experts, weights,
-                                                  cfg.n_routed_experts, mesh.size,
+                                                  cfg.n_routed_experts, mesh.shape,
                                                   cfg.ep_capacity_factor)
             self.sow("intermediates", "moe_dropped", dropped)
             return y
