@@ -44,6 +44,17 @@ def _checked(convert, check):
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse `type`: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
+
 def _cache_dir() -> str:
     return os.environ.get("DSV32_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv32_jax")
 
@@ -597,10 +608,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="multi-process run: how many processes (or $DSV32_NUM_PROCESSES)")
         p.add_argument("--process-id", type=int, metavar="I", default=None,
                        help="multi-process run: this process, 0..N-1 (or $DSV32_PROCESS_ID)")
-        p.add_argument("--init-timeout", type=float, metavar="S", default=None,
+        p.add_argument("--init-timeout", type=_seconds, metavar="S", default=None,
                        help="multi-process run: seconds for all processes to join (or "
                             "$DSV32_INIT_TIMEOUT; default 120)")
-        p.add_argument("--heartbeat-timeout", type=float, metavar="S", default=None,
+        p.add_argument("--heartbeat-timeout", type=_seconds, metavar="S", default=None,
                        help="multi-process run: seconds of silence after which a process is "
                             "taken for lost (or $DSV32_HEARTBEAT_TIMEOUT; default 60; a process "
                             "that dies is noticed at once)")

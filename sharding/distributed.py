@@ -200,7 +200,8 @@ def _gather(s: dict, deadline: float) -> dict[int, socket.socket]:
             sock.settimeout(5.0)
             try:
                 hello = next(_lines(sock))
-                k, count, who = int(hello["id"]), int(hello["n"]), f"{host} pid {hello['pid']}"
+                k, count = int(hello["id"]), int(hello["n"])
+                who = f"{host.removeprefix('::ffff:')} pid {hello['pid']}"
             except (OSError, StopIteration, ValueError, KeyError, TypeError):
                 sock.close()  # not one of ours (a port scanner, a stray client): ignore it
                 continue

@@ -255,3 +255,12 @@ def test_lost_process_ends_the_run():
         for procs in runs.values():
             for p in procs:
                 p.kill()
+
+
+@pytest.mark.parametrize("flag", ["--init-timeout", "--heartbeat-timeout"])
+def test_timeouts_are_usage_errors(flag, capsys):
+    from dsv32_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt", "x", "--prompt", "x", flag, "0"])
+    assert e.value.code == 2 and "expected seconds > 0" in capsys.readouterr().err
