@@ -44,12 +44,24 @@ def _checked(convert, check):
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse `type`: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
+
 def _cache_dir() -> str:
     return os.environ.get("DSV32_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv32_jax")
 
 
 _open_line = False  # a "compiling ..." line on stderr waits for its time
 _quiet = False  # a multi-process run's processes other than 0 print nothing
+_joined = False  # this process is part of a multi-process run
 
 
 def _say(*parts, end: str = "\n") -> None:
@@ -118,13 +130,14 @@ def _open(args: argparse.Namespace):
 def _join(args: argparse.Namespace) -> None:
     """Join a multi-process run (--coordinator/--num-processes/--process-id or DSV32_* variables)
     before anything touches a device; only process 0 prints from then on."""
-    global _quiet
+    global _quiet, _joined
     from sharding.distributed import initialize
 
-    if initialize(args.coordinator, args.num_processes, args.process_id):
+    if initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout,
+                  args.heartbeat_timeout):
         import jax
 
-        _quiet = jax.process_index() != 0
+        _joined, _quiet = True, jax.process_index() != 0
 
 
 def _mesh(args: argparse.Namespace):
@@ -599,6 +612,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="multi-process run: how many processes (or $DSV32_NUM_PROCESSES)")
         p.add_argument("--process-id", type=int, metavar="I", default=None,
                        help="multi-process run: this process, 0..N-1 (or $DSV32_PROCESS_ID)")
+        p.add_argument("--init-timeout", type=_seconds, metavar="S", default=None,
+                       help="multi-process run: seconds for all processes to join (or "
+                            "$DSV32_INIT_TIMEOUT; default 120)")
+        p.add_argument("--heartbeat-timeout", type=_seconds, metavar="S", default=None,
+                       help="multi-process run: seconds of silence after which a process is "
+                            "taken for lost (or $DSV32_HEARTBEAT_TIMEOUT; default 60; a process "
+                            "that dies is noticed at once)")
     c.set_defaults(func=chat)
     pl = sub.add_parser("plan", help="per-device memory (weights, cache, activations, workspace) of a config "
                                      "on a mesh, and the meshes that fit; nothing is loaded")
@@ -639,13 +659,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        _say(f"{prog}: interrupted")
-        return 130
+        return _end(f"{prog}: interrupted", 130)
     except USER_ERRORS as e:
         if args.debug:
             raise
-        _say(f"{prog}: error: {_one_line(e)}")
-        return 1
+        return _end(f"{prog}: error: {_one_line(e)}", 1)
+
+
+def _end(line: str, code: int) -> int:
+    """Say why the command ends. In a multi-process run the others are told too, and the process
+    ends here: JAX's shutdown at exit would wait for them, then abort."""
+    _say(line)
+    if _joined:
+        from sharding.distributed import leave
+
+        leave(line)
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

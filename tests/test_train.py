@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,125 @@ def test_cli_train_errors(tmp_path, capsys):
                 "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "FP8 weights are not trained" in err[-1]
+
+
+def _flip(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _largest(d: Path) -> Path:
+    return max((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def six_steps(data, tmp_path_factory):
+    """A dense run of 6 steps with checkpoints kept at steps 4 and 6 -> (its directory, state)."""
+    from dsv32_jax.train.loop import Run
+
+    out = tmp_path_factory.mktemp("six") / "run"
+    ref = Run(str(out), _cfg(), "dense", 6, _batches(data), ckpt_every=2)
+    ref.train()
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["4", "6"]
+    return out, jax.tree.map(np.asarray, ref.state)
+
+
+def test_resume_falls_back_past_damaged_steps(data, six_steps, tmp_path):
+    """Newer checkpoints damaged in every way (copies of step 6 as steps 7..10, step 4 as 11, step
+    6 itself altered) are each said with the step and the reason, set aside untouched as
+    ckpt/<step>.bad-<reason>, and the run resumes from step 4, then trains on to the state of
+    the undamaged run."""
+    import shutil
+
+    from dsv32_jax.train.loop import Run
+
+    out = tmp_path / "run"
+    shutil.copytree(six_steps[0], out)
+    ck = out / "ckpt"
+    for step in (7, 8, 9, 10):
+        shutil.copytree(ck / "6", ck / str(step))
+    shutil.copytree(ck / "4", ck / "11")
+    damage = {
+        11: ("meta", None),  # intact, but not step 11's
+        10: ("missing", lambda d: shutil.rmtree(d / "state")),
+        9: ("missing", lambda d: [shutil.rmtree(d), d.mkdir()]),  # an empty directory
+        8: ("unreadable", lambda d: os.truncate(_largest(d / "state"), 100)),
+        7: ("unreadable", lambda d: (d / "meta" / "metadata").write_text("{not json")),
+        6: ("checksum", lambda d: _flip(_largest(d / "state"))),  # restores, but altered
+    }
+    files = {}
+    for step, (_, hurt) in damage.items():
+        if hurt:
+            hurt(ck / str(step))
+        files[step] = sorted((str(p.relative_to(ck / str(step))), p.stat().st_size)
+                             for p in (ck / str(step)).rglob("*"))
+    said = []
+    run = Run(str(out), _cfg(), "dense", 6, _batches(data), ckpt_every=2, say=said.append)
+    assert run.start == 4, said
+    assert len(said) == len(damage), said
+    for line, (step, (reason, _)) in zip(said, damage.items()):
+        aside = ck / f"{step}.bad-{reason}"
+        assert f"checkpoint of step {step} is damaged" in line and str(aside) in line, line
+        assert sorted((str(p.relative_to(aside)), p.stat().st_size)
+                      for p in aside.rglob("*")) == files[step]
+    assert "data changed on disk" in said[-1], said[-1]
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]
+    run.train()
+    for a, b in zip(jax.tree.leaves(run.state), jax.tree.leaves(six_steps[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sorted(p.name for p in ck.iterdir() if ".bad-" not in p.name) == ["4", "6"]
+
+
+def test_fp8_release_to_training(tmp_path, capsys):
+    """The released FP8 layout (the tiny-fp8 fixture) -> `dsv32 convert --weights bf16` ->
+    `dsv32 train --init` (the model is the checkpoint's; the default stage with --init is the
+    indexer warm-up; the compile is announced) -> a bf16 HF checkpoint `load_model` loads. The
+    FP8 source itself is refused with the way round it."""
+    import dsv32_jax
+    from conftest import fixture_dir
+    from convert.cli import main as convert
+    from dsv32_jax.cli import main
+
+    hf = fixture_dir("tiny-fp8") / "hf"
+    (tmp_path / "d.txt").write_text("the sky is blue.\n\nthe grass is green, the sea is deep.\n" * 20)
+    train = ["train", "--data", str(tmp_path / "d.txt"), "--steps", "2", "--batch", "2",
+             "--seq-len", "16", "--no-progress", "--dtype", "float32"]
+    assert main([*train, "--init", str(hf), "--out", str(tmp_path / "no")]) == 1
+    assert "--weights bf16" in capsys.readouterr().err
+    assert convert([str(hf), str(tmp_path / "bf16"), "--weights", "bf16", "--no-progress"]) == 0
+    assert main([*train, "--init", str(tmp_path / "bf16"), "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "dsv32 train: warmup stage, bf16 (3 layers, dim 256" in err, err
+    assert re.search(r"compiling train step \.\.\. \d+\.\ds\n", err), err
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
+    model = dsv32_jax.load_model(tmp_path / "run" / "hf", dtype="float32", fp8_activations=False)
+    assert model.config.n_layers == 3 and not model.config.quantized
+
+
+def test_train_default_stage(tmp_path, monkeypatch, capsys):
+    """Without --init `dsv32 train` trains the model (dense), not the indexer of a random one;
+    an explicit warm-up on random weights says what it does."""
+    from dsv32_jax.cli import main
+    from dsv32_jax.train import loop
+
+    seen = []
+
+    class Stop(loop.TrainError):
+        pass
+
+    def fake_run(out, cfg, stage, *a, **k):
+        seen.append((out, stage))
+        raise Stop("stopped before training")
+
+    monkeypatch.setattr(loop, "Run", fake_run)
+    (tmp_path / "d.txt").write_text("hello world\n\nmore text here\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "d.txt", "--steps", "1", "--seq-len", "4", "--batch", "1"]) == 1
+    assert seen[-1] == (os.path.join("runs", "tiny-dense"), "dense")
+    assert "stopped before training" in capsys.readouterr().err
+    assert main(["train", "--data", "d.txt", "--steps", "1", "--seq-len", "4", "--batch", "1",
+                 "--stage", "warmup"]) == 1
+    assert seen[-1][1] == "warmup"
+    assert "warm-up on random weights trains only the indexer" in capsys.readouterr().err
