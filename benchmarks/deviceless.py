@@ -288,6 +288,24 @@ def dots(hlo: str) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+# The release's own float32 computations in bf16 mode (`Linear(f32=True)`): the router, the
+# indexer's weights_proj, the head. Any other f32 x f32 HIGHEST dot is XLA:CPU arithmetic.
+F32_SITES = ("/gate/", "/weights_proj/", "/head/")
+
+
+def f32_highest(hlo: str) -> dict[str, int]:
+    """The f32 x f32 dots at precision HIGHEST -> {op_name without the jit/scan prefix: count}."""
+    types = hlo_types(hlo)
+    out = Counter()
+    for m in re.finditer(r"= f32\[[^\]]*\][^ ]* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$", hlo,
+                         re.M):
+        if types.get(m.group(1)) == types.get(m.group(2)) == "f32" and \
+                "operand_precision={highest" in m.group(3):
+            name = re.search(r'op_name="([^"]*)"', m.group(3))
+            out[(name.group(1).split("eval_jaxpr")[-1] if name else "?")] += 1
+    return dict(sorted(out.items()))
+
+
 def gemms(hlo: str) -> dict[str, int]:
     """Custom calls (cuBLAS GEMMs, Pallas Triton kernels, ...) and fusions of a custom kind
     (Triton GEMM fusions: __triton_gemm) by target / kind."""
@@ -571,7 +589,8 @@ def run_program(tg: Target, case: ProgramCase) -> dict:
             "plan": {"weights": p.weights["total"], "cache": p.cache,
                      "weights_cache": p.weights["total"] + p.cache,
                      "activations_workspace": ph["total"]},
-            "dots": dots(hlo), "gemms": gemms(hlo), "collectives": collectives(hlo),
+            "dots": dots(hlo), "f32_highest": f32_highest(hlo), "gemms": gemms(hlo),
+            "collectives": collectives(hlo),
             "launches": launches(parse_thunks(seq), trips),
             "compile_s": round(time.perf_counter() - t0, 1)}
 
