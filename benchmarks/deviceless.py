@@ -560,6 +560,24 @@ def program_cases(target: str) -> list[ProgramCase]:
     return cases
 
 
+def topology(devices: int) -> str:
+    """The topology of n devices: one host of up to 8, else hosts of 8."""
+    if devices <= 8:
+        return f"1x1x{devices}"
+    if devices % 8:
+        raise ValueError(f"{devices} devices: more than 8 must be whole hosts of 8")
+    return f"{devices // 8}x1x8"
+
+
+def mesh_cases(mesh: tuple, context: int, batch: int) -> list[ProgramCase]:
+    """The full model's decode step and prefill chunk on one mesh (`--mesh`, `dsv32 plan
+    --xla-gpu`)."""
+    top = topology(math.prod(mesh))
+    tag = f"{','.join(map(str, mesh))}@{context // 1024}K" + (f" B={batch}" if batch > 1 else "")
+    return [ProgramCase(f"61L/{ph}/{tag}", "61", top, tuple(mesh), ph, context, batch)
+            for ph in ("decode", "prefill")]
+
+
 def run_program(tg: Target, case: ProgramCase) -> dict:
     from benchmarks.memory import collectives, lower, released_cut
     from dsv32_jax.engine.generate import PREFILL_CHUNK
@@ -664,6 +682,10 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default=None, help="only the cases whose name contains this")
     ap.add_argument("--keep", default=None, help="keep XLA dumps, PTX and cubins in this folder")
     ap.add_argument("--no-results", action="store_true", help="do not rewrite RESULTS.md")
+    ap.add_argument("--mesh", metavar="D,E,T", default=None,
+                    help="only the full model's two programs on this mesh (with --context, --batch)")
+    ap.add_argument("--context", type=int, default=131072, help="with --mesh (default 131072)")
+    ap.add_argument("--batch", type=int, default=1, help="with --mesh (default 1)")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="deviceless-"))
@@ -683,9 +705,15 @@ def main(argv=None) -> int:
         return (c.quick or not a.quick) and (a.match is None or a.match in c.name)
 
     jobs = []
-    if a.only != "programs":
+    if a.mesh:
+        from sharding.mesh import parse_mesh
+
+        a.only, a.no_results = "programs", True
+        jobs = [("programs", c, run_program) for c in mesh_cases(parse_mesh(a.mesh), a.context,
+                                                                a.batch)]
+    elif a.only != "programs":
         jobs += [("kernels", c, run_kernel) for c in kernel_cases() if want(c)]
-    if a.only != "kernels":
+    if a.only != "kernels" and not a.mesh:
         jobs += [("programs", c, run_program) for c in program_cases(a.target) if want(c)]
     for part, case, run in jobs:
         try:
