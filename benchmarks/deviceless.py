@@ -179,6 +179,8 @@ def parse_thunks(text: str) -> list[dict]:
         m, lab = THUNK.match(line), LABEL.match(line)
         if lab:
             indent = len(lab.group(1))
+            if lab.group(2) == "condition":  # printed at column 0: the while just read owns it
+                indent = path[-1][0] if path and path[-1][1]["kind"] == "kWhile" else indent
             while path and path[-1][0] > indent:
                 path.pop()
             if path:
