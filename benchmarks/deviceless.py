@@ -656,11 +656,13 @@ def markdown(res: dict) -> str:
         co = ", ".join(f"{k} {v['count']} ({fmt_bytes(v['largest_bytes'])})"
                        for k, v in sorted(r["collectives"].items())) or "none"
         la = r["launches"]
-        lines.append(f"| {name} | {fmt_bytes(r['argument_bytes'])} ({fmt_bytes(pl['weights_cache'])})"
-                     f" | {fmt_bytes(r['temp_bytes'])} ({fmt_bytes(pl['activations_workspace'])}) "
-                     f"| {dl} | {gm or 'none'} | {co} | {la['kernels']} ({la['in_graphs']}) / "
-                     f"{la['host_launches']} / {la['while_iterations']}"
-                     f"{' (+' + str(la['unknown_trips']) + ' loops of unknown trips, once)' if la['unknown_trips'] else ''} |")
+        unknown = (f" (+{la['unknown_trips']} loops of unknown trip count, counted once)"
+                   if la["unknown_trips"] else "")
+        lines.append(f"| {name} | {fmt_bytes(r['argument_bytes'])} "
+                     f"({fmt_bytes(pl['weights_cache'])}) | {fmt_bytes(r['temp_bytes'])} "
+                     f"({fmt_bytes(pl['activations_workspace'])}) | {dl} | {gm or 'none'} | {co} | "
+                     f"{la['kernels']} ({la['in_graphs']}) / {la['host_launches']} / "
+                     f"{la['while_iterations']}{unknown} |")
     return "\n".join(lines) + "\n"
 
 
@@ -685,7 +687,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", default=None, help="keep XLA dumps, PTX and cubins in this folder")
     ap.add_argument("--no-results", action="store_true", help="do not rewrite RESULTS.md")
     ap.add_argument("--mesh", metavar="D,E,T", default=None,
-                    help="only the full model's two programs on this mesh (with --context, --batch)")
+                    help="only the full model's two programs on this mesh (--context, --batch)")
     ap.add_argument("--context", type=int, default=131072, help="with --mesh (default 131072)")
     ap.add_argument("--batch", type=int, default=1, help="with --mesh (default 1)")
     a = ap.parse_args(argv)
@@ -721,7 +723,8 @@ def main(argv=None) -> int:
         try:
             res[part][case.name] = run(tg, case)
         except Exception as e:  # noqa: BLE001  (recorded; the other cases still compile)
-            res[part][case.name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
+            msg = " ".join(str(e).split())[:400]
+            res[part][case.name] = {"error": f"{type(e).__name__}: {msg}"}
             traceback.print_exc()
         r = res[part][case.name]
         print(f"{case.name}: " + (r["error"] if "error" in r else

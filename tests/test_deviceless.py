@@ -17,8 +17,9 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.deviceless import (F32_SITES, blocks_per_sm, dots, f32_highest, launches, mma_class, mma_counts,
-                                   parse_thunks, ptxas_report, update_results, while_trip_counts)
+from benchmarks.deviceless import (F32_SITES, blocks_per_sm, dots, f32_highest, launches,
+                                   mma_class, mma_counts, parse_thunks, ptxas_report,
+                                   update_results, while_trip_counts)
 from conftest import REPO
 
 GPU_VENV = REPO / ".venv-gpu"
