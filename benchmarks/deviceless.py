@@ -627,7 +627,9 @@ def markdown(res: dict) -> str:
              f"{res['jax']}, compiled on a CPU machine by `make gpu-compile`"
              f"{' --quick' if res['quick'] else ''} in {res['total_s']:.0f} s (peak RSS "
              f"{res['max_rss_mb']:.0f} MB). Roofline floor: FLOPs / (1979 FP8 | 989 bf16 "
-             f"TFLOPS) or HBM bytes / {HBM[t] / 1e12:.2f} TB/s, whichever is larger.", "",
+             f"TFLOPS) or HBM bytes / {HBM[t] / 1e12:.2f} TB/s, whichever is larger. One step's "
+             "device ops: while bodies times their trip counts, a conditional's larger branch "
+             "(an upper bound); host launches: CUDA-graph launches plus ops outside graphs.", "",
              "| kernel case | regs | spill B | smem KB | threads | grid | blocks/SM | MMA | "
              "FP8 tile rows | floor µs (bound) | measured µs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
