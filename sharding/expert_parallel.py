@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv32_jax.model.layers import pick_sum
 from sharding.rules import EVERY_DEVICE
 
 
@@ -80,8 +81,7 @@ def dispatch(compute: Callable, params: dict, x: jax.Array, experts: jax.Array,
         out = compute(params, recv, recv_ids, rows * k)  # (P*C, D)
         back = jax.lax.all_to_all(out, EVERY_DEVICE, 0, 0, tiled=True)  # block j: from j
         got = jnp.where(kept[:, None], back[jnp.minimum(slot, devices * cap - 1)], 0)
-        y = jnp.einsum("nkd,nk->nd", got.reshape(rows, k, -1).astype(jnp.float32), weights,
-                       precision=jax.lax.Precision.HIGHEST)
+        y = pick_sum(got.reshape(rows, k, -1), weights)
         dropped = jax.lax.psum(jnp.sum(valid & ~kept, dtype=jnp.int32), EVERY_DEVICE)
         return y, dropped
 
