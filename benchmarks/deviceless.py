@@ -42,6 +42,7 @@ import os
 import re
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -339,7 +340,7 @@ class KernelCase:
     build: object  # () -> (fn, [(shape, dtype)]) — jax imported by then
     cost: tuple  # (flops, hbm bytes)
     peak: str  # "fp8" | "bf16": the tensor-core peak of its dots
-    fp8_rows: int  # rows of its FP8 dot tile (0: no FP8 dot)
+    fp8_rows: int  # rows on the M side of its FP8 dot tile (0: no FP8 dot)
     quick: bool  # in the CI subset
 
 
@@ -397,7 +398,8 @@ def kernel_cases() -> list[KernelCase]:
                 fn = lambda *a: pk.fp8_linear(*a, blocks=blocks, interpret=False)  # noqa: E731
                 return fn, [((m, k), e4), ((m, k // 128), f32), ((n, k), e4),
                             ((-(-n // 128), k // 128), f32)]
-            rows = fl._tile(blocks.block_m, m, "block_m")
+            rows = (fl._tile(blocks.block_n, n, "block_n") if getattr(blocks, "swap_ab", False)
+                    else fl._tile(blocks.block_m, m, "block_m"))  # the MMA's M side
             out.append(KernelCase(f"fp8_linear/{preset}/M={m} {label}", "fp8_linear", build,
                                   linear_cost(m, k, n), "fp8", rows, label in quick_linears))
     # the MoE's grouped call at its window sizes (moe.routed_rows_pallas): decode (1 token, 8
@@ -419,8 +421,9 @@ def kernel_cases() -> list[KernelCase]:
             touched = experts * (1 - (1 - 8 / experts) ** tokens)
             fl_, by = linear_cost(picks, k, n)
             by = by - n * k - 4 * (n // 128) * (k // 128) + touched * (n * k + 4 * n * k // 16384)
+            m_side = min(blocks.block_n, n) if getattr(blocks, "swap_ab", False) else br
             out.append(KernelCase(f"grouped_fp8/{preset}/tokens={tokens} rows={br} {label}",
-                                  "grouped_fp8_matmul", build, (fl_, by), "fp8", br,
+                                  "grouped_fp8_matmul", build, (fl_, by), "fp8", m_side,
                                   q and label.startswith("w1")))
     return out
 
@@ -428,8 +431,6 @@ def kernel_cases() -> list[KernelCase]:
 def read_kernels(keep: Path, nvdisasm: Path, names) -> dict[str, dict]:
     """ptxas reports and the MMA opcodes of the kept cubins, for kernels whose name is in names
     (every kernel when names is None)."""
-    import subprocess
-
     out = {}
     for log in sorted(keep.glob("*.log")):
         rep = ptxas_report(log.read_text())
@@ -624,7 +625,8 @@ def fmt_bytes(n: float) -> str:
 def markdown(res: dict) -> str:
     t = res["target"]
     lines = [f"Target {res['device']} (`benchmarks/targets/{t}_sxm.txtpb`, sm_90a), jax "
-             f"{res['jax']}, compiled on a CPU machine by `make gpu-compile`"
+             f"{res['jax']}, source {res.get('commit', '?')}, compiled on a CPU machine by "
+             f"`make gpu-compile`"
              f"{' --quick' if res['quick'] else ''} in {res['total_s']:.0f} s (peak RSS "
              f"{res['max_rss_mb']:.0f} MB). Roofline floor: FLOPs / (1979 FP8 | 989 bf16 "
              f"TFLOPS) or HBM bytes / {HBM[t] / 1e12:.2f} TB/s, whichever is larger. One step's "
@@ -704,7 +706,10 @@ def main(argv=None) -> int:
         print(f"deviceless: warning: jax {jax.__version__}, the GPU machines run 0.11.2",
               file=sys.stderr)
     tg = Target(a.target, work, nvdisasm)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip()
     res = {"target": a.target, "device": tg.kind, "jax": jax.__version__, "quick": a.quick,
+           "commit": commit or "?",
            "kernels": {}, "programs": {}}
 
     def want(c):
