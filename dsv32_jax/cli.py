@@ -467,6 +467,35 @@ def random_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _xla_gpu(mesh, context: int, batch: int, target: str) -> dict:
+    """XLA:GPU's per-device figures of the released model's decode step and prefill chunk on
+    `mesh`, compiled for a deviceless `target` (benchmarks/deviceless.py in the repository's GPU
+    venv, or $DSV32_GPU_VENV; a few minutes) -> {phase: {"argument_bytes", "temp_bytes"}}."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    py = Path(os.environ.get("DSV32_GPU_VENV", repo / ".venv-gpu")) / "bin" / "python"
+    if not (py.is_file() and (repo / "benchmarks" / "deviceless.py").is_file()):
+        raise OSError(f"--xla-gpu needs the GPU venv of a source checkout: run `make gpu-venv` in "
+                      f"{repo} (no {py})")
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([str(py), "-m", "benchmarks.deviceless", "--mesh", ",".join(map(str, mesh)),
+                               "--context", str(context), "--batch", str(batch), "--target", target,
+                               "--out", out], cwd=repo, capture_output=True, text=True,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        path = Path(out) / "deviceless.json"
+        progs = json.loads(path.read_text())["programs"] if path.is_file() else {}
+    failed = [v["error"] for v in progs.values() if "error" in v]
+    if proc.returncode or failed or len(progs) != 2:
+        tail = (failed or proc.stderr.strip().splitlines()[-1:] or ["no output"])[0]
+        raise OSError(f"the XLA:GPU compile failed (exit {proc.returncode}): {tail}")
+    return {v["phase"]: {"argument_bytes": v["argument_bytes"], "temp_bytes": v["temp_bytes"]}
+            for v in progs.values()}
+
+
 def plan(args: argparse.Namespace) -> int:
     """`dsv32 plan`: per-device memory of a config on a mesh (sharding.plan), without weights or devices."""
     import json
@@ -505,6 +534,9 @@ def plan(args: argparse.Namespace) -> int:
     best = (planner.plan(cfg, mesh, context, args.batch, memory, args.headroom) if mesh is not None
             else planner.search(cfg, devices, context, args.batch, memory, args.headroom)[0])
     ranked = [] if mesh is not None else planner.search(cfg, devices, context, args.batch, memory, args.headroom)
+    if args.xla_gpu and args.config != "671b":
+        return usage("--xla-gpu compiles the released model: use it with --config 671b")
+    xla = _xla_gpu(best.mesh, context, args.batch, "h200" if memory > 100e9 else "h100") if args.xla_gpu else None
     small = {} if mesh is not None else {
         name: planner.smallest(cfg, context, args.batch, int(size), args.headroom)
         for name, size in (("H100", planner.H100), ("H200", planner.H200))}
@@ -519,7 +551,8 @@ def plan(args: argparse.Namespace) -> int:
                                 "mesh": list(r["best"].mesh) if r["best"] else None,
                                 "total": r["best"].total if r["best"] else None,
                                 "fitting": [list(m) for m in r["fitting"]]}
-                         for name, r in small.items()}}, indent=2))
+                         for name, r in small.items()},
+            **({"xla_gpu": xla} if xla else {})}, indent=2))
         return 0
     print(f"dsv32 plan: {args.config} ({cfg.weight_dtype} weights, {cfg.dtype} compute, expert-parallel "
           f"capacity {'exact' if cfg.ep_capacity_factor is None else cfg.ep_capacity_factor}), "
@@ -530,6 +563,14 @@ def plan(args: argparse.Namespace) -> int:
                                                      "group is best kept within one host's NVLink)" if fitting
                                                      else "none fits; the closest is shown"))
     print(planner.table(best))
+    if xla:
+        print(f"XLA:GPU, compiled for an {'H200' if memory > 100e9 else 'H100'} (no GPU; benchmarks/deviceless.py), "
+              "per device, GB (the plan's figure in parentheses):")
+        for phase in ("decode", "prefill"):
+            x, ph = xla[phase], best.phases[phase]
+            print(f"  {phase:<8} arguments {planner.gb(x['argument_bytes']):>7} (weights + cache "
+                  f"{planner.gb(best.weights['total'] + best.cache)})   temp {planner.gb(x['temp_bytes']):>6} "
+                  f"(activations + workspace {planner.gb(ph['total'])})")
     if ranked:
         print(f"meshes of {devices} devices (data,expert,tensor), best first: total / free GB per device")
         for p in ranked:
@@ -637,6 +678,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="expert-parallel send buffers of F x the mean load (default: exact, no pick dropped)")
     pl.add_argument("--headroom", type=float, default=0.10,
                     help="share of device memory left to the runtime (default 0.10)")
+    pl.add_argument("--xla-gpu", action="store_true",
+                    help="also compile the released model on the plan's mesh for an H100 (H200 with "
+                         "--device-memory > 100GB) without a GPU and print XLA:GPU's per-device arguments "
+                         "and temp beside the plan (needs `make gpu-venv`; minutes)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.add_argument("--debug", action="store_true", help="show the traceback of an error")
     pl.set_defaults(func=plan)

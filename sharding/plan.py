@@ -36,6 +36,10 @@ mesh, without allocating anything, and the search for meshes that fit.
       dequantized for the absorbed attention (H, dn+dv, C) in the compute dtype with its two f32
       temporaries (without FP8 activations: the largest linear's weight dequantized the same way);
     - `head`: f32_matmul's widened head rows (WIDEN_ROWS, D) f32;
+    - `gathered_table` (vocab split over "tensor"): one whole (V, D) table in the compute dtype.
+      Measured on XLA:GPU (`benchmarks/deviceless.py`, the full model on 1,1,8 for an H100): the
+      partitioner all-gathers the embedding for the token lookup and the head for f32_matmul's
+      row-chunk loop (1.85 GB each, one live at a time) — the bulk of the step's 1.73 GiB temp;
     - `expert_parallel` (a mesh of P > 1 devices): each device's 1/P of the B*s token rows
       (`rows`), send buffers of Q x C rows (Q: the devices the experts are split over,
       `rules.expert_axes`; C = `expert_parallel.capacity`; exact by default: no pick dropped) of
@@ -273,6 +277,9 @@ def _phase(cfg, ms: dict, context: int, batch: int, s: int, decode: bool) -> tup
                 dequant = max(dequant, n_loc * k_loc * (dt + 2 * f32))
     ws["matmul"] = mm + dequant
     ws["head"] = min(layers.WIDEN_ROWS, V) * D * f32 if V > layers.WIDEN_ROWS else 0
+    # XLA:GPU (compiled for an H100, benchmarks/deviceless.py) all-gathers a vocab-split table
+    # whole: the embedding for the token lookup, the head for its row-chunk loop; one at a time
+    ws["gathered_table"] = V * D * dt if _split(("vocab",), (V,), ms)[0] < V else 0
 
     k_exp, E = cfg.n_activated_experts, cfg.n_routed_experts
     I_moe = cfg.moe_inter_dim

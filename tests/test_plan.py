@@ -229,6 +229,14 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys, argv, message):
     assert err.count("\n") == 1 and message in err and err.startswith("dsv32 plan: error:")
 
 
+def test_cli_xla_gpu_needs_the_gpu_venv_and_the_released_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DSV32_GPU_VENV", str(tmp_path / "missing"))
+    rc, out, err = run_cli(capsys, "--mesh", "1,1,8", "--context", "4096", "--xla-gpu")
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "make gpu-venv" in err
+    rc, out, err = run_cli(capsys, "--config", "tiny", "--devices", "2", "--xla-gpu")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "--config 671b" in err
+
+
 def test_cli_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", "--devices", "eight"])
