@@ -1,4 +1,4 @@
-"""The notebooks' code cells run as written (no Jupyter needed), and what they compute is checked."""
+"""The notebooks' code cells run as written (no Jupyter needed); what they compute is checked."""
 
 from __future__ import annotations
 
