@@ -148,6 +148,10 @@ def _load_weights(path: str, args: argparse.Namespace):
     model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
                                  progress=not _quiet)
     _say(f"loaded in {time.perf_counter() - t:.1f}s")
+    if mesh is not None and model.config.n_moe_layers:
+        from sharding.rules import expert_layout
+
+        _say(expert_layout(model.config.n_routed_experts, mesh.shape))
     return model
 
 

@@ -175,11 +175,36 @@ def test_parse_bytes_and_meshes():
     assert len(meshes(8)) == 10 and all(d * e * t == 8 for d, e, t in meshes(8))
 
 
-def test_released_model_needs_a_count_the_experts_divide():
+def test_experts_a_mesh_does_not_divide_are_planned_not_refused():
+    """256 experts on 3, 6 or 12 devices: never a problem, the experts split over the largest part
+    of the mesh that divides them and replicated over the rest, and the plan counts those bytes
+    (none of these fits an H200: at best 64 experts per device) and says the layout."""
     cfg = preset("671b")
-    for n in (3, 6, 12):  # 256 experts do not split over these: no mesh of them can run it
-        assert all(p.problems and not p.fits for p in search(cfg, n, 4096, 1, int(H200)))
-    assert not plan(cfg, (1, 4, 1), 4096, 1, int(H200)).problems
+    specs = flatten(abstract_params(cfg))
+    experts = sum(s.nbytes for p, s in specs.items() if "experts" in p)
+    for n in (3, 6, 12):
+        assert all(not p.problems and not p.fits for p in search(cfg, n, 4096, 1, int(H200)))
+    for mesh, ways in (((1, 3, 1), 1), ((2, 3, 1), 2), ((4, 3, 1), 4), ((1, 4, 1), 4)):
+        p = plan(cfg, mesh, 4096, 1, int(H200))
+        assert not p.problems
+        assert experts / ways <= p.weights["total"] < experts / ways + 30e9, (mesh, p.weights)
+    assert plan(cfg, (4, 3, 1), 4096, 1).experts == (
+        "256 routed experts over 12 devices: split 4 ways over data (64 per device), replicated "
+        "over expert (3 copies)")
+
+
+def test_cli_says_the_expert_layout(capsys, tmp_path):
+    """`dsv32 plan` on a checkpoint config with 12 experts and a mesh of 8: the layout, no refusal."""
+    (tmp_path / "config.json").write_text(json.dumps(
+        preset("tiny", n_routed_experts=12, n_expert_groups=4).to_hf()))
+    rc, out, _ = run_cli(capsys, "--config", str(tmp_path), "--mesh", "2,2,2", "--context", "128",
+                         "--device-memory", "1GiB")
+    assert rc == 0 and "FITS" in out and "cannot run" not in out
+    assert ("12 routed experts over 8 devices: split 4 ways over expert x tensor (3 per device), "
+            "replicated over data (2 copies)") in out
+    rc, out, _ = run_cli(capsys, "--config", str(tmp_path), "--mesh", "2,2,2", "--context", "128",
+                         "--json")
+    assert json.loads(out)["plan"]["experts"].startswith("12 routed experts over 8 devices: split 4")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -119,6 +119,22 @@ def test_warmup_then_sparse(data, tmp_path):
     np.testing.assert_allclose(ours, np.asarray(theirs), atol=2e-3, rtol=2e-3)
 
 
+def test_init_params_follows_the_seed():
+    """`init_params(seed)`, which `dsv32 train --seed` starts from: one seed gives the same params
+    twice; two seeds differ in every randomly drawn param, the routed experts' stacked weights
+    included (they once came from a fixed key per tensor); only constant-init params (norms,
+    zero biases) are equal across seeds."""
+    a, again, b = (flatten(init_params(_cfg(), seed=s)) for s in (0, 0, 1))
+    for p in a:
+        x, y = np.asarray(a[p], np.float32), np.asarray(b[p], np.float32)
+        assert np.array_equal(x, np.asarray(again[p], np.float32)), p
+        assert not np.array_equal(x, y) or np.all(x == x.flat[0]), p
+    experts = [p for p in a if p[:3] == ("moe_layers", "ffn", "experts")]
+    assert len(experts) == 3
+    for p in experts:
+        assert not np.array_equal(np.asarray(a[p], np.float32), np.asarray(b[p], np.float32)), p
+
+
 def test_gradient_separation(data):
     """Sparse stage: the LM loss's gradient on every indexer param and the KL's gradient on every
     other param are exactly zero (and neither is zero where it should act)."""
