@@ -100,16 +100,16 @@ def test_activation_estimate_against_compiled_temp():
     XLA:CPU's temp is not the GPU's: it widens FP8 / bf16 operands to f32 per op (whole weight
     matrices included) and fuses differently, and the plan leaves out XLA's own small temporaries.
     So the check is a stated factor, not equality: for the prefill chunk (the phase the plan counts
-    for every realistic shape) the estimate is within 0.5x..2x of the compiled temp (measured:
-    0.87x). A decode step's compiled temp (measured 30 MB, mostly the widened weights and XLA
-    scratch that do not scale with batch or context) must stay below the plan's peak, which is
-    what the plan reserves."""
+    for every realistic shape) the estimate is within 0.98x..1.33x of the compiled temp (measured:
+    1.154x; the bar leaves 15% either way). A decode step's compiled temp (measured 30 MB, mostly
+    the widened weights and XLA scratch that do not scale with batch or context) must stay below
+    the plan's peak, which is what the plan reserves."""
     cfg, context, batch = preset("small"), 4096, 2
     p = plan(cfg, (1, 1, 1), context, batch)
     assert p.phase == "prefill"
     estimate = p.phases["prefill"]["total"]
     temp = _compiled_temp(cfg, context, batch, 512)
-    assert 0.5 <= estimate / temp <= 2.0, (estimate, temp)
+    assert 0.98 <= estimate / temp <= 1.33, (estimate, temp)
     assert _compiled_temp(cfg, context, batch, 1) <= sum(p.activations.values()) + \
         sum(p.workspace.values())
 

@@ -392,3 +392,120 @@ def test_train_default_stage(tmp_path, monkeypatch, capsys):
                  "--stage", "warmup"]) == 1
     assert seen[-1][1] == "warmup"
     assert "warm-up on random weights trains only the indexer" in capsys.readouterr().err
+
+
+# ---- the DSA objective pinned on hand-computed cases ---------------------------------------------
+def test_kl_direction_and_restriction_by_hand():
+    """_kl is KL(target || softmax(logits over the valid keys)): ln 2 for target (1/2, 1/2, 0) and
+    softmax (1/4, 1/4, 1/2) (the reverse direction gives -ln(2)/2, or inf), the invalid key's logit
+    (100) counts nowhere; uniform logits on 3 keys give sum_t t ln(3t)."""
+    from dsv32_jax.train.model import _kl
+
+    target = jnp.array([[0.5, 0.5, 0.0, 0.0], [0.2, 0.3, 0.5, 0.0]])
+    logits = jnp.array([[np.log(0.25), np.log(0.25), np.log(0.5), 100.0], [0.0, 0.0, 0.0, 100.0]])
+    valid = jnp.array([True, True, True, False])
+    want = [np.log(2.0), 0.2 * np.log(0.6) + 0.3 * np.log(0.9) + 0.5 * np.log(1.5)]
+    np.testing.assert_allclose(np.asarray(_kl(target, logits, valid)), want, rtol=1e-6)
+    logits = jnp.array([[3.0, 1.0], [0.0, 0.0]])  # a target on logits' support: lm_loss's
+    tokens = jnp.array([[0, 1]])                   # cross-entropy predicts token 1 from row 0
+    np.testing.assert_allclose(float(S.lm_loss(logits[None], tokens)), np.log1p(np.exp(2.0)),
+                               rtol=1e-6)
+
+
+def _reference_kl(cfg, q_nope, q_pe, kvb, k_pe, logits, stage):
+    """The DSA indexer objective in float64 numpy from the layer's projections: per query, the
+    target is the main attention's probabilities summed over heads and L1-normalized (warmup: the
+    dense causal attention; sparse: the attention restricted to the indexer's top-k keys,
+    renormalized), and the loss KL(target || softmax(index logits over the same keys)), averaged
+    over batch and queries."""
+    q_nope, q_pe, kvb, k_pe, logits = (np.asarray(a, np.float64)
+                                       for a in (q_nope, q_pe, kvb, k_pe, logits))
+    b, s, h, dn = q_nope.shape
+    scores = (np.einsum("bshd,bthd->bsht", q_nope, kvb[..., :dn])
+              + np.einsum("bshr,btr->bsht", q_pe, k_pe)) * cfg.softmax_scale
+    kls = []
+    for i in range(b):
+        for j in range(s):
+            keys = np.arange(j + 1)  # causal
+            if stage == "sparse":  # the indexer's top-k of the visible keys
+                keys = keys[np.argsort(-logits[i, j, :j + 1], kind="stable")[:cfg.index_topk]]
+            a = scores[i, j][:, keys]  # (H, keys)
+            p = np.exp(a - a.max(-1, keepdims=True))
+            t = (p / p.sum(-1, keepdims=True)).sum(0)
+            t = t / t.sum()
+            lg = logits[i, j, keys]
+            logq = lg - lg.max() - np.log(np.exp(lg - lg.max()).sum())
+            kls.append(np.sum(t * (np.log(t) - logq)))
+    return float(np.mean(kls))
+
+
+def test_indexer_kl_equals_the_reference_objective():
+    """TrainMLA's per-layer kl, warmup (dense target) and sparse (target restricted to the picked
+    set), equals the objective computed independently in float64 numpy from the same layer's
+    projections, on a case where the two targets differ (16 queries, index_topk 8)."""
+    from dsv32_jax.model.attention import index_scores
+    from dsv32_jax.model.rope import rope_tables
+    from dsv32_jax.train.model import TrainMLA
+
+    cfg = _cfg()
+    b, s = 2, 16
+    x = jax.random.normal(jax.random.key(0), (b, s, cfg.dim), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cos, sin = rope_tables(cfg, pos)
+    variables_ = jax.jit(TrainMLA(cfg, "xla", "sparse").init)(jax.random.key(1), x, pos, cos, sin)
+
+    def parts(m):
+        qr, q_nope, q_pe, c, k_pe = m.project(x, cos, sin)
+        iq, iw = m.indexer.queries(x, qr, cos, sin)
+        ik, iks = m.indexer.keys(x, cos, sin)
+        kvb = m.wkv_b(c).reshape(b, s, cfg.n_heads, -1)
+        return q_nope, q_pe, kvb, k_pe, index_scores(iq, iw, ik, iks)
+
+    @jax.jit
+    def run(v):
+        kl = {st: TrainMLA(cfg, "xla", st).apply(v, x, pos, cos, sin)[1]["kl"]
+              for st in ("warmup", "sparse")}
+        return TrainMLA(cfg, "xla", "sparse").apply(v, method=parts), kl
+
+    inputs, got = run(variables_)
+    want = {st: _reference_kl(cfg, *inputs, st) for st in ("warmup", "sparse")}
+    assert abs(want["warmup"] - want["sparse"]) > 0.1 * want["sparse"], want  # the case tells
+    for st in ("warmup", "sparse"):
+        np.testing.assert_allclose(float(got[st]), want[st], rtol=1e-4, err_msg=st)
+
+
+def test_optimizer_groups_effective_learning_rates():
+    """Per stage and group, the step-k update of a parameter under a constant gradient (Adam's
+    normalized step: |update| = the LR) is the group's LR on the documented schedule: lr/warm at
+    step 0, linear to the peak at `warmup_steps`, then a cosine to lr * min_lr_ratio at
+    total_steps; the indexer at indexer_lr, the main model at lr, frozen groups 0."""
+    import math
+
+    hp = S.Hparams(lr=1e-2, indexer_lr=2e-3, warmup_steps=3, min_lr_ratio=0.1, weight_decay=0.0)
+    total = 8
+
+    def sched(peak, k):
+        if k < hp.warmup_steps:
+            return peak / hp.warmup_steps + (peak - peak / hp.warmup_steps) * k / hp.warmup_steps
+        end, span = peak * hp.min_lr_ratio, total - hp.warmup_steps
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (k - hp.warmup_steps) / span))
+
+    params = {"moe_layers": {"attn": {"indexer": {"wk": {"weight": jnp.zeros((8, 4))}},  # tiny
+                                      "wq_a": {"weight": jnp.zeros((8, 4))},         # tree: the
+                                      "q_norm": {"weight": jnp.zeros(8)}},           # real paths
+                             "ffn": {"gate_bias": jnp.zeros(4)}}}
+    labels = flatten(S.param_labels(params))
+    grads = jax.tree.map(jnp.ones_like, params)
+    peaks = {"main": hp.lr, "indexer": hp.indexer_lr}
+    for stage in ("dense", "warmup", "sparse"):
+        tx = S.make_optimizer(stage, hp, total, params)
+        state, update = tx.init(params), jax.jit(tx.update)
+        for k in range(total):
+            updates, state = update(grads, state, params)
+            size = {g: [] for g in S.GROUPS}  # every element's |update|, by group
+            for p, u in flatten(jax.device_get(updates)).items():
+                size[labels[p]].append(np.abs(u).ravel())
+            for g in S.GROUPS:
+                lr = sched(peaks[g], k) if g in S.TRAINED[stage] else 0.0
+                np.testing.assert_allclose(np.concatenate(size[g]), lr, rtol=1e-4, atol=1e-12,
+                                           err_msg=f"{stage} step {k} group {g}")
