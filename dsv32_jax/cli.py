@@ -466,6 +466,7 @@ def plan(args: argparse.Namespace) -> int:
     import json
 
     from sharding import plan_module as planner
+    from sharding.mesh import parse_mesh
 
     def usage(msg: str) -> int:
         _say(f"dsv32 plan: error: {msg} (see 'dsv32 plan --help')")
@@ -473,7 +474,7 @@ def plan(args: argparse.Namespace) -> int:
 
     try:
         memory = planner.parse_bytes(args.device_memory)
-        mesh = args.mesh
+        mesh = parse_mesh(args.mesh) if args.mesh is not None else None
     except ValueError as e:
         return usage(str(e))
     for name in ("devices", "context", "batch"):
@@ -486,8 +487,7 @@ def plan(args: argparse.Namespace) -> int:
         return usage(f"--capacity-factor must be > 0, got {args.capacity_factor}")
     devices = args.devices if args.devices is not None else (8 if mesh is None else mesh[0] * mesh[1] * mesh[2])
     if mesh is not None and mesh[0] * mesh[1] * mesh[2] != devices:
-        return usage(f"--mesh {','.join(map(str, mesh))} has {mesh[0] * mesh[1] * mesh[2]} devices, "
-                     f"--devices says {devices}")
+        return usage(f"--mesh {args.mesh} has {mesh[0] * mesh[1] * mesh[2]} devices, --devices says {devices}")
     import dataclasses
 
     from dsv32_jax.model.config import Config, preset
@@ -619,7 +619,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=int, default=None, help="cache length in tokens (default: the model's "
                                                               "max_position_embeddings)")
     pl.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
-    pl.add_argument("--mesh", default=None, metavar="D,E,T", type=argtypes.mesh, help="data,expert,tensor (default: search them)")
+    pl.add_argument("--mesh", default=None, metavar="D,E,T", help="data,expert,tensor (default: search them)")
     pl.add_argument("--weights", choices=["fp8", "bf16"], default=None,
                     help="weight format (default: the config's own)")
     pl.add_argument("--capacity-factor", type=float, default=None, metavar="F",

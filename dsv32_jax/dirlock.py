@@ -28,7 +28,8 @@ class Busy(ValueError):
 
 
 def lock_path(directory: str | os.PathLike) -> str:
-    return os.path.abspath(os.fspath(directory)).rstrip(os.sep) + ".lock"
+    """`directory`.lock, symlinks resolved: two spellings of one directory share one lock."""
+    return os.path.realpath(os.fspath(directory)).rstrip(os.sep) + ".lock"
 
 
 class DirLock:

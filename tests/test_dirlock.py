@@ -79,3 +79,28 @@ def test_a_lock_path_that_is_not_ours_is_left_alone(tmp_path):
     with pytest.raises(ValueError, match="cannot be opened as the lock file"):
         hold(out, "me")
     assert not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_synthetic_checkpoint_writer_takes_the_lock(tmp_path):
+    """write_checkpoint (`dsv32 demo --random`'s cache) refuses a directory another process is
+    writing, before it creates or removes anything."""
+    from dsv32_jax.checkpoint.synthetic import write_checkpoint
+    from dsv32_jax.model.config import preset
+
+    out = tmp_path / "synthetic"
+    proc = holder(out)
+    try:
+        with pytest.raises(Busy, match=f"pid {proc.pid}"):
+            write_checkpoint(preset("tiny"), out)
+        assert os.listdir(tmp_path) == ["synthetic.lock"]
+    finally:
+        proc.kill()
+        proc.wait(60)
+
+
+def test_two_spellings_of_one_directory_share_the_lock(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    with hold(tmp_path / "real" / "out", "me"):
+        with pytest.raises(Busy):
+            hold(tmp_path / "alias" / "out", "me")
