@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dsv32_jax.argtypes import Parser, positive_float, positive_int
+
 USAGE = """\
 dsv32 convert HF_DIR OUT_DIR [--weights fp8|bf16] [--include-mtp] [--workers N] [--force]
 dsv32 convert --verify OUT_DIR HF_DIR [--sample FRACTION]"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="dsv32 convert", usage=USAGE,
         description="Convert the released DeepSeek-V3.2 checkpoint (HF safetensors dir) into an "
                     "Orbax checkpoint that dsv32_jax.load_model(OUT_DIR) restores directly; or, with "
@@ -23,13 +25,13 @@ def _parser() -> argparse.ArgumentParser:
                         "lossless); bf16: dequantize FP8 weights to bf16 (about 2x the weight bytes)")
     p.add_argument("--include-mtp", action="store_true",
                    help="also convert the multi-token-prediction layer (into OUT_DIR/mtp)")
-    p.add_argument("--workers", type=int, default=4, help="parallel reader/writer threads (default 4)")
+    p.add_argument("--workers", type=positive_int, default=4, help="parallel reader/writer threads (default 4)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--restart", action="store_true",
                    help="discard OUT_DIR.partial from an interrupted run instead of resuming it")
     p.add_argument("--hash", action="store_true",
                    help="record the sha256 of every source file in the manifest (one more full read)")
-    p.add_argument("--chunk-mb", type=float, default=32,
+    p.add_argument("--chunk-mb", type=positive_float, default=32,
                    help="target stored chunk size in MiB, the unit of reading and writing (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or messages")
     p.add_argument("--verify", action="store_true",
@@ -41,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if not 0 < args.sample <= 1:
+        parser.error(f"argument --sample: expected a share of chunks in (0, 1], got {args.sample}")
     from convert.plan import ConvertError
 
     progress = not args.no_progress
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             from convert.verify import verify_checkpoint
 
             report = verify_checkpoint(args.first, args.second, sample=args.sample, seed=args.seed,
-                                       workers=max(1, args.workers), progress=progress)
+                                       workers=args.workers, progress=progress)
             print(f"OK: {report['chunks_checked']}/{report['chunks']} chunks of {report['leaves']} "
                   f"arrays ({report['bytes_checked'] / 1e9:.3f} GB) equal to the source")
             return 0

@@ -8,9 +8,12 @@ metadata, config.json, tokenizer files and manifest.json; fsync them; rename `OU
 `OUT_DIR` (if that rename fails, ConvertError says where the complete result is kept and how to
 finish by hand).
 
-An interrupted run leaves `OUT_DIR.partial`; rerunning the same command resumes it: chunks in the
-progress log are re-read and their CRC checked, the rest is written. A `.partial` from different
-options or different source files is discarded and the conversion starts over.
+An interrupted or failed run (a full disk, say) leaves `OUT_DIR.partial`; rerunning the same command
+resumes it: chunks in the progress log are re-read and their CRC checked, the rest is written. A
+`.partial` from different options or different source files is discarded and the conversion starts
+over. One run at a time writes OUT_DIR: it holds `dsv32_jax.dirlock` on `OUT_DIR.lock` from its first
+look at OUT_DIR until the end, and a second run is refused ("OUT_DIR is being written by pid N")
+without touching anything, so a live run's `.partial` is never taken for a stale one.
 
 Nothing the run did not create is deleted: OUT_DIR may not overlap the source in either direction
 (resolved paths and inodes are compared); a non-empty OUT_DIR is replaced only with `force` and
@@ -21,6 +24,7 @@ carries our state file or manifest.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -43,6 +47,7 @@ from dsv32_jax.checkpoint.orbax_layout import (FORMAT, FORMAT_VERSION, MANIFEST,
 from dsv32_jax.checkpoint.safetensors import (INDEX_NAME, SafetensorsError, ShardedCheckpoint,
                                               TensorNotFoundError, fsync_dir, fsync_file)
 from dsv32_jax.checkpoint.weights import abstract_params, flatten
+from dsv32_jax.dirlock import hold
 
 from convert.plan import (DEFAULT_CHUNK_BYTES, Buffers, ConvertError, Leaf, SourceReader, Unit,
                           plan_mtp, plan_params, read_unit)
@@ -188,16 +193,20 @@ def _previous_output(out_dir: str) -> None:
                            "was deleted. Move them away or choose another OUT_DIR")
 
 
-def _check_out(out_dir: str, hf_dir: str, force: bool) -> None:
+def _check_overlap(out_dir: str, hf_dir: str) -> None:
     """Refuse an output that overlaps the source (either inside the other, after resolving
-    symlinks), a non-empty output without `force`, and with `force` one that is not a previous
-    conversion (see `_previous_output`)."""
-    partial = out_dir + ".partial"
-    for path, what in ((out_dir, "output directory"), (partial, "work directory")):
+    symlinks)."""
+    for path, what in ((out_dir, "output directory"), (out_dir + ".partial", "work directory")):
         if _overlap(path, hf_dir):
             raise ConvertError(f"{path}: the {what} and the source {hf_dir} overlap (one is, or lies "
                                "inside, the other); choose an OUT_DIR outside the source that does not "
                                "contain it")
+
+
+def _check_out(out_dir: str, force: bool) -> None:
+    """Refuse a non-empty output without `force`, and with `force` one that is not a previous
+    conversion (see `_previous_output`)."""
+    partial = out_dir + ".partial"
     if os.path.islink(out_dir):
         raise ConvertError(f"{out_dir}: is a symbolic link; pass the directory it points to "
                            f"({os.path.realpath(out_dir)}) or another path")
@@ -297,17 +306,27 @@ def convert_checkpoint(hf_dir, out_dir, *, weights: str = "fp8", include_mtp: bo
     resume: continue a matching `out_dir.partial` left by an interrupted run (else start over).
     hash_files: record sha256 of every source file in the manifest (reads the source once more).
     chunk_bytes: target size of one stored chunk = the unit of reading/writing (memory per worker).
-    Raises ConvertError (a ValueError) naming the shard/tensor for any problem with the source.
+    Raises ConvertError (a ValueError) naming the shard/tensor for any problem with the source,
+    dirlock.Busy (a ValueError) while another process writes `out_dir`.
     """
     t_start = time.time()
     hf_dir, out_dir = os.path.abspath(os.fspath(hf_dir)), os.path.abspath(os.fspath(out_dir))
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    if workers < 1 or chunk_bytes < 1:
-        raise ValueError("workers and chunk_bytes must be positive")
+    for name, value in (("workers", workers), ("chunk_bytes", chunk_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not os.path.isdir(hf_dir):
         raise ConvertError(f"{hf_dir}: source checkpoint directory not found")
-    _check_out(out_dir, hf_dir, force)
+    _check_overlap(out_dir, hf_dir)  # before the lock file is created next to out_dir
+    with hold(out_dir, "dsv32 convert"):  # held until the result is in place (or the run fails)
+        _check_out(out_dir, force)
+        return _convert(hf_dir, out_dir, weights, include_mtp, workers, force, resume, hash_files,
+                        progress, chunk_bytes, t_start)
+
+
+def _convert(hf_dir, out_dir, weights, include_mtp, workers, force, resume, hash_files, progress,
+             chunk_bytes, t_start) -> dict:
     cfg, ckpt, leaves = _load_source(hf_dir, weights, include_mtp, chunk_bytes)
     reader = SourceReader(ckpt)
     try:
@@ -338,7 +357,8 @@ def convert_checkpoint(hf_dir, out_dir, *, weights: str = "fp8", include_mtp: bo
                 arrays[u.leaf.key][u.region].write(
                     data, can_reference_source_data_indefinitely=False).result()
             except Exception as e:  # tensorstore errors: disk full, permissions, ...
-                raise ConvertError(f"{partial}: writing {u.key} (from {_describe(u)}) failed: {e}") from e
+                raise ConvertError(f"{partial}: writing {u.key} (from {_describe(u)}) failed: {e}; "
+                                   f"{_resumable(partial)}") from e
             log.add(u, _crc(data))
             return u.nbytes
 
@@ -369,6 +389,21 @@ def convert_checkpoint(hf_dir, out_dir, *, weights: str = "fp8", include_mtp: bo
     finally:
         reader.close()
         ckpt.close()
+
+
+def _resumable(partial: str) -> str:
+    return (f"{partial} is kept with everything written so far: fix the cause (free disk space, "
+            "permissions) and rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def _writing(partial: str, name: str):
+    """An OSError while writing `name` into `partial` -> ConvertError naming that output file first."""
+    try:
+        yield
+    except OSError as e:
+        raise ConvertError(f"{os.path.join(partial, name)}: cannot write it ({e.strerror or e}); "
+                           f"{_resumable(partial)}") from e
 
 
 def _describe(u: Unit) -> str:
@@ -448,18 +483,21 @@ def _finalize(partial, out_dir, hf_dir, cfg, leaves, stats, files, weights, incl
     groups = [PARAMS_DIR] + ([MTP_DIR] if include_mtp else [])
     custom = {"format": FORMAT, "dsv32_jax_version": dsv32_jax.__version__}
     for g in groups:
-        write_tree_metadata(os.path.join(partial, g),
-                            {lf.path: lf.chunks for lf in leaves if lf.group == g}, custom)
+        with _writing(partial, g):
+            write_tree_metadata(os.path.join(partial, g),
+                                {lf.path: lf.chunks for lf in leaves if lf.group == g}, custom)
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_cfg = json.load(f)
-    if weights == "bf16":
-        hf_cfg.pop("quantization_config", None)
-        _write_json(os.path.join(partial, "config.json"), hf_cfg, indent=2)
-    else:
-        _copy_file(os.path.join(hf_dir, "config.json"), os.path.join(partial, "config.json"))
+    with _writing(partial, "config.json"):
+        if weights == "bf16":
+            hf_cfg.pop("quantization_config", None)
+            _write_json(os.path.join(partial, "config.json"), hf_cfg, indent=2)
+        else:
+            _copy_file(os.path.join(hf_dir, "config.json"), os.path.join(partial, "config.json"))
     copied = _copied_files(hf_dir)
     for name in copied:
-        _copy_file(os.path.join(hf_dir, name), os.path.join(partial, name))
+        with _writing(partial, name):
+            _copy_file(os.path.join(hf_dir, name), os.path.join(partial, name))
     src = {}
     for f in files:
         src[f] = {"size": stats[f].st_size}
@@ -483,7 +521,8 @@ def _finalize(partial, out_dir, hf_dir, cfg, leaves, stats, files, weights, incl
         "copied_files": copied,
         "stats": run_stats,
     }
-    _write_json(os.path.join(partial, MANIFEST), manifest, indent=1)
+    with _writing(partial, MANIFEST):
+        _write_json(os.path.join(partial, MANIFEST), manifest, indent=1)
     for name in (STATE_FILE, PROGRESS_FILE):
         os.remove(os.path.join(partial, name))  # ours: written by this run (or the one it resumed)
     for d in [os.path.join(partial, g) for g in groups] + [partial]:

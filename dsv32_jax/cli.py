@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 # User errors: the project's error types are ValueError subclasses (ConfigError, CheckpointError,
 # SafetensorsError, TokenizerError, ChatFormatError, ConvertError, OrbaxCheckpointError); files are OSError.
 USER_ERRORS = (ValueError, OSError)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _checked(convert, check):
@@ -144,10 +138,10 @@ def _mesh(args: argparse.Namespace):
     """--mesh d,e,t; without it one device, or in a multi-process run (1, every device, 1)."""
     import jax
 
-    from sharding.mesh import make_mesh, parse_mesh
+    from sharding.mesh import make_mesh
 
     if args.mesh is not None:
-        return make_mesh(*parse_mesh(args.mesh))
+        return make_mesh(*args.mesh)
     return make_mesh(expert=jax.device_count()) if jax.process_count() > 1 else None
 
 
@@ -168,12 +162,23 @@ def _load_weights(path: str, args: argparse.Namespace):
     return model
 
 
+PROMPT = "> "
+
+
+def _read_line() -> str:
+    """One line of stdin ("" at its end), after the prompt marker when a person types (stdin is a
+    terminal; piped input gets none, so that stdout holds only the replies)."""
+    if not _quiet and sys.stdin.isatty():
+        print(PROMPT, end="", flush=True)
+    return sys.stdin.readline()
+
+
 def _lines():
     """The chat's input lines: stdin, or in a multi-process run process 0's stdin sent to all."""
     import jax
 
     if jax.process_count() == 1:
-        yield from sys.stdin
+        yield from iter(_read_line, "")
         return
     import numpy as np
     from jax.experimental import multihost_utils
@@ -181,7 +186,7 @@ def _lines():
     while True:
         data = b""
         if jax.process_index() == 0:
-            line = sys.stdin.readline()
+            line = _read_line()
             data = line.encode() if line else b""
         n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data else -1)))
         if n < 0:
@@ -329,23 +334,31 @@ class Conversation:
         return {"message": msg, "note": note}
 
 
+CHAT_HELP = ("(commands: /help this list; /clear forget the conversation; /exit quit, as does end of input "
+             "(Ctrl-D). A line whose first word is /letters is a command, never sent to the model. Ctrl-C "
+             "stops a reply and drops that turn, the message and its partial reply, from the conversation)")
+
+
 def chat(args: argparse.Namespace) -> int:
     _join(args)
     _, tok = _open(args)
     session = _session(_load_weights(args.ckpt, args))
     mode = "thinking" if args.thinking else "chat"
     convo = Conversation(tok, mode, session.max_len)
-    _say(f"chat ({mode} mode, context {session.max_len} tokens). /clear resets the conversation, /exit quits.")
+    _say(f"chat ({mode} mode, context {session.max_len} tokens). /help lists the commands, /exit quits.")
     for line in _lines():
         text = line.strip()
-        if text == "/exit":
-            break
-        if text == "/clear":
-            convo.clear()
-            session.reset()
-            _say("(conversation cleared)")
-            continue
         if not text:
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", text.split()[0]):
+            if text == "/exit":
+                break
+            if text == "/clear":
+                convo.clear()
+                session.reset()
+                _say("(conversation cleared)")
+            else:
+                _say(CHAT_HELP if text == "/help" else f"(unknown command {text!r}: /help lists the commands)")
             continue
         try:
             context, n, notes = convo.plan({"role": "user", "content": text}, args.max_new_tokens)
@@ -355,17 +368,15 @@ def chat(args: argparse.Namespace) -> int:
         for note in notes:
             _say(note)
         new_ids = session.prepare(context)
-        reply: list[int] = []
         try:
             reply, stats = _stream_reply(session, tok, new_ids, n, args)
-        except KeyboardInterrupt:  # stop this reply, keep the conversation
-            reply, stats = session.tokens[len(context):], None
-            _say("(interrupted)")
+        except KeyboardInterrupt:  # stop this reply, keep the conversation without this turn
+            _say("(interrupted: this message and its partial reply are dropped from the conversation)")
+            continue
         result = convo.add_reply(reply)
-        if result["note"] and stats is not None:
+        if result["note"]:
             _say(result["note"])
-        if stats is not None:
-            _say(_rates(stats))
+        _say(_rates(stats))
     return 0
 
 
@@ -597,7 +608,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dsv32", description="DeepSeek-V3.2 in JAX")
+    from dsv32_jax import argtypes
+
+    parser = argtypes.Parser(prog="dsv32", description="DeepSeek-V3.2 in JAX")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p, max_new=64):
@@ -637,14 +650,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--thinking", action="store_true", help="thinking mode chat template")
     common(g)
     g.set_defaults(func=generate)
-    c = sub.add_parser("chat", help="interactive chat on stdin (/clear, /exit); continues from the cache of "
+    c = sub.add_parser("chat", help="interactive chat on stdin (/help, /clear, /exit); continues from the cache of "
                                     "the previous turn, drops the oldest turns when the context is full")
     c.add_argument("--ckpt", required=True, help="checkpoint directory (HF layout, or from `dsv32 convert`)")
     c.add_argument("--tokenizer", metavar="PATH", default=None, help=tok_help)
     c.add_argument("--thinking", action="store_true", help="thinking mode chat template")
     common(c, max_new=256)
     for p in (g, c):
-        p.add_argument("--mesh", metavar="D,E,T", default=None,
+        p.add_argument("--mesh", metavar="D,E,T", default=None, type=argtypes.mesh,
                        help="run sharded on a data,expert,tensor mesh of all devices (e.g. 1,8,1); "
                             "default: one device (several processes: 1,<all devices>,1)")
         p.add_argument("--coordinator", metavar="HOST:PORT", default=None,

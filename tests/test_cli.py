@@ -130,16 +130,40 @@ def test_chat_continues_from_the_cache(ckpt, tok, capsys, monkeypatch):
 
 
 def test_chat_survives_ctrl_c_during_a_reply(ckpt, tok, capsys, monkeypatch):
+    """Ctrl-C stops the reply and drops the whole turn (no message with an empty or partial reply
+    stays in the history); the chat goes on."""
     interrupt_step(monkeypatch, at=2)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nnext\n"))
     assert main(["chat", "--ckpt", ckpt, "--max-new-tokens", "4", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
-    assert "(interrupted)" in err
+    assert "(interrupted: this message and its partial reply are dropped from the conversation)" in err
     prefills = [int(n) for n in re.findall(r"prefill (\d+) tokens", err)]
-    user = [tok.encode(chat_format.encode_messages([{"role": "user", "content": t}], "chat",
-                                                   add_default_bos_token=False)) for t in ("hi", "next")]
-    # the next turn rebuilt the cache: BOS, the first message, its one-token reply, EOS, the new message
-    assert prefills == [1 + len(user[0]) + 1 + 1 + len(user[1])]
+    user = tok.encode(chat_format.encode_messages([{"role": "user", "content": "next"}], "chat",
+                                                  add_default_bos_token=False))
+    # the next turn rebuilt the cache (dropped by the interrupted call): BOS and the new message only
+    assert prefills == [1 + len(user)]
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdin, tty", [(_Tty, True), (io.StringIO, False)])
+def test_chat_commands_and_prompt(ckpt, capsys, monkeypatch, stdin, tty):
+    """/help lists the commands; an unknown /command is refused, not sent to the model; a line
+    whose first word is not /letters is a message. The prompt marker "> " is on stdout before each
+    read when stdin is a terminal, never when it is piped."""
+    monkeypatch.setattr("sys.stdin", stdin("/help\n/clera\n/etc/hosts?\n"))
+    assert main(["chat", "--ckpt", ckpt, "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    cap = capsys.readouterr()
+    assert "/help lists the commands, /exit quits" in cap.err
+    assert "(commands: /help this list; /clear forget the conversation; /exit quit" in cap.err
+    assert "(unknown command '/clera': /help lists the commands)" in cap.err
+    assert len(re.findall(r"prefill (\d+) tokens", cap.err)) == 1  # only /etc/hosts? went to the model
+    # a prompt before each of the 4 reads (the 3 lines, then the end of input): 3 before the reply
+    assert (cap.out.startswith("> > > ") and cap.out.endswith("\n> ")) == tty
+    assert (cap.out.startswith(">") or cap.out.endswith("> ")) == tty
 
 
 def test_chat_with_default_options_clips_and_drops_old_turns(ckpt, capsys, monkeypatch):
@@ -229,6 +253,8 @@ def test_conversation_drops_oldest_turns_and_never_loses_the_latest(tok):
     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
     (["--max-new-tokens", "2.5"], "'2.5' is not a valid int"),
     (["--dtype", "float16"], "invalid choice"),
+    (["--mesh", "1,x,1"], "argument --mesh: mesh '1,x,1': expected three integers >= 1"),
+    (["--mesh", "0,1,1"], "argument --mesh: mesh '0,1,1': expected three integers >= 1"),
 ])
 def test_usage_errors_exit_2_in_one_line(ckpt, extra, message, capsys, no_weights):
     for command in (["generate", "--prompt", "x"], ["chat"]):

@@ -531,6 +531,134 @@ def test_resume_after_interruption(synth, tmp_path, monkeypatch):
     verify_checkpoint(out, synth, sample=0.1, **QUIET)
 
 
+SLOW_CONVERT = f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+import convert.run as run
+real, gate = run.read_unit, sys.argv[3]
+def gated(*args):  # every chunk waits for the test's go: a conversion that is still writing
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+    return real(*args)
+run.read_unit = gated
+run.convert_checkpoint(sys.argv[1], sys.argv[2], workers=1, progress=False)
+"""
+
+
+def test_concurrent_converts_into_one_out(synth, tmp_path):
+    """A second `dsv32 convert` into the OUT_DIR a live one is writing (with other options, so its
+    .partial looks stale) is refused with exit 1, naming the first one's pid; the first finishes
+    with a sound result. (Before: the second deleted the first's .partial, both wrote, exit 0.)"""
+    out, gate = tmp_path / "out", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, synth, str(out), str(gate)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        state = tmp_path / "out.partial" / ".convert_state.json"
+        deadline = time.time() + 300
+        while not state.exists():  # the first run has its .partial and waits in its first read
+            assert first.poll() is None and time.time() < deadline, first.stderr and first.stderr.read()
+            time.sleep(0.1)
+        before = state.read_bytes()
+        second = subprocess.run([sys.executable, "-m", "convert", synth, str(out), "--weights", "bf16",
+                                 "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.count("\n") == 1 and (
+            f"{out} is being written by pid {first.pid} (dsv32 convert)" in second.stderr)
+        assert state.read_bytes() == before  # the first run's .partial was not touched
+        gate.touch()
+        assert first.wait(300) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    assert read_manifest(out)["options"]["weights"] == "fp8"
+    verify_checkpoint(out, synth, **QUIET)
+    assert sorted(os.listdir(tmp_path)) == ["go", "out"]  # no lock file, no .partial left
+
+
+def test_a_write_failure_keeps_the_partial_and_a_rerun_resumes(synth, tmp_path, monkeypatch):
+    """A chunk write failing midway (a full disk, say) says that the .partial is kept and that the
+    same command resumes; it does."""
+    import convert.run as run
+
+    real, calls = run.create_array, {"n": 0}
+
+    class Full:  # output arrays whose 10th chunk write fails as tensorstore does on ENOSPC
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __getitem__(self, region):
+            view = self.arr[region]
+            if not hasattr(view, "write"):
+                return view
+
+            class View:
+                def write(_, data, **kw):
+                    calls["n"] += 1
+                    if calls["n"] == 10:
+                        raise ValueError("Error writing local file: [OS error 28: No space left on device]")
+                    return view.write(data, **kw)
+
+                def read(_):
+                    return view.read()
+
+            return View()
+
+    monkeypatch.setattr(run, "create_array", lambda *a, **k: Full(real(*a, **k)))
+    out, partial = tmp_path / "out", str(tmp_path / "out") + ".partial"
+    opts = dict(workers=1, **QUIET)
+    with pytest.raises(ConvertError) as e:
+        convert_checkpoint(synth, out, **opts)
+    msg = str(e.value)
+    assert msg.startswith(f"{partial}: writing ") and "No space left on device" in msg
+    assert f"{partial} is kept with everything written so far" in msg
+    assert "rerun the same command to resume" in msg
+    monkeypatch.setattr(run, "create_array", real)
+    m = convert_checkpoint(synth, out, **opts)
+    assert m["stats"]["resumed_chunks"] == 9 and not os.path.exists(partial)
+    verify_checkpoint(out, synth, sample=0.3, **QUIET)
+
+
+def test_a_finalize_failure_names_the_output_file(synth, tmp_path, monkeypatch):
+    """ENOSPC while copying tokenizer.json into the .partial at the end names that output file
+    (not the source first), says the .partial is kept; the rerun resumes every chunk."""
+    import errno
+
+    real = shutil.copyfile
+    out, partial = tmp_path / "out", str(tmp_path / "out") + ".partial"
+
+    def full(src, dst, **kw):
+        if os.path.basename(dst) == "tokenizer.json":  # as shutil reports it: source first
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), src, None, dst)
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(ConvertError) as e:
+        convert_checkpoint(synth, out, **QUIET)
+    msg = str(e.value)
+    assert msg.startswith(f"{partial}/tokenizer.json: cannot write it (No space left on device); "
+                          f"{partial} is kept"), msg
+    assert "rerun the same command to resume" in msg and os.path.join(synth, "tokenizer.json") not in msg
+    monkeypatch.setattr(shutil, "copyfile", real)
+    m = convert_checkpoint(synth, out, **QUIET)
+    assert m["stats"]["resumed_chunks"] == m["stats"]["chunks"] and not os.path.exists(partial)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "argument --workers: expected an integer >= 1, got 0"),
+    (["--chunk-mb", "-1"], "argument --chunk-mb: expected a finite number > 0, got -1"),
+    (["--verify", "--sample", "0"], "argument --sample: expected a share of chunks in (0, 1], got 0.0"),
+])
+def test_cli_usage_errors_exit_2(synth, tmp_path, argv, message, capsys):
+    from dsv32_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["convert", synth, str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert "chunk_bytes" not in err and os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
+        convert_checkpoint(synth, tmp_path / "out", workers=0, **QUIET)
+
+
 def test_load_model_checks_converted_tree(synth, tmp_path):
     out = tmp_path / "out"
     convert_checkpoint(synth, out, **QUIET)

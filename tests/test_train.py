@@ -77,18 +77,29 @@ def _mean(metrics, key, part):
     return float(np.mean(vals[:5] if part == "first" else vals[-5:]))
 
 
-def test_warmup_then_sparse(data, tmp_path):
+def test_warmup_then_sparse(data, tmp_path, capsys):
     """The release's two stages on a tiny model: warm-up (KL falls, recall rises, the main model
     untouched), then sparse training (LM loss falls, recall stays up); the exported checkpoint is
     read by `load_model`, and the inference engine's sparse forward gives the training forward's
-    logits."""
+    logits. One process at a time writes a run: while `warm` is open, a second writer of its
+    directory (the API or the CLI) is refused, naming this process, and changes nothing."""
     import dsv32_jax
+    from dsv32_jax.cli import main
+    from dsv32_jax.dirlock import Busy
     from dsv32_jax.train.loop import Run
 
     cfg, batches = _cfg(), _batches(data)
-    warm = Run(str(tmp_path / "warmup"), cfg, "warmup", 40, batches,
-               S.Hparams(indexer_lr=1e-2, warmup_steps=5), ckpt_every=40,
-               tokenizer_dir=str(data / "tok"))
+    out = tmp_path / "warmup"
+    out.mkdir()  # an empty directory is fine
+    args = (str(out), cfg, "warmup", 40, batches, S.Hparams(indexer_lr=1e-2, warmup_steps=5))
+    warm = Run(*args, ckpt_every=40, tokenizer_dir=str(data / "tok"))
+    files = _files(out)
+    busy = rf"{out} is being written by pid {os.getpid()} \(dsv32 train\)"
+    with pytest.raises(Busy, match=busy):
+        Run(*args, ckpt_every=40, tokenizer_dir=str(data / "tok"))
+    assert main(["train", "--data", str(data / "corpus.txt"), "--steps", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(busy, err) and _files(out) == files
     before = warm.state["params"]
     before = jax.tree.map(np.asarray, before)
     mw = warm.train()
@@ -98,6 +109,7 @@ def test_warmup_then_sparse(data, tmp_path):
     for path, v in flatten(before).items():  # warm-up: only the indexer moves
         assert np.array_equal(v, after[path]) == ("indexer" not in path), path
     warm.finish()
+    assert sorted(os.listdir(tmp_path)) == ["warmup"]  # finish() removed the lock file
 
     sparse = Run(str(tmp_path / "sparse"), cfg, "sparse", 40, batches,
                  S.Hparams(lr=1e-2, indexer_lr=3e-3, warmup_steps=5), init=str(tmp_path / "warmup"),
@@ -264,6 +276,8 @@ def test_cli_train_errors(tmp_path, capsys):
     assert len(err) == 1 and "no such data file" in err[0]
     assert run(["train", "--data", "x.txt", "--steps", "0"]) == 2
     assert "expected an integer >= 1" in capsys.readouterr().err
+    assert run(["train", "--data", "x.txt", "--steps", "1", "--mesh", "1,2"]) == 2
+    assert "argument --mesh: mesh '1,2': expected three integers >= 1" in capsys.readouterr().err
     (tmp_path / "d.txt").write_text("hello world\n\nmore text here\n")
     fp8 = write_checkpoint(preset("tiny"), tmp_path / "fp8")
     assert run(["train", "--data", str(tmp_path / "d.txt"), "--steps", "2", "--init", str(fp8),
@@ -509,3 +523,53 @@ def test_optimizer_groups_effective_learning_rates():
                 lr = sched(peaks[g], k) if g in S.TRAINED[stage] else 0.0
                 np.testing.assert_allclose(np.concatenate(size[g]), lr, rtol=1e-4, atol=1e-12,
                                            err_msg=f"{stage} step {k} group {g}")
+
+
+def _files(path) -> dict[str, tuple[bytes, int]]:
+    """{relative path: (bytes, mtime_ns)} of every file below `path`, and every directory's entries."""
+    out = {}
+    for root, dirs, files in os.walk(path):
+        out[os.path.relpath(root, path) + "/"] = (repr(sorted(dirs + files)).encode(), 0)
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = (Path(p).read_bytes(), os.stat(p).st_mtime_ns)
+    return out
+
+
+def test_out_that_is_not_a_run_is_refused_untouched(data, tmp_path, capsys):
+    """`train --out` into a directory of someone else's files (a tokenizer.json, a metrics.jsonl)
+    is refused in one line and nothing in it changes (bytes, mtimes, entries); before, the
+    tokenizer was overwritten and the foreign metrics failed with a bare JSON error."""
+    from dsv32_jax.cli import main
+    from dsv32_jax.train.loop import Run, TrainError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text('{"my": "tokenizer"}')
+    (mine / "metrics.jsonl").write_text("accuracy,0.9\n")
+    (mine / "notes").mkdir()
+    (mine / "notes" / "a.txt").write_text("keep")
+    before = _files(tmp_path)
+    argv = ["train", "--data", str(data / "corpus.txt"), "--steps", "1", "--out", str(mine)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mine}: exists, is not empty and is not a run of dsv32 train" in err
+    with pytest.raises(TrainError, match="nothing in it was touched"):
+        Run(str(mine), _cfg(), "dense", 1, _batches(data))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainError, match="exists and is not a directory"):
+        Run(str(tmp_path / "file"), _cfg(), "dense", 1, _batches(data))
+    os.remove(tmp_path / "file")
+    assert _files(tmp_path) == before  # and no lock file was left beside it
+
+
+def test_metrics_log_cut_short_or_broken(tmp_path):
+    """A metrics log cut short by a kill is read without its torn line; a broken one names the file
+    and the line (before: a bare JSON error)."""
+    from dsv32_jax.train.loop import TrainError, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lm": 2.0}\n{"step": 2, "l')
+    assert read_metrics(tmp_path) == [{"step": 1, "lm": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(TrainError, match=r"metrics.jsonl: line 2 is not a metrics row"):
+        read_metrics(tmp_path)

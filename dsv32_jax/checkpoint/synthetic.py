@@ -21,6 +21,7 @@ from dsv32_jax.model.quant import weight_quant
 from dsv32_jax.checkpoint.safetensors import LazyTensor, fsync_dir, fsync_file, write_safetensors
 from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, mtp_tensor_specs
+from dsv32_jax.dirlock import hold
 
 
 def tensor_specs(cfg: Config, include_mtp: bool = True) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -95,9 +96,16 @@ def write_checkpoint(cfg: Config, directory: str | os.PathLike, seed: int = 0, n
 
     Written to `directory.partial` (marked as ours; a leftover `.partial` is removed only if it
     carries that mark, else FileExistsError), every file fsynced, then renamed onto `directory`.
-    Returns the directory path.
+    One process at a time: `dsv32_jax.dirlock` (another one gets dirlock.Busy). Returns the
+    directory path.
     """
     out = os.fspath(directory)
+    with hold(out, "write_checkpoint"):
+        return _write(cfg, out, seed, n_shards, include_mtp, include_tokenizer)
+
+
+def _write(cfg: Config, out: str, seed: int, n_shards: int, include_mtp: bool,
+           include_tokenizer: bool) -> str:
     if os.path.islink(out) or (os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out))):
         raise FileExistsError(f"{out}: exists and is not an empty directory")
     tmp = out + ".partial"

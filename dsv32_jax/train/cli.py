@@ -6,18 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
+from dsv32_jax import argtypes
+from dsv32_jax.argtypes import positive_int
 from dsv32_jax.train.model import REMAT, STAGES
-
-
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
-    return n
 
 
 def add_parser(sub) -> None:
@@ -52,7 +45,7 @@ def add_parser(sub) -> None:
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="compute dtype (masters are float32)")
     t.add_argument("--remat", default="none", choices=list(REMAT))
-    t.add_argument("--mesh", metavar="D,E,T", default=None,
+    t.add_argument("--mesh", metavar="D,E,T", default=None, type=argtypes.mesh,
                    help="train sharded on a data,expert,tensor mesh of all devices (batch over "
                         "data, experts over every device); default one device")
     t.add_argument("--ckpt-every", type=positive_int, default=50, metavar="N")
@@ -63,10 +56,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from dsv32_jax.model.config import preset
-    from dsv32_jax.text.tokenizer import Tokenizer, build_synthetic_tokenizer
     from dsv32_jax.train import step as S
     from dsv32_jax.train.data import Batches, tokenize_file
     from dsv32_jax.train.loop import Run, TrainError, check_init
@@ -89,40 +79,56 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.data}: no such data file")
     name = os.path.basename(os.path.normpath(init)) if init else args.preset or "tiny"
     out = args.out or os.path.join("runs", f"{name}-{stage}")
-    tok_src = args.tokenizer
-    if tok_src is None and init is not None:
-        for d in (init, os.path.join(init, "hf")):
-            if os.path.isfile(os.path.join(d, "tokenizer.json")):
-                tok_src = d
-                break
-    if tok_src is None:
-        tok_dir = os.path.join(out, "tokenizer")
-        tok = build_synthetic_tokenizer(cfg.vocab_size, tok_dir)
-    else:
-        tok = Tokenizer.load(tok_src)
-        tok_dir = os.path.dirname(tok.path)
-    if tok.vocab_size > cfg.vocab_size:
-        raise TrainError(f"{tok.path}: {tok.vocab_size} tokens do not fit the model's vocabulary "
-                         f"of {cfg.vocab_size}")
-    tokens = tokenize_file(args.data, tok)
     mesh = None
     if args.mesh is not None:
-        from sharding.mesh import make_mesh, parse_mesh
+        from sharding.mesh import make_mesh
 
-        mesh = make_mesh(*parse_mesh(args.mesh))
+        mesh = make_mesh(*args.mesh)
         if args.batch % mesh.shape["data"]:
-            raise TrainError(f"--mesh {args.mesh}: --batch {args.batch} must split over its data "
-                             f"axis ({mesh.shape['data']})")
+            raise TrainError(f"--mesh {','.join(map(str, args.mesh))}: --batch {args.batch} must "
+                             f"split over its data axis ({mesh.shape['data']})")
     hp = S.Hparams(lr=args.lr, indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps,
                    clip=args.clip, remat=args.remat)
     if stage == "warmup" and init is None:
         print("dsv32 train: note: warm-up on random weights trains only the indexer (of a model "
               "that knows nothing): --stage dense trains the model", file=sys.stderr, flush=True)
-    run_ = Run(out, cfg, stage, args.steps, Batches(tokens, args.batch, seq, args.seed), hp,
-               init=init, seed=args.seed, ckpt_every=args.ckpt_every, tokenizer_dir=tok_dir,
-               data=args.data, mesh=mesh)
+    with tempfile.TemporaryDirectory(prefix="dsv32-tokenizer-") as tmp:  # Run copies it into OUT
+        tok, tok_dir = _tokenizer(args.tokenizer, init, cfg.vocab_size, tmp)
+        tokens = tokenize_file(args.data, tok)
+        run_ = Run(out, cfg, stage, args.steps, Batches(tokens, args.batch, seq, args.seed), hp,
+                   init=init, seed=args.seed, ckpt_every=args.ckpt_every, tokenizer_dir=tok_dir,
+                   data=args.data, mesh=mesh)
+    with run_:  # lets OUT go (its lock) however the run ends
+        return _train(run_, args, cfg, stage, name, len(tokens), seq, out)
+
+
+def _tokenizer(option: str | None, init: str | None, vocab_size: int, tmp: str):
+    """(tokenizer, its directory): --tokenizer, else --init's, else a synthetic one built in `tmp`
+    (nothing is written into OUT before the run has checked it)."""
+    from dsv32_jax.text.tokenizer import Tokenizer, build_synthetic_tokenizer
+    from dsv32_jax.train.loop import TrainError
+
+    if option is None and init is not None:
+        for d in (init, os.path.join(init, "hf")):
+            if os.path.isfile(os.path.join(d, "tokenizer.json")):
+                option = d
+                break
+    if option is None:
+        tok = build_synthetic_tokenizer(vocab_size, tmp)
+    else:
+        tok = Tokenizer.load(option)
+    if tok.vocab_size > vocab_size:
+        raise TrainError(f"{tok.path}: {tok.vocab_size} tokens do not fit the model's vocabulary "
+                         f"of {vocab_size}")
+    return tok, os.path.dirname(tok.path)
+
+
+def _train(run_, args: argparse.Namespace, cfg, stage: str, name: str, n_tokens: int, seq: int,
+           out: str) -> int:
+    from tqdm import tqdm
+
     print(f"dsv32 train: {stage} stage, {name} ({cfg.n_layers} layers, dim "
-          f"{cfg.dim}, index_topk {cfg.index_topk}), {len(tokens)} tokens, batch {args.batch} x "
+          f"{cfg.dim}, index_topk {cfg.index_topk}), {n_tokens} tokens, batch {args.batch} x "
           f"{seq}; {out}" + (f" (resumed at step {run_.start})" if run_.start else ""),
           file=sys.stderr, flush=True)
     if run_.start < args.steps:

@@ -38,11 +38,13 @@ import numpy as np
 
 from dsv32_jax.checkpoint.safetensors import write_safetensors
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, init_params
+from dsv32_jax.dirlock import hold
 from dsv32_jax.model.config import Config
 from dsv32_jax.train import step as S
 from dsv32_jax.train.data import Batches
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+RUN_FORMAT = "dsv32-jax-train-run"  # run.json's marker: a directory with it is a run of ours
 
 
 class TrainError(ValueError):
@@ -129,11 +131,43 @@ def _stderr(line: str) -> None:
 
 
 def read_metrics(out: str) -> list[dict]:
+    """The rows of OUT/metrics.jsonl; a last line cut short (a kill during an append) is left out."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.endswith("\n") or not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise TrainError(f"{path}: line {i} is not a metrics row of dsv32 train (a JSON object "
+                                 "with a step)")
+            rows.append(row)
+    return rows
+
+
+def _previous_run(out: str) -> dict | None:
+    """The settings (run.json) of the run in `out`; None when `out` does not exist or is an empty
+    directory. Anything else is refused, untouched: only a run of ours is resumed."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise TrainError(f"{out}: exists and is not a directory; choose another --out")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return None
+    try:
+        with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and old.get("format") == RUN_FORMAT):
+        raise TrainError(f"{out}: exists, is not empty and is not a run of dsv32 train (no run.json with "
+                         f"format {RUN_FORMAT!r}), so nothing in it was touched; choose a new or empty "
+                         "--out directory")
+    return old
 
 
 def plot(out: str, metrics: list[dict] | None = None, name: str = "curves.png") -> str | None:
@@ -177,43 +211,62 @@ class Run:
                  hp: S.Hparams = S.Hparams(), init: str | None = None, seed: int = 0,
                  ckpt_every: int = 50, tokenizer_dir: str | None = None, data: str = "",
                  mesh=None, say: Callable[[str], None] | None = None):
-        import orbax.checkpoint as ocp
-
         if cfg.quantized:
             raise TrainError("FP8 weights are not trained: use a bf16 config (train.step.train_config)")
         self.out, self.cfg, self.stage, self.steps, self.batches = out, cfg, stage, steps, batches
         self.hp, self.seed, self.ckpt_every, self.tokenizer_dir, self.mesh = hp, seed, ckpt_every, tokenizer_dir, mesh
-        settings = {"config": cfg.to_hf(), "dtype": cfg.dtype, "stage": stage, "steps": steps,
-                    "hparams": dataclasses.asdict(hp),
+        settings = {"format": RUN_FORMAT, "config": cfg.to_hf(), "dtype": cfg.dtype, "stage": stage,
+                    "steps": steps, "hparams": dataclasses.asdict(hp),
                     "batch": batches.b, "seq_len": batches.s, "seed": seed, "init": init,
                     "data": os.path.basename(data)}
+        self._lock = hold(out, "dsv32 train")  # held until close() / finish()
+        try:
+            self._open(settings, init, say or _stderr)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, settings: dict, init: str | None, say: Callable[[str], None]) -> None:
+        import orbax.checkpoint as ocp
+
+        out, cfg = self.out, self.cfg
+        old = _previous_run(out)
         os.makedirs(out, exist_ok=True)
         run_json = os.path.join(out, "run.json")
-        if os.path.isfile(run_json):
-            with open(run_json) as f:
-                old = json.load(f)
+        if old is not None:
             diff = [k for k in settings if k != "steps" and old.get(k) != settings[k]]
             if diff:
                 raise TrainError(f"{out}: holds a run with other settings ({', '.join(diff)}): resume it "
                                  "with the same ones, or train into a new directory (--init that run "
                                  "to continue from its model)")
         _json(run_json, settings)
-        if tokenizer_dir:
+        if self.tokenizer_dir:  # the run keeps its own copy (the export reads it)
             for name in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                    shutil.copy(os.path.join(tokenizer_dir, name), out)
+                if os.path.isfile(os.path.join(self.tokenizer_dir, name)):
+                    shutil.copy(os.path.join(self.tokenizer_dir, name), out)
+            self.tokenizer_dir = out
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(out, "ckpt")),
             options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
             item_names=("state", "meta"))
-        params = load_init(init, cfg) if init else init_params(cfg, seed)
+        params = load_init(init, cfg) if init else init_params(cfg, self.seed)
         params = self._place(params)
-        self.tx, self.step_fn = S.trainer(cfg, stage, hp, steps)
+        self.tx, self.step_fn = S.trainer(cfg, self.stage, self.hp, self.steps)
         with self._ctx():
             self.state = S.init_state(params, self.tx)
-        self.start = self._resume(say or _stderr)
+        self.start = self._resume(say)
         self.metrics = [m for m in read_metrics(out) if m["step"] <= self.start]
         self._write_metrics(self.metrics, "w")
+
+    def close(self) -> None:
+        """Let another process write this run directory (finish() does it too)."""
+        self._lock.release()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def compile(self) -> float:
         """Compile the step for this run's shapes before the first one (the jitted step finds
@@ -337,5 +390,6 @@ class Run:
         """Export the model (OUT/hf) and the curves; -> a summary of the run."""
         hf = export_hf(self.state["params"], self.cfg, os.path.join(self.out, "hf"), self.tokenizer_dir)
         png = plot(self.out, self.metrics)
+        self.close()
         return {"hf": hf, "plot": png, "first": self.metrics[0] if self.metrics else None,
                 "last": self.metrics[-1] if self.metrics else None}
