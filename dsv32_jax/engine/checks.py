@@ -62,3 +62,18 @@ def check_budget(prompt_len, max_new_tokens, max_seq_len) -> int:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({n}) = {prompt_len + n} exceeds the "
                          f"context of {max_seq_len} positions; at most {max_seq_len - prompt_len} new tokens fit")
     return n
+
+
+BYTES_PER_POSITION = 16
+
+
+def check_text_bytes(text: str, max_len: int, what: str = "this message") -> str:
+    """Refuse, before it is tokenized, text of more than BYTES_PER_POSITION UTF-8 bytes per position of a
+    context of `max_len` positions. Text averages 3-5 bytes a token, so such text cannot fit the context, and
+    tokenizing it would cost ~230 bytes of memory per byte (11 GB for a 50 MB line)."""
+    limit = BYTES_PER_POSITION * max_len
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ValueError(f"{what} is {size:,} bytes; a context of {max_len:,} positions takes at most {limit:,} "
+                         f"({BYTES_PER_POSITION} bytes a position): shorten it")
+    return text
