@@ -69,8 +69,9 @@ BYTES_PER_POSITION = 16
 
 def check_text_bytes(text: str, max_len: int, what: str = "this message") -> str:
     """Refuse, before it is tokenized, text of more than BYTES_PER_POSITION UTF-8 bytes per position of a
-    context of `max_len` positions. Text averages 3-5 bytes a token, so such text cannot fit the context, and
-    tokenizing it would cost ~230 bytes of memory per byte (11 GB for a 50 MB line)."""
+    context of `max_len` positions: such text cannot fit (text averages 1.6 bytes a token with the demo's
+    1,024-entry vocabulary, 3-5 with a large one), and tokenizing it would cost 140-230 bytes of memory per
+    byte (7-11 GB for a 50 MB line)."""
     limit = BYTES_PER_POSITION * max_len
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > limit:
