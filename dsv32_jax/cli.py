@@ -85,28 +85,32 @@ def _count_hit(event: str, **_) -> None:
 @contextlib.contextmanager
 def _compile_cache(enabled: bool):
     """JAX's persistent compilation cache in CACHE_DIR/xla for the command (CACHE_DIR: $DSV32_CACHE or
-    ~/.cache/dsv32_jax): a later run reads what an earlier one compiled. Every compile is kept (the ones worth
-    keeping take seconds; a tiny model's take less). JAX's settings are restored afterwards, so that `main`
-    called in a process (tests, notebooks) leaves no cache behind it."""
+    ~/.cache/dsv32_jax), unless JAX_COMPILATION_CACHE_DIR names one already: a later run reads what an
+    earlier one compiled. Every compile is kept (the ones worth keeping take seconds; a tiny model's take
+    less). JAX's settings are restored afterwards, so that `main` called in a process (tests, notebooks)
+    leaves no cache behind it."""
     if not enabled:
         yield
         return
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    saved = {name: getattr(jax.config, name) for name in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    compilation_cache.reset_cache()  # JAX opens its cache once, on the first compile that has a directory
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_cache_dir(), "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    ours = not saved["jax_compilation_cache_dir"]
+    if ours:
+        compilation_cache.reset_cache()  # JAX opens its cache once, on the first compile that has a directory
+        jax.config.update(names[0], os.path.join(_cache_dir(), "xla"))
+        jax.config.update(names[1], 0.0)
     jax.monitoring.register_event_listener(_count_hit)
     try:
         yield
     finally:
         jax.monitoring.unregister_event_listener(_count_hit)
-        for name, value in saved.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
+        if ours:
+            for name, value in saved.items():
+                jax.config.update(name, value)
+            compilation_cache.reset_cache()
 
 
 _invalid_noted = False
@@ -600,7 +604,8 @@ def _one_line(err: BaseException) -> str:
 def _compile_cache_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write the compiled programs kept in $DSV32_CACHE/xla (default "
-                        "~/.cache/dsv32_jax/xla), which spare a later run the compile")
+                        "~/.cache/dsv32_jax/xla), which spare a later run the compile (JAX's own "
+                        "JAX_COMPILATION_CACHE_DIR, when set, still applies)")
 
 
 def _parser() -> argparse.ArgumentParser:
