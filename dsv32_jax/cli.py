@@ -124,7 +124,7 @@ def _decoded(text: str, where: str) -> str:
     text, n = replace_invalid(text)
     if n and not _invalid_noted:
         _invalid_noted = True
-        _say(f"({where} is not valid UTF-8: the bytes that are not were read as U+FFFD; said once)")
+        _say(f"({where} holds bytes that are not UTF-8: each is read as U+FFFD; said once)")
     return text
 
 

@@ -170,51 +170,55 @@ def _cli(args: list, stdin: bytes = b"", **env) -> subprocess.CompletedProcess:
                           cwd=REPO, env=dict(os.environ, **env), timeout=600)
 
 
-def test_chat_survives_invalid_utf8_and_an_oversized_message(ckpt):
-    """Bytes that are not UTF-8 on stdin (even with a strict stdin encoding) are read as U+FFFD, said once; a
-    message of more than 16 bytes a position of the context is refused in one line before it is tokenized.
-    The conversation goes on after both."""
+def test_bad_input_never_ends_a_run_and_the_next_process_reads_the_compile_cache(ckpt):
+    """Two processes (one test: each costs an import, a load and compiles). `generate` with a prompt argument
+    that is not UTF-8 reads it with U+FFFD (said once) and compiles into $DSV32_CACHE/xla. Then `chat`, whose
+    stdin holds bytes that are not UTF-8 (with a strict stdin encoding) and a message of more than 16 bytes a
+    position of the context: the first are read as U+FFFD (said once), the second is refused in one line
+    before it is tokenized, the conversation goes on, and every shape generate compiled is read from the
+    cache."""
+    first = _cli(["generate", "--ckpt", ckpt, "--prompt", b"caf\xe9 \xff", "--max-new-tokens", "2"])
+    err = first.stderr.decode()
+    assert first.returncode == 0 and "Traceback" not in err, err
+    assert err.count("(--prompt holds bytes that are not UTF-8: each is read as U+FFFD; said once)\n") == 1
+    compiled = dict(re.findall(r"^compiling (.*) \.\.\. [0-9.]+s(.*)$", err, re.M))
+    assert compiled and set(compiled.values()) == {""}  # compiled, none read from the cache
+    assert len(os.listdir(Path(os.environ["DSV32_CACHE"]) / "xla")) >= len(compiled)
+
     lines = b"hi \xff there\n" + b"y" * 3000 + b"\nok \xfe\xfe\n"
-    r = _cli(["chat", "--ckpt", ckpt, "--max-new-tokens", "2", "--temperature", "0"], lines,
-             PYTHONIOENCODING="utf-8:strict")
-    err = r.stderr.decode()
-    assert r.returncode == 0 and "Traceback" not in err, err
-    assert err.count("(stdin is not valid UTF-8: the bytes that are not were read as U+FFFD; said once)\n") == 1
+    chat = _cli(["chat", "--ckpt", ckpt, "--max-new-tokens", "2", "--temperature", "0"], lines,
+                PYTHONIOENCODING="utf-8:strict")
+    err = chat.stderr.decode()
+    assert chat.returncode == 0 and "Traceback" not in err, err
+    assert err.count("(stdin holds bytes that are not UTF-8: each is read as U+FFFD; said once)\n") == 1
     assert "(this message is 3,000 bytes; a context of 128 positions takes at most 2,048 (16 bytes a position): " \
            "shorten it)\n" in err
     assert len(re.findall(r"^prefill \d+ tokens", err, re.M)) == 2  # the first and the last message
+    again = dict(re.findall(r"^compiling (.*) \.\.\. [0-9.]+s(.*)$", err, re.M))
+    shared = set(again) & set(compiled)
+    assert "decode step (cache 128)" in shared
+    assert all(again[label] == " (from the compile cache)" for label in shared), again
 
 
-def test_generate_reads_invalid_utf8_and_reuses_the_compile_cache(ckpt):
-    """A prompt argument that is not UTF-8 is read with U+FFFD (said once). The first run compiles into
-    $DSV32_CACHE/xla; a second process reads every program from there."""
-    args = ["generate", "--ckpt", ckpt, "--prompt", b"caf\xe9 \xff", "--max-new-tokens", "2", "--temperature", "0"]
-    first = _cli(args)
-    err = first.stderr.decode()
-    assert first.returncode == 0 and "Traceback" not in err, err
-    assert err.count("(--prompt is not valid UTF-8: the bytes that are not were read as U+FFFD; said once)") == 1
-    compiles = re.findall(r"^compiling .*", err, re.M)
-    assert compiles and not any("compile cache" in line for line in compiles)
-    cache = Path(os.environ["DSV32_CACHE"]) / "xla"
-    assert len(list(cache.iterdir())) >= len(compiles)
-    second = _cli(args)
-    again = re.findall(r"^compiling .*", second.stderr.decode(), re.M)
-    assert second.returncode == 0 and len(again) == len(compiles)
-    assert all(re.fullmatch(r"compiling .* \.\.\. [0-9.]+s \(from the compile cache\)", line) for line in again)
-    assert second.stdout == first.stdout
-
-
-def test_no_compile_cache_writes_nothing_and_main_restores_jax(ckpt, capsys):
+def test_compile_cache_is_on_during_a_command_unless_opted_out(ckpt, monkeypatch, capsys):
+    """What JAX is told while the command runs (seen from inside it); afterwards main leaves JAX's settings as
+    it found them (a second process reading the cache: the test above)."""
     import jax
 
-    session_mod._EXECUTABLES.clear()  # so that this run compiles
-    args = ["generate", "--ckpt", ckpt, "--prompt", "x", "--max-new-tokens", "2"]
-    assert main([*args, "--no-compile-cache"]) == 0
-    assert "compiling" in capsys.readouterr().err
-    assert not os.listdir(os.environ["DSV32_CACHE"])
+    seen = []
+
+    def inside(args):
+        seen.append(jax.config.jax_compilation_cache_dir)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("dsv32_jax.cli._open", inside)
     before = jax.config.jax_compilation_cache_dir
-    assert main(args) == 0
-    assert jax.config.jax_compilation_cache_dir == before  # main leaves JAX's settings as it found them
+    for command in (["generate", "--prompt", "x"], ["chat"]):
+        for opt_out in ([], ["--no-compile-cache"]):
+            assert _run([*command, "--ckpt", ckpt, *opt_out]) == 1
+            assert jax.config.jax_compilation_cache_dir == before
+    assert seen == [os.path.join(os.environ["DSV32_CACHE"], "xla"), before] * 2
+    assert "stop here" in capsys.readouterr().err and not os.listdir(os.environ["DSV32_CACHE"])
 
 
 def test_conversation_refuses_an_oversized_message_before_tokenizing(tok, monkeypatch):
