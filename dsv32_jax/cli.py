@@ -82,6 +82,9 @@ def _count_hit(event: str, **_) -> None:
         _cache_hits[0] += 1
 
 
+_listening = False  # _count_hit is a JAX event listener, registered once per process
+
+
 @contextlib.contextmanager
 def _compile_cache(enabled: bool):
     """JAX's persistent compilation cache in CACHE_DIR/xla for the command (CACHE_DIR: $DSV32_CACHE or
@@ -89,6 +92,7 @@ def _compile_cache(enabled: bool):
     earlier one compiled. Every compile is kept (the ones worth keeping take seconds; a tiny model's take
     less). JAX's settings are restored afterwards, so that `main` called in a process (tests, notebooks)
     leaves no cache behind it."""
+    global _listening
     if not enabled:
         yield
         return
@@ -102,11 +106,12 @@ def _compile_cache(enabled: bool):
         compilation_cache.reset_cache()  # JAX opens its cache once, on the first compile that has a directory
         jax.config.update(names[0], os.path.join(_cache_dir(), "xla"))
         jax.config.update(names[1], 0.0)
-    jax.monitoring.register_event_listener(_count_hit)
+    if not _listening:
+        jax.monitoring.register_event_listener(_count_hit)
+        _listening = True
     try:
         yield
     finally:
-        jax.monitoring.unregister_event_listener(_count_hit)
         if ours:
             for name, value in saved.items():
                 jax.config.update(name, value)
