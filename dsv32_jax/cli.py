@@ -10,6 +10,7 @@ checked before they are loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -68,14 +69,74 @@ def _say(*parts, end: str = "\n") -> None:
     print(*parts, file=sys.stderr, flush=True, end=end)
 
 
+_cache_hits = [0, 0]  # persistent compilation cache hits: so far, and when the open compile line began
+
+
 def _compile_notice(label: str, seconds: float | None) -> None:
     """`ChatSession.on_compile`: a line on stderr while a new shape compiles (10-25 s on a large model)."""
     global _open_line
     if seconds is None:
+        _cache_hits[1] = _cache_hits[0]
         _say(f"compiling {label} ...", end="")
     else:
         _open_line = False
-        _say(f" {seconds:.1f}s")
+        _say(f" {seconds:.1f}s" + (" (from the compile cache)" if _cache_hits[0] > _cache_hits[1] else ""))
+
+
+def _count_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _cache_hits[0] += 1
+
+
+_listening = False  # _count_hit is a JAX event listener, registered once per process
+
+
+@contextlib.contextmanager
+def _compile_cache(enabled: bool):
+    """JAX's persistent compilation cache in CACHE_DIR/xla for the command (CACHE_DIR: $DSV32_CACHE or
+    ~/.cache/dsv32_jax), unless JAX_COMPILATION_CACHE_DIR names one already: a later run reads what an
+    earlier one compiled. Every compile is kept (the ones worth keeping take seconds; a tiny model's take
+    less). JAX's settings are restored afterwards, so that `main` called in a process (tests, notebooks)
+    leaves no cache behind it."""
+    global _listening
+    if not enabled:
+        yield
+        return
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    ours = not saved["jax_compilation_cache_dir"]
+    if ours:
+        compilation_cache.reset_cache()  # JAX opens its cache once, on the first compile that has a directory
+        jax.config.update(names[0], os.path.join(_cache_dir(), "xla"))
+        jax.config.update(names[1], 0.0)
+    if not _listening:
+        jax.monitoring.register_event_listener(_count_hit)
+        _listening = True
+    try:
+        yield
+    finally:
+        if ours:
+            for name, value in saved.items():
+                jax.config.update(name, value)
+            compilation_cache.reset_cache()
+
+
+_invalid_noted = False
+
+
+def _decoded(text: str, where: str) -> str:
+    """Input text (argv, stdin) with each byte that is not valid UTF-8 as U+FFFD; said once per process."""
+    global _invalid_noted
+    from dsv32_jax.text.tokenizer import replace_invalid
+
+    text, n = replace_invalid(text)
+    if n and not _invalid_noted:
+        _invalid_noted = True
+        _say(f"({where} holds bytes that are not UTF-8: each is read as U+FFFD; said once)")
+    return text
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -174,11 +235,15 @@ def _read_line() -> str:
 
 
 def _lines():
-    """The chat's input lines: stdin, or in a multi-process run process 0's stdin sent to all."""
+    """The chat's input lines: stdin, or in a multi-process run process 0's stdin sent to all. Bytes that are
+    not valid UTF-8 are read as U+FFFD (said once), whatever the locale."""
     import jax
 
+    if hasattr(sys.stdin, "reconfigure"):  # keep undecodable bytes (as lone surrogates) for _decoded
+        sys.stdin.reconfigure(errors="surrogateescape")
     if jax.process_count() == 1:
-        yield from iter(_read_line, "")
+        for line in iter(_read_line, ""):
+            yield _decoded(line, "stdin")
         return
     import numpy as np
     from jax.experimental import multihost_utils
@@ -187,7 +252,7 @@ def _lines():
         data = b""
         if jax.process_index() == 0:
             line = _read_line()
-            data = line.encode() if line else b""
+            data = _decoded(line, "stdin").encode() if line else b""
         n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data else -1)))
         if n < 0:
             return
@@ -237,13 +302,15 @@ def _rates(stats: dict) -> str:
     return line
 
 
-def _prompt_ids(tok, text: str, raw: bool, thinking: bool) -> list[int]:
-    from dsv32_jax.text.chat import encode_messages
+def _prompt_ids(tok, text: str, raw: bool, thinking: bool, max_len: int) -> list[int]:
+    """The prompt's ids: `text` as the user message of the chat template (read as text), or with `raw` as it is
+    (control-token strings in it become control tokens); refused unread when longer than the context takes."""
+    from dsv32_jax.engine.checks import check_text_bytes
 
+    check_text_bytes(text, max_len, "the prompt")
     if raw:
         return tok.encode(text)
-    mode = "thinking" if thinking else "chat"
-    return tok.encode(encode_messages([{"role": "user", "content": text}], thinking_mode=mode))
+    return tok.encode_chat([{"role": "user", "content": text}], "thinking" if thinking else "chat")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -251,7 +318,7 @@ def generate(args: argparse.Namespace) -> int:
 
     _join(args)
     cfg, tok = _open(args)
-    ids = _prompt_ids(tok, args.prompt, args.raw, args.thinking)
+    ids = _prompt_ids(tok, args.prompt, args.raw, args.thinking, cfg.max_seq_len)
     n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
     session = _session(_load_weights(args.ckpt, args))
     _, stats = _stream_reply(session, tok, ids, n, args)
@@ -285,12 +352,13 @@ class Conversation:
 
     def plan(self, user: dict, want: int) -> tuple[list[int], int, list[str]]:
         """Fit the next user message: -> (the token context to generate after, new-token budget, notes for
-        the user). Drops the oldest turns when needed; raises ValueError if the message alone cannot fit."""
-        from dsv32_jax.text.chat import encode_messages
+        the user). Drops the oldest turns when needed; raises ValueError if the message alone cannot fit (a
+        message of more than `checks.BYTES_PER_POSITION` bytes a position is refused before it is tokenized)."""
+        from dsv32_jax.engine.checks import check_text_bytes
 
-        text = encode_messages([user], self.mode, context=self.messages, drop_thinking=False,
-                               add_default_bos_token=False)
-        user_ids = self.tok.encode(text)
+        check_text_bytes(user.get("content") or "", self.max_len)
+        user_ids = self.tok.encode_chat([user], self.mode, context=self.messages, drop_thinking=False,
+                                        add_default_bos_token=False)
         cap = self.max_len - 1 - len(user_ids)  # the most any reply can have, with every earlier turn dropped
         if cap < 1:
             raise ValueError(f"this message is {len(user_ids)} tokens with the chat template; the context holds "
@@ -456,7 +524,7 @@ def random_demo(args: argparse.Namespace) -> int:
         print(f"using cached synthetic checkpoint {ckpt}")
     tok = Tokenizer.load(ckpt)
     prompt = encode_messages([{"role": "user", "content": args.prompt}], thinking_mode="chat")
-    ids = tok.encode(prompt)
+    ids = _prompt_ids(tok, args.prompt, False, False, cfg.max_seq_len)
     n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
     t = time.perf_counter()
     model = dsv32_jax.load_model(ckpt, dtype=args.dtype, fp8_activations=not args.no_fp8)
@@ -607,6 +675,13 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _compile_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the compiled programs kept in $DSV32_CACHE/xla (default "
+                        "~/.cache/dsv32_jax/xla), which spare a later run the compile (JAX's own "
+                        "JAX_COMPILATION_CACHE_DIR, when set, still applies)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from dsv32_jax import argtypes
 
@@ -626,6 +701,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--show-special", action="store_true",
                        help="print special/reserved tokens in the output stream")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        _compile_cache_option(p)
 
     d = sub.add_parser("demo", help="the tiny trained demo model in a short chat (sparse attention "
                                     "selecting); --random: a random synthetic checkpoint (cached)")
@@ -640,6 +716,7 @@ def _parser() -> argparse.ArgumentParser:
     from dsv32_jax.train.cli import add_parser as add_train
 
     add_train(sub)
+    _compile_cache_option(sub.choices["train"])
     d.set_defaults(func=demo)
     tok_help = "tokenizer.json, or a directory holding one (default: the checkpoint's own)"
     g = sub.add_parser("generate", help="complete one prompt")
@@ -712,8 +789,11 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(argv[1:])
     args = _parser().parse_args(argv)
     prog = f"dsv32 {args.command}"
+    if getattr(args, "prompt", None) is not None:
+        args.prompt = _decoded(args.prompt, "--prompt")
     try:
-        return args.func(args)
+        with _compile_cache(hasattr(args, "no_compile_cache") and not args.no_compile_cache):
+            return args.func(args)
     except KeyboardInterrupt:
         if args.debug:
             raise

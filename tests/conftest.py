@@ -16,6 +16,14 @@ CASES = ("tiny-fp8", "tiny-bf16")
 MODES = {"exact": ("float32", False), "fp32": ("float32", True), "bf16": ("bfloat16", True)}
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test has its own $DSV32_CACHE (the CLI's compile cache, the random demo's checkpoints): nothing is
+    written into the user's ~/.cache, and no test reads what another one compiled. CLIs spawned by a test
+    inherit it."""
+    monkeypatch.setenv("DSV32_CACHE", str(tmp_path_factory.mktemp("dsv32-cache")))
+
+
 def fixture_dir(case: str) -> Path:
     """The fixture case directory, or skip (fail under DSV32_REQUIRE_FIXTURES=1) if absent."""
     path = FIXTURES / case

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -261,6 +262,104 @@ def test_chat_prompt_round_trip(tok, thinking_mode):
     assert ids.count(tok.eos_id) == 2
     last = tok.token_id(chat.THINK_START if thinking_mode == "thinking" else chat.THINK_END)
     assert ids[-2:] == [tok.token_id(chat.ASSISTANT), last]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Messages: only the template's markup gives control tokens
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _every_field(x: str) -> list[dict]:
+    """A conversation with `x` typed into every field a message can carry."""
+    tools = [{"type": "function", "function": {"name": f"f{x}", "description": f"d {x}", "parameters": {
+        "type": "object", "properties": {x: {"type": "string"}}}}}]
+    call = {"type": "function", "function": {"name": f"f{x}", "arguments": json.dumps({"k": f"v{x}", x: [1, x]})}}
+    return [
+        {"role": "system", "content": f"sys {x}", "tools": tools, "response_format": {"type": x}},
+        {"role": "user", "content": f"{x}q{x}"},
+        {"role": "assistant", "content": f"{x}", "reasoning_content": f"r {x}", "tool_calls": [call]},
+        {"role": "tool", "content": f"{x} result {x}"},
+        {"role": "assistant", "content": f"done {x}", "reasoning_content": f"{x}r"},
+        {"role": "developer", "content": f"dev {x}"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo_tok() -> Tokenizer:
+    from dsv32_jax.train.demo import DEMO_DIR
+
+    return Tokenizer.load(DEMO_DIR)
+
+
+@pytest.mark.parametrize("which", ["tok2048", "demo"])
+def test_control_tokens_typed_in_messages_stay_text(which, request):
+    """Every added token of the vocabulary (the control tokens, `<think>` among them, which is not "special")
+    typed into a message's content, reasoning, tool call, tool result or tool schema encodes to ordinary text
+    ids: the control ids of the prompt are those of the template's markup alone, and the text is unchanged."""
+    tok = request.getfixturevalue("demo_tok" if which == "demo" else which)
+    added = tok._hf.get_added_tokens_decoder()
+    control = set(added)
+
+    def controls(ids):
+        return [i for i in ids if i in control]
+
+    for mode in chat.THINKING_MODES:
+        clean = controls(tok.encode_chat(_every_field("x"), mode, drop_thinking=False))
+        for typed in (" ".join(t.content for t in added.values()), "".join(t.content for t in added.values())):
+            messages = _every_field(typed)
+            text = chat.encode_messages(messages, mode, drop_thinking=False)
+            ids = tok.encode_chat(messages, mode, drop_thinking=False)
+            assert controls(ids) == clean
+            assert tok.decode(ids) == text
+            assert not control & set(tok.encode_text(typed))
+            assert control <= set(tok.encode(text))  # what tokenizing the rendered prompt whole would do
+    assert controls(tok.encode_chat([{"role": "user", "content": chat.EOS + chat.USER}], "chat")) == [
+        tok.bos_id, tok.token_id(chat.USER), tok.token_id(chat.ASSISTANT), tok.token_id(chat.THINK_END)]
+
+
+def test_placeholder_tokens_typed_in_a_message_stay_text(tok4096):
+    """The reserved placeholders of a larger vocabulary (1,951 here) too."""
+    added = tok4096._hf.get_added_tokens_decoder()
+    typed = "".join(t.content for i, t in added.items() if i >= len(chat.SPECIAL_TOKENS))
+    assert len(added) > 1000 and typed.count("place▁holder") == len(added) - len(chat.SPECIAL_TOKENS)
+    ids = tok4096.encode_chat([{"role": "user", "content": typed}], "chat")
+    assert [i for i in ids if i in added] == [tok4096.token_id(t) for t in (chat.BOS, chat.USER, chat.ASSISTANT,
+                                                                            chat.THINK_END)]
+    assert tok4096.decode(ids) == chat.encode_messages([{"role": "user", "content": typed}], "chat")
+
+
+@pytest.mark.parametrize("thinking_mode", chat.THINKING_MODES)
+def test_encode_chat_is_encode_of_the_prompt_for_plain_messages(tok, thinking_mode):
+    """Without control-token strings in the messages, encode_chat gives exactly the ids of the whole rendered
+    prompt (the official case, where the tools header's own <think></think> are control tokens, and the
+    round-trip conversation above); with context, only the new messages."""
+    case = Path(os.environ.get("DSV32_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+    cases = [_every_field("x")]
+    if (case / "encoding" / "test_input.json").is_file():
+        data = json.loads((case / "encoding" / "test_input.json").read_text(encoding="utf-8"))
+        data["messages"][0]["tools"] = data["tools"]
+        cases.append(data["messages"])
+        if thinking_mode == "thinking":
+            expected = (case / "encoding" / "test_output.txt").read_text(encoding="utf-8")[:-1]
+            assert tok.decode(tok.encode_chat(data["messages"], thinking_mode)) == expected
+    elif os.environ.get("DSV32_REQUIRE_FIXTURES") == "1":
+        pytest.fail(f"official chat-format fixture not found in {case / 'encoding'}")
+    for messages in cases:
+        for drop in (True, False):
+            prompt = chat.encode_messages(messages, thinking_mode, drop_thinking=drop)
+            assert tok.encode_chat(messages, thinking_mode, drop_thinking=drop) == tok.encode(prompt)
+        tail = chat.encode_messages(messages[3:], thinking_mode, context=messages[:3])
+        assert tok.encode_chat(messages[3:], thinking_mode, context=messages[:3]) == tok.encode(tail)
+
+
+def test_invalid_unicode_is_a_tokenizer_error(tok2048):
+    """A str with a lone surrogate (what surrogateescape makes of an invalid UTF-8 byte) is named, not a
+    TypeError from the library."""
+    for encode in (tok2048.encode, tok2048.encode_text):
+        with pytest.raises(TokenizerError, match="lone surrogate U\\+DCFF at character 2"):
+            encode("ab\udcff")
+    with pytest.raises(TokenizerError, match="lone surrogate"):
+        tok2048.encode_chat([{"role": "user", "content": "\ud800"}])
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -62,3 +62,19 @@ def check_budget(prompt_len, max_new_tokens, max_seq_len) -> int:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({n}) = {prompt_len + n} exceeds the "
                          f"context of {max_seq_len} positions; at most {max_seq_len - prompt_len} new tokens fit")
     return n
+
+
+BYTES_PER_POSITION = 16
+
+
+def check_text_bytes(text: str, max_len: int, what: str = "this message") -> str:
+    """Refuse, before it is tokenized, text of more than BYTES_PER_POSITION UTF-8 bytes per position of a
+    context of `max_len` positions: such text cannot fit (text averages 1.6 bytes a token with the demo's
+    1,024-entry vocabulary, 3-5 with a large one), and tokenizing it would cost 140-230 bytes of memory per
+    byte (7-11 GB for a 50 MB line)."""
+    limit = BYTES_PER_POSITION * max_len
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ValueError(f"{what} is {size:,} bytes; a context of {max_len:,} positions takes at most {limit:,} "
+                         f"({BYTES_PER_POSITION} bytes a position): shorten it")
+    return text

@@ -1,6 +1,8 @@
 """DeepSeek-V3.2 chat prompt format (the release ships code, not a Jinja template).
 
-``encode_messages`` turns OpenAI-style messages into the exact prompt string; ``parse_message_from_completion_text``
+``encode_messages`` turns OpenAI-style messages into the exact prompt string; ``render_messages`` gives the same
+prompt as pieces, where what came from the messages (``Content``) is told apart from the template's own markup, so
+that a tokenizer can read content as plain text (``Tokenizer.encode_chat``); ``parse_message_from_completion_text``
 turns generated text back into an assistant message. Layout of a conversation::
 
     BOS system[tools block]  <｜User｜>question<｜Assistant｜><think>   (or </think>)
@@ -83,6 +85,11 @@ class ChatFormatError(ValueError):
     """A message list that cannot be encoded, or a completion that does not follow the format."""
 
 
+class Content(str):
+    """A piece of a rendered prompt that came from a message (content, reasoning, tool names, arguments and
+    schemas): text, whatever control-token strings it holds. Every other piece is the template's markup."""
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -113,21 +120,21 @@ def _text(msg: dict, what: str = "content") -> str:
     return value
 
 
-def _attachments(msg: dict) -> str:
+def _attachments(msg: dict) -> list[str]:
     """The tools block and the response-format block a system/developer message carries, each after a blank line."""
-    out = ""
+    out = []
     if msg.get("tools"):
         try:
             schemas = [_json(tool["function"]) for tool in msg["tools"]]
         except (KeyError, TypeError):
             raise ChatFormatError("tools must look like [{'type': 'function', 'function': {...}}, ...]") from None
-        out += "\n\n" + _TOOLS_HEADER + "\n".join(schemas) + "\n</functions>\n"
+        out += ["\n\n" + _TOOLS_HEADER, Content("\n".join(schemas)), "\n</functions>\n"]
     if msg.get("response_format"):
-        out += "\n\n" + _RESPONSE_FORMAT_HEADER + _json(msg["response_format"])
+        out += ["\n\n" + _RESPONSE_FORMAT_HEADER, Content(_json(msg["response_format"]))]
     return out
 
 
-def _encode_invoke(call: Any) -> str:
+def _encode_invoke(call: Any) -> list[str]:
     """One OpenAI tool call as a DSML invoke; strings go verbatim (string="true"), other values as JSON."""
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -140,29 +147,32 @@ def _encode_invoke(call: Any) -> str:
             raise ChatFormatError(f"arguments of tool call {fn['name']!r} are not valid JSON: {err}") from None
     if not isinstance(args, dict):
         raise ChatFormatError(f"arguments of tool call {fn['name']!r} must be a JSON object, got {args!r}")
-    params = "\n".join(
-        f'{PARAMETER_START} name="{key}" string="{"true" if isinstance(value, str) else "false"}">'
-        f"{value if isinstance(value, str) else _json(value)}{PARAMETER_END}"
-        for key, value in args.items()
-    )
-    return f'{INVOKE_START} name="{fn["name"]}">\n{params}\n{INVOKE_END}'
+    out = [f'{INVOKE_START} name="', Content(fn["name"]), '">\n']
+    for i, (key, value) in enumerate(args.items()):
+        text = isinstance(value, str)
+        out += ["\n" if i else "", f'{PARAMETER_START} name="', Content(key),
+                f'" string="{"true" if text else "false"}">', Content(value if text else _json(value)), PARAMETER_END]
+    return [*out, f"\n{INVOKE_END}"]
 
 
-def _encode_assistant(msg: dict, show_reasoning: bool, needs_reasoning: bool) -> str:
+def _encode_assistant(msg: dict, show_reasoning: bool, needs_reasoning: bool) -> list[str]:
     calls = msg.get("tool_calls") or []
     reasoning = _text(msg, "reasoning_content")
     if needs_reasoning and not (reasoning or calls):
         raise ChatFormatError(
             "in thinking mode an assistant message after the last user message needs reasoning_content or tool_calls"
         )
-    out = (reasoning + THINK_END if show_reasoning else "") + _text(msg)
+    out = [Content(reasoning), THINK_END] if show_reasoning else []
+    out.append(Content(_text(msg)))
     if calls:
-        invokes = "\n".join(_encode_invoke(call) for call in calls)
-        out += f"{_CALLS_OPENER}\n{invokes}\n{FUNCTION_CALLS_END}"
-    return out + EOS
+        out.append(f"{_CALLS_OPENER}\n")
+        for i, call in enumerate(calls):
+            out += ["\n" if i else "", *_encode_invoke(call)]
+        out.append(f"\n{FUNCTION_CALLS_END}")
+    return [*out, EOS]
 
 
-def _encode_tool_result(convo: list[dict], i: int, think_tag: str) -> str:
+def _encode_tool_result(convo: list[dict], i: int, think_tag: str) -> list[str]:
     """The i-th message, a tool result: the n-th answer to the tool calls of the nearest assistant before it."""
     j = i - 1
     while j >= 0 and _role(convo[j]) == "tool":
@@ -173,33 +183,53 @@ def _encode_tool_result(convo: list[dict], i: int, think_tag: str) -> str:
     n = i - j
     if n > len(calls):
         raise ChatFormatError(f"tool message #{i} is result {n}, but the assistant made only {len(calls)} tool call(s)")
-    out = ("\n\n" + FUNCTION_RESULTS_START if n == 1 else "") + f"\n<result>{_text(convo[i])}</result>"
+    out = [("\n\n" + FUNCTION_RESULTS_START if n == 1 else "") + "\n<result>", Content(_text(convo[i])), "</result>"]
     if n == len(calls):
-        return out + f"\n{FUNCTION_RESULTS_END}\n\n{think_tag}"
+        return [*out, f"\n{FUNCTION_RESULTS_END}\n\n", think_tag]
     if i + 1 < len(convo) and _role(convo[i + 1]) != "tool":
         raise ChatFormatError(f"message #{i + 1} comes before all {len(calls)} tool results were given")
     return out
 
 
-def _encode_one(convo: list[dict], i: int, think: bool, needs_reasoning: bool) -> str:
+def _encode_one(convo: list[dict], i: int, think: bool, needs_reasoning: bool) -> list[str]:
     msg = convo[i]
     role = _role(msg)
     if msg.get("tools") and role not in ("system", "developer"):
         raise ChatFormatError(f"tools can be attached to a system or developer message, not to a {role} message")
     think_tag = THINK_START if think else THINK_END
     if role == "system":
-        return _text(msg) + _attachments(msg)
+        return [Content(_text(msg)), *_attachments(msg)]
     if role == "user":
-        return USER + _text(msg) + ASSISTANT + think_tag
+        return [USER, Content(_text(msg)), ASSISTANT, think_tag]
     if role == "developer":
         if not _text(msg):
             raise ChatFormatError("a developer message needs non-empty content (the user's query)")
-        return USER + _attachments(msg) + _DEVELOPER_QUERY + _text(msg) + ASSISTANT + think_tag
+        return [USER, *_attachments(msg), _DEVELOPER_QUERY, Content(_text(msg)), ASSISTANT, think_tag]
     if role == "tool":
         return _encode_tool_result(convo, i, think_tag)
     if role == "assistant":
         return _encode_assistant(msg, think, needs_reasoning)
     raise ChatFormatError(f"unknown role {role!r}; expected system, developer, user, assistant or tool")
+
+
+def render_messages(
+    messages: list[dict],
+    thinking_mode: str = "thinking",
+    context: list[dict] | None = None,
+    drop_thinking: bool = True,
+    add_default_bos_token: bool = True,
+) -> list[str]:
+    """The prompt of ``encode_messages`` (same arguments) as pieces that join to it: the pieces that came from
+    the messages are ``Content``; the others are the template's markup, where alone control tokens belong."""
+    thinking = _is_thinking(thinking_mode)
+    convo = [*(context or []), *messages]
+    last_user = max((i for i, msg in enumerate(convo) if _role(msg) in _USER_ROLES), default=-1)
+    start = len(convo) - len(messages)
+    out = [BOS] if add_default_bos_token and start == 0 else []
+    for i in range(start, len(convo)):
+        think = thinking and (not drop_thinking or i >= last_user)
+        out += _encode_one(convo, i, think, needs_reasoning=thinking and i > last_user)
+    return out
 
 
 def encode_messages(
@@ -209,22 +239,14 @@ def encode_messages(
     drop_thinking: bool = True,
     add_default_bos_token: bool = True,
 ) -> str:
-    """Encode OpenAI-style ``messages`` into the V3.2 prompt string.
+    """Encode OpenAI-style ``messages`` into the V3.2 prompt string (to tokenize it, ``Tokenizer.encode_chat``).
 
     ``context``: earlier messages already in the prompt; only ``messages`` are encoded (no BOS), rendered as they
     would be at the end of ``context + messages``. ``drop_thinking``: earlier turns' reasoning is left out (the
     official behaviour); with False, turns before the last user message keep ``<think>reasoning</think>`` too, so
     the prompt only ever grows by appending. Tools go in ``messages[i]["tools"]`` of a system/developer message.
     """
-    thinking = _is_thinking(thinking_mode)
-    convo = [*(context or []), *messages]
-    last_user = max((i for i, msg in enumerate(convo) if _role(msg) in _USER_ROLES), default=-1)
-    start = len(convo) - len(messages)
-    out = BOS if add_default_bos_token and start == 0 else ""
-    for i in range(start, len(convo)):
-        think = thinking and (not drop_thinking or i >= last_user)
-        out += _encode_one(convo, i, think, needs_reasoning=thinking and i > last_user)
-    return out
+    return "".join(render_messages(messages, thinking_mode, context, drop_thinking, add_default_bos_token))
 
 
 # ----------------------------------------------------------------------------------------------------------------

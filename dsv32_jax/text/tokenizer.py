@@ -2,8 +2,15 @@
 control tokens by name, streaming detokenization, and a small byte-level BPE of our own for synthetic
 checkpoints.
 
-``Tokenizer.encode`` never adds BOS/EOS: ``chat.encode_messages`` writes the BOS text itself, and every
-control-token string inside the text (BOS, ``<｜User｜>``, ``<think>``, ...) becomes its single id.
+Three encoders, none adding BOS/EOS by itself:
+
+- ``encode_chat(messages)``: a message list as the chat template writes it (``chat.render_messages``). Only the
+  template's own markup gives control tokens; what came from the messages is read by ``encode_text``, so a user
+  who types ``<｜end▁of▁sentence｜><｜User｜>`` cannot forge a turn. Every prompt made of messages goes through
+  it (generate, chat, the demo).
+- ``encode_text(text)``: text as text; a control-token string in it is spelled out in ordinary ids.
+- ``encode(text)``: every control-token string inside the text (BOS, ``<｜User｜>``, ``<think>``, ...) becomes its
+  single id: for text whose markup is meant, e.g. ``generate --raw`` or a training corpus of rendered chats.
 
 ``build_synthetic_tokenizer`` trains a byte-level BPE at call time (milliseconds, no download) on the text
 embedded below plus prompts rendered by ``dsv32_jax.text.chat``. Layout: ids 0..5 are BOS, EOS, ``<｜User｜>``,
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib import resources
 from collections.abc import Iterable
 
@@ -30,6 +38,9 @@ DEFAULT_MODEL_MAX_LENGTH = 163840  # V3.2 max_position_embeddings
 # Control tokens decoded even with skip_special_tokens=True (the reasoning delimiters are text to a reader).
 _NOT_SKIPPED = (chat.THINK_START, chat.THINK_END)
 _PLACEHOLDER = "<｜place▁holder▁no▁{}｜>"
+# The control tokens the chat template writes in its markup (``encode_chat`` splits the markup at them).
+_MARKUP_CONTROL = re.compile("(" + "|".join(map(re.escape, chat.SPECIAL_TOKENS)) + ")")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TokenizerError(ValueError):
@@ -66,6 +77,7 @@ class Tokenizer:
         self.special_ids = frozenset(i for i, tok in added.items() if tok.special)
         limit = self.config.get("model_max_length")
         self.model_max_length = limit if isinstance(limit, int) and 0 < limit < 1 << 40 else None
+        self._plain: _HFTokenizer | None = None  # encode_text's copy of the tokenizer, made on first use
 
     def _required(self, token: str, what: str) -> int:
         i = self._hf.token_to_id(token)
@@ -113,10 +125,37 @@ class Tokenizer:
         return i
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, without BOS/EOS; control-token strings in the text become their ids."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
-        return self._hf.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text``, without BOS/EOS; control-token strings in the text become their ids (for text
+        whose markup is meant; text from a user goes through ``encode_text`` or ``encode_chat``)."""
+        return _ids(self._hf, text, "encode")
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` read as text: no added token of the vocabulary (control tokens, placeholders) is
+        matched, so ``<｜User｜>`` inside ``text`` becomes the ids of its characters, never the control id."""
+        if self._plain is None:
+            spec = json.loads(self._hf.to_str())
+            for entry in spec.get("added_tokens", []):
+                entry["special"] = True  # so that encode_special_tokens reads every added token as text
+            self._plain = _HFTokenizer.from_str(json.dumps(spec))
+            self._plain.encode_special_tokens = True
+        return _ids(self._plain, text, "encode_text")
+
+    def encode_chat(self, messages: list[dict], thinking_mode: str = "thinking", context: list[dict] | None = None,
+                    drop_thinking: bool = True, add_default_bos_token: bool = True) -> list[int]:
+        """The ids of ``chat.encode_messages(...)`` (same arguments): the template's control tokens become their
+        ids, everything that came from the messages is read by ``encode_text``. For messages that hold no
+        control-token string these are exactly the ids of ``encode(chat.encode_messages(...))``."""
+        ids: list[int] = []
+        text = ""  # text since the last control token: content and markup are read together, as encode would
+        for piece in chat.render_messages(messages, thinking_mode, context, drop_thinking, add_default_bos_token):
+            parts = [piece] if isinstance(piece, chat.Content) else _MARKUP_CONTROL.split(piece)
+            for k, part in enumerate(parts):
+                if k % 2 == 0:
+                    text += part
+                else:
+                    ids += self.encode_text(text) + [self.token_id(part)]
+                    text = ""
+        return ids + self.encode_text(text)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
@@ -125,6 +164,28 @@ class Tokenizer:
     def stream(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """A fresh incremental decoder: the pushes and the final flush add up to ``decode(ids)``."""
         return StreamDecoder(self, skip_special_tokens)
+
+
+def replace_invalid(text: str) -> tuple[str, int]:
+    """``text`` with every lone surrogate as U+FFFD -> (text, how many). Python keeps a byte that is not valid
+    UTF-8 as a lone surrogate in ``sys.argv`` (and in stdin under the C locale, or with errors="surrogateescape"):
+    this is decoding such input with errors="replace"."""
+    return _SURROGATE.subn("\ufffd", text)
+
+
+def _ids(hf: _HFTokenizer, text: str, what: str) -> list[int]:
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} takes a str, got {type(text).__name__}")
+    if not text:
+        return []
+    try:
+        return hf.encode(text, add_special_tokens=False).ids
+    except TypeError:  # the library refuses a str that is not valid Unicode
+        bad = _SURROGATE.search(text)
+        if bad is None:
+            raise
+        raise TokenizerError(f"{what}: the text holds a lone surrogate U+{ord(bad.group()):04X} at character "
+                             f"{bad.start()} (not valid Unicode; decode bytes with errors='replace')") from None
 
 
 class StreamDecoder:
