@@ -21,3 +21,50 @@ def test_gpu_all_script_on_tiny_shapes(tmp_path):
     assert len(res["checks"]) == 7 and all(c["ok"] for c in res["checks"])
     assert res["table"] and all(r["kernel"] == "topk" for r in res["table"])
     assert "Block sweep" in (tmp_path / "kernels.md").read_text()
+
+
+def test_session_plan_fits_its_budget(capsys):
+    """The one device call's released plan (not run): stable unique names, most valuable first,
+    and its core rows' estimated H100 cost inside the default budget -- the dry run exits 1 when
+    they are not (a row added to the core without room fails here)."""
+    from benchmarks import session
+
+    rows = session.plan(quick=False, repeats=5)
+    names = [r.name for r in rows]
+    assert len(set(names)) == len(names)
+    groups = [n.split("/")[0] for n in names]
+    first = {g: groups.index(g) for g in ("check", "model", "sparse_mla", "fp8_linear", "sweep")}
+    assert list(first.values()) == sorted(first.values())
+    assert "model/3L/decode/B=1 T=131072/attention=pallas matmul=pallas" in names
+    core = sum(r.est_s for r in rows if r.core) + session.ESTIMATE["start"]
+    assert core <= 390 and sum(r.est_s for r in rows) > 390  # the extras are what gets skipped
+    assert session.main(["--dry-run"]) == 0
+    assert session.main(["--dry-run", "--budget-s", str(core - 1)]) == 1
+    assert "deviceless: sparse_mla/DECODE/B=1 S=1 T=131072" in capsys.readouterr().out
+
+
+def test_session_skips_what_does_not_fit(tmp_path):
+    """With no budget left every row is recorded as skipped (nothing runs), the file is complete."""
+    from benchmarks import session
+
+    rows = session.plan(quick=True, repeats=1)
+    res = session.run(rows, session.Budget(0.0), tmp_path, "test")
+    saved = json.loads((tmp_path / "session.json").read_text())
+    assert saved["complete"] and list(saved["rows"]) == [r.name for r in rows]
+    assert all("skipped" in r and "s" not in r for r in res["rows"].values())
+
+
+def test_session_quick_runs_checks_model_and_kernels(tmp_path):
+    """The one-call script on CPU at tiny shapes: the checks pass, the model rows run with the
+    Pallas attention path end to end and match the all-XLA logits, a kernel row is timed."""
+    from benchmarks import session
+
+    rows = session.plan(quick=True, repeats=1)
+    keep = [r for r in rows if r.name.startswith(("check/", "model/3L/decode"))
+            or r.name == "sparse_mla/DECODE/B=2 S=1 T=64"]
+    res = session.run(keep, session.Budget(600.0), tmp_path, "test")["rows"]
+    assert all(r["ok"] for n, r in res.items() if n.startswith("check/")), res
+    pallas = res["model/3L/decode/B=1 T=256/attention=pallas matmul=pallas"]
+    assert "error" not in pallas and pallas["logits_err_vs_xla"] < 0.05, pallas
+    assert res["sparse_mla/DECODE/B=2 S=1 T=64"]["pallas_ms"] > 0
+    assert "| model/3L/decode" in (tmp_path / "session.md").read_text()
