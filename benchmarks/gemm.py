@@ -52,6 +52,11 @@ def linear_inputs(m, k, n, seed=0):
     return xq, xs, wq, ws
 
 
+def linear_cost(m: int, k: int, n: int) -> tuple[float, int]:
+    """(FLOPs, HBM bytes) of one FP8 linear: 2MNK; e4m3 x and w, their f32 scales, f32 y."""
+    return 2.0 * m * n * k, m * k + n * k + 4 * (m * k // 128 + -(-n // 128) * (k // 128)) + 4 * m * n
+
+
 def _bf16_matmul(xq, xs, wd):
     from dsv32_jax.model.quant import act_dequant
     x = act_dequant(xq, xs, jnp.bfloat16)
@@ -70,8 +75,7 @@ def linear_rows(shapes, ms, repeats):
                 continue
             try:
                 xq, xs, wq, ws = linear_inputs(m, k, n)
-                fl = 2.0 * m * n * k
-                by = m * k + n * k + 4 * (m * k // 128 + ws.size) + 4 * m * n
+                fl, by = linear_cost(m, k, n)
                 tp = _time(jax.jit(fp8_linear), (xq, xs, wq, ws), repeats)
                 row.update(pallas_ms=tp * 1e3, tflops=fl / tp / 1e12, gbs=by / tp / 1e9,
                            pct_flops=100 * fl / tp / PEAK["fp8"], pct_hbm=100 * by / tp / PEAK["hbm"])

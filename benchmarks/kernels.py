@@ -165,6 +165,29 @@ def _dense_absorbed(scale):
     return f
 
 
+def indexer_cost(sh: Shapes, b: int, s: int, t: int) -> tuple[float, int]:
+    """(FLOPs, HBM bytes) of the indexer logits: the q.k dots (causal prefill: the tiles at or
+    before the queries), keys + scales read once, f32 scores written."""
+    causal_frac = 1.0 if s == 1 or s < t else 0.5 + 0.5 / max(1, t // 128)
+    fl = 2 * b * s * sh.n * sh.d * t * causal_frac
+    return fl, b * t * (sh.d + 4) + b * s * t * 4 + b * s * sh.n * (sh.d + 4)
+
+
+def topk_cost(sh: Shapes, rows: int, t: int) -> tuple[float, int]:
+    """(FLOPs, HBM bytes) of the top-k: each f32 score row read (once from HBM), k slots written."""
+    return 0.0, rows * t * 4 + rows * min(sh.topk, t) * 4
+
+
+def mla_cost(sh: Shapes, b: int, s: int, t: int) -> tuple[float, int]:
+    """(FLOPs, HBM bytes) of sparse MLA: QK (C + R) and PV (C) over the k selected rows; the
+    rows (e4m3 latent, its scales, bf16 k_pe) read once per query, q and o, the slots."""
+    k = min(sh.topk, t)
+    fl = 2 * b * s * sh.heads * k * (2 * sh.c + sh.r)
+    by = b * s * k * (sh.c + 4 * sh.c // 128 + 2 * sh.r) + b * s * sh.heads * (
+        2 * sh.c + sh.r) * 2 + b * s * k * 4
+    return fl, by
+
+
 TABLE_SHAPES = {  # (B, S, T) of each indexer / sparse_mla case, (rows, T) of each top-k case
     "idx_dec": [(1, 1, 4096), (1, 1, 131072), (8, 1, 32768), (64, 1, 4096), (64, 1, 32768)],
     "idx_pre": [(1, 512, 8192), (1, 512, 131072), (1, 4096, 4096)],
@@ -185,9 +208,7 @@ def cases(sh: Shapes, quick: bool, sizes: dict | None = None):
     out = []
     for variant, shapes in (("decode", idx_dec), ("prefill", idx_pre)):
         for b, s, t in shapes:
-            causal_frac = 1.0 if s == 1 or s < t else 0.5 + 0.5 / max(1, t // 128)
-            fl = 2 * b * s * sh.n * sh.d * t * causal_frac
-            by = b * t * (sh.d + 4) + b * s * t * 4 + b * s * sh.n * (sh.d + 4)
+            fl, by = indexer_cost(sh, b, s, t)
             mk = lambda b=b, s=s, t=t: indexer_inputs(sh, b, s, t)  # noqa: E731
             out.append(("index_logits", variant, f"B={b} S={s} T={t}", mk,
                         lambda *a: pk.index_logits(*a), {"xla": _xla_logits}, fl, by, "fp8"))
@@ -200,13 +221,11 @@ def cases(sh: Shapes, quick: bool, sizes: dict | None = None):
             return s, jnp.full((rows,), t - 1, jnp.int32)
         out.append(("topk", "rows", f"R={rows} T={t} k={sh.topk}", mk,
                     lambda s, p: pk.topk(s, p, k=sh.topk), {"xla lax.top_k": _xla_topk(sh)},
-                    0.0, rows * t * 4 + rows * min(sh.topk, t) * 4, "fp8"))
+                    *topk_cost(sh, rows, t), "fp8"))
     for variant, shapes in (("decode", mla_dec), ("prefill", mla_pre)):
         for b, s, t in shapes:
             k = min(sh.topk, t)
-            fl = 2 * b * s * sh.heads * k * (2 * sh.c + sh.r)
-            by = b * s * k * (sh.c + 4 * sh.c // 128 + 2 * sh.r) + b * s * sh.heads * (
-                2 * sh.c + sh.r) * 2 + b * s * k * 4
+            fl, by = mla_cost(sh, b, s, t)
             base = {"xla": _xla_sparse(scale)}
             if b * s * sh.heads * t * 4 <= (4 << 30):  # the dense path's scores fit in 4 GiB
                 base["dense"] = _dense_absorbed(scale)

@@ -195,7 +195,7 @@ def gemm_rows(quick: bool, repeats: int) -> list[Row]:
     out, e = [], ESTIMATE
     for label, k, n in shapes:
         for m in (1, 16) if quick else (1, 512):
-            fl, by = 2.0 * m * n * k, m * k + n * k + 4 * m * n
+            fl, by = gemm.linear_cost(m, k, n)
             est = e["kernel_compile"] + 2 * e["xla_compile"] + 3 * e["inputs"] + \
                 (1 + repeats) * _floor_s(fl, by, "fp8") * (1 / EFFICIENCY["pallas"]
                                                           + 2 / EFFICIENCY["baseline"])

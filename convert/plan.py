@@ -18,13 +18,14 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
-from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
+from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import dequant
 from dsv32_jax.checkpoint.hf import accepted_dtypes, check
 from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
 from dsv32_jax.checkpoint.safetensors import (Header, SafetensorsError, ShardedCheckpoint,
                                               TensorNotFoundError, read_header)
 from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names
+from pallas_kernels.common import pow2_floor
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)

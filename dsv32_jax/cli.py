@@ -44,12 +44,24 @@ def _checked(convert, check):
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse `type`: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
+
 def _cache_dir() -> str:
     return os.environ.get("DSV32_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv32_jax")
 
 
 _open_line = False  # a "compiling ..." line on stderr waits for its time
 _quiet = False  # a multi-process run's processes other than 0 print nothing
+_joined = False  # this process is part of a multi-process run
 
 
 def _say(*parts, end: str = "\n") -> None:
@@ -118,13 +130,14 @@ def _open(args: argparse.Namespace):
 def _join(args: argparse.Namespace) -> None:
     """Join a multi-process run (--coordinator/--num-processes/--process-id or DSV32_* variables)
     before anything touches a device; only process 0 prints from then on."""
-    global _quiet
+    global _quiet, _joined
     from sharding.distributed import initialize
 
-    if initialize(args.coordinator, args.num_processes, args.process_id):
+    if initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout,
+                  args.heartbeat_timeout):
         import jax
 
-        _quiet = jax.process_index() != 0
+        _joined, _quiet = True, jax.process_index() != 0
 
 
 def _mesh(args: argparse.Namespace):
@@ -148,6 +161,10 @@ def _load_weights(path: str, args: argparse.Namespace):
     model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
                                  progress=not _quiet)
     _say(f"loaded in {time.perf_counter() - t:.1f}s")
+    if mesh is not None and model.config.n_moe_layers:
+        from sharding.rules import expert_layout
+
+        _say(expert_layout(model.config.n_routed_experts, mesh.shape))
     return model
 
 
@@ -450,6 +467,35 @@ def random_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _xla_gpu(mesh, context: int, batch: int, target: str) -> dict:
+    """XLA:GPU's per-device figures of the released model's decode step and prefill chunk on
+    `mesh`, compiled for a deviceless `target` (benchmarks/deviceless.py in the repository's GPU
+    venv, or $DSV32_GPU_VENV; a few minutes) -> {phase: {"argument_bytes", "temp_bytes"}}."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    py = Path(os.environ.get("DSV32_GPU_VENV", repo / ".venv-gpu")) / "bin" / "python"
+    if not (py.is_file() and (repo / "benchmarks" / "deviceless.py").is_file()):
+        raise OSError(f"--xla-gpu needs the GPU venv of a source checkout: run `make gpu-venv` in "
+                      f"{repo} (no {py})")
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([str(py), "-m", "benchmarks.deviceless", "--mesh", ",".join(map(str, mesh)),
+                               "--context", str(context), "--batch", str(batch), "--target", target,
+                               "--out", out], cwd=repo, capture_output=True, text=True,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        path = Path(out) / "deviceless.json"
+        progs = json.loads(path.read_text())["programs"] if path.is_file() else {}
+    failed = [v["error"] for v in progs.values() if "error" in v]
+    if proc.returncode or failed or len(progs) != 2:
+        tail = (failed or proc.stderr.strip().splitlines()[-1:] or ["no output"])[0]
+        raise OSError(f"the XLA:GPU compile failed (exit {proc.returncode}): {tail}")
+    return {v["phase"]: {"argument_bytes": v["argument_bytes"], "temp_bytes": v["temp_bytes"]}
+            for v in progs.values()}
+
+
 def plan(args: argparse.Namespace) -> int:
     """`dsv32 plan`: per-device memory of a config on a mesh (sharding.plan), without weights or devices."""
     import json
@@ -488,6 +534,9 @@ def plan(args: argparse.Namespace) -> int:
     best = (planner.plan(cfg, mesh, context, args.batch, memory, args.headroom) if mesh is not None
             else planner.search(cfg, devices, context, args.batch, memory, args.headroom)[0])
     ranked = [] if mesh is not None else planner.search(cfg, devices, context, args.batch, memory, args.headroom)
+    if args.xla_gpu and args.config != "671b":
+        return usage("--xla-gpu compiles the released model: use it with --config 671b")
+    xla = _xla_gpu(best.mesh, context, args.batch, "h200" if memory > 100e9 else "h100") if args.xla_gpu else None
     small = {} if mesh is not None else {
         name: planner.smallest(cfg, context, args.batch, int(size), args.headroom)
         for name, size in (("H100", planner.H100), ("H200", planner.H200))}
@@ -502,7 +551,8 @@ def plan(args: argparse.Namespace) -> int:
                                 "mesh": list(r["best"].mesh) if r["best"] else None,
                                 "total": r["best"].total if r["best"] else None,
                                 "fitting": [list(m) for m in r["fitting"]]}
-                         for name, r in small.items()}}, indent=2))
+                         for name, r in small.items()},
+            **({"xla_gpu": xla} if xla else {})}, indent=2))
         return 0
     print(f"dsv32 plan: {args.config} ({cfg.weight_dtype} weights, {cfg.dtype} compute, expert-parallel "
           f"capacity {'exact' if cfg.ep_capacity_factor is None else cfg.ep_capacity_factor}), "
@@ -513,6 +563,14 @@ def plan(args: argparse.Namespace) -> int:
                                                      "group is best kept within one host's NVLink)" if fitting
                                                      else "none fits; the closest is shown"))
     print(planner.table(best))
+    if xla:
+        print(f"XLA:GPU, compiled for an {'H200' if memory > 100e9 else 'H100'} (no GPU; benchmarks/deviceless.py), "
+              "per device, GB (the plan's figure in parentheses):")
+        for phase in ("decode", "prefill"):
+            x, ph = xla[phase], best.phases[phase]
+            print(f"  {phase:<8} arguments {planner.gb(x['argument_bytes']):>7} (weights + cache "
+                  f"{planner.gb(best.weights['total'] + best.cache)})   temp {planner.gb(x['temp_bytes']):>6} "
+                  f"(activations + workspace {planner.gb(ph['total'])})")
     if ranked:
         print(f"meshes of {devices} devices (data,expert,tensor), best first: total / free GB per device")
         for p in ranked:
@@ -595,6 +653,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="multi-process run: how many processes (or $DSV32_NUM_PROCESSES)")
         p.add_argument("--process-id", type=int, metavar="I", default=None,
                        help="multi-process run: this process, 0..N-1 (or $DSV32_PROCESS_ID)")
+        p.add_argument("--init-timeout", type=_seconds, metavar="S", default=None,
+                       help="multi-process run: seconds for all processes to join (or "
+                            "$DSV32_INIT_TIMEOUT; default 120)")
+        p.add_argument("--heartbeat-timeout", type=_seconds, metavar="S", default=None,
+                       help="multi-process run: seconds of silence after which a process is "
+                            "taken for lost (or $DSV32_HEARTBEAT_TIMEOUT; default 60; a process "
+                            "that dies is noticed at once)")
     c.set_defaults(func=chat)
     pl = sub.add_parser("plan", help="per-device memory (weights, cache, activations, workspace) of a config "
                                      "on a mesh, and the meshes that fit; nothing is loaded")
@@ -613,6 +678,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="expert-parallel send buffers of F x the mean load (default: exact, no pick dropped)")
     pl.add_argument("--headroom", type=float, default=0.10,
                     help="share of device memory left to the runtime (default 0.10)")
+    pl.add_argument("--xla-gpu", action="store_true",
+                    help="also compile the released model on the plan's mesh for an H100 (H200 with "
+                         "--device-memory > 100GB) without a GPU and print XLA:GPU's per-device arguments "
+                         "and temp beside the plan (needs `make gpu-venv`; minutes)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.add_argument("--debug", action="store_true", help="show the traceback of an error")
     pl.set_defaults(func=plan)
@@ -635,13 +704,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        _say(f"{prog}: interrupted")
-        return 130
+        return _end(f"{prog}: interrupted", 130)
     except USER_ERRORS as e:
         if args.debug:
             raise
-        _say(f"{prog}: error: {_one_line(e)}")
-        return 1
+        return _end(f"{prog}: error: {_one_line(e)}", 1)
+
+
+def _end(line: str, code: int) -> int:
+    """Say why the command ends. In a multi-process run the others are told too, and the process
+    ends here: JAX's shutdown at exit would wait for them, then abort."""
+    _say(line)
+    if _joined:
+        from sharding.distributed import leave
+
+        leave(line)
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

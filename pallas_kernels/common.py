@@ -1,18 +1,34 @@
-"""What the kernels share: the backend choice (the Triton lowering of `pl.pallas_call`), interpret
-mode on CPU, and argument checks that raise clear `ValueError`s."""
+"""What the kernels share: the backend choice (the Triton lowering of `pl.pallas_call` on CUDA,
+jax's interpreter running the same kernel elsewhere, chosen by the platform being lowered for),
+and argument checks that raise clear `ValueError`s."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels import triton_fp8
+
+triton_fp8.install()  # FP8 dots on wgmma, promoted every 128 of K (see that module)
 
 HIGHEST = jax.lax.Precision.HIGHEST  # f32 operands: IEEE dots under Triton (not TF32)
 
 
-def interpret_default() -> bool:
-    """Kernels run interpreted (the same kernel, jax's generic Pallas interpreter) off GPU."""
-    return jax.default_backend() != "gpu"
+def pallas_call(kernel, *, interpret: bool | None, **kwargs):
+    """`pl.pallas_call` for the platform the program is lowered for: the compiled (Triton) kernel
+    on CUDA, jax's generic interpreter running the same kernel on any other platform.
+
+    The choice is `jax.lax.platform_dependent`, made when lowering: a program compiled for an H100
+    on a machine without one (see benchmarks/deviceless.py) holds the Triton kernel, whatever
+    `jax.default_backend()` says, and only the chosen branch is lowered. `interpret=True/False`
+    forces one (tests, benchmarks)."""
+    if interpret is not None:
+        return pl.pallas_call(kernel, interpret=interpret, **kwargs)
+    compiled = pl.pallas_call(kernel, interpret=False, **kwargs)
+    interpreted = pl.pallas_call(kernel, interpret=True, **kwargs)
+    return lambda *args: jax.lax.platform_dependent(*args, cuda=compiled, default=interpreted)
 
 
 def compiler_params(num_warps: int, num_stages: int):

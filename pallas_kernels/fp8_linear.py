@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import check, check_pow2, check_shape, compiler_params, interpret_default
+from pallas_kernels.common import (HIGHEST, check, check_pow2, check_shape, compiler_params,
+                                   pallas_call)
 
 BLOCK = 128  # the FP8 block: 128x128 weight scales, 1x128 activation scales
 MIN_ROWS = 16  # the smallest M of a Triton dot
@@ -44,9 +45,11 @@ class GemmBlocks:
     block_n: int = 128  # columns of y per program (a power of two >= 16)
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False  # weight rows on the MMA's M side (block_scaled_sum)
 
 
-DECODE = GemmBlocks(block_m=16, block_n=64, num_warps=4, num_stages=4)  # M <= 16: many N tiles
+# M <= 16: many N tiles; the 64 weight rows on the MMA's M side, so the dot is an FP8 wgmma
+DECODE = GemmBlocks(block_m=16, block_n=64, num_warps=4, num_stages=4, swap_ab=True)
 PREFILL = GemmBlocks(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
@@ -55,13 +58,17 @@ def default_blocks(m: int) -> GemmBlocks:
 
 
 def fp8_linear_reference(x_q, x_s, w_q, w_s):
-    """jnp: the blockwise sum, per 128-block f32 partial dots (= quant.blockwise_matmul)."""
+    """jnp: the blockwise sum, per 128-block f32 partial dots (M, K/128, N) at once (the math of
+    `quant.blockwise_matmul`, which applies it to memory-bounded groups of K blocks)."""
     m, k = x_q.shape
     n, kb = w_q.shape[0], k // BLOCK
     part = jnp.einsum("mbk,nbk->mbn", x_q.reshape(m, kb, BLOCK), w_q.reshape(n, kb, BLOCK),
                       preferred_element_type=jnp.float32)  # (M, K/128, N)
-    ws = jnp.repeat(w_s.astype(jnp.float32), BLOCK, axis=0)[:n]  # (N, K/128)
-    return jnp.einsum("mbn,mb,nb->mn", part, x_s, ws, precision=jax.lax.Precision.HIGHEST)
+    ws = jnp.repeat(w_s.astype(jnp.float32), BLOCK, axis=0)[:n].T  # (K/128, N)
+    # the blocks summed in order as a float32 contraction: bit-equal to the release's sequential
+    # accumulation on CPU (an elementwise sum + reduce is not, and FP8 re-quantization downstream
+    # amplifies the last-bit differences: tests/test_bf16_numerics.py)
+    return jnp.einsum("mbn,mb,bn->mn", part, x_s.astype(jnp.float32), ws, precision=HIGHEST)
 
 
 def block_dot(x, w):
@@ -69,22 +76,39 @@ def block_dot(x, w):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(x_ref, xs_ref, w_ref, wst_ref, o_ref, *, bm, bn, m_len, n_len, kb):
+def block_scaled_sum(x_at, w_at, kb: int, rows: int, cols: int, swap: bool):
+    """In a kernel: sum over the kb K-blocks of dot(x_b, w_b) * xs_b[:, None] * ws_b[None, :],
+    (rows, cols) f32. x_at(b) -> (x_b (rows, 128) e4m3, xs_b (rows,) f32); w_at(b) -> (w_b
+    (cols, 128) e4m3, ws_b (cols,) f32).
+
+    swap: the weight tile on the MMA's M side (w_b . x_b^T, accumulated transposed): Hopper's
+    wgmma needs >= 64 rows there, a decode tile has 16 tokens but 64+ weight rows. The same
+    products and the same float32 operations in the same order, so the result is the same."""
+    def step(b, acc):
+        (xb, xs), (wb, ws) = x_at(b), w_at(b)
+        if swap:
+            return acc + block_dot(wb, xb) * xs[None, :] * ws[:, None]
+        return acc + block_dot(xb, wb) * xs[:, None] * ws[None, :]
+
+    acc = jax.lax.fori_loop(0, kb, step, jnp.zeros((cols, rows) if swap else (rows, cols),
+                                                   jnp.float32))
+    return acc.T if swap else acc
+
+
+def _kernel(x_ref, xs_ref, w_ref, wst_ref, o_ref, *, bm, bn, m_len, n_len, kb, swap):
     # x_ref (M, K) e4m3 · xs_ref (M, K/128) f32 · w_ref (N, K) e4m3 · wst_ref (K/128, N/128) f32
     # o_ref (M, N) f32; all whole arrays (ANY): this program reads its tiles itself.
     m0 = jnp.minimum(pl.program_id(0) * bm, m_len - bm)  # the last tiles end at M / N
     n0 = jnp.minimum(pl.program_id(1) * bn, n_len - bn)
     col_blk = (n0 + jnp.arange(bn)) // BLOCK  # (bn,) each column's weight-scale row
 
-    def step(b, acc):
-        xb = x_ref[pl.ds(m0, bm), pl.ds(b * BLOCK, BLOCK)]  # (bm, 128)
-        wb = w_ref[pl.ds(n0, bn), pl.ds(b * BLOCK, BLOCK)]  # (bn, 128)
-        xs = xs_ref[pl.ds(m0, bm), b]  # (bm,)
-        ws = wst_ref[b, col_blk]  # (bn,)
-        return acc + block_dot(xb, wb) * xs[:, None] * ws[None, :]
+    def x_at(b):  # (bm, 128) e4m3, (bm,) f32
+        return x_ref[pl.ds(m0, bm), pl.ds(b * BLOCK, BLOCK)], xs_ref[pl.ds(m0, bm), b]
 
-    acc = jax.lax.fori_loop(0, kb, step, jnp.zeros((bm, bn), jnp.float32))
-    o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = acc
+    def w_at(b):  # (bn, 128) e4m3, (bn,) f32
+        return w_ref[pl.ds(n0, bn), pl.ds(b * BLOCK, BLOCK)], wst_ref[b, col_blk]
+
+    o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = block_scaled_sum(x_at, w_at, kb, bm, bn, swap)
 
 
 def check_fp8_operands(x_q, x_s, w_q, w_s) -> None:
@@ -116,7 +140,7 @@ def fp8_linear(x_q, x_s, w_q, w_s, *, blocks: GemmBlocks | None = None,
                interpret: bool | None = None):
     """y (M, N) float32 = the blockwise FP8 product of x_q (M, K) e4m3 / x_s (M, K/128) f32 and
     w_q (N, K) e4m3 / w_s (ceil(N/128), K/128) f32. blocks: DECODE for M <= 16, else PREFILL.
-    interpret: default True off GPU."""
+    interpret: None = by the platform lowered for (interpreted off CUDA)."""
     check_fp8_operands(x_q, x_s, w_q, w_s)
     check(w_q.ndim == 2, f"w_q must be (N, K), got shape {tuple(w_q.shape)}")
     m, k = x_q.shape
@@ -130,10 +154,10 @@ def fp8_linear(x_q, x_s, w_q, w_s, *, blocks: GemmBlocks | None = None,
         x_q = jnp.pad(x_q, ((0, pad), (0, 0)))
         x_s = jnp.pad(x_s, ((0, pad), (0, 0)))
     mp = m + pad
-    interpret = interpret_default() if interpret is None else interpret
-    kernel = functools.partial(_kernel, bm=bm, bn=bn, m_len=mp, n_len=n, kb=k // BLOCK)
+    kernel = functools.partial(_kernel, bm=bm, bn=bn, m_len=mp, n_len=n, kb=k // BLOCK,
+                               swap=blocks.swap_ab)
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
-    y = pl.pallas_call(
+    y = pallas_call(
         kernel, grid=(pl.cdiv(mp, bm), pl.cdiv(n, bn)),
         in_specs=[anyspec] * 4, out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32),

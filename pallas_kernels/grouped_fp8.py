@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (check, check_pow2, check_shape, compiler_params,
-                                   interpret_default, layer_arg, lead)
-from pallas_kernels.fp8_linear import (BLOCK, MIN_ROWS, block_dot, check_fp8_operands,
+                                   pallas_call, layer_arg, lead)
+from pallas_kernels.fp8_linear import (BLOCK, MIN_ROWS, block_scaled_sum, check_fp8_operands,
                                        fp8_linear_reference)
 
 
@@ -36,9 +36,11 @@ class GroupedBlocks:
     block_n: int = 128  # output columns per program
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False  # weight rows on the MMA's M side (fp8_linear.block_scaled_sum)
 
 
-DECODE = GroupedBlocks(block_n=64, num_warps=4, num_stages=4)  # windows of <= 16 rows
+# windows of <= 16 rows: the 64 weight rows on the MMA's M side, an FP8 wgmma
+DECODE = GroupedBlocks(block_n=64, num_warps=4, num_stages=4, swap_ab=True)
 PREFILL = GroupedBlocks(block_n=128, num_warps=8, num_stages=3)
 
 
@@ -61,7 +63,7 @@ def grouped_fp8_reference(x_q, x_s, w_q, w_s, expert, start, rows, layer=None, *
 
 
 def _kernel(layer_ref, expert_ref, start_ref, rows_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *,
-            br, bn, r_pad, n_len, kb):
+            br, bn, r_pad, n_len, kb, swap):
     # table refs (W,) i32 · layer_ref (1,) i32 · x_ref (R + br, K) e4m3 · xs_ref (R + br, K/128) f32
     # w_ref ([L,]E,N,K) e4m3 · ws_ref ([L,]E,N/128,K/128) f32 · o_ref (W, br, N) f32 (all ANY)
     w, j = pl.program_id(0), pl.program_id(1)
@@ -71,15 +73,14 @@ def _kernel(layer_ref, expert_ref, start_ref, rows_ref, x_ref, xs_ref, w_ref, ws
     n0 = jnp.minimum(j * bn, n_len - bn)  # the last tile ends at N
     col_blk = (n0 + jnp.arange(bn)) // BLOCK  # (bn,)
 
-    def compute():
-        def step(b, acc):
-            xb = x_ref[pl.ds(s0, br), pl.ds(b * BLOCK, BLOCK)]  # (br, 128)
-            wb = w_ref[(*wl, pl.ds(n0, bn), pl.ds(b * BLOCK, BLOCK))]  # (bn, 128)
-            xs = xs_ref[pl.ds(s0, br), b]  # (br,)
-            ws = ws_ref[(*sl, col_blk, b)]  # (bn,)
-            return acc + block_dot(xb, wb) * xs[:, None] * ws[None, :]
+    def x_at(b):  # (br, 128) e4m3, (br,) f32
+        return x_ref[pl.ds(s0, br), pl.ds(b * BLOCK, BLOCK)], xs_ref[pl.ds(s0, br), b]
 
-        acc = jax.lax.fori_loop(0, kb, step, jnp.zeros((br, bn), jnp.float32))
+    def w_at(b):  # (bn, 128) e4m3, (bn,) f32
+        return w_ref[(*wl, pl.ds(n0, bn), pl.ds(b * BLOCK, BLOCK))], ws_ref[(*sl, col_blk, b)]
+
+    def compute():
+        acc = block_scaled_sum(x_at, w_at, kb, br, bn, swap)
         return jnp.where((jnp.arange(br) < n_rows)[:, None], acc, 0.0)
 
     out = jax.lax.cond(n_rows > 0, compute, lambda: jnp.zeros((br, bn), jnp.float32))
@@ -96,7 +97,7 @@ def grouped_fp8_matmul(x_q, x_s, w_q, w_s, expert, start, rows, layer=None, *, b
     or layer-stacked (L, E, N, K) / (L, E, ...) with `layer` (a scalar) naming the layer, read in
     place. expert / start / rows (W,) int32: the window table (rows[w] <= block_rows; rows 0:
     unused window; start[w] + rows[w] <= R). block_rows: a power of two >= 16. blocks: DECODE for
-    block_rows <= 16, else PREFILL. interpret: default True off GPU.
+    block_rows <= 16, else PREFILL. interpret: None = by the platform lowered for (interpreted off CUDA).
     """
     check_fp8_operands(x_q, x_s, w_q, w_s)
     w_shape, layer_a = layer_arg(w_q, layer, 3, "w_q")
@@ -117,11 +118,10 @@ def grouped_fp8_matmul(x_q, x_s, w_q, w_s, expert, start, rows, layer=None, *, b
     r, k = x_q.shape
     x_q = jnp.pad(x_q, ((0, block_rows), (0, 0)))  # every window's block_rows stay in bounds
     x_s = jnp.pad(x_s, ((0, block_rows), (0, 0)))
-    interpret = interpret_default() if interpret is None else interpret
     kernel = functools.partial(_kernel, br=block_rows, bn=bn, r_pad=r + block_rows, n_len=n_len,
-                               kb=k // BLOCK)
+                               kb=k // BLOCK, swap=blocks.swap_ab)
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
-    return pl.pallas_call(
+    return pallas_call(
         kernel, grid=(n_win, pl.cdiv(n_len, bn)),
         in_specs=[anyspec] * 8, out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct((n_win, block_rows, n_len), jnp.float32),

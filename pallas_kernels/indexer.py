@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (FLOATS, HIGHEST, check, check_pow2, check_shape,
-                                   compiler_params, from_bits, interpret_default, layer_arg, lead,
+                                   compiler_params, from_bits, pallas_call, layer_arg, lead,
                                    pow2_floor, value_dtype)
 
 
@@ -94,7 +94,7 @@ def index_logits(q, w, k, k_s, pos, layer=None, *, causal: bool = True,
     dtype or as its bits (uint8 for e4m3), k_s (B,T) f32, pos (B,S) int32 (slot t holds position
     t). k and k_s may be layer-stacked ((L,B,T,d), (L,B,T)) with `layer` (a scalar) naming the
     one to read: the cache is read in place, never sliced. blocks: DECODE for S <= 2, else
-    PREFILL, unless given. interpret: default True off GPU.
+    PREFILL, unless given. interpret: None = by the platform lowered for (interpreted off CUDA).
     """
     check(q.ndim == 4, f"q must be (B,S,n,d), got shape {tuple(q.shape)}")
     bsz, s_len, n, d = q.shape
@@ -115,10 +115,9 @@ def index_logits(q, w, k, k_s, pos, layer=None, *, causal: bool = True,
     check_pow2("block_t", blocks.block_t)
     bq = min(blocks.block_q, pow2_floor(s_len))
     bt = min(blocks.block_t, pow2_floor(t_len))
-    interpret = interpret_default() if interpret is None else interpret
     kernel = functools.partial(_kernel, bq=bq, bt=bt, s_len=s_len, t_len=t_len, causal=causal)
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
-    return pl.pallas_call(
+    return pallas_call(
         kernel, grid=(bsz, pl.cdiv(s_len, bq), pl.cdiv(t_len, bt)),
         in_specs=[anyspec] * 6, out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct((bsz, s_len, t_len), jnp.float32),

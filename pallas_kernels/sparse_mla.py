@@ -8,9 +8,14 @@ nothing. c is read as stored: e4m3 (dequantized in registers by its f32 scale pe
 then cast to the compute dtype, as `act_dequant`) or already the compute dtype (scales 1).
 
 One program: one query, `block_h` heads, one of `n_split` contiguous parts of the k selected
-slots. It gathers `block_k` rows at a time (row gathers: c (block_k, C) as bytes, its scales,
-k_pe), shared by all block_h heads, with an online softmax; it writes its part's output (block_h,
-C) f32 and log-sum-exp (block_h,). The parts are combined by their log-sum-exp (`combine`): the
+slots, one of `c_split` parts of the output's C columns. It gathers `block_k` rows at a time (row
+gathers: c (block_k, C) as bytes, its scales, k_pe), shared by all block_h heads, scores them on
+all of C + R, with an online softmax; it writes its part's output (block_h, C / c_split) f32 and
+log-sum-exp (block_h,) (the c_split programs of a part compute the same scores and write the
+same log-sum-exp). Why c_split: with 64 heads on the MMA's M side (Hopper's wgmma needs 64 rows)
+the (64, C) float32 accumulator of the whole C does not fit beside the queries in 255 registers
+and spilled; with C/2 per program it fits, for twice the score dots and the rows read twice
+(the second read from L2). The parts are combined by their log-sum-exp (`combine`): the
 decode split ("split-kv") that gives B*H/block_h*n_split programs when B*S is small. Prefill is the
 same kernel over B*S queries, usually with n_split = 1.
 """
@@ -19,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (FLOATS, HIGHEST, check, check_pow2, check_shape,
-                                   compiler_params, from_bits, interpret_default, layer_arg, lead,
+                                   compiler_params, from_bits, pallas_call, layer_arg, lead,
                                    pow2_floor, value_dtype)
 
 QBLOCK = 128  # the latent's quantization block (one f32 scale per 128 values)
@@ -36,12 +42,15 @@ class SparseMLABlocks:
     block_h: int = 16  # heads per program (the dots' rows)
     block_k: int = 32  # gathered rows per step
     n_split: int = 1  # parts of the top-k per query, combined by log-sum-exp
+    c_split: int = 1  # parts of the output's C columns (each program: all scores, 1/c_split of o)
     num_warps: int = 4
     num_stages: int = 2
 
 
-DECODE = SparseMLABlocks(block_h=32, block_k=32, n_split=8, num_warps=8)
-PREFILL = SparseMLABlocks(block_h=32, block_k=32, n_split=1, num_warps=8)
+# 64 heads: the MMA's M side of Hopper's wgmma; half of C's output per program keeps the
+# accumulators in registers (no spills, benchmarks/deviceless.py)
+DECODE = SparseMLABlocks(block_h=64, block_k=32, n_split=8, c_split=2, num_warps=8)
+PREFILL = SparseMLABlocks(block_h=64, block_k=32, n_split=1, c_split=2, num_warps=8)
 
 
 def sparse_mla_reference(q_c, q_pe, idx, c, c_scale, k_pe, scale: float, length=None):
@@ -68,12 +77,12 @@ def sparse_mla_reference(q_c, q_pe, idx, c, c_scale, k_pe, scale: float, length=
 
 
 def _kernel(layer_ref, qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref, o_ref, lse_ref,
-            *, bh, bk, part, k, s_len, scale, dtype):
+            *, bh, bk, part, k, s_len, scale, dtype, n_o):
     # layer_ref (1,) i32 · qc_ref (B,S,H,C) · qpe_ref (B,S,H,R) · idx_ref (B,S,k) i32
     # len_ref (B,) i32 · c_ref ([L,]B,T,C) e4m3 / its uint8 bits / dtype
     # cs_ref ([L,]B,T,C/128) f32 · pe_ref ([L,]B,T,R) dtype / uint16 bf16 bits
     # o_ref (B,S,n_split,H,C) f32 · lse_ref (B,S,n_split,H) f32; whole arrays (ANY)
-    q, hb, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q, hb, sp, co = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     b, s = q // s_len, q % s_len
     cl = lead(c_ref, 3, layer_ref[0], b)  # c, c_scale and k_pe share the leading axes
     heads = pl.ds(hb * bh, bh)
@@ -90,14 +99,16 @@ def _kernel(layer_ref, qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref,
         t = idx_ref[b, s, jnp.minimum(at, k - 1)]  # (bk,)
         valid = (at < hi) & (t >= 0) & (t < length)
         t = jnp.where(valid, t, 0)
-        rows = [(from_bits(c_ref[(*cl, t, pl.ds(j * QBLOCK, QBLOCK))]).astype(jnp.float32)
-                 * cs_ref[(*cl, t, j)][:, None]).astype(dtype) for j in range(n_c)]  # (bk, 128)
+        def rows_at(j):  # (bk, 128): the 128-wide latent block j of the rows, dequantized
+            return (from_bits(c_ref[(*cl, t, pl.ds(j * QBLOCK, QBLOCK))]).astype(jnp.float32)
+                    * cs_ref[(*cl, t, j)][:, None]).astype(dtype)
+
         pe = from_bits(pe_ref[(*cl, t, slice(None))]).astype(dtype)  # (bk, R)
         dot_t = lambda a, r: jax.lax.dot_general(  # noqa: E731  (bh, x) . (bk, x) -> (bh, bk)
             a, r, (((1,), (1,)), ((), ())), precision=HIGHEST, preferred_element_type=jnp.float32)
         sc = dot_t(qpe, pe)
         for j in range(n_c):
-            sc = sc + dot_t(qc[j], rows[j])
+            sc = sc + dot_t(qc[j], rows_at(j))
         sc = jnp.where(valid[None, :], sc * scale, -jnp.inf)  # (bh, bk)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing valid yet: keep exp finite
@@ -105,17 +116,17 @@ def _kernel(layer_ref, qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref,
         p = jnp.exp(sc - base[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
         pd = p.astype(dtype)
-        acc = [a * alpha[:, None] + jnp.dot(pd, r, precision=HIGHEST,
+        acc = [a * alpha[:, None] + jnp.dot(pd, rows_at(co * n_o + j), precision=HIGHEST,
                                             preferred_element_type=jnp.float32)
-               for a, r in zip(acc, rows)]
+               for j, a in enumerate(acc)]
         return m_new, l, acc
 
     init = (jnp.full((bh,), -jnp.inf, jnp.float32), jnp.zeros((bh,), jnp.float32),
-            [jnp.zeros((bh, QBLOCK), jnp.float32) for _ in range(n_c)])
+            [jnp.zeros((bh, QBLOCK), jnp.float32) for _ in range(n_o)])
     m, l, acc = jax.lax.fori_loop(0, pl.cdiv(part, bk), step, init)
     inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
-    for j in range(n_c):
-        o_ref[b, s, sp, heads, pl.ds(j * QBLOCK, QBLOCK)] = acc[j] * inv[:, None]
+    for j in range(n_o):
+        o_ref[b, s, sp, heads, pl.ds((co * n_o + j) * QBLOCK, QBLOCK)] = acc[j] * inv[:, None]
     lse_ref[b, s, sp, heads] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
@@ -175,12 +186,14 @@ def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, layer=None, *, sca
     n_split = min(blocks.n_split, pl.cdiv(k, bk))  # no empty parts
     part = pl.cdiv(pl.cdiv(k, n_split), bk) * bk  # slots per part, whole steps
     n_split = pl.cdiv(k, part)
-    interpret = interpret_default() if interpret is None else interpret
+    check(blocks.c_split >= 1, f"c_split must be >= 1, got {blocks.c_split}")
+    n_c = c_dim // QBLOCK
+    c_split = math.gcd(blocks.c_split, n_c)  # parts of whole 128-wide blocks
     kernel = functools.partial(_kernel, bh=bh, bk=bk, part=part, k=k, s_len=s_len,
-                               scale=float(scale), dtype=dtype)
+                               scale=float(scale), dtype=dtype, n_o=n_c // c_split)
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
-    o, lse = pl.pallas_call(
-        kernel, grid=(bsz * s_len, h // bh, n_split),
+    o, lse = pallas_call(
+        kernel, grid=(bsz * s_len, h // bh, n_split, c_split),
         in_specs=[anyspec] * 8, out_specs=[anyspec, anyspec],
         out_shape=[jax.ShapeDtypeStruct((bsz, s_len, n_split, h, c_dim), jnp.float32),
                    jax.ShapeDtypeStruct((bsz, s_len, n_split, h), jnp.float32)],

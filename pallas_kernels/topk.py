@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (check, check_pow2, check_shape, compiler_params,
-                                   interpret_default, pow2_floor)
+                                   pallas_call, pow2_floor)
 
 BITS = 32
 
@@ -112,9 +112,8 @@ def topk(scores, pos, *, k: int, blocks: TopkBlocks = TopkBlocks(), interpret: b
     kk = min(k, t_len)
     bt = min(blocks.block_t, pow2_floor(t_len))
     rows = math.prod(lead)
-    interpret = interpret_default() if interpret is None else interpret
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_kernel, k=kk, bt=bt, t_len=t_len), grid=(rows,),
         in_specs=[anyspec, anyspec], out_specs=anyspec,
         out_shape=jax.ShapeDtypeStruct((rows, kk + bt), jnp.int32),

@@ -36,11 +36,16 @@ mesh, without allocating anything, and the search for meshes that fit.
       dequantized for the absorbed attention (H, dn+dv, C) in the compute dtype with its two f32
       temporaries (without FP8 activations: the largest linear's weight dequantized the same way);
     - `head`: f32_matmul's widened head rows (WIDEN_ROWS, D) f32;
+    - `gathered_table` (vocab split over "tensor"): one whole (V, D) table in the compute dtype.
+      Measured on XLA:GPU (`benchmarks/deviceless.py`, the full model on 1,1,8 for an H100): the
+      partitioner all-gathers the embedding for the token lookup and the head for f32_matmul's
+      row-chunk loop (1.85 GB each, one live at a time) — the bulk of the step's 1.73 GiB temp;
     - `expert_parallel` (a mesh of P > 1 devices): each device's 1/P of the B*s token rows
-      (`rows`), send buffers of P x C rows (C = `expert_parallel.capacity`; exact by default: no
-      pick dropped) of D values in the compute dtype: send, receive, the experts' output and the
-      returned rows (4 buffers), the received rows sorted and the windowed output (2 more), the
-      ids (2 x P*C int32), and the returned picks (rows*k, D) plus the f32 sum (rows, D). On one
+      (`rows`), send buffers of Q x C rows (Q: the devices the experts are split over,
+      `rules.expert_axes`; C = `expert_parallel.capacity`; exact by default: no pick dropped) of
+      D values in the compute dtype: send, receive, the experts' output and the returned rows (4
+      buffers), the received rows sorted and the windowed output (2 more), the ids (2 x Q*C
+      int32), and the returned picks (rows*k, D) plus the f32 sum (rows, D). On one
       device: the sorted rows and windowed output (2 x (B*s*k, D)) and the scattered output;
     - `expert_window`: one expert window (`moe.expert_window` rows): its rows and output (w, D),
       the f32 SwiGLU halves (w, I) and its projections' blockwise partials (w, g, N) f32.
@@ -63,7 +68,7 @@ import re
 
 import numpy as np
 
-from sharding.rules import shard_shape
+from sharding.rules import axis_size, expert_axes, expert_layout, shard_shape
 
 HEADROOM = 0.10  # the share of device memory the plan leaves to the runtime
 H100, H200 = 80e9, 141e9  # bytes (as marketed: nvidia-smi shows 81559 MiB / 143771 MiB)
@@ -111,6 +116,7 @@ class Plan:
     device_memory: int | None = None
     headroom: float = HEADROOM
     problems: tuple[str, ...] = ()  # reasons this mesh cannot run the model at all
+    experts: str = ""  # how the routed experts lie on the mesh (`rules.expert_layout`)
 
     @property
     def devices(self) -> int:
@@ -144,7 +150,7 @@ class Plan:
                 "workspace_total": sum(self.workspace.values()), "peak_phase": self.phase,
                 "phases": self.phases, "total": self.total, "device_memory": self.device_memory,
                 "headroom": self.headroom, "usable": self.usable, "free": self.free,
-                "fits": self.fits, "problems": list(self.problems)}
+                "fits": self.fits, "problems": list(self.problems), "experts": self.experts}
 
 
 def _mesh_dict(mesh_shape) -> dict:
@@ -271,6 +277,9 @@ def _phase(cfg, ms: dict, context: int, batch: int, s: int, decode: bool) -> tup
                 dequant = max(dequant, n_loc * k_loc * (dt + 2 * f32))
     ws["matmul"] = mm + dequant
     ws["head"] = min(layers.WIDEN_ROWS, V) * D * f32 if V > layers.WIDEN_ROWS else 0
+    # XLA:GPU (compiled for an H100, benchmarks/deviceless.py) all-gathers a vocab-split table
+    # whole: the embedding for the token lookup, the head for its row-chunk loop; one at a time
+    ws["gathered_table"] = V * D * dt if _split(("vocab",), (V,), ms)[0] < V else 0
 
     k_exp, E = cfg.n_activated_experts, cfg.n_routed_experts
     I_moe = cfg.moe_inter_dim
@@ -278,11 +287,12 @@ def _phase(cfg, ms: dict, context: int, batch: int, s: int, decode: bool) -> tup
         n_tok = batch * s  # the MoE layer sees x.reshape(-1, D) of the global batch
         if devices > 1:
             rows = cdiv(n_tok, devices)
-            local = E // devices if E % devices == 0 else E
-            cap = expert_parallel.capacity(rows, k_exp, local, devices, cfg.ep_capacity_factor)
-            window = moe.expert_window(devices * cap, rows * k_exp, local)
-            ws["expert_parallel"] = (6 * devices * cap * D * dt + 2 * window * D * dt
-                                     + 2 * devices * cap * i32 + rows * k_exp * D * dt
+            groups = axis_size(expert_axes(E, ms), ms)  # the send buffers' destinations
+            local = E // groups
+            cap = expert_parallel.capacity(rows, k_exp, local, groups, cfg.ep_capacity_factor)
+            window = moe.expert_window(groups * cap, rows * k_exp, local)
+            ws["expert_parallel"] = (6 * groups * cap * D * dt + 2 * window * D * dt
+                                     + 2 * groups * cap * i32 + rows * k_exp * D * dt
                                      + rows * D * f32)
         else:
             r = n_tok * k_exp
@@ -314,10 +324,6 @@ def plan(cfg, mesh_shape, context: int, batch: int, device_memory: int | None = 
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"mesh {name}={v!r}: expected an integer >= 1")
     problems = []
-    devices = math.prod(shape)
-    if devices > 1 and cfg.n_moe_layers and cfg.n_routed_experts % devices:
-        problems.append(f"the {cfg.n_routed_experts} routed experts do not split over {devices} "
-                        "devices (expert parallelism spreads them over every device)")
     if context > cfg.max_seq_len:
         problems.append(f"context {context} exceeds the model's {cfg.max_seq_len} positions")
     phases = {}
@@ -330,7 +336,8 @@ def plan(cfg, mesh_shape, context: int, batch: int, device_memory: int | None = 
                 cache=cache_bytes(cfg, ms, context, batch),
                 activations=phases[peak]["activations"], workspace=phases[peak]["workspace"],
                 phase=peak, phases=phases, device_memory=device_memory, headroom=headroom,
-                problems=tuple(problems))
+                problems=tuple(problems),
+                experts=expert_layout(cfg.n_routed_experts, ms) if cfg.n_moe_layers else "")
 
 
 # ---- search --------------------------------------------------------------------------------------
@@ -395,6 +402,8 @@ def table(p: Plan) -> str:
     lines = [f"mesh data={d} expert={e} tensor={t} ({p.devices} devices), context {p.context}, "
              f"batch {p.batch}: per device, GB"]
     lines += [f"  {name:<{width}}  {gb(v):>9}" for name, v in rows]
+    if p.experts:
+        lines.append(f"  {p.experts}")
     if p.problems:
         lines += [f"  cannot run: {x}" for x in p.problems]
     elif p.fits is not None:

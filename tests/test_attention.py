@@ -12,6 +12,7 @@ import pytest
 
 from dsv32_jax.model.attention import (dense_mla, index_scores, index_topk, key_tile_size,
                                        over_query_chunks, sparse_mla)
+from dsv32_jax.checkpoint.weights import rngs
 from dsv32_jax.model.config import preset
 from dsv32_jax.model.layers import f32_matmul
 from dsv32_jax.model.moe import Experts, expert_window
@@ -139,7 +140,7 @@ def test_expert_windows_equal_every_expert_on_every_token(weights, fp8_act, toke
     weights = jnp.asarray(rng.uniform(0.1, 1.0, experts.shape), jnp.float32)
     mod = Experts(cfg)
     layer = cfg.n_moe_layers - 1  # read from the stack of all MoE layers' experts
-    params = mod.init(jax.random.key(0), x, experts, weights, layer)
+    params = mod.init(rngs(0), x, experts, weights, layer)
     got = jax.jit(mod.apply)(params, x, experts, weights, layer)
 
     def all_experts(m, x):

@@ -344,10 +344,12 @@ def test_unexpected_tensor(copy, name):
     assert "unexpected" in str(e.value) and repr(name) in str(e.value)
 
 
-def test_extra_tensor_in_mtp_layer_is_skipped(copy):
-    """Anything under model.layers.{n_layers}.* is the MTP layer's and is not checked."""
+def test_extra_tensor_in_mtp_layer_is_skipped(base, copy):
+    """Anything under model.layers.{n_layers}.* is the MTP layer's and is not checked: the load
+    succeeds and gives the params of the unedited checkpoint, bit for bit."""
     _edit_shard(copy, f"model.layers.{CFG.n_layers}.something.new", new=np.zeros((3,), np.float32))
-    load_params(copy, Config.from_hf(copy, **LOAD))
+    got = load_params(copy, Config.from_hf(copy, **LOAD))
+    assert _bits(got) == _bits(load_params(base, Config.from_hf(base, **LOAD)))
 
 
 def test_truncated_shard(copy):

@@ -166,3 +166,101 @@ def test_partial_multiprocess_settings_are_one_line_errors(tmp_path):
                           env=env, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "--num-processes" in proc.stderr, proc.stderr
+
+
+def _start(args: list[str], **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(1, **env))
+
+
+def test_join_failures_are_one_line(tmp_path):
+    """A run that cannot start says why in one line within --init-timeout, exit 1, on every
+    process: nobody at the coordinator, a process missing, the port in use, two processes with one
+    id, another process count (JAX alone: a C++ abort after 300 s, or a segfault). All cases at
+    once: each waits ~2 s past its start."""
+    def gen(port, n, i):
+        return _start(["-m", "dsv32_jax.cli", "generate", "--ckpt", str(tmp_path), "--prompt", "x",
+                       "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
+                       "--process-id", str(i), "--init-timeout", "2"])
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    ports = [_port() for _ in range(4)]
+    cases = {"unreachable": [gen(ports[0], 2, 1)],
+             "missing": [gen(ports[1], 3, 0)],
+             "port in use": [gen(held.getsockname()[1], 2, 0)],
+             "duplicate": [gen(ports[2], 3, i) for i in (0, 1, 1)],
+             "count": [gen(ports[3], 2, 0), gen(ports[3], 3, 1)]}
+    want = {"unreachable": "process 1: cannot reach the coordinator 127.0.0.1:",
+            "missing": "processes 1, 2 of 3 did not join within 2s",
+            "port in use": "cannot listen on the coordinator port",
+            "duplicate": "two processes use --process-id 1",
+            "count": "was started with --num-processes 3, process 0 with 2"}
+    try:
+        for name, procs in cases.items():
+            for p in procs:
+                _, err = p.communicate(timeout=120)
+                assert p.returncode == 1 and err.count("\n") == 1 and want[name] in err, (name, err)
+    finally:
+        held.close()
+        for procs in cases.values():
+            for p in procs:
+                p.kill()
+
+
+WATCHED = textwrap.dedent("""
+    import os, signal, sys, time
+    import numpy as np
+    from sharding import distributed
+    distributed.initialize()
+    import jax
+    from jax.experimental import multihost_utils
+    victim, how = int(sys.argv[1]), sys.argv[2]
+    multihost_utils.sync_global_devices("up")
+    if jax.process_index() == victim and how == "error":
+        distributed.leave("process 0 broke")  # what the CLI does on an error
+        os._exit(1)
+    if jax.process_index() == victim:
+        os.kill(os.getpid(), getattr(signal, how))
+    for k in range(600):  # the survivor waits in collectives until the watch ends it
+        multihost_utils.broadcast_one_to_all(np.int32(k))
+        time.sleep(0.1)
+""")
+
+
+LOST = {(1, "SIGKILL"): "process 0: process 1 ended without a word (killed or crashed)",
+        (1, "SIGSTOP"): "process 0: no word from process 1 for 3s (its host is down or the "
+                        "network is cut)",
+        (0, "error"): "process 0 broke"}
+
+
+def test_lost_process_ends_the_run():
+    """A process killed (or frozen: its host lost) or failing after the run started ends the
+    others within seconds with one line naming it, exit 1 and no abort (JAX alone: SIGABRT and a
+    C++ stack dump after 100 s). Three runs of 2 processes at once."""
+    runs = {}
+    for victim, how in LOST:
+        coord = f"127.0.0.1:{_port()}"
+        runs[victim, how] = [_start(["-c", WATCHED, str(victim), how], DSV32_COORDINATOR=coord,
+                                    DSV32_NUM_PROCESSES="2", DSV32_PROCESS_ID=str(i),
+                                    DSV32_HEARTBEAT_TIMEOUT="3") for i in range(2)]
+    try:
+        for (victim, how), procs in runs.items():
+            survivor = procs[1 - victim]
+            _, err = survivor.communicate(timeout=120)
+            assert survivor.returncode == 1, (how, survivor.returncode, err[-3000:])
+            assert _text(err).strip() == f"error: multi-process run: {LOST[victim, how]}", err[-3000:]
+    finally:
+        for procs in runs.values():
+            for p in procs:
+                p.kill()
+
+
+@pytest.mark.parametrize("flag", ["--init-timeout", "--heartbeat-timeout"])
+def test_timeouts_are_usage_errors(flag, capsys):
+    from dsv32_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt", "x", "--prompt", "x", flag, "0"])
+    assert e.value.code == 2 and "expected seconds > 0" in capsys.readouterr().err

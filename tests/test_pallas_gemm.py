@@ -41,6 +41,10 @@ def _close(got, want):
     (37, 300, 384, GemmBlocks(16, 64), None),  # odd M (shifted last tile), unrounded scales
     (64, 128, 128, PREFILL, "ue8m0"),  # one K block; block_m clipped to M
     (20, 576, 256, DECODE, "ue8m0"),  # 576 = the kv_a width: 9 tiles of 64
+    # the released K (dim 7168, the o-projection's 16384): 56 / 128 promoted FP8 blocks summed,
+    # decode (weight rows on the MMA's M side) and a 64-row tile (the wgmma path as written)
+    (1, 128, 7168, DECODE, "ue8m0"),
+    (64, 128, 16384, GemmBlocks(64, 64), "ue8m0"),
 ])
 def test_fp8_linear_matches_blockwise_matmul(m, n, k, blocks, fmt):
     rng = np.random.default_rng(m + n)

@@ -100,16 +100,16 @@ def test_activation_estimate_against_compiled_temp():
     XLA:CPU's temp is not the GPU's: it widens FP8 / bf16 operands to f32 per op (whole weight
     matrices included) and fuses differently, and the plan leaves out XLA's own small temporaries.
     So the check is a stated factor, not equality: for the prefill chunk (the phase the plan counts
-    for every realistic shape) the estimate is within 0.5x..2x of the compiled temp (measured:
-    0.87x). A decode step's compiled temp (measured 30 MB, mostly the widened weights and XLA
-    scratch that do not scale with batch or context) must stay below the plan's peak, which is
-    what the plan reserves."""
+    for every realistic shape) the estimate is within 0.98x..1.33x of the compiled temp (measured:
+    1.154x; the bar leaves 15% either way). A decode step's compiled temp (measured 30 MB, mostly
+    the widened weights and XLA scratch that do not scale with batch or context) must stay below
+    the plan's peak, which is what the plan reserves."""
     cfg, context, batch = preset("small"), 4096, 2
     p = plan(cfg, (1, 1, 1), context, batch)
     assert p.phase == "prefill"
     estimate = p.phases["prefill"]["total"]
     temp = _compiled_temp(cfg, context, batch, 512)
-    assert 0.5 <= estimate / temp <= 2.0, (estimate, temp)
+    assert 0.98 <= estimate / temp <= 1.33, (estimate, temp)
     assert _compiled_temp(cfg, context, batch, 1) <= sum(p.activations.values()) + \
         sum(p.workspace.values())
 
@@ -175,11 +175,36 @@ def test_parse_bytes_and_meshes():
     assert len(meshes(8)) == 10 and all(d * e * t == 8 for d, e, t in meshes(8))
 
 
-def test_released_model_needs_a_count_the_experts_divide():
+def test_experts_a_mesh_does_not_divide_are_planned_not_refused():
+    """256 experts on 3, 6 or 12 devices: never a problem, the experts split over the largest part
+    of the mesh that divides them and replicated over the rest, and the plan counts those bytes
+    (none of these fits an H200: at best 64 experts per device) and says the layout."""
     cfg = preset("671b")
-    for n in (3, 6, 12):  # 256 experts do not split over these: no mesh of them can run it
-        assert all(p.problems and not p.fits for p in search(cfg, n, 4096, 1, int(H200)))
-    assert not plan(cfg, (1, 4, 1), 4096, 1, int(H200)).problems
+    specs = flatten(abstract_params(cfg))
+    experts = sum(s.nbytes for p, s in specs.items() if "experts" in p)
+    for n in (3, 6, 12):
+        assert all(not p.problems and not p.fits for p in search(cfg, n, 4096, 1, int(H200)))
+    for mesh, ways in (((1, 3, 1), 1), ((2, 3, 1), 2), ((4, 3, 1), 4), ((1, 4, 1), 4)):
+        p = plan(cfg, mesh, 4096, 1, int(H200))
+        assert not p.problems
+        assert experts / ways <= p.weights["total"] < experts / ways + 30e9, (mesh, p.weights)
+    assert plan(cfg, (4, 3, 1), 4096, 1).experts == (
+        "256 routed experts over 12 devices: split 4 ways over data (64 per device), replicated "
+        "over expert (3 copies)")
+
+
+def test_cli_says_the_expert_layout(capsys, tmp_path):
+    """`dsv32 plan` on a checkpoint config with 12 experts and a mesh of 8: the layout, no refusal."""
+    (tmp_path / "config.json").write_text(json.dumps(
+        preset("tiny", n_routed_experts=12, n_expert_groups=4).to_hf()))
+    rc, out, _ = run_cli(capsys, "--config", str(tmp_path), "--mesh", "2,2,2", "--context", "128",
+                         "--device-memory", "1GiB")
+    assert rc == 0 and "FITS" in out and "cannot run" not in out
+    assert ("12 routed experts over 8 devices: split 4 ways over expert x tensor (3 per device), "
+            "replicated over data (2 copies)") in out
+    rc, out, _ = run_cli(capsys, "--config", str(tmp_path), "--mesh", "2,2,2", "--context", "128",
+                         "--json")
+    assert json.loads(out)["plan"]["experts"].startswith("12 routed experts over 8 devices: split 4")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -202,6 +227,14 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys, argv, message):
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and message in err and err.startswith("dsv32 plan: error:")
+
+
+def test_cli_xla_gpu_needs_the_gpu_venv_and_the_released_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DSV32_GPU_VENV", str(tmp_path / "missing"))
+    rc, out, err = run_cli(capsys, "--mesh", "1,1,8", "--context", "4096", "--xla-gpu")
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "make gpu-venv" in err
+    rc, out, err = run_cli(capsys, "--config", "tiny", "--devices", "2", "--xla-gpu")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "--config 671b" in err
 
 
 def test_cli_argparse_errors_exit_2(capsys):

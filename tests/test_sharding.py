@@ -16,12 +16,13 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from conftest import REPO, fixture_dir
+from dsv32_jax.checkpoint.synthetic import write_checkpoint
 from dsv32_jax.checkpoint.weights import abstract_params, flatten
 from dsv32_jax.model.config import Config, preset
 from sharding import RULES, fit, shard_shape
 from sharding.expert_parallel import capacity
 from sharding.mesh import parse_mesh
-from sharding.rules import EVERY_DEVICE, mesh_axes
+from sharding.rules import EVERY_DEVICE, expert_axes, expert_layout, mesh_axes
 
 MESHES = [(1, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2), (1, 2, 4), (8, 1, 1)]
 SHAPE = {"data": 2, "expert": 2, "tensor": 2}
@@ -55,7 +56,32 @@ def test_fit_replicates_what_the_mesh_does_not_divide():
     assert fit(("batch", "seq", "embed"), (1, 5, 7), SHAPE) == (None, None, None)  # batch 1
     assert fit(("vocab", "embed"), (1001, 16), SHAPE) == (None, None)  # vocab not divisible
     assert fit(("layers", "experts"), (3, 8), SHAPE) == (None, EVERY_DEVICE)
-    assert fit(("layers", "experts"), (3, 4), SHAPE) == (None, None)
+    assert fit(("heads",), (3,), SHAPE) == (None,)  # 3 heads on tensor 2
+
+
+def test_experts_split_over_the_largest_part_of_the_mesh_that_divides_them():
+    """E routed experts on a mesh whose device count does not divide E: split over the sub-tuple
+    of mesh axes with the most devices that divides E (ties: fewer axes, then the innermost),
+    replicated over the rest; never refused."""
+    def shape(d, e, t):
+        return {"data": d, "expert": e, "tensor": t}
+
+    assert expert_axes(12, shape(2, 2, 2)) == ("expert", "tensor")  # 4 ways, 2 copies
+    assert expert_axes(12, shape(1, 4, 2)) == ("expert",)
+    assert expert_axes(12, shape(1, 2, 4)) == ("tensor",)
+    assert expert_axes(12, shape(1, 1, 8)) == ()  # every device holds all 12
+    assert expert_axes(256, shape(4, 3, 1)) == ("data",)  # 64 per device
+    assert expert_axes(12, shape(4, 3, 1)) == EVERY_DEVICE  # 12 devices: 1 each
+    assert expert_axes(256, shape(1, 8, 1)) == EVERY_DEVICE
+    assert fit(("layers", "experts"), (3, 4), SHAPE) == (None, ("expert", "tensor"))
+    assert shard_shape(("layers", "experts", "moe_mlp", "embed"), (2, 12, 16, 32),
+                       shape(2, 2, 2)) == (2, 3, 16, 32)
+    assert expert_layout(12, shape(2, 2, 2)) == ("12 routed experts over 8 devices: split 4 ways "
+                                                 "over expert x tensor (3 per device), replicated "
+                                                 "over data (2 copies)")
+    assert expert_layout(7, shape(1, 1, 8)).endswith("every device holds all 7 (no part of the "
+                                                     "mesh divides them)")
+    assert expert_layout(256, shape(1, 8, 1)).endswith("split 8 ways over expert (32 per device)")
 
 
 def test_capacity():
@@ -100,7 +126,8 @@ SCRIPT = textwrap.dedent("""
 
     base = dsv32_jax.load_model(path, **exact)
     ref = np.asarray(base.logits(tokens))
-    greedy = base.generate(prompts, 6, temperature=0, stop_tokens=[])
+    generate = "logits_only" not in checks
+    greedy = base.generate(prompts, 6, temperature=0, stop_tokens=[]) if generate else None
     out = {"meshes": {}}
     for m in meshes:
         mesh = on(m)
@@ -118,10 +145,21 @@ SCRIPT = textwrap.dedent("""
         out["meshes"][str(tuple(m))] = {
             "wrong_param_shardings": wrong,
             "experts_per_device": max(s.data.shape[1] for s in w1.addressable_shards),
+            "head_rows_per_device": max(s.data.shape[0] for s in
+                                        params[("head", "weight")].addressable_shards),
             "cache_sharded_as_intended": bool(fresh_ok),
             "cache_spec": str(getattr(cache["moe_layers"].c.sharding, "spec", None)),
             "max_diff_over_std": float(np.abs(logits - ref).max() / ref.std()),
-            "greedy_equal": model.generate(prompts, 6, temperature=0, stop_tokens=[]) == greedy}
+            "greedy_equal": generate and model.generate(prompts, 6, temperature=0,
+                                                        stop_tokens=[]) == greedy}
+
+    if "layout_line" in checks:  # what `dsv32 generate|chat --mesh` says after loading
+        import argparse, contextlib, io
+        from dsv32_jax import cli
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            cli._load_weights(path, argparse.Namespace(mesh="2,2,2", dtype="float32", no_fp8=True))
+        out["layout_line"] = err.getvalue().splitlines()[-1]
 
     if "hlo" in checks:  # deployment numerics: bf16 + FP8 activations, FP8 weights
         hlo = {}
@@ -170,9 +208,14 @@ def run_sharded(case: str, meshes, checks: str = "") -> dict:
     d = fixture_dir(case)
     with np.load(d / "golden_exact.npz") as z:
         tokens = z["tokens"].tolist()
+    return run_on_meshes(d / "hf", tokens, meshes, checks)
+
+
+def run_on_meshes(path, tokens, meshes, checks: str = "") -> dict:
+    """`SCRIPT` on 8 simulated CPU devices: checkpoint `path`, token ids (B, S) as lists."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(d / "hf"), json.dumps(tokens),
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), json.dumps(tokens),
                            json.dumps(meshes), checks], capture_output=True, text=True, env=env,
                           timeout=900)
     if proc.returncode:
@@ -198,6 +241,114 @@ def check_sharded_equals_unsharded(case: str) -> None:
 
 def test_sharded_equals_unsharded_fp8():
     check_sharded_equals_unsharded("tiny-fp8")  # tiny-bf16: tests/test_sharding_bf16.py
+
+
+def test_uneven_experts_heads_and_vocab_equal_one_device(tmp_path):
+    """A checkpoint whose 12 routed experts 8 devices do not divide (once refused), 6 heads and
+    an odd vocabulary (2051) loads on meshes of 8 and gives one device's logits (exact
+    numerics): the experts split over the largest part of the mesh that divides 12
+    (`rules.expert_axes`) and replicated over the rest, or held whole by every device; heads
+    and vocabulary the tensor axis does not divide stay whole. The CLI says the layout."""
+    cfg = preset("tiny", n_routed_experts=12, n_expert_groups=4, n_heads=6, vocab_size=2051,
+                 n_layers=2)
+    write_checkpoint(cfg, tmp_path / "ck")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).tolist()
+    meshes = [(1, 4, 2), (2, 2, 2), (1, 1, 8)]
+    res = run_on_meshes(tmp_path / "ck", tokens, meshes, "layout_line,logits_only")
+    for m, per_device in zip(meshes, [3, 3, 12]):
+        r = res["meshes"][str(m)]
+        assert r["wrong_param_shardings"] == [], (m, r)
+        assert r["max_diff_over_std"] < 1e-5, (m, r)
+        assert r["experts_per_device"] == per_device, (m, r)
+        assert r["head_rows_per_device"] == cfg.vocab_size, (m, r)  # 2051: no tensor size divides
+    tensor8 = {"data": 1, "expert": 1, "tensor": 8}
+    assert fit(("batch", "seq", "heads", None), (2, 24, 6, 64), tensor8)[2] is None  # 6 heads on 8
+    assert res["layout_line"] == ("12 routed experts over 8 devices: split 4 ways over expert x "
+                                  "tensor (3 per device), replicated over data (2 copies)")
+
+
+EP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax, jax.numpy as jnp
+    from flax import linen as nn
+    from dsv32_jax.checkpoint.weights import rngs
+    from dsv32_jax.model.config import preset
+    from dsv32_jax.model.moe import Experts
+    from sharding import make_mesh
+    from sharding.mesh import sharding_for
+
+    AXES = ("layers", "experts", "moe_mlp", "embed")  # every routed-expert tensor's logical axes
+    out = []
+    for n_exp, k, shape, tokens, grad in json.loads(sys.argv[1]):
+        cfg = preset("tiny", dim=32, moe_inter_dim=16, n_layers=3, n_dense_layers=1,
+                     n_routed_experts=n_exp, n_activated_experts=k, n_expert_groups=1,
+                     n_limited_groups=1, weight_dtype="bf16", scale_fmt=None, dtype="float32",
+                     fp8_activations=False)
+        rng = np.random.default_rng(n_exp)
+        x = jnp.asarray(rng.standard_normal((tokens, cfg.dim)), jnp.float32)
+        picks = jnp.asarray(np.stack([rng.choice(n_exp, k, replace=False) for _ in range(tokens)]),
+                            jnp.int32)
+        w = jnp.asarray(rng.uniform(0.1, 1.0, picks.shape), jnp.float32)
+        mod, layer = Experts(cfg), 1  # the second MoE layer's experts of the stack
+        params = jax.tree.map(lambda a: a.astype(jnp.float32),  # f32 master weights, as trained
+                              nn.unbox(mod.init(rngs(0), x, picks, w, layer)))
+        probe = jnp.asarray(rng.standard_normal((tokens, cfg.dim)), jnp.float32)
+
+        def loss(params, x):
+            return jnp.sum(mod.apply(params, x, picks, w, layer) * probe)
+
+        run = jax.jit(lambda p, x: (mod.apply(p, x, picks, w, layer),
+                                    jax.grad(loss, argnums=(0, 1))(p, x) if grad else None))
+        ref, ref_g = run(params, x)
+        mesh = make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        sharded = jax.tree.map(lambda a: jax.device_put(a, sharding_for(mesh, AXES, a.shape)),
+                               params)
+        with jax.set_mesh(mesh):
+            y, g = run(sharded, x)
+        w1 = sharded["experts"]["w1_weight"]
+        scale = float(np.std(ref))
+
+        def rel(a, b):
+            return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+        out.append({"case": [n_exp, shape], "max_diff_over_std": float(np.abs(y - ref).max()) / scale,
+                    "experts_per_device": {s.data.shape[1] for s in w1.addressable_shards}.pop(),
+                    "distinct_expert_blocks": len({s.index[1].start for s in w1.addressable_shards})})
+        if grad:  # d/d(expert weights), d/dx
+            out[-1]["grad_diff"] = [max(rel(a, b) for a, b in zip(jax.tree.leaves(g[0]),
+                                                                  jax.tree.leaves(ref_g[0]))),
+                                    rel(g[1], ref_g[1])]
+    print(json.dumps(out))
+""")
+
+# (experts, top_k, mesh, tokens, gradients too): 16 experts on 2, 4 and 8 devices (local expert ids
+# 0..7, 0..3, 0..1), the released 256 on 8 (32 per device) at tiny widths, and 12 experts that 8
+# devices do not divide (split 4 ways over expert x tensor, replicated over data); 12 on (1,4,2)
+# and (1,2,4) run end to end in `test_uneven_experts_heads_and_vocab_equal_one_device`
+EP_CASES = [(16, 4, (1, 2, 1), 13, False), (16, 4, (2, 1, 2), 13, False),
+            (16, 4, (2, 2, 2), 21, True), (256, 8, (1, 8, 1), 21, False),
+            (12, 2, (2, 2, 2), 13, True)]
+
+
+def test_expert_parallel_with_several_experts_per_device():
+    """The routed experts alone (`moe.Experts`, tiny widths) on a mesh equal one device: output,
+    and the gradients of the expert weights and of the input (the training path: experts
+    replicated over an axis sum their replicas' gradients). Several experts per device, so a
+    wrong local expert id inside the shard_map (a global id, or the wrong device's block) breaks
+    it; token counts that the devices do not divide."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", EP_SCRIPT, json.dumps(EP_CASES)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode:
+        pytest.fail(proc.stderr[-4000:])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (n_exp, *_, grad), want, r in zip(EP_CASES, [8, 4, 2, 32, 3], res):
+        assert r["max_diff_over_std"] < 1e-5, r
+        if grad:
+            assert max(r["grad_diff"]) < 1e-5, r
+        assert r["experts_per_device"] == want, r
+        assert r["distinct_expert_blocks"] == n_exp // want, r  # the rest are replicas
 
 
 def test_mesh_axes_are_checked(tmp_path):

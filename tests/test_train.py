@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,22 @@ def test_warmup_then_sparse(data, tmp_path):
     f32 = jax.tree.map(lambda a: a.astype(jnp.float32), bf16)  # the weights as exported (bf16)
     theirs, _ = TrainTransformer(cfg, "sparse").apply(variables(f32), jnp.asarray(tokens))
     np.testing.assert_allclose(ours, np.asarray(theirs), atol=2e-3, rtol=2e-3)
+
+
+def test_init_params_follows_the_seed():
+    """`init_params(seed)`, which `dsv32 train --seed` starts from: one seed gives the same params
+    twice; two seeds differ in every randomly drawn param, the routed experts' stacked weights
+    included (they once came from a fixed key per tensor); only constant-init params (norms,
+    zero biases) are equal across seeds."""
+    a, again, b = (flatten(init_params(_cfg(), seed=s)) for s in (0, 0, 1))
+    for p in a:
+        x, y = np.asarray(a[p], np.float32), np.asarray(b[p], np.float32)
+        assert np.array_equal(x, np.asarray(again[p], np.float32)), p
+        assert not np.array_equal(x, y) or np.all(x == x.flat[0]), p
+    experts = [p for p in a if p[:3] == ("moe_layers", "ffn", "experts")]
+    assert len(experts) == 3
+    for p in experts:
+        assert not np.array_equal(np.asarray(a[p], np.float32), np.asarray(b[p], np.float32)), p
 
 
 def test_gradient_separation(data):
@@ -253,3 +270,242 @@ def test_cli_train_errors(tmp_path, capsys):
                 "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "FP8 weights are not trained" in err[-1]
+
+
+def _flip(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _largest(d: Path) -> Path:
+    return max((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def six_steps(data, tmp_path_factory):
+    """A dense run of 6 steps with checkpoints kept at steps 4 and 6 -> (its directory, state)."""
+    from dsv32_jax.train.loop import Run
+
+    out = tmp_path_factory.mktemp("six") / "run"
+    ref = Run(str(out), _cfg(), "dense", 6, _batches(data), ckpt_every=2)
+    ref.train()
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["4", "6"]
+    return out, jax.tree.map(np.asarray, ref.state)
+
+
+def test_resume_falls_back_past_damaged_steps(data, six_steps, tmp_path):
+    """Newer checkpoints damaged in every way (copies of step 6 as steps 7..10, step 4 as 11, step
+    6 itself altered) are each said with the step and the reason, set aside untouched as
+    ckpt/<step>.bad-<reason>, and the run resumes from step 4, then trains on to the state of
+    the undamaged run."""
+    import shutil
+
+    from dsv32_jax.train.loop import Run
+
+    out = tmp_path / "run"
+    shutil.copytree(six_steps[0], out)
+    ck = out / "ckpt"
+    for step in (7, 8, 9, 10):
+        shutil.copytree(ck / "6", ck / str(step))
+    shutil.copytree(ck / "4", ck / "11")
+    damage = {
+        11: ("meta", None),  # intact, but not step 11's
+        10: ("missing", lambda d: shutil.rmtree(d / "state")),
+        9: ("missing", lambda d: [shutil.rmtree(d), d.mkdir()]),  # an empty directory
+        8: ("unreadable", lambda d: os.truncate(_largest(d / "state"), 100)),
+        7: ("unreadable", lambda d: (d / "meta" / "metadata").write_text("{not json")),
+        6: ("checksum", lambda d: _flip(_largest(d / "state"))),  # restores, but altered
+    }
+    files = {}
+    for step, (_, hurt) in damage.items():
+        if hurt:
+            hurt(ck / str(step))
+        files[step] = sorted((str(p.relative_to(ck / str(step))), p.stat().st_size)
+                             for p in (ck / str(step)).rglob("*"))
+    said = []
+    run = Run(str(out), _cfg(), "dense", 6, _batches(data), ckpt_every=2, say=said.append)
+    assert run.start == 4, said
+    assert len(said) == len(damage), said
+    for line, (step, (reason, _)) in zip(said, damage.items()):
+        aside = ck / f"{step}.bad-{reason}"
+        assert f"checkpoint of step {step} is damaged" in line and str(aside) in line, line
+        assert sorted((str(p.relative_to(aside)), p.stat().st_size)
+                      for p in aside.rglob("*")) == files[step]
+    assert "data changed on disk" in said[-1], said[-1]
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]
+    run.train()
+    for a, b in zip(jax.tree.leaves(run.state), jax.tree.leaves(six_steps[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sorted(p.name for p in ck.iterdir() if ".bad-" not in p.name) == ["4", "6"]
+
+
+def test_fp8_release_to_training(tmp_path, capsys):
+    """The released FP8 layout (the tiny-fp8 fixture) -> `dsv32 convert --weights bf16` ->
+    `dsv32 train --init` (the model is the checkpoint's; the default stage with --init is the
+    indexer warm-up; the compile is announced) -> a bf16 HF checkpoint `load_model` loads. The
+    FP8 source itself is refused with the way round it."""
+    import dsv32_jax
+    from conftest import fixture_dir
+    from convert.cli import main as convert
+    from dsv32_jax.cli import main
+
+    hf = fixture_dir("tiny-fp8") / "hf"
+    (tmp_path / "d.txt").write_text("the sky is blue.\n\nthe grass is green, the sea is deep.\n" * 20)
+    train = ["train", "--data", str(tmp_path / "d.txt"), "--steps", "2", "--batch", "2",
+             "--seq-len", "16", "--no-progress", "--dtype", "float32"]
+    assert main([*train, "--init", str(hf), "--out", str(tmp_path / "no")]) == 1
+    assert "--weights bf16" in capsys.readouterr().err
+    assert convert([str(hf), str(tmp_path / "bf16"), "--weights", "bf16", "--no-progress"]) == 0
+    assert main([*train, "--init", str(tmp_path / "bf16"), "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "dsv32 train: warmup stage, bf16 (3 layers, dim 256" in err, err
+    assert re.search(r"compiling train step \.\.\. \d+\.\ds\n", err), err
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
+    model = dsv32_jax.load_model(tmp_path / "run" / "hf", dtype="float32", fp8_activations=False)
+    assert model.config.n_layers == 3 and not model.config.quantized
+
+
+def test_train_default_stage(tmp_path, monkeypatch, capsys):
+    """Without --init `dsv32 train` trains the model (dense), not the indexer of a random one;
+    an explicit warm-up on random weights says what it does."""
+    from dsv32_jax.cli import main
+    from dsv32_jax.train import loop
+
+    seen = []
+
+    class Stop(loop.TrainError):
+        pass
+
+    def fake_run(out, cfg, stage, *a, **k):
+        seen.append((out, stage))
+        raise Stop("stopped before training")
+
+    monkeypatch.setattr(loop, "Run", fake_run)
+    (tmp_path / "d.txt").write_text("hello world\n\nmore text here\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "d.txt", "--steps", "1", "--seq-len", "4", "--batch", "1"]) == 1
+    assert seen[-1] == (os.path.join("runs", "tiny-dense"), "dense")
+    assert "stopped before training" in capsys.readouterr().err
+    assert main(["train", "--data", "d.txt", "--steps", "1", "--seq-len", "4", "--batch", "1",
+                 "--stage", "warmup"]) == 1
+    assert seen[-1][1] == "warmup"
+    assert "warm-up on random weights trains only the indexer" in capsys.readouterr().err
+
+
+# ---- the DSA objective pinned on hand-computed cases ---------------------------------------------
+def test_kl_direction_and_restriction_by_hand():
+    """_kl is KL(target || softmax(logits over the valid keys)): ln 2 for target (1/2, 1/2, 0) and
+    softmax (1/4, 1/4, 1/2) (the reverse direction gives -ln(2)/2, or inf), the invalid key's logit
+    (100) counts nowhere; uniform logits on 3 keys give sum_t t ln(3t)."""
+    from dsv32_jax.train.model import _kl
+
+    target = jnp.array([[0.5, 0.5, 0.0, 0.0], [0.2, 0.3, 0.5, 0.0]])
+    logits = jnp.array([[np.log(0.25), np.log(0.25), np.log(0.5), 100.0], [0.0, 0.0, 0.0, 100.0]])
+    valid = jnp.array([True, True, True, False])
+    want = [np.log(2.0), 0.2 * np.log(0.6) + 0.3 * np.log(0.9) + 0.5 * np.log(1.5)]
+    np.testing.assert_allclose(np.asarray(_kl(target, logits, valid)), want, rtol=1e-6)
+    logits = jnp.array([[3.0, 1.0], [0.0, 0.0]])  # a target on logits' support: lm_loss's
+    tokens = jnp.array([[0, 1]])                   # cross-entropy predicts token 1 from row 0
+    np.testing.assert_allclose(float(S.lm_loss(logits[None], tokens)), np.log1p(np.exp(2.0)),
+                               rtol=1e-6)
+
+
+def _reference_kl(cfg, q_nope, q_pe, kvb, k_pe, logits, stage):
+    """The DSA indexer objective in float64 numpy from the layer's projections: per query, the
+    target is the main attention's probabilities summed over heads and L1-normalized (warmup: the
+    dense causal attention; sparse: the attention restricted to the indexer's top-k keys,
+    renormalized), and the loss KL(target || softmax(index logits over the same keys)), averaged
+    over batch and queries."""
+    q_nope, q_pe, kvb, k_pe, logits = (np.asarray(a, np.float64)
+                                       for a in (q_nope, q_pe, kvb, k_pe, logits))
+    b, s, h, dn = q_nope.shape
+    scores = (np.einsum("bshd,bthd->bsht", q_nope, kvb[..., :dn])
+              + np.einsum("bshr,btr->bsht", q_pe, k_pe)) * cfg.softmax_scale
+    kls = []
+    for i in range(b):
+        for j in range(s):
+            keys = np.arange(j + 1)  # causal
+            if stage == "sparse":  # the indexer's top-k of the visible keys
+                keys = keys[np.argsort(-logits[i, j, :j + 1], kind="stable")[:cfg.index_topk]]
+            a = scores[i, j][:, keys]  # (H, keys)
+            p = np.exp(a - a.max(-1, keepdims=True))
+            t = (p / p.sum(-1, keepdims=True)).sum(0)
+            t = t / t.sum()
+            lg = logits[i, j, keys]
+            logq = lg - lg.max() - np.log(np.exp(lg - lg.max()).sum())
+            kls.append(np.sum(t * (np.log(t) - logq)))
+    return float(np.mean(kls))
+
+
+def test_indexer_kl_equals_the_reference_objective():
+    """TrainMLA's per-layer kl, warmup (dense target) and sparse (target restricted to the picked
+    set), equals the objective computed independently in float64 numpy from the same layer's
+    projections, on a case where the two targets differ (16 queries, index_topk 8)."""
+    from dsv32_jax.model.attention import index_scores
+    from dsv32_jax.model.rope import rope_tables
+    from dsv32_jax.train.model import TrainMLA
+
+    cfg = _cfg()
+    b, s = 2, 16
+    x = jax.random.normal(jax.random.key(0), (b, s, cfg.dim), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cos, sin = rope_tables(cfg, pos)
+    variables_ = jax.jit(TrainMLA(cfg, "xla", "sparse").init)(jax.random.key(1), x, pos, cos, sin)
+
+    def parts(m):
+        qr, q_nope, q_pe, c, k_pe = m.project(x, cos, sin)
+        iq, iw = m.indexer.queries(x, qr, cos, sin)
+        ik, iks = m.indexer.keys(x, cos, sin)
+        kvb = m.wkv_b(c).reshape(b, s, cfg.n_heads, -1)
+        return q_nope, q_pe, kvb, k_pe, index_scores(iq, iw, ik, iks)
+
+    @jax.jit
+    def run(v):
+        kl = {st: TrainMLA(cfg, "xla", st).apply(v, x, pos, cos, sin)[1]["kl"]
+              for st in ("warmup", "sparse")}
+        return TrainMLA(cfg, "xla", "sparse").apply(v, method=parts), kl
+
+    inputs, got = run(variables_)
+    want = {st: _reference_kl(cfg, *inputs, st) for st in ("warmup", "sparse")}
+    assert abs(want["warmup"] - want["sparse"]) > 0.1 * want["sparse"], want  # the case tells
+    for st in ("warmup", "sparse"):
+        np.testing.assert_allclose(float(got[st]), want[st], rtol=1e-4, err_msg=st)
+
+
+def test_optimizer_groups_effective_learning_rates():
+    """Per stage and group, the step-k update of a parameter under a constant gradient (Adam's
+    normalized step: |update| = the LR) is the group's LR on the documented schedule: lr/warm at
+    step 0, linear to the peak at `warmup_steps`, then a cosine to lr * min_lr_ratio at
+    total_steps; the indexer at indexer_lr, the main model at lr, frozen groups 0."""
+    import math
+
+    hp = S.Hparams(lr=1e-2, indexer_lr=2e-3, warmup_steps=3, min_lr_ratio=0.1, weight_decay=0.0)
+    total = 8
+
+    def sched(peak, k):
+        if k < hp.warmup_steps:
+            return peak / hp.warmup_steps + (peak - peak / hp.warmup_steps) * k / hp.warmup_steps
+        end, span = peak * hp.min_lr_ratio, total - hp.warmup_steps
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (k - hp.warmup_steps) / span))
+
+    params = {"moe_layers": {"attn": {"indexer": {"wk": {"weight": jnp.zeros((8, 4))}},  # tiny
+                                      "wq_a": {"weight": jnp.zeros((8, 4))},         # tree: the
+                                      "q_norm": {"weight": jnp.zeros(8)}},           # real paths
+                             "ffn": {"gate_bias": jnp.zeros(4)}}}
+    labels = flatten(S.param_labels(params))
+    grads = jax.tree.map(jnp.ones_like, params)
+    peaks = {"main": hp.lr, "indexer": hp.indexer_lr}
+    for stage in ("dense", "warmup", "sparse"):
+        tx = S.make_optimizer(stage, hp, total, params)
+        state, update = tx.init(params), jax.jit(tx.update)
+        for k in range(total):
+            updates, state = update(grads, state, params)
+            size = {g: [] for g in S.GROUPS}  # every element's |update|, by group
+            for p, u in flatten(jax.device_get(updates)).items():
+                size[labels[p]].append(np.abs(u).ravel())
+            for g in S.GROUPS:
+                lr = sched(peaks[g], k) if g in S.TRAINED[stage] else 0.0
+                np.testing.assert_allclose(np.concatenate(size[g]), lr, rtol=1e-4, atol=1e-12,
+                                           err_msg=f"{stage} step {k} group {g}")

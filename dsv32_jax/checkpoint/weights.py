@@ -8,6 +8,7 @@ It drives random init, sharding specs (`sharding.rules`), checkpoint loading and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from dsv32_jax.model.config import Config
+from dsv32_jax.model.moe import EXPERTS
 from dsv32_jax.model.transformer import Transformer, merge_experts
 
 Path = tuple[str, ...]
@@ -39,7 +41,7 @@ def _is_box(x) -> bool:
 def abstract_params(cfg: Config) -> dict:
     """Nested dict of ParamSpec, mirroring the model's `params` collection. No memory is used."""
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = merge_experts(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens))
+    boxed = merge_experts(jax.eval_shape(Transformer(cfg).init, rngs(0), tokens))
     return jax.tree.map(lambda b: ParamSpec(tuple(b.value.shape), b.value.dtype, tuple(b.names)),
                         boxed, is_leaf=_is_box)
 
@@ -47,8 +49,20 @@ def abstract_params(cfg: Config) -> dict:
 def init_params(cfg: Config, seed: int = 0) -> dict:
     """Random params (plain arrays) with the real layout; for tests and benchmarks."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = merge_experts(jax.jit(Transformer(cfg).init)(jax.random.key(seed), tokens))
+    boxed = merge_experts(_init(cfg)(rngs(seed), tokens))
     return nn.unbox(boxed)
+
+
+@functools.lru_cache(maxsize=8)
+def _init(cfg: Config):
+    return jax.jit(Transformer(cfg).init)  # compiled once per config, whatever the seed
+
+
+def rngs(seed: int) -> dict:
+    """The init rng streams of a seed: "params", and EXPERTS for the routed-expert stack (which
+    the layer scan broadcasts, so it draws from a stream the scan does not split)."""
+    key = jax.random.key(seed)
+    return {"params": key, EXPERTS: jax.random.fold_in(key, 1)}
 
 
 def flatten(tree: dict) -> dict[Path, Any]:

@@ -161,9 +161,6 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         if tuple(mesh.axis_names) != MESH_AXES:
             raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected {MESH_AXES} "
                              "(sharding.make_mesh(data=, expert=, tensor=))")
-        if cfg.n_routed_experts % mesh.size:
-            raise ValueError(f"{path}: {cfg.n_routed_experts} routed experts do not split over the "
-                             f"mesh's {mesh.size} devices (experts are spread over all of them)")
         shardings = param_shardings(abstract_params(cfg), mesh)
     if converted:  # Orbax restores each leaf's shards straight onto their devices
         return Model(cfg, orbax_layout.restore_params(path, cfg, shardings, progress=progress),

@@ -24,10 +24,11 @@ from flax import linen as nn
 
 import pallas_kernels as pk
 from dsv32_jax.model.cache import KVCache
-from dsv32_jax.model.config import BLOCK, Config, cdiv, pow2_floor
-from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm, einsum
-from dsv32_jax.model.quant import HIGHEST, act_quant, hadamard
+from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm
+from dsv32_jax.model.quant import HIGHEST, act_quant, einsum, hadamard
 from dsv32_jax.model.rope import apply_rope
+from pallas_kernels.common import pow2_floor
 from sharding.mesh import constrain, local
 
 HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (B, S, H, ...)

@@ -22,6 +22,7 @@ from flax import struct
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import FP8, act_dequant
+from pallas_kernels.common import FROM_BITS, from_bits  # stored bits -> e4m3 / bf16 values
 from sharding.mesh import local
 
 
@@ -78,8 +79,8 @@ class KVCache:
         def pick(a):
             return local(rows, (KVCache.AXES["c"], (), lead), lead + (None,))(a, layer, slot)
 
-        c = act_dequant(_load(pick(self.c)), pick(self.c_scale), dtype)
-        return c, _load(pick(self.k_pe))
+        c = act_dequant(from_bits(pick(self.c)), pick(self.c_scale), dtype)
+        return c, from_bits(pick(self.k_pe))
 
     def key_tile(self, layer: jax.Array, start: jax.Array, size: int):
         """Indexer keys of slots [start, start + size) of `layer`: (B, size, d), (B, size)."""
@@ -91,18 +92,19 @@ class KVCache:
 
         k, s = local(tile, (self.AXES["ik"], self.AXES["ik_scale"], (), ()),
                      (("batch", "seq", None), ("batch", "seq")))(self.ik, self.ik_scale, layer, start)
-        return _load(k), s
+        return from_bits(k), s
 
     def layer_latent(self, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         """Every slot of `layer`: latent (B, T, C) in `dtype`, k_pe (B, T, R). Only the dense
         reference attention (`attention_impl="xla_dense"`) reads a whole layer."""
-        return act_dequant(_load(self.c[layer]), self.c_scale[layer], dtype), _load(self.k_pe[layer])
+        c = act_dequant(from_bits(self.c[layer]), self.c_scale[layer], dtype)
+        return c, from_bits(self.k_pe[layer])
 
 
 # Narrow float payloads are kept as their bit patterns: XLA:CPU widens a float8 / bf16 array it
 # updates in place (to f16 / f32, whole, every step); unsigned ints of the same width it does not.
-BITS = {jnp.dtype(FP8): jnp.dtype(jnp.uint8), jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
-_FLOATS = {v: k for k, v in BITS.items()}
+# One map for the cache and the kernels that read it (`pallas_kernels.common.FROM_BITS`).
+BITS = {v: k for k, v in FROM_BITS.items()}
 
 
 def _stored(dtype) -> jnp.dtype:
@@ -111,14 +113,9 @@ def _stored(dtype) -> jnp.dtype:
 
 def _store(v: jax.Array, into: jax.Array) -> jax.Array:
     """New values in the stored type (bit patterns for e4m3 / bf16)."""
-    if into.dtype in _FLOATS:
-        return jax.lax.bitcast_convert_type(v.astype(_FLOATS[into.dtype]), into.dtype)
+    if into.dtype in FROM_BITS:
+        return jax.lax.bitcast_convert_type(v.astype(FROM_BITS[into.dtype]), into.dtype)
     return v.astype(into.dtype)
-
-
-def _load(v: jax.Array) -> jax.Array:
-    """Stored values back as compute operands (bit patterns -> e4m3 / bf16)."""
-    return jax.lax.bitcast_convert_type(v, _FLOATS[v.dtype]) if v.dtype in _FLOATS else v
 
 
 def bytes_per_token(cfg: Config) -> dict[str, int]:

@@ -23,11 +23,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def pow2_floor(n: int) -> int:
-    """The largest power of two <= n (1 for n < 2): tile and chunk sizes within a budget."""
-    return 1 << (max(1, n).bit_length() - 1)
-
-
 class ConfigError(ValueError):
     """An unsupported or inconsistent model config."""
 

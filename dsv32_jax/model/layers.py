@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
-from dsv32_jax.model.quant import FP8, HIGHEST, act_quant, blockwise_matmul, dequant
+from dsv32_jax.model.quant import (FP32_BY_SPEC, FP8, HIGHEST, act_quant, blockwise_matmul,
+                                   dequant, einsum)
 from pallas_kernels.fp8_linear import fp8_linear as pallas_fp8_linear
 
 Axes = tuple[str, ...]
@@ -38,22 +39,11 @@ def const_init(value: float):
     return init
 
 
-def precision(dtype) -> jax.lax.Precision | None:
-    return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
-    """Two-operand einsum with operands in `dtype`, float32 accumulation, result in `out_dtype`
-    (default `dtype`).
-
-    On an accelerator bf16 operands stay bf16 (its bf16 GEMMs); float32 operands use full float32
-    precision (no TF32). XLA:CPU lacks some bf16 x bf16 -> f32 dots, so there bf16 operands are
-    widened to float32 per op: the same math, as bf16 products are exact in float32."""
-    dtype = jnp.dtype(dtype)
-    op = jnp.float32 if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else dtype
-    y = jnp.einsum(spec, a.astype(dtype).astype(op), b.astype(dtype).astype(op),
-                   precision=precision(op), preferred_element_type=jnp.float32)
-    return y.astype(dtype if out_dtype is None else out_dtype)
+def pick_sum(rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_k weights[n, k] * rows[n, k] in float32: rows (N, k, D), weights (N, k) -> (N, D).
+    The routed picks' combine (float32 by the spec)."""
+    return jnp.einsum("nkd,nk->nd", rows.astype(jnp.float32), weights.astype(jnp.float32),
+                      precision=HIGHEST)
 
 
 class Linear(nn.Module):
@@ -131,17 +121,18 @@ def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
     v, d = w.shape
     lead = h.shape[:-1]
     x = h.reshape(-1, d).astype(jnp.float32)
-    if v <= WIDEN_ROWS:
-        return matmul(x, w, jnp.float32).reshape(*lead, v)
-    n = cdiv(v, WIDEN_ROWS)
+    with jax.named_scope(FP32_BY_SPEC):
+        if v <= WIDEN_ROWS:
+            return matmul(x, w, jnp.float32).reshape(*lead, v)
+        n = cdiv(v, WIDEN_ROWS)
 
-    def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
-        start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
-        wc = jax.lax.dynamic_slice_in_dim(w, start, WIDEN_ROWS, 0)
-        return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
+        def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
+            start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
+            wc = jax.lax.dynamic_slice_in_dim(w, start, WIDEN_ROWS, 0)
+            return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
 
-    out = jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
-    return out.reshape(*lead, v)
+        out = jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
+        return out.reshape(*lead, v)
 
 
 class RMSNorm(nn.Module):

@@ -4,16 +4,14 @@ the work is O(tokens * top_k) and only routed experts' weights are read."""
 
 from __future__ import annotations
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.layers import (FP8, Linear, const_init, fp8_linear, matmul, normal_init,
-                                    param, precision, fp8_init)
-from dsv32_jax.model.quant import act_quant, dequant
+                                    param, pick_sum, fp8_init)
+from dsv32_jax.model.quant import FP32_BY_SPEC, act_quant, dequant, einsum
 from pallas_kernels.grouped_fp8 import grouped_fp8_matmul
 from sharding import expert_parallel
 from sharding.mesh import context_mesh
@@ -93,11 +91,11 @@ class Experts(nn.Module):
         self.w, self.s = w, s  # (L, E, out, in) e4m3 | bf16;  (L, E, out/128, in/128) f32
 
     def _stacked(self, name, shape, dtype, axes, init):
-        # a broadcast variable's init must not depend on the scan step (nor on its split rngs):
-        # random test weights from a fixed key per tensor
-        key = jax.random.key(zlib.crc32(name.encode()))
-        box = self.variable(EXPERTS, name, nn.with_logical_partitioning(init, axes), key, shape,
-                            dtype)
+        # a broadcast variable's init must not depend on the scan step, so not on the split
+        # "params" rngs: random weights come from the EXPERTS rng stream, which the layer scan
+        # does not split (`weights.init_params` seeds it); drawn only when initializing
+        boxed = nn.with_logical_partitioning(init, axes)
+        box = self.variable(EXPERTS, name, lambda: boxed(self.make_rng(EXPERTS), shape, dtype))
         return nn.unbox(box.value)
 
     def __call__(self, x: jax.Array, experts: jax.Array, weights: jax.Array,
@@ -115,15 +113,14 @@ class Experts(nn.Module):
         mesh = context_mesh()
         if mesh is not None:
             y, dropped = expert_parallel.dispatch(compute, params, x, experts, weights,
-                                                  cfg.n_routed_experts, mesh.size,
+                                                  cfg.n_routed_experts, mesh.shape,
                                                   cfg.ep_capacity_factor)
             self.sow("intermediates", "moe_dropped", dropped)
             return y
         n, k = experts.shape
         picks = experts.reshape(-1)
         out = routed_rows(cfg, self.w, self.s, layer, x, jnp.arange(n * k) // k, picks, n * k)
-        return jnp.einsum("nkd,nk->nd", out.reshape(n, k, -1).astype(jnp.float32), weights,
-                          precision=precision(jnp.float32))
+        return pick_sum(out.reshape(n, k, -1), weights)
 
 
 def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, src: jax.Array,
@@ -138,11 +135,8 @@ def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, s
     """
     if cfg.matmul_impl == "pallas" and s:
         return routed_rows_pallas(cfg, w, s, layer, x, src, ids, expected)
-    n_exp, r, tokens = w["w1"].shape[1], ids.shape[0], x.shape[0]
-    order = jnp.argsort(ids, stable=True)  # rows sorted by expert, the expert-less last
-    counts = jnp.bincount(ids, length=n_exp)  # ids >= n_exp are not counted
-    window = expert_window(tokens, expected, n_exp)
-    plan = _windows(counts, window, min(n_exp, r) + (cdiv(r, window) if window < tokens else 0))
+    r = ids.shape[0]
+    order, window, plan = sorted_windows(ids, x.shape[0], expected, w["w1"].shape[1])
     xs = jnp.pad(x[src[order]], ((0, window), (0, 0)))  # (R + window, D), pad rows unused
 
     def linear(name, e, rows):
@@ -177,13 +171,10 @@ def routed_rows_pallas(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.A
     from the stack. The w1 / w3 outputs come back per window, (W, window, I), and are the w2
     call's input rows as they are (window w's rows at w * window); the w2 output rows scatter
     back to the picks' order once."""
-    n_exp, r, tokens = w["w1"].shape[1], ids.shape[0], x.shape[0]
-    dtype = jnp.dtype(cfg.dtype)
-    order = jnp.argsort(ids, stable=True)  # rows sorted by expert, the expert-less last
-    counts = jnp.bincount(ids, length=n_exp)
-    window = max(16, expert_window(tokens, expected, n_exp))
-    n_win = min(n_exp, r) + (cdiv(r, window) if window < tokens else 0)
-    expert, start, rows = _windows(counts, window, n_win)
+    r, dtype = ids.shape[0], jnp.dtype(cfg.dtype)
+    order, window, (expert, start, rows) = sorted_windows(ids, x.shape[0], expected,
+                                                          w["w1"].shape[1], min_window=16)
+    n_win = expert.shape[0]
 
     def proj(name, xin, st):
         xq, xsc = act_quant(xin, cfg.scale_fmt)
@@ -225,6 +216,18 @@ def expert_window(tokens: int, picks: int, n_experts: int) -> int:
     return max(1, min(want, tokens, WINDOW_ROWS))
 
 
+def sorted_windows(ids: jax.Array, tokens: int, expected: int, n_exp: int, min_window: int = 1):
+    """The layout both expert paths run: (order, window, table). order (R,): the rows sorted by
+    expert, the expert-less (ids >= n_exp) last; window: rows per expert window (`expert_window`,
+    at least min_window); table: `_windows`' (expert, first row, rows), one entry per window."""
+    r = ids.shape[0]
+    order = jnp.argsort(ids, stable=True)
+    counts = jnp.bincount(ids, length=n_exp)  # ids >= n_exp are not counted
+    window = max(min_window, expert_window(tokens, expected, n_exp))
+    n_win = min(n_exp, r) + (cdiv(r, window) if window < tokens else 0)
+    return order, window, _windows(counts, window, n_win)
+
+
 def _windows(counts: jax.Array, window: int, n_windows: int):
     """The window table for picks sorted by expert: (expert, first row, rows) per window, each
     (n_windows,) int32; unused windows have 0 rows. counts (E,): rows per expert; n_windows: a
@@ -257,8 +260,8 @@ class MoE(nn.Module):
                        ("router", "embed"), normal_init(cfg.dim**-0.5))
             bias = param(self, "gate_bias", (cfg.n_routed_experts,), jnp.float32, ("router",),
                          const_init(0.0))
-            logits = jnp.einsum("nd,ed->ne", x.astype(jnp.float32), wg.astype(jnp.float32),
-                                precision=precision(jnp.float32))
+            with jax.named_scope(FP32_BY_SPEC):
+                logits = einsum("nd,ed->ne", x, wg, jnp.float32)
             weights, experts = route(logits, bias, cfg)
             self.sow("intermediates", "gate_experts", jnp.sort(experts, axis=-1))
         with jax.named_scope("experts"):

@@ -1,4 +1,5 @@
-"""FP8 numerics of the release: act_quant, 128x128 weight dequant, block-scaled matmul, Hadamard.
+"""Numerics of the release: act_quant, 128x128 weight dequant, block-scaled matmul, Hadamard, and
+the one dot helper (`einsum`) whose operand types follow the platform being lowered for.
 
 All functions are pure jnp; scales are float32 and multiply (the HF name is `weight_scale_inv`).
 """
@@ -12,11 +13,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv32_jax.model.config import BLOCK, cdiv
+from pallas_kernels.fp8_linear import fp8_linear_reference
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 HIGHEST = jax.lax.Precision.HIGHEST
+# The named scope of the dots the release computes in float32 whatever the activations (router,
+# lm_head, indexer weights_proj): a compiled bf16 program has no other float32 dot.
+FP32_BY_SPEC = "fp32_by_spec"
+
+
+def precision(dtype) -> jax.lax.Precision | None:
+    """float32 operands at full float32 precision (no TF32 / bf16 passes); others as they are."""
+    return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
+    """Two-operand einsum with operands in `dtype`, float32 accumulation, result in `out_dtype`
+    (default `dtype`).
+
+    bf16 operands stay bf16 on an accelerator (its bf16 tensor cores); XLA:CPU lacks some
+    bf16 x bf16 -> f32 dots, so there they are widened to float32 per op (the same math: bf16
+    products are exact in float32). The choice is `jax.lax.platform_dependent`, made for the
+    platform the program is lowered for, so an H100 program compiled on a CPU host holds the bf16
+    dots. float32 operands use full float32 precision."""
+    dtype = jnp.dtype(dtype)
+    a, b = a.astype(dtype), b.astype(dtype)
+
+    def dot(x, y):
+        return jnp.einsum(spec, x, y, precision=precision(x.dtype), preferred_element_type=jnp.float32)
+
+    if dtype == jnp.bfloat16:
+        y = jax.lax.platform_dependent(
+            a, b, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)), default=dot)
+    else:
+        y = dot(a, b)
+    return y.astype(dtype if out_dtype is None else out_dtype)
 
 
 def pow2_ceil(s: jax.Array) -> jax.Array:
@@ -99,23 +132,21 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
 
     x_q: (M, K) e4m3, x_s: (M, K/128) f32; w_q: (N, K) e4m3, w_s: (N/128, K/128) f32 -> (M, N) f32.
     The per-block products are dots of e4m3 operands with float32 accumulation (exact products;
-    on an accelerator XLA feeds them to its FP8/bf16 GEMMs, on the CPU it widens per op). Groups of
-    g K-blocks are done at once, g the largest divisor of K/128 whose (M, g, N) f32 partials fit in
-    `budget`, so no buffer is larger than that whatever M (decode: one step; prefill: a loop).
+    on an accelerator XLA feeds them to its FP8/bf16 GEMMs, on the CPU it widens per op): the sum
+    `pallas_kernels.fp8_linear_reference` states, applied to groups of g K-blocks at once, g the
+    largest divisor of K/128 whose (M, g, N) f32 partials fit in `budget`, so no buffer is larger
+    than that whatever M (decode: one step; prefill: a loop).
     """
     m, k = x_q.shape
     n, nb = w_q.shape[0], k // BLOCK
     g = max([d for d in range(1, nb + 1) if nb % d == 0 and m * d * n * 4 <= budget] or [1])
-    ws = jnp.repeat(w_s.astype(jnp.float32), BLOCK, axis=0)[:n].T  # (K/128, N)
 
     def group(i):  # K-blocks [i*g, (i+1)*g) -> (M, N) f32
-        xb = jax.lax.dynamic_slice_in_dim(x_q, i * g * BLOCK, g * BLOCK, 1).reshape(m, g, BLOCK)
-        wb = jax.lax.dynamic_slice_in_dim(w_q, i * g * BLOCK, g * BLOCK, 1).reshape(n, g, BLOCK)
-        part = jnp.einsum("mgk,ngk->mgn", xb, wb, preferred_element_type=jnp.float32)
+        xb = jax.lax.dynamic_slice_in_dim(x_q, i * g * BLOCK, g * BLOCK, 1)  # (M, g*128)
+        wb = jax.lax.dynamic_slice_in_dim(w_q, i * g * BLOCK, g * BLOCK, 1)  # (N, g*128)
         xs = jax.lax.dynamic_slice_in_dim(x_s, i * g, g, 1)  # (M, g)
-        sb = jax.lax.dynamic_slice_in_dim(ws, i * g, g, 0)  # (g, N)
-        return jnp.einsum("mgn,mg,gn->mn", part, xs.astype(jnp.float32), sb,
-                          precision=HIGHEST)
+        ws = jax.lax.dynamic_slice_in_dim(w_s, i * g, g, 1)  # (N/128, g)
+        return fp8_linear_reference(xb, xs, wb, ws)
 
     if g == nb:
         return group(0)
@@ -123,17 +154,26 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
                              jnp.zeros((m, n), jnp.float32))
 
 
-def hadamard_matrix(n: int) -> np.ndarray:
-    """Sylvester-ordered Hadamard matrix H_n / sqrt(n) (n a power of two), float32."""
+def sylvester(n: int) -> np.ndarray:
+    """Sylvester-ordered Hadamard matrix H_n of +-1 entries (n a power of two), float32."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard size {n} is not a power of two")
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
-    return (h / math.sqrt(n)).astype(np.float32)
+    return h
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """The orthonormal Hadamard matrix H_n / sqrt(n), float32."""
+    return (sylvester(n) / math.sqrt(n)).astype(np.float32)
 
 
 def hadamard(x: jax.Array) -> jax.Array:
-    """x @ H/sqrt(n) over the last axis (an orthonormal rotation), computed in float32."""
-    h = jnp.asarray(hadamard_matrix(x.shape[-1]))
-    return jnp.einsum("...i,ij->...j", x.astype(jnp.float32), h, precision=HIGHEST).astype(x.dtype)
+    """x @ H/sqrt(n) over the last axis (an orthonormal rotation), in x's dtype.
+
+    The +-1 matrix is exact in every dtype, so the dot takes x as it is (bf16 on the tensor cores
+    in the deployment numerics) with float32 accumulation, and 1/sqrt(n) is applied in float32."""
+    n = x.shape[-1]
+    y = einsum("...i,ij->...j", x, jnp.asarray(sylvester(n)), x.dtype, jnp.float32)
+    return (y * jnp.float32(n**-0.5)).astype(x.dtype)

@@ -53,7 +53,7 @@ class Block(nn.Module):
 def _stack(cfg: Config, moe: bool, n: int, impl: str, name: str):
     scanned = nn.scan(
         Block, variable_axes={"params": 0, "intermediates": 0}, variable_broadcast=EXPERTS,
-        split_rngs={"params": True},
+        split_rngs={"params": True, EXPERTS: False},  # EXPERTS: one key for the broadcast stack
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
         metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe, impl, name=name)

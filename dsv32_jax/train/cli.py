@@ -23,19 +23,22 @@ def positive_int(text: str) -> int:
 def add_parser(sub) -> None:
     t = sub.add_parser("train", help="train one stage (dense | warmup: the indexer's dense warm-up | "
                                      "sparse: DSA training) on a text file; resumable")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    t.add_argument("--preset", default=None, choices=["tiny", "small"],
+                   help="the model to train from random weights (default tiny); with --init the "
+                        "model is --init's")
     t.add_argument("--data", required=True, metavar="FILE.txt",
                    help="UTF-8 text; paragraphs (blank-line separated) are documents")
     t.add_argument("--steps", type=positive_int, required=True, metavar="N")
-    t.add_argument("--stage", default="warmup", choices=list(STAGES),
+    t.add_argument("--stage", default=None, choices=list(STAGES),
                    help="dense: LM loss, dense attention, indexer frozen; warmup: main model "
                         "frozen, the indexer learns the dense attention (KL); sparse: attention over "
                         "the indexer's top-k, LM loss on the model, KL on the selected keys for the "
-                        "indexer (default warmup)")
-    t.add_argument("--out", default=None, help="run directory (default runs/PRESET-STAGE); an "
+                        "indexer (default: warmup with --init, dense without)")
+    t.add_argument("--out", default=None, help="run directory (default runs/MODEL-STAGE); an "
                                                 "existing run of the same settings is resumed")
     t.add_argument("--init", default=None, metavar="CKPT",
-                   help="start from a bf16 HF checkpoint or a run directory (default: random init)")
+                   help="start from a bf16 HF checkpoint, a `dsv32 convert --weights bf16` "
+                        "directory or a run directory (default: random init)")
     t.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.json or a directory holding one (default: --init's, else a "
                         "synthetic byte-level BPE of the preset's vocabulary)")
@@ -68,18 +71,24 @@ def run(args: argparse.Namespace) -> int:
     from dsv32_jax.train.data import Batches, tokenize_file
     from dsv32_jax.train.loop import Run, TrainError, check_init
 
-    cfg = S.train_config(preset(args.preset), args.dtype)
-    seq = args.seq_len or min(128, cfg.max_seq_len)
-    if seq > cfg.max_seq_len:
-        raise TrainError(f"--seq-len {seq} exceeds the preset's max_position_embeddings {cfg.max_seq_len}")
-    if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"{args.data}: no such data file")
-    out = args.out or os.path.join("runs", f"{args.preset}-{args.stage}")
-    init = args.init
+    init, stage = args.init, args.stage or ("warmup" if args.init else "dense")
     if init is not None:
+        if args.preset is not None:
+            raise TrainError("--preset and --init exclude each other: with --init the model is "
+                             "--init's")
         if not os.path.isdir(init):
             raise FileNotFoundError(f"{init}: no such checkpoint or run directory")
-        check_init(init)
+        model = check_init(init)[1]
+    else:
+        model = preset(args.preset or "tiny")
+    cfg = S.train_config(model, args.dtype)
+    seq = args.seq_len or min(128, cfg.max_seq_len)
+    if seq > cfg.max_seq_len:
+        raise TrainError(f"--seq-len {seq} exceeds the model's max_position_embeddings {cfg.max_seq_len}")
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"{args.data}: no such data file")
+    name = os.path.basename(os.path.normpath(init)) if init else args.preset or "tiny"
+    out = args.out or os.path.join("runs", f"{name}-{stage}")
     tok_src = args.tokenizer
     if tok_src is None and init is not None:
         for d in (init, os.path.join(init, "hf")):
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         tok = Tokenizer.load(tok_src)
         tok_dir = os.path.dirname(tok.path)
     if tok.vocab_size > cfg.vocab_size:
-        raise TrainError(f"{tok.path}: {tok.vocab_size} tokens do not fit the preset's vocabulary "
+        raise TrainError(f"{tok.path}: {tok.vocab_size} tokens do not fit the model's vocabulary "
                          f"of {cfg.vocab_size}")
     tokens = tokenize_file(args.data, tok)
     mesh = None
@@ -101,19 +110,25 @@ def run(args: argparse.Namespace) -> int:
         from sharding.mesh import make_mesh, parse_mesh
 
         mesh = make_mesh(*parse_mesh(args.mesh))
-        if cfg.n_routed_experts % mesh.size or args.batch % mesh.shape["data"]:
-            raise TrainError(f"--mesh {args.mesh}: the {cfg.n_routed_experts} experts must split over "
-                             f"its {mesh.size} devices and --batch {args.batch} over its data axis")
+        if args.batch % mesh.shape["data"]:
+            raise TrainError(f"--mesh {args.mesh}: --batch {args.batch} must split over its data "
+                             f"axis ({mesh.shape['data']})")
     hp = S.Hparams(lr=args.lr, indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps,
                    clip=args.clip, remat=args.remat)
-    run_ = Run(out, cfg, args.stage, args.steps, Batches(tokens, args.batch, seq, args.seed), hp,
+    if stage == "warmup" and init is None:
+        print("dsv32 train: note: warm-up on random weights trains only the indexer (of a model "
+              "that knows nothing): --stage dense trains the model", file=sys.stderr, flush=True)
+    run_ = Run(out, cfg, stage, args.steps, Batches(tokens, args.batch, seq, args.seed), hp,
                init=init, seed=args.seed, ckpt_every=args.ckpt_every, tokenizer_dir=tok_dir,
                data=args.data, mesh=mesh)
-    print(f"dsv32 train: {args.stage} stage, preset {args.preset} ({cfg.n_layers} layers, dim "
+    print(f"dsv32 train: {stage} stage, {name} ({cfg.n_layers} layers, dim "
           f"{cfg.dim}, index_topk {cfg.index_topk}), {len(tokens)} tokens, batch {args.batch} x "
           f"{seq}; {out}" + (f" (resumed at step {run_.start})" if run_.start else ""),
           file=sys.stderr, flush=True)
-    bar = tqdm(total=args.steps, initial=run_.start, desc=args.stage, disable=args.no_progress,
+    if run_.start < args.steps:
+        print("compiling train step ...", end="", file=sys.stderr, flush=True)
+        print(f" {run_.compile():.1f}s", file=sys.stderr, flush=True)
+    bar = tqdm(total=args.steps, initial=run_.start, desc=stage, disable=args.no_progress,
                file=sys.stderr)
 
     def show(m):
@@ -127,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_.finish()
     f, last = summary["first"], summary["last"]
     if f is not None:
-        print(f"{args.stage}: steps {f['step']}..{last['step']}: lm {f['lm']:.3f} -> {last['lm']:.3f}, "
+        print(f"{stage}: steps {f['step']}..{last['step']}: lm {f['lm']:.3f} -> {last['lm']:.3f}, "
               f"kl {f['kl']:.4f} -> {last['kl']:.4f}, recall {f['recall']:.3f} -> {last['recall']:.3f}")
     print(f"model: {summary['hf']} (bf16, HF layout); metrics: {os.path.join(out, 'metrics.jsonl')}; "
           + (f"curves: {summary['plot']}" if summary["plot"] else

@@ -62,7 +62,3 @@ class Batches:
             start = offset + int(order[g % self.windows]) * self.s
             rows.append(self.tokens[start:start + self.s])
         return np.stack(rows)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.b * self.s

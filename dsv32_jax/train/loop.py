@@ -3,7 +3,8 @@ the metrics of every step, the curves, and at the end the trained model as a bf1
 released HF layout (`load_model` reads it like any other).
 
   OUT/run.json         config, stage, hyper-parameters, batch shape, seed, data file
-  OUT/ckpt/<step>/     Orbax: params (float32 masters) + optimizer state + step, and the data position
+  OUT/ckpt/<step>/     Orbax: params (float32 masters) + optimizer state + step, the data position
+                       and a CRC-32 of every array (checked on resume)
   OUT/metrics.jsonl    one line per step: loss, lm, kl, recall, grad norms
   OUT/curves.png       loss and recall curves (when matplotlib is installed)
   OUT/hf/              the trained model: config.json, model.safetensors (bf16), tokenizer
@@ -14,7 +15,11 @@ to that step: the resumed run computes exactly the steps and losses of an uninte
 batches by position, same state, deterministic CPU computation).
 
 FP8 checkpoints are not trained: the e4m3 weights have no useful gradient and updating them would
-need re-quantization each step; `--init` of an FP8 checkpoint is refused (convert it to bf16 first).
+need re-quantization each step; `--init` of an FP8 checkpoint is refused: `dsv32 convert --weights
+bf16` makes the checkpoint a run starts from.
+
+A checkpoint that does not restore intact (no state, unreadable, metadata or checksums that do not
+match) is set aside as `ckpt/<step>.bad-<reason>` and the previous one is tried.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
+import zlib
 from typing import Callable
 
 import jax
@@ -51,23 +58,34 @@ def _json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def check_init(path: str) -> str:
-    """The HF checkpoint directory to start from (a run directory: its exported `hf/`), from its
-    config.json alone; an FP8 checkpoint is refused."""
+def check_init(path: str) -> tuple[str, Config]:
+    """The checkpoint directory to start from -> (it, its config), from its config alone: a bf16
+    HF checkpoint, a directory of `dsv32 convert --weights bf16`, or a run directory (its
+    exported `hf/`). An FP8 checkpoint is refused."""
+    from dsv32_jax.checkpoint import orbax_layout
+
     if os.path.isfile(os.path.join(path, "run.json")) and os.path.isdir(os.path.join(path, "hf")):
         path = os.path.join(path, "hf")
-    other = Config.from_hf(path, fp8_activations=False)  # the weight format is what matters
+    if orbax_layout.is_orbax_dir(path):
+        other = orbax_layout.load_config(path, fp8_activations=False)
+    else:
+        other = Config.from_hf(path, fp8_activations=False)  # the weight format is what matters
     if other.quantized:
         raise TrainError(f"{path}: an FP8 checkpoint: FP8 weights are not trained (no useful gradient "
-                         "through e4m3); start from a bf16 checkpoint")
-    return path
+                         "through e4m3); convert it first (dsv32 convert HF_DIR OUT --weights bf16) "
+                         "and start from OUT")
+    return path, other
 
 
 def load_init(path: str, cfg: Config) -> dict:
-    """Params of a HF checkpoint directory (or a run directory: its exported `hf/`) for `cfg`."""
+    """Params of a checkpoint `check_init` accepts, for `cfg`."""
+    from dsv32_jax.checkpoint import orbax_layout
     from dsv32_jax.checkpoint.hf import load_params
 
-    return load_params(check_init(path), cfg)
+    path = check_init(path)[0]
+    if orbax_layout.is_orbax_dir(path):
+        return orbax_layout.restore_params(path, cfg)
+    return load_params(path, cfg)
 
 
 def export_hf(params: dict, cfg: Config, directory: str, tokenizer_dir: str | None) -> str:
@@ -95,6 +113,19 @@ def export_hf(params: dict, cfg: Config, directory: str, tokenizer_dir: str | No
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
+
+
+def checksums(state) -> tuple[list[str], list[int]]:
+    """(name, CRC-32 of the bytes) of every array of a state: saved with a checkpoint, compared
+    on restore (a flipped or truncated file that still restores is caught)."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return ([jax.tree_util.keystr(p) for p, _ in flat],
+            [zlib.crc32(np.ascontiguousarray(jax.device_get(x)).reshape(-1).view(np.uint8))
+             for _, x in flat])
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def read_metrics(out: str) -> list[dict]:
@@ -145,7 +176,7 @@ class Run:
     def __init__(self, out: str, cfg: Config, stage: str, steps: int, batches: Batches,
                  hp: S.Hparams = S.Hparams(), init: str | None = None, seed: int = 0,
                  ckpt_every: int = 50, tokenizer_dir: str | None = None, data: str = "",
-                 mesh=None):
+                 mesh=None, say: Callable[[str], None] | None = None):
         import orbax.checkpoint as ocp
 
         if cfg.quantized:
@@ -180,18 +211,69 @@ class Run:
         self.tx, self.step_fn = S.trainer(cfg, stage, hp, steps)
         with self._ctx():
             self.state = S.init_state(params, self.tx)
-        self.start = 0
-        latest = self.manager.latest_step()
-        if latest is not None:
-            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
-            got = self.manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-            self.state, self.start = got["state"], int(got["meta"]["step"])
-            if got["meta"]["data_position"] != self.start * batches.b:
-                raise TrainError(f"{out}: checkpoint {latest} is at data position "
-                                 f"{got['meta']['data_position']}, expected {self.start * batches.b}")
+        self.start = self._resume(say or _stderr)
         self.metrics = [m for m in read_metrics(out) if m["step"] <= self.start]
         self._write_metrics(self.metrics, "w")
+
+    def compile(self) -> float:
+        """Compile the step for this run's shapes before the first one (the jitted step finds
+        the executable in JAX's caches) -> seconds."""
+        t = time.perf_counter()
+        with self._ctx():
+            self.step_fn.lower(self.state, self._tokens(self.start)).compile()
+        return time.perf_counter() - t
+
+    def _restore(self, step: int):
+        """The state of checkpoint `step`, verified: -> (state, None), or (None, (reason, why))."""
+        import orbax.checkpoint as ocp
+
+        d = os.path.join(self.manager.directory, str(step))
+        if not os.path.isdir(os.path.join(d, "state")):
+            return None, ("missing", "it has no state/ (an empty or half-written directory)")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            meta = dict(got["meta"])
+            pos, sums = int(meta["data_position"]), meta.get("checksums")
+            if int(meta["step"]) != step or pos != step * self.batches.b:
+                return None, ("meta", f"its metadata says step {meta['step']} at data position "
+                                      f"{pos}, expected step {step} at {step * self.batches.b}")
+        except Exception as e:  # noqa: BLE001 - whatever a damaged checkpoint raises, said in one line
+            return None, ("unreadable", f"it does not restore: {type(e).__name__}: "
+                                        f"{' '.join(str(e).split())[:300]}")
+        if sums is not None:  # checkpoints written before checksums were kept have none
+            names, now = checksums(got["state"])
+            if len(sums) != len(now):
+                return None, ("checksum", f"{len(sums)} checksums recorded for {len(now)} arrays")
+            for name, a, b in zip(names, sums, now):
+                if a != b:
+                    return None, ("checksum", f"{name} does not match its checksum (its data "
+                                              "changed on disk)")
+        return got["state"], None
+
+    def _resume(self, say: Callable[[str], None]) -> int:
+        """Restore the newest intact checkpoint -> its step (0: none). A damaged step is said,
+        set aside as `ckpt/<step>.bad-<reason>` (never deleted) and the next older one tried."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            state, bad = self._restore(step)
+            if bad is None:
+                self.state = state
+                return step
+            d = os.path.join(self.manager.directory, str(step))
+            aside = d + f".bad-{bad[0]}"
+            n = 1
+            while os.path.exists(aside if n == 1 else f"{aside}.{n}"):
+                n += 1
+            aside = aside if n == 1 else f"{aside}.{n}"
+            os.rename(d, aside)
+            say(f"{self.out}: checkpoint of step {step} is damaged: {bad[1]}; set aside as "
+                f"{aside}, trying the previous one")
+            self.manager.reload()
+        if steps:
+            say(f"{self.out}: no intact checkpoint left: training starts again from step 0")
+        return 0
 
     def _ctx(self):
         import contextlib
@@ -226,7 +308,8 @@ class Run:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state),
             meta=ocp.args.JsonSave({"step": step, "data_position": step * self.batches.b,
-                                    "stage": self.stage})), force=True)
+                                    "stage": self.stage,
+                                    "checksums": checksums(self.state)[1]})), force=True)
         self.manager.wait_until_finished()
 
     def train(self, on_step: Callable[[dict], None] | None = None) -> list[dict]:

@@ -31,8 +31,9 @@ from flax import linen as nn
 
 from dsv32_jax.model.attention import MLA, NEG_INF, dense_mla, index_scores, sparse_mla
 from dsv32_jax.model.config import Config
-from dsv32_jax.model.layers import Embed, Linear, RMSNorm, einsum
+from dsv32_jax.model.layers import Embed, Linear, RMSNorm
 from dsv32_jax.model.moe import EXPERTS, FFN, MoE
+from dsv32_jax.model.quant import einsum
 from dsv32_jax.model.rope import rope_tables
 from dsv32_jax.model.transformer import ACT, layer_counts
 from sharding.mesh import constrain

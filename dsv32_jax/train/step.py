@@ -143,11 +143,6 @@ def trainer(cfg: Config, stage: str, hp: Hparams, total_steps: int):
     return tx, make_step(cfg, stage, tx, hp.remat)
 
 
-def evaluate(cfg: Config, stage: str):
-    """Jitted metrics without an update: (params, tokens) -> metrics."""
-    return jax.jit(lambda params, tokens: losses(params, tokens, cfg, stage)[1])
-
-
 def train_config(cfg: Config, dtype: str = "bfloat16") -> Config:
     """The config a model trains under: bf16 weights (FP8 weights are not trained), no FP8
     activation simulation (its rounding has no useful gradient), compute dtype `dtype`."""
