@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernels import DEADLINE, PEAK, _fmt_row, _time, device_header, markdown
+from benchmarks.kernels import (DEADLINE, PEAK, _fmt_row, _time, device_header, markdown,
+                               random_fp8)
 from dsv32_jax.model.config import preset
 from dsv32_jax.model.moe import routed_rows
 from dsv32_jax.model.quant import act_quant, blockwise_matmul, dequant
@@ -92,13 +93,12 @@ def linear_rows(shapes, ms, repeats):
 
 
 def moe_params(cfg, seed=0):
-    """One MoE layer's stacked routed experts (1, E, out, in), random FP8, scales 1/sqrt(in)."""
+    """One MoE layer's stacked routed experts (1, E, out, in), random FP8 made on the device (one
+    (out, in) slab per tensor, repeated over the experts), scales 1/sqrt(in)."""
     e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
     w, s = {}, {}
     for j, (name, (n, k)) in enumerate({"w1": (i, d), "w3": (i, d), "w2": (d, i)}.items()):
-        key = jax.random.key(seed + j)
-        w[name] = jax.jit(lambda key, n=n, k=k: jnp.clip(jax.random.normal(
-            key, (1, e, n, k), jnp.bfloat16), -8, 8).astype(E4M3))(key)
+        w[name] = random_fp8(jax.random.key(seed + j), (1, e, n, k), slab=2)
         s[name] = jnp.full((1, e, -(-n // 128), k // 128), k**-0.5, jnp.float32)
     return w, s
 

@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# One device call for a GPU session: every Pallas kernel checked against its jnp reference on the
-# GPU, then timed (released shapes, vs the XLA path and the dense path) plus a small block-size
-# sweep. Writes $OUT (or benchmarks/out)/kernels.{json,md}; then the FP8 GEMMs (benchmarks.gemm:
-# checks, fp8_linear at the model's shapes vs XLA blockwise / bf16, one MoE layer's routed experts)
-# -> gemm.{json,md}. Rows still left after BUDGET_S (default 280) / GEMM_BUDGET_S (default 120)
-# seconds are recorded as skipped, so the whole run stays under about 8 minutes.
+# The one device call of a GPU session (fits 7 minutes wall): `python3 -m benchmarks.session`
+# -> $OUT (or benchmarks/out)/session.{json,md}: checks on the device, the released-width model
+# (decode step, prefill chunk; attention and matmul_impl xla / pallas), the kernels at the shapes
+# benchmarks.deviceless compiles, then FP8 GEMMs and sweeps while the budget lasts. BUDGET_S
+# (default 390) bounds everything, compiles and input creation included; rows that do not fit are
+# recorded as skipped. `timeout` stops a row that overruns its estimate (session.json then says
+# "complete": false). Second-call work: benchmarks.kernels --gpu-all, benchmarks.gemm,
+# benchmarks.model (see benchmarks/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-benchmarks/out}"
-PY="${PYTHON:-python}"
-"$PY" -c "import jax; print(jax.__version__, jax.devices())"
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -W ignore::DeprecationWarning \
-  -m benchmarks.kernels --gpu-all --out "$DEST" --repeats 10 --budget-s "${BUDGET_S:-280}" "$@" || status=$?
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -W ignore::DeprecationWarning \
-  -m benchmarks.gemm --out "$DEST" --repeats 10 --budget-s "${GEMM_BUDGET_S:-120}" || status=$?
-exit "${status:-0}"
+BUDGET="${BUDGET_S:-390}"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 timeout -s INT -k 10 \
+  "$(( ${BUDGET%.*} + 20 ))" "${PYTHON:-python3}" -W ignore::DeprecationWarning \
+  -m benchmarks.session --out "$DEST" --budget-s "$BUDGET" "$@"

@@ -62,24 +62,42 @@ def device_header() -> str:
     return head
 
 
-def _time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
+def time_first(fn, args, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call: compile + warm-up, median seconds of `repeats` calls after)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return first, statistics.median(times)
+
+
+def _time(fn, args, repeats: int) -> float:
+    return time_first(fn, args, repeats)[1]
+
+
+def random_fp8(key, shape, slab: int = 0):
+    """e4m3 values made on the device from random bytes (the top exponent bit cleared: |x| < 2,
+    never NaN); slab > 0: one array of the trailing `slab` dims drawn, repeated over the rest."""
+    bits = jax.random.bits(key, tuple(shape[len(shape) - slab:] if slab else shape), jnp.uint8)
+    x = jax.lax.bitcast_convert_type(bits & jnp.uint8(0xBF), E4M3)
+    return jnp.broadcast_to(x, shape)
 
 
 def _rng_arrays(seed, *specs):
-    rng = np.random.default_rng(seed)
+    """Random arrays made on the device: int32 in [0, 2^30), e4m3 from random bytes, floats
+    N(0, 1)."""
     out = []
-    for shape, dtype in specs:
+    for key, (shape, dtype) in zip(jax.random.split(jax.random.key(seed), len(specs)), specs):
         if jnp.dtype(dtype) == jnp.int32:
-            out.append(jnp.asarray(rng.integers(0, 1 << 30, shape) if shape else 0, jnp.int32))
+            out.append(jax.random.randint(key, shape, 0, 1 << 30, jnp.int32))
+        elif jnp.dtype(dtype) == jnp.dtype(E4M3):
+            out.append(random_fp8(key, shape))
         else:
-            out.append(jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype))
+            out.append(jax.random.normal(key, shape, jnp.float32).astype(dtype))
     return out
 
 
@@ -98,9 +116,9 @@ def mla_inputs(sh: Shapes, b: int, s: int, t: int, seed=0, dtype=jnp.bfloat16):
                                    ((b, t, sh.r), dtype))
     cs = jnp.full((b, t, sh.c // 128), 0.05, jnp.float32)
     k = min(sh.topk, t)
-    rng = np.random.default_rng(seed + 2)
-    idx = jnp.asarray(np.stack([[rng.permutation(t)[:k] for _ in range(s)] for _ in range(b)]),
-                      jnp.int32)
+    kp, ks = jax.random.split(jax.random.key(seed + 2))  # k distinct slots per query, shifted
+    shift = jax.random.randint(ks, (b, s, 1), 0, t, jnp.int32)
+    idx = (jax.random.permutation(kp, t)[:k].astype(jnp.int32) + shift) % t
     return q_c, q_pe, idx, c, cs, pe
 
 
@@ -170,18 +188,23 @@ def mla_cost(sh: Shapes, b: int, s: int, t: int) -> tuple[float, int]:
     return fl, by
 
 
-def cases(sh: Shapes, quick: bool):
-    """(kernel, variant, shape label, make_inputs, pallas fn, {baseline: fn}, flops, bytes, peak)."""
+TABLE_SHAPES = {  # (B, S, T) of each indexer / sparse_mla case, (rows, T) of each top-k case
+    "idx_dec": [(1, 1, 4096), (1, 1, 131072), (8, 1, 32768), (64, 1, 4096), (64, 1, 32768)],
+    "idx_pre": [(1, 512, 8192), (1, 512, 131072), (1, 4096, 4096)],
+    "topk_rows": [(1, 131072), (64, 32768), (64, 131072), (512, 8192)],
+    "mla_dec": [(1, 1, 32768), (1, 1, 131072), (16, 1, 32768), (64, 1, 8192), (64, 2, 32768)],
+    "mla_pre": [(1, 512, 8192), (1, 2048, 32768)]}
+QUICK_SHAPES = {"idx_dec": [(2, 1, 64)], "idx_pre": [(1, 16, 64)], "topk_rows": [(4, 64)],
+                "mla_dec": [(2, 1, 64)], "mla_pre": [(1, 8, 64)]}
+
+
+def cases(sh: Shapes, quick: bool, sizes: dict | None = None):
+    """(kernel, variant, shape label, make_inputs, pallas fn, {baseline: fn}, flops, bytes, peak)
+    over `sizes` (default: TABLE_SHAPES, or QUICK_SHAPES with quick)."""
     scale = 0.1
-    if quick:
-        idx_dec, idx_pre = [(2, 1, 64)], [(1, 16, 64)]
-        topk_rows, mla_dec, mla_pre = [(4, 64)], [(2, 1, 64)], [(1, 8, 64)]
-    else:
-        idx_dec = [(1, 1, 4096), (1, 1, 131072), (8, 1, 32768), (64, 1, 4096), (64, 1, 32768)]
-        idx_pre = [(1, 512, 8192), (1, 512, 131072), (1, 4096, 4096)]
-        topk_rows = [(1, 131072), (64, 32768), (64, 131072), (512, 8192)]
-        mla_dec = [(1, 1, 32768), (1, 1, 131072), (16, 1, 32768), (64, 1, 8192), (64, 2, 32768)]
-        mla_pre = [(1, 512, 8192), (1, 2048, 32768)]
+    sizes = sizes or (QUICK_SHAPES if quick else TABLE_SHAPES)
+    idx_dec, idx_pre, topk_rows, mla_dec, mla_pre = (
+        sizes.get(k, []) for k in ("idx_dec", "idx_pre", "topk_rows", "mla_dec", "mla_pre"))
     out = []
     for variant, shapes in (("decode", idx_dec), ("prefill", idx_pre)):
         for b, s, t in shapes:
@@ -212,6 +235,28 @@ def cases(sh: Shapes, quick: bool):
     return out
 
 
+def measure_case(mk, fn, bases, fl, by, peak, repeats: int) -> dict:
+    """One case of `cases`: the Pallas kernel's median time (and its first call's: compile +
+    warm-up), TFLOPS / GB/s against the peaks, each baseline's time and ratio; an error recorded."""
+    row = {}
+    try:
+        args = mk()
+        first, tp = time_first(jax.jit(fn), args, repeats)
+        row.update(pallas_ms=tp * 1e3, tflops=fl / tp / 1e12, gbs=by / tp / 1e9,
+                   pct_flops=100 * fl / tp / PEAK[peak], pct_hbm=100 * by / tp / PEAK["hbm"],
+                   first_call_s=round(first, 2))
+        for name, bf in bases.items():
+            try:
+                tb = _time(jax.jit(bf), args, repeats)
+                row[f"{name}_ms"], row[f"{name}/pallas"] = tb * 1e3, tb / tp
+            except Exception as e:  # noqa: BLE001  (an OOM of a baseline: recorded)
+                row[f"{name}_ms"] = f"error: {type(e).__name__}"
+        del args
+    except Exception as e:  # noqa: BLE001  (recorded; the other rows still run)
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
 DEADLINE = [float("inf")]  # perf_counter() after which the remaining rows are skipped
 
 
@@ -225,20 +270,7 @@ def run_table(sh: Shapes, quick: bool, repeats: int, only=None) -> list[dict]:
             row["error"] = "skipped: --budget-s spent"
             rows.append(row)
             continue
-        try:
-            args = mk()
-            tp = _time(jax.jit(fn), args, repeats)
-            row.update(pallas_ms=tp * 1e3, tflops=fl / tp / 1e12, gbs=by / tp / 1e9,
-                       pct_flops=100 * fl / tp / PEAK[peak], pct_hbm=100 * by / tp / PEAK["hbm"])
-            for name, bf in bases.items():
-                try:
-                    tb = _time(jax.jit(bf), args, repeats)
-                    row[f"{name}_ms"], row[f"{name}/pallas"] = tb * 1e3, tb / tp
-                except Exception as e:  # noqa: BLE001  (an OOM of a baseline: recorded)
-                    row[f"{name}_ms"] = f"error: {type(e).__name__}"
-            del args
-        except Exception as e:  # noqa: BLE001  (recorded; the other rows still run)
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row.update(measure_case(mk, fn, bases, fl, by, peak, repeats))
         rows.append(row)
         print(_fmt_row(row), flush=True)
     return rows
