@@ -171,7 +171,7 @@ def test_layers_are_scanned_not_unrolled():
         cfg = dataclasses.replace(preset("tiny"), n_layers=n_layers)
         module = Transformer(cfg)
         tokens = jnp.zeros((1, 8), jnp.int32)
-        params = jax.eval_shape(module.init, jax.random.key(0), tokens)
+        params = jax.eval_shape(module.init, rngs(0), tokens)  # params + the experts stream
         jaxpr = jax.make_jaxpr(module.apply)(params, tokens)
         return len(jaxpr.jaxpr.eqns), str(jaxpr).count("\n")
 

@@ -158,7 +158,7 @@ SCRIPT = textwrap.dedent("""
         from dsv32_jax import cli
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            cli._load_weights(path, argparse.Namespace(mesh="2,2,2", dtype="float32", no_fp8=True))
+            cli._load_weights(path, argparse.Namespace(mesh=(2, 2, 2), dtype="float32", no_fp8=True))
         out["layout_line"] = err.getvalue().splitlines()[-1]
 
     if "hlo" in checks:  # deployment numerics: bf16 + FP8 activations, FP8 weights
