@@ -145,8 +145,10 @@ def test_sharded_estimate_against_compiled_temp():
     """The same check on a mesh (data 2 x expert 4, 8 simulated devices, `small`, batch 4, context
     1024, a 512-token prefill chunk), where the expert-parallel buffers and the data split count:
     XLA's per-device argument bytes are exactly the plan's weights + cache plus the step's inputs
-    (tokens, positions, last), and the prefill estimate is within 0.5x..2x of the per-device
-    compiled temp (measured: about 1.3x; XLA:CPU caveats as above)."""
+    (tokens, positions, last), and the prefill estimate is within 1.12x..1.51x of the per-device
+    compiled temp (measured: 1.317x, jax 0.10.2; the bar leaves 15% either way, as above; the
+    estimate sums buffers that XLA does not hold all at once, and omitting the expert-parallel
+    buffers (1.083x) fails it. XLA:CPU caveats as above)."""
     mesh, batch, context, queries = (2, 4, 1), 4, 1024, 512
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -160,7 +162,7 @@ def test_sharded_estimate_against_compiled_temp():
     local = batch // mesh[0]
     inputs = 2 * local * queries * 4 + local * 4
     assert got["args"] == p.weights["total"] + p.cache + inputs
-    assert 0.5 <= p.phases["prefill"]["total"] / got["temp"] <= 2.0, (p.phases["prefill"], got)
+    assert 1.12 <= p.phases["prefill"]["total"] / got["temp"] <= 1.51, (p.phases["prefill"], got)
 
 
 def test_parse_bytes_and_meshes():
