@@ -98,6 +98,31 @@ def test_synthetic_checkpoint_writer_takes_the_lock(tmp_path):
         proc.wait(60)
 
 
+def test_demo_training_takes_the_lock_of_out(tmp_path, capsys, monkeypatch):
+    """`python -m dsv32_jax.train.demo OUT` refuses an OUT another process is writing, in one
+    line with exit status 1, before it writes anything (its stages' own locks did not cover OUT:
+    two demo runs into one OUT interleaved their corpus, tokenizer and model)."""
+    from dsv32_jax.train import corpus
+    from dsv32_jax.train.demo import main
+
+    def written(*_):
+        raise AssertionError("the demo went on to write OUT")  # (not a training of minutes)
+
+    monkeypatch.setattr(corpus, "write_corpus", written)
+    out = tmp_path / "demo"
+    proc = holder(out)
+    try:
+        assert main([str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"python -m dsv32_jax.train.demo: error: {out} is being written by pid "
+                       f"{proc.pid} (test holder); wait for it to finish, or stop it, or choose "
+                       "another directory\n")
+        assert os.listdir(tmp_path) == ["demo.lock"]
+    finally:
+        proc.kill()
+        proc.wait(60)
+
+
 def test_two_spellings_of_one_directory_share_the_lock(tmp_path):
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "alias")

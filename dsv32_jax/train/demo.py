@@ -5,6 +5,9 @@ sparse training over the indexer's top-k. Its final checkpoint is shipped as pac
 
     python -m dsv32_jax.train.demo OUT      # ~15-25 min on 2 CPU cores; then copies OUT/model
                                             # into dsv32_jax/demo_model with --install
+
+One run at a time writes OUT: the run holds `dsv32_jax.dirlock` on it (each stage's directory has
+its own lock as well); a second run into the same OUT says who writes it and exits 1.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import sys
 import time
 
+from dsv32_jax.dirlock import hold
 from dsv32_jax.model.config import preset
 from dsv32_jax.train import step as S
 
@@ -37,17 +41,27 @@ def demo_config(dtype: str = "float32"):
 
 
 def main(argv=None) -> int:
-    from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
-    from dsv32_jax.train import corpus
-    from dsv32_jax.train.data import Batches, tokenize_file
-    from dsv32_jax.train.loop import Run, plot, read_metrics
-
     p = argparse.ArgumentParser(prog="python -m dsv32_jax.train.demo")
     p.add_argument("out")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--install", action="store_true", help=f"copy the model into {DEMO_DIR}")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
     args = p.parse_args(argv)
+    try:  # one run at a time into OUT, as every writer of a directory (its stages lock their own)
+        lock = hold(args.out, "python -m dsv32_jax.train.demo")
+    except (ValueError, OSError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
+    with lock:
+        return _train(args)
+
+
+def _train(args) -> int:
+    from dsv32_jax.text.tokenizer import build_synthetic_tokenizer
+    from dsv32_jax.train import corpus
+    from dsv32_jax.train.data import Batches, tokenize_file
+    from dsv32_jax.train.loop import Run, plot, read_metrics
+
     os.makedirs(args.out, exist_ok=True)
     data = corpus.write_corpus(os.path.join(args.out, "corpus.txt"))
     tok_dir = os.path.join(args.out, "tokenizer")
