@@ -11,12 +11,14 @@ such cause in one line within `init_timeout` seconds; then each keeps its connec
 open as a watch: a process that dies closes it at once (a lost host is noticed after
 `heartbeat_timeout` seconds of silence), and every process ends with one line and exit status 1.
 Only then does process 0 hand the port to `jax.distributed.initialize`, whose own timeouts are set
-past ours.
+past ours. The other processes' JAX clients reach it through a local relay (`_relay`), so that
+process 0's death reaches them only after the watch has spoken.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import resource
@@ -99,8 +101,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         f"process {i}: JAX's distributed runtime did not start within {t:g}s",))
     timer.daemon = True
     timer.start()
+    address = s["coordinator_address"] if i == 0 else _relay(s["coordinator_address"])
     try:
-        jax.distributed.initialize(s["coordinator_address"], n, i,
+        jax.distributed.initialize(address, n, i,
                                    initialization_timeout=int(t) + JAX_MARGIN,
                                    heartbeat_timeout_seconds=int(s["heartbeat_timeout"]) + JAX_MARGIN)
     finally:
@@ -306,6 +309,46 @@ def _watch(links: dict[int, socket.socket], me: int, timeout: float) -> None:
     threading.Thread(target=beat, daemon=True).start()
     for k, sock in links.items():
         threading.Thread(target=watch, args=(k, sock), daemon=True).start()
+
+
+def _relay(address: str) -> str:
+    """Process I > 0: a local port that forwards JAX's runtime client to the coordinator -> its
+    address. When process 0 dies, JAX's client sees its connection close and ends this process at
+    once by a C++ LOG(FATAL) (its log lines first), racing our watch; its `missed_heartbeat_callback`
+    cannot be a Python function (jaxlib has no Python type for the status it passes: std::bad_cast,
+    std::terminate). Through the relay, the client's side stays open until the watch has named the
+    cause and ended the process; after process 0's "bye" (or our own leave) it closes."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def pump(src: socket.socket, dst: socket.socket, upstream: bool, pair: list):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        while upstream and pair[1] == 2 and _links.get(0) is not None:
+            time.sleep(0.05)  # process 0's side closed first: the watch decides (death or bye)
+        with pair[0]:
+            pair[1] -= 1
+            last = pair[1] == 0
+        for sock in (src, dst):  # the first pump to end wakes the other, the last one closes
+            with contextlib.suppress(OSError):
+                sock.close() if last else sock.shutdown(socket.SHUT_RDWR)
+
+    def serve():
+        while True:
+            down, _ = srv.accept()
+            try:
+                up = socket.create_connection(_port(address))
+            except OSError:
+                down.close()  # JAX's client retries
+                continue
+            pair = [threading.Lock(), 2]  # the pumps still running
+            for a, b, upstream in ((down, up, False), (up, down, True)):
+                threading.Thread(target=pump, args=(a, b, upstream, pair), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"127.0.0.1:{srv.getsockname()[1]}"
 
 
 def to_host(x) -> np.ndarray:

@@ -257,6 +257,47 @@ def test_lost_process_ends_the_run():
                 p.kill()
 
 
+JOINED = textwrap.dedent("""
+    import time
+    from sharding import distributed
+    distributed.initialize()
+    print("up", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_process_0_killed_ends_the_others_in_one_line(tmp_path):
+    """Process 0 hosts JAX's coordination service: when it dies, JAX's client in each other
+    process ends it at once (its C++ log, a LOG(FATAL) stack trace, SIGABRT), racing the watch's
+    line (about half the runs printed the C++ lines first). Through `distributed._relay` only the
+    watch speaks: exit 1, one line, no core. Three runs of 2 processes at once."""
+    runs = []
+    for _ in range(3):
+        coord = f"127.0.0.1:{_port()}"
+        runs.append([subprocess.Popen([sys.executable, "-c", JOINED], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                      env=_env(1, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
+                                               DSV32_PROCESS_ID=str(i)))
+                     for i in range(2)])
+    try:
+        for procs in runs:
+            for p in procs:
+                assert p.stdout.readline() == "up\n", p.communicate(timeout=60)[1][-3000:]
+        for first, _ in runs:
+            first.kill()
+        for _, survivor in runs:
+            _, err = survivor.communicate(timeout=60)
+            assert survivor.returncode == 1, (survivor.returncode, err[-3000:])
+            assert err == ("error: multi-process run: process 1: process 0 ended without a word "
+                           "(killed or crashed)\n"), err[-3000:]
+        assert not [f for f in os.listdir(tmp_path) if f.startswith("core")]
+    finally:
+        for procs in runs:
+            for p in procs:
+                p.kill()
+                p.wait(60)
+
+
 @pytest.mark.parametrize("flag", ["--init-timeout", "--heartbeat-timeout"])
 def test_timeouts_are_usage_errors(flag, capsys):
     from dsv32_jax.cli import main
