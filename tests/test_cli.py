@@ -194,7 +194,7 @@ def _cli(args: list, stdin: bytes = b"", **env) -> subprocess.CompletedProcess:
                           cwd=REPO, env=dict(os.environ, **env), timeout=600)
 
 
-def test_bad_input_never_ends_a_run_and_the_next_process_reads_the_compile_cache(ckpt):
+def test_bad_input_never_ends_a_run_and_the_next_process_reads_the_compile_cache(ckpt, no_shared_compile_cache):
     """Two processes (one test: each costs an import, a load and compiles). `generate` with a prompt argument
     that is not UTF-8 reads it with U+FFFD (said once) and compiles into $DSV32_CACHE/xla. Then `chat`, whose
     stdin holds bytes that are not UTF-8 (with a strict stdin encoding) and a message of more than 16 bytes a
@@ -224,7 +224,7 @@ def test_bad_input_never_ends_a_run_and_the_next_process_reads_the_compile_cache
     assert all(again[label] == " (from the compile cache)" for label in shared), again
 
 
-def test_compile_cache_is_on_during_a_command_unless_opted_out(ckpt, monkeypatch, capsys):
+def test_compile_cache_is_on_during_a_command_unless_opted_out(ckpt, monkeypatch, capsys, no_shared_compile_cache):
     """What JAX is told while the command runs (seen from inside it); afterwards main leaves JAX's settings as
     it found them (a second process reading the cache: the test above)."""
     import jax

@@ -39,7 +39,7 @@ from dsv32_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsFile, Sharde
 from dsv32_jax.checkpoint.synthetic import tensor_specs, write_checkpoint
 from dsv32_jax.checkpoint.weights import flatten
 
-from conftest import REPO, fixture_dir, fixture_model, golden, row_cosine, row_error
+from conftest import REPO, fixture_dir, fixture_model, golden, row_cosine, row_error, xla_env
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -205,7 +205,7 @@ w = b.params["moe_layers"]["ffn"]["experts"]["w1_weight"]
 print("RESULT", all(jax.tree.leaves(same)), len(w.sharding.device_set),
       w.addressable_shards[0].data.shape[1], w.shape[1])
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = xla_env(4, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -20,7 +20,7 @@ import pytest
 from benchmarks.deviceless import (F32_SITES, blocks_per_sm, dots, f32_highest, launches,
                                    mma_class, mma_counts, parse_thunks, ptxas_report,
                                    update_results, while_trip_counts)
-from conftest import REPO
+from conftest import REPO, user_env
 
 GPU_VENV = REPO / ".venv-gpu"
 MIB, GIB = 1 << 20, 1 << 30
@@ -193,7 +193,7 @@ def compiled(tmp_path_factory):
     proc = subprocess.run([str(GPU_VENV / "bin" / "python"), "-m", "benchmarks.deviceless",
                            "--quick", "--no-results", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          env=user_env(JAX_PLATFORMS="cpu"))
     path = out / "deviceless.json"
     if not path.exists():
         pytest.fail(f"benchmarks.deviceless wrote nothing (exit {proc.returncode}):\n"

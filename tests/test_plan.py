@@ -5,7 +5,6 @@ compiled temp memory, and the command line."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import REPO
+from conftest import xla_env
 from dsv32_jax.checkpoint.weights import abstract_params, flatten
 from dsv32_jax.cli import main
 from dsv32_jax.model.config import preset
@@ -59,8 +58,7 @@ LOAD_SCRIPT = textwrap.dedent("""
 def test_weights_and_cache_equal_what_the_loader_allocates(tmp_path):
     """A synthetic tiny checkpoint loaded with load_model(mesh=) on 8 simulated CPU devices: every
     device's param bytes (by dtype) and cache bytes equal the plan's, for four meshes."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = xla_env(8)
     proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "ckpt"),
                            json.dumps(LOADS), str(CONTEXT)],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -150,8 +148,7 @@ def test_sharded_estimate_against_compiled_temp():
     estimate sums buffers that XLA does not hold all at once, and omitting the expert-parallel
     buffers (1.083x) fails it. XLA:CPU caveats as above)."""
     mesh, batch, context, queries = (2, 4, 1), 4, 1024, 512
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = xla_env(8)
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT,
                            json.dumps([mesh, batch, context, queries])],
                           capture_output=True, text=True, env=env, timeout=300)

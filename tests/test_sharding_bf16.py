@@ -1,5 +1,7 @@
 """`test_sharding`'s sharded-equals-unsharded check on the tiny-bf16 fixture (bf16 weights, no
-block scales), in a file of its own so that pytest-xdist runs it beside the tiny-fp8 case."""
+block scales), in a file of its own so that pytest-xdist runs it beside the tiny-fp8 case. Two
+meshes, where the bf16 weights split over experts and tensor: (1,4,2) and (2,2,2); the tiny-fp8
+case runs all six."""
 
 from __future__ import annotations
 
@@ -7,4 +9,4 @@ from test_sharding import check_sharded_equals_unsharded
 
 
 def test_sharded_equals_unsharded_bf16():
-    check_sharded_equals_unsharded("tiny-bf16")
+    check_sharded_equals_unsharded("tiny-bf16", [(1, 4, 2), (2, 2, 2)])
