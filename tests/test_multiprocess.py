@@ -5,6 +5,7 @@ Python API (HF and Orbax checkpoints), and print what 1 process x 8 devices prin
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import socket
@@ -60,18 +61,6 @@ def _port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     return xla_env(devices, **extra)
-
-
-def _run_both(cmd: list[str], tmp, stdin: str = "", timeout: int = 600
-              ) -> tuple[subprocess.CompletedProcess, list]:
-    """cmd as 1 process x 8 devices, then as 2 processes x 4 devices (`_run_two`) -> (single,
-    [process 0, process 1]). `stdin` goes to the single process and to process 0."""
-    out = tmp / "out.txt"
-    out.write_text("")
-    single = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin,
-                            env=_env(8, DSV32_TEST_OUT=str(out)))
-    single = subprocess.CompletedProcess(cmd, single.returncode, out.read_text(), single.stderr)
-    return single, _run_two(cmd, tmp, stdin, timeout)
 
 
 def _run_two(cmd: list[str], tmp, stdin: str = "", timeout: int = 600) -> list:
@@ -143,25 +132,30 @@ def test_two_processes_equal_the_reference(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
-def test_cli_two_processes(tmp_path, command):
-    """`dsv32 generate` and `dsv32 chat` (process 0 reads stdin and sends each line to process 1,
-    which has no stdin) print what one process prints; process 1 prints nothing."""
+def test_cli_two_processes(tmp_path, command, monkeypatch, capsys):
+    """`dsv32 generate` and `dsv32 chat` on 2 processes x 4 devices (process 0 reads stdin and
+    sends each line to process 1, which has no stdin) print what one device prints (the same
+    command run here, without --mesh: exact numerics, so the same greedy replies); process 1
+    prints nothing."""
     from dsv32_jax.checkpoint.synthetic import write_checkpoint
+    from dsv32_jax.cli import main
     from dsv32_jax.model.config import preset
 
     ckpt = tmp_path / "ck"
     write_checkpoint(preset("tiny"), ckpt)
     args = ["--prompt", "Hello there"] if command == "generate" else []
-    cmd = [sys.executable, "-c", CLI, command, "--ckpt", str(ckpt), *args, "--temperature", "0",
-           "--max-new-tokens", "6", "--mesh", MESH, "--dtype", "float32", "--no-fp8"]
+    argv = [command, "--ckpt", str(ckpt), *args, "--temperature", "0", "--max-new-tokens", "6",
+            "--dtype", "float32", "--no-fp8"]
     stdin = "Hello there\n/clear\nand again\n/exit\n" if command == "chat" else ""
-    single, multi = _run_both(cmd, tmp_path, stdin)
-    text = _ok(single)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+    assert main(argv) == 0
+    text, err = capsys.readouterr()
     assert text.strip()
     if command == "chat":
-        assert "conversation cleared" in single.stderr  # two turns read from stdin, then /exit
-        assert len(re.findall(r"prefill \d+ tokens", single.stderr)) == 2
-    assert _ok(multi[0]) == text  # the same greedy replies
+        assert "conversation cleared" in err  # two turns read from stdin, then /exit
+        assert len(re.findall(r"prefill \d+ tokens", err)) == 2
+    multi = _run_two([sys.executable, "-c", CLI, *argv, "--mesh", MESH], tmp_path, stdin)
+    assert _ok(multi[0]) == _text(text)  # the same greedy replies
     assert _ok(multi[1]) == ""  # process 1 computes with it but prints nothing
     assert _text(multi[1].stderr) == ""
 

@@ -92,8 +92,8 @@ def test_warmup_then_sparse(data, tmp_path, capsys):
     cfg, batches = _cfg(), _batches(data)
     out = tmp_path / "warmup"
     out.mkdir()  # an empty directory is fine
-    args = (str(out), cfg, "warmup", 40, batches, S.Hparams(indexer_lr=1e-2, warmup_steps=5))
-    warm = Run(*args, ckpt_every=40, tokenizer_dir=str(data / "tok"))
+    args = (str(out), cfg, "warmup", 25, batches, S.Hparams(indexer_lr=1e-2, warmup_steps=5))
+    warm = Run(*args, ckpt_every=25, tokenizer_dir=str(data / "tok"))
     files = _files(out)
     busy = rf"{out} is being written by pid {os.getpid()} \(dsv32 train\)"
     with pytest.raises(Busy, match=busy):
@@ -112,9 +112,9 @@ def test_warmup_then_sparse(data, tmp_path, capsys):
     warm.finish()
     assert sorted(os.listdir(tmp_path)) == ["warmup"]  # finish() removed the lock file
 
-    sparse = Run(str(tmp_path / "sparse"), cfg, "sparse", 40, batches,
+    sparse = Run(str(tmp_path / "sparse"), cfg, "sparse", 25, batches,
                  S.Hparams(lr=1e-2, indexer_lr=3e-3, warmup_steps=5), init=str(tmp_path / "warmup"),
-                 ckpt_every=40, tokenizer_dir=str(data / "tok"))
+                 ckpt_every=25, tokenizer_dir=str(data / "tok"))
     ms = sparse.train()
     assert _mean(ms, "lm", "last") < _mean(ms, "lm", "first") - 0.5
     assert _mean(ms, "recall", "last") > _mean(mw, "recall", "first") + 0.03
