@@ -75,8 +75,8 @@ def no_shared_compile_cache(monkeypatch):
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    for name in TEST_ENV:
+        monkeypatch.delenv(name, raising=False)
     saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_compilation_cache_dir", None)
     compilation_cache.reset_cache()

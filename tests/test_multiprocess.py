@@ -1,7 +1,7 @@
 """Multi-process runs on this machine: 2 processes x 4 CPU devices (jax.distributed over
 localhost, gloo collectives) give the official reference's logits and greedy tokens through the
-Python API (HF and Orbax checkpoints), and print what 1 process x 8 devices prints through
-`dsv32 generate` and `dsv32 chat`."""
+Python API (HF and Orbax checkpoints), and print what one device prints through `dsv32 generate`
+and `dsv32 chat`."""
 
 from __future__ import annotations
 
@@ -59,10 +59,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int, **extra) -> dict:
-    return xla_env(devices, **extra)
-
-
 def _run_two(cmd: list[str], tmp, stdin: str = "", timeout: int = 600) -> list:
     """cmd as 2 processes x 4 devices, coordinated over a free localhost port through the DSV32_*
     variables -> [process 0, process 1]; each result's stdout is what Python printed (to
@@ -76,8 +72,8 @@ def _run_two(cmd: list[str], tmp, stdin: str = "", timeout: int = 600) -> list:
     coord = f"127.0.0.1:{_port()}"
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               stdin=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
-                              env=_env(4, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
-                                       DSV32_PROCESS_ID=str(i), DSV32_TEST_OUT=str(outs[i])))
+                              env=xla_env(4, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
+                                          DSV32_PROCESS_ID=str(i), DSV32_TEST_OUT=str(outs[i])))
              for i in range(2)]
     try:
         errs = [p.communicate(input=stdin if i == 0 else None, timeout=timeout)[1]
@@ -161,7 +157,7 @@ def test_cli_two_processes(tmp_path, command, monkeypatch, capsys):
 
 
 def test_partial_multiprocess_settings_are_one_line_errors(tmp_path):
-    env = _env(1, DSV32_COORDINATOR="127.0.0.1:1")
+    env = xla_env(1, DSV32_COORDINATOR="127.0.0.1:1")
     env.pop("DSV32_NUM_PROCESSES", None)
     env.pop("DSV32_PROCESS_ID", None)
     proc = subprocess.run([sys.executable, "-m", "dsv32_jax.cli", "generate", "--ckpt",
@@ -173,7 +169,7 @@ def test_partial_multiprocess_settings_are_one_line_errors(tmp_path):
 
 def _start(args: list[str], **env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(1, **env))
+                            text=True, env=xla_env(1, **env))
 
 
 def test_join_failures_are_one_line(tmp_path):
@@ -279,8 +275,8 @@ def test_process_0_killed_ends_the_others_in_one_line(tmp_path):
         coord = f"127.0.0.1:{_port()}"
         runs.append([subprocess.Popen([sys.executable, "-c", JOINED], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                                      env=_env(1, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
-                                               DSV32_PROCESS_ID=str(i)))
+                                      env=xla_env(1, DSV32_COORDINATOR=coord, DSV32_NUM_PROCESSES="2",
+                                                  DSV32_PROCESS_ID=str(i)))
                      for i in range(2)])
     try:
         for procs in runs:
