@@ -579,7 +579,7 @@ def plan(args: argparse.Namespace) -> int:
     """`dsv32 plan`: per-device memory of a config on a mesh (sharding.plan), without weights or devices."""
     import json
 
-    from sharding import plan_module as planner
+    from sharding import plan as planner
     from sharding.mesh import parse_mesh
 
     def usage(msg: str) -> int:
