@@ -61,7 +61,7 @@ def lower(cfg: Config, context: int, queries: int, impl: str = "xla", mesh=None,
     params = abstract(cfg)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, context))
     if mesh is not None:
-        from sharding.mesh import cache_shardings, param_shardings
+        from dsv32_jax.shardings import cache_shardings, param_shardings
 
         def put(x, s):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)

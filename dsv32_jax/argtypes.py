@@ -35,6 +35,34 @@ def positive_float(text: str) -> float:
     return x
 
 
+def seconds(text: str) -> float:
+    """A number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+    return value
+
+
+def checked(convert, check):
+    """A type that converts the text, then validates the value with `check` (one of
+    `dsv32_jax.engine.checks`, whose ValueError becomes the usage error)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {convert.__name__}") from None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def mesh(text: str) -> tuple[int, int, int]:
     """'d,e,t' -> (data, expert, tensor) (`sharding.mesh.parse_mesh`)."""
     from sharding.mesh import parse_mesh

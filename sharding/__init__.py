@@ -1,14 +1,10 @@
-"""Meshes (data, expert, tensor), the one rules table from logical axes to mesh axes, the shardings
-it gives params / caches / activations, expert parallelism by all-to-all, multi-process runs, and
-the memory planner (`sharding.plan`)."""
+"""Meshes (data, expert, tensor), the one rules table from logical axes to mesh axes, the hooks the
+model runs under (`sharding.mesh`), expert parallelism by all-to-all, multi-process runs, and the
+memory planner (`sharding.plan`). Only the modules below the model are re-exported here: the planner,
+which reads the model, is imported by its own name."""
 
-from sharding.mesh import (cache_shardings, constrain, make_mesh, on_mesh, param_shardings,
-                           params_mesh, parse_mesh)
+from sharding.mesh import constrain, make_mesh, on_mesh, params_mesh, parse_mesh
 from sharding.rules import MESH_AXES, RULES, fit, shard_shape
-from sharding import plan as plan_module  # the memory planner (`dsv32 plan`)
-from sharding.plan import Plan, parse_bytes
-from sharding.plan import plan as memory_plan, search as search_meshes, smallest as smallest_mesh
 
-__all__ = ["MESH_AXES", "Plan", "RULES", "cache_shardings", "constrain", "fit", "make_mesh",
-           "memory_plan", "on_mesh", "param_shardings", "params_mesh", "parse_bytes", "parse_mesh",
-           "plan_module", "search_meshes", "shard_shape", "smallest_mesh"]
+__all__ = ["MESH_AXES", "RULES", "constrain", "fit", "make_mesh", "on_mesh", "params_mesh", "parse_mesh",
+           "shard_shape"]

@@ -14,7 +14,8 @@ device j holds experts [j*E/Q, (j+1)*E/Q). Inside one `shard_map` over all devic
    local experts (local id = expert id mod E/Q) over the rows it received (`compute`: the same
    expert-window loop as one device runs), and a second `all_to_all` returns each result to the
    slot it came from (Q = 1: every device holds every expert, nothing travels);
-4. each token sums its picks' results with the routing weights (float32), as the unsharded path.
+4. each token sums its picks' results with the routing weights (`combine`: the model's own float32
+   sum, as on the unsharded path).
 
 Capacity: with `capacity_factor=None` (the default) C = rows x min(top_k, E/Q), the most picks one
 device's rows can send to one destination, so no pick is ever dropped and the result equals the
@@ -32,7 +33,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsv32_jax.model.layers import pick_sum
 from sharding.rules import EVERY_DEVICE, axis_size, expert_axes
 
 
@@ -46,7 +46,7 @@ def capacity(rows: int, top_k: int, local_experts: int, groups: int,
     return max(1, min(exact, math.ceil(capacity_factor * rows * top_k / groups)))
 
 
-def dispatch(compute: Callable, params: dict, x: jax.Array, experts: jax.Array,
+def dispatch(compute: Callable, combine: Callable, params: dict, x: jax.Array, experts: jax.Array,
              weights: jax.Array, n_experts: int, mesh_shape,
              capacity_factor: float | None = None) -> tuple[jax.Array, jax.Array]:
     """x (N, D) tokens, experts (N, k) expert ids, weights (N, k) f32 -> (y (N, D) f32, dropped
@@ -54,7 +54,8 @@ def dispatch(compute: Callable, params: dict, x: jax.Array, experts: jax.Array,
 
     params: a tree of arrays (L, E, ...) split on dim 1 over `expert_axes(E, mesh_shape)`;
     compute(local params, rows (R, D), ids (R,) local expert ids (E/Q: no expert), expected_rows)
-    -> (R, D), each row through its expert (a row with no expert gives 0).
+    -> (R, D), each row through its expert (a row with no expert gives 0);
+    combine(results (rows, k, D), weights (rows, k)) -> (rows, D) f32, each token's weighted sum.
     """
     n, k = experts.shape
     axes = expert_axes(n_experts, mesh_shape)
@@ -86,7 +87,7 @@ def dispatch(compute: Callable, params: dict, x: jax.Array, experts: jax.Array,
         out = compute(params, exchange(send), exchange(ids), rows * k)  # (Q*C, D)
         back = exchange(out)
         got = jnp.where(kept[:, None], back[jnp.minimum(slot, groups * cap - 1)], 0)
-        y = pick_sum(got.reshape(rows, k, -1), weights)
+        y = combine(got.reshape(rows, k, -1), weights)
         dropped = jax.lax.psum(jnp.sum(valid & ~kept, dtype=jnp.int32), EVERY_DEVICE)
         return y, dropped
 

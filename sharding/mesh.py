@@ -1,4 +1,7 @@
-"""Device meshes and the shardings the rules table gives params, caches and activations."""
+"""Device meshes, an array's NamedSharding from its logical axes (`sharding_for`), and the hooks the
+model runs under: the mesh in context, a constraint on an activation (`constrain`), a computation on
+each device's own block (`local`). This module sits below the model and imports none of it; the
+param and cache shardings are built above it (`dsv32_jax.shardings`)."""
 
 from __future__ import annotations
 
@@ -40,24 +43,6 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def sharding_for(mesh: Mesh, names, shape) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*fit(tuple(names), tuple(shape), mesh.shape)))
-
-
-def param_shardings(specs_tree, mesh: Mesh):
-    """Tree of ParamSpec (checkpoint.weights.abstract_params) -> tree of NamedSharding."""
-    from dsv32_jax.checkpoint.weights import ParamSpec
-
-    return jax.tree.map(lambda s: sharding_for(mesh, s.names, s.shape), specs_tree,
-                        is_leaf=lambda x: isinstance(x, ParamSpec))
-
-
-def cache_shardings(caches, mesh: Mesh):
-    """{group: KVCache} (arrays or ShapeDtypeStructs) -> the same tree of NamedSharding (the
-    cache's logical axes: `KVCache.AXES`)."""
-    from dsv32_jax.model.cache import KVCache
-
-    return {g: KVCache(**{k: sharding_for(mesh, KVCache.AXES[k], getattr(c, k).shape)
-                          for k in KVCache.AXES})
-            for g, c in caches.items()}
 
 
 def context_mesh():

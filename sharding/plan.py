@@ -66,8 +66,16 @@ import functools
 import math
 import re
 
+import jax
 import numpy as np
 
+from dsv32_jax.checkpoint.weights import abstract_params, flatten
+from dsv32_jax.engine.generate import PREFILL_CHUNK
+from dsv32_jax.model import attention, layers, moe, quant
+from dsv32_jax.model.cache import KVCache
+from dsv32_jax.model.config import BLOCK, cdiv
+from dsv32_jax.model.transformer import layer_counts
+from sharding import expert_parallel
 from sharding.rules import axis_size, expert_axes, expert_layout, shard_shape
 
 HEADROOM = 0.10  # the share of device memory the plan leaves to the runtime
@@ -162,19 +170,12 @@ def _mesh_dict(mesh_shape) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _params(cfg):
-    from dsv32_jax.checkpoint.weights import abstract_params, flatten
-
     return flatten(abstract_params(cfg))
 
 
 @functools.lru_cache(maxsize=16)
 def _cache_specs(cfg, batch: int, context: int):
     """{(group, field): (shape, dtype)} of init_cache(cfg, batch, context), without allocating."""
-    import jax
-
-    from dsv32_jax.model.cache import KVCache
-    from dsv32_jax.model.transformer import layer_counts
-
     out = {}
     for group, n in layer_counts(cfg).items():
         if n:
@@ -202,8 +203,6 @@ def weight_bytes(cfg, mesh_shape) -> dict:
 
 def cache_bytes(cfg, mesh_shape, context: int, batch: int) -> int:
     """Per-device bytes of every layer group's KVCache (batch, context) laid out by KVCache.AXES."""
-    from dsv32_jax.model.cache import KVCache
-
     ms = _mesh_dict(mesh_shape)
     return sum(math.prod(shard_shape(KVCache.AXES[k], shape, ms)) * dtype.itemsize
                for (_, k), (shape, dtype) in _cache_specs(cfg, batch, context).items())
@@ -216,10 +215,6 @@ def _split(names, sizes, ms) -> tuple[int, ...]:
 
 def _phase(cfg, ms: dict, context: int, batch: int, s: int, decode: bool) -> tuple[dict, dict]:
     """(activations, workspace) per device for a step of s queries per sequence."""
-    from dsv32_jax.model import attention, layers, moe, quant
-    from dsv32_jax.model.config import BLOCK, cdiv
-    from sharding import expert_parallel
-
     f32, i32 = 4, 4
     dt = np.dtype(cfg.dtype).itemsize
     fp8 = 1 if cfg.fp8_activations else dt
@@ -313,8 +308,6 @@ def plan(cfg, mesh_shape, context: int, batch: int, device_memory: int | None = 
          headroom: float = HEADROOM) -> Plan:
     """Per-device memory of `cfg` on a mesh (data, expert, tensor) for `batch` sequences of
     `context` cache slots. See the module docstring for every term."""
-    from dsv32_jax.engine.generate import PREFILL_CHUNK
-
     ms = _mesh_dict(mesh_shape)
     shape = (ms["data"], ms["expert"], ms["tensor"])
     for name, v in (("context", context), ("batch", batch)):

@@ -17,7 +17,8 @@ from conftest import interrupt_step
 import dsv32_jax
 from dsv32_jax import preset
 from dsv32_jax.checkpoint.synthetic import write_checkpoint
-from dsv32_jax.cli import Conversation, main
+from dsv32_jax.cli import main
+from dsv32_jax.cli.chat import Conversation
 from dsv32_jax.engine import session as session_mod
 from dsv32_jax.text import chat as chat_format
 from dsv32_jax.text.tokenizer import Tokenizer
@@ -235,7 +236,7 @@ def test_compile_cache_is_on_during_a_command_unless_opted_out(ckpt, monkeypatch
         seen.append(jax.config.jax_compilation_cache_dir)
         raise ValueError("stop here")
 
-    monkeypatch.setattr("dsv32_jax.cli._open", inside)
+    monkeypatch.setattr("dsv32_jax.cli.common.open_checkpoint", inside)
     before = jax.config.jax_compilation_cache_dir
     for command in (["generate", "--prompt", "x"], ["chat"]):
         for opt_out in ([], ["--no-compile-cache"]):

@@ -120,7 +120,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from dsv32_jax.engine.generate import forward
     from dsv32_jax.model.config import preset
     from dsv32_jax.model.transformer import init_cache
-    from sharding import cache_shardings, make_mesh, param_shardings
+    from dsv32_jax.shardings import cache_shardings, param_shardings
+    from sharding import make_mesh
     mesh_shape, batch, context, queries = json.loads(sys.argv[1])
     cfg, mesh = preset("small"), make_mesh(*mesh_shape)
     specs = abstract_params(cfg)

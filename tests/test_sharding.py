@@ -155,10 +155,10 @@ SCRIPT = textwrap.dedent("""
 
     if "layout_line" in checks:  # what `dsv32 generate|chat --mesh` says after loading
         import argparse, contextlib, io
-        from dsv32_jax import cli
+        from dsv32_jax.cli import common
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            cli._load_weights(path, argparse.Namespace(mesh=(2, 2, 2), dtype="float32", no_fp8=True))
+            common.load_weights(path, argparse.Namespace(mesh=(2, 2, 2), dtype="float32", no_fp8=True))
         out["layout_line"] = err.getvalue().splitlines()[-1]
 
     if "hlo" in checks:  # deployment numerics: bf16 + FP8 activations, FP8 weights

@@ -16,7 +16,9 @@ from dsv32_jax.model.attention import ATTENTION_IMPLS
 from dsv32_jax.model.config import DTYPES, Config
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.model.transformer import init_cache
+from dsv32_jax.shardings import param_shardings
 from sharding.mesh import on_mesh
+from sharding.rules import MESH_AXES
 
 
 class Model:
@@ -150,8 +152,6 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     cfg = dataclasses.replace(cfg, ep_capacity_factor=ep_capacity_factor, matmul_impl=matmul_impl)
     shardings = None
     if mesh is not None:
-        from sharding import MESH_AXES, param_shardings
-
         if not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
         if matmul_impl == "pallas" and mesh.size > 1:

@@ -112,7 +112,7 @@ class Experts(nn.Module):
 
         mesh = context_mesh()
         if mesh is not None:
-            y, dropped = expert_parallel.dispatch(compute, params, x, experts, weights,
+            y, dropped = expert_parallel.dispatch(compute, pick_sum, params, x, experts, weights,
                                                   cfg.n_routed_experts, mesh.shape,
                                                   cfg.ep_capacity_factor)
             self.sow("intermediates", "moe_dropped", dropped)

@@ -40,6 +40,7 @@ from dsv32_jax.checkpoint.safetensors import write_safetensors
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, init_params
 from dsv32_jax.dirlock import hold
 from dsv32_jax.model.config import Config
+from dsv32_jax.shardings import param_shardings
 from dsv32_jax.train import step as S
 from dsv32_jax.train.data import Batches
 
@@ -336,8 +337,6 @@ class Run:
     def _place(self, params):
         if self.mesh is None:
             return params
-        from sharding import param_shardings
-
         return jax.device_put(params, param_shardings(abstract_params(self.cfg), self.mesh))
 
     def _tokens(self, step: int):
