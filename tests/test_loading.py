@@ -8,6 +8,7 @@ Only `test_logits_shape_dtype_finite` compiles the forward pass.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -621,3 +622,19 @@ def test_nonfinite_weights_are_refused(copy, name, edit, match):
     with pytest.raises(CheckpointError, match=match) as e:
         load_params(copy, Config.from_hf(copy, **LOAD))
     assert str(e.value).startswith(f"{shard}: tensor {name!r} holds")
+
+
+def test_abstract_params_traced_once_per_config_each_caller_its_own_tree(monkeypatch):
+    """Loading, planning and converting all ask for a config's param specs: the model's init is
+    traced once per config, and what one caller does to its tree never reaches the next."""
+    traced, eval_shape = [], jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a: traced.append(1) or eval_shape(*a))
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=1031)  # a config no other test asks for
+    first = abstract_params(cfg)
+    assert traced
+    traced.clear()
+    first["embed"]["weight"] = None
+    second = abstract_params(cfg)
+    assert not traced
+    assert second["embed"]["weight"].shape == (1031, cfg.dim)
+    assert second == abstract_params(cfg) and second is not abstract_params(cfg)

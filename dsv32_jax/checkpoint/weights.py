@@ -40,6 +40,13 @@ def _is_box(x) -> bool:
 
 def abstract_params(cfg: Config) -> dict:
     """Nested dict of ParamSpec, mirroring the model's `params` collection. No memory is used."""
+    return jax.tree.map(lambda spec: spec, _abstract(cfg))  # the caller's own dicts
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(cfg: Config) -> dict:
+    # tracing the model's init takes ~1 s (more at 61 layers); loading, planning, converting and
+    # checking a checkpoint all ask for the same config's specs
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     boxed = merge_experts(jax.eval_shape(Transformer(cfg).init, rngs(0), tokens))
     return jax.tree.map(lambda b: ParamSpec(tuple(b.value.shape), b.value.dtype, tuple(b.names)),
