@@ -244,12 +244,16 @@ UNTYPED_TEXT = INVOKE.replace('string="true"', 'string="false"')
         (f"a{EOS}more", "chat", "after"),
         (f"a\n{CALLS}\n{INVOKE}{CALLS_END}{EOS}", "chat", "inside content"),
         (f"{THINK_START}r{THINK_END}a{EOS}", "thinking", "inside reasoning_content"),
+        (f"r{EOS}s{THINK_END}a{EOS}", "thinking", "close its reasoning"),
+        (f"a{THINK_END}b\n\n{CALLS}\n{MAYBE_FLAG}{CALLS_END}{EOS}", "chat", "inside content"),
     ],
     ids=["unterminated-parameter", "unterminated-block", "missing-eos", "missing-eos-chat", "missing-think-end",
          "garbage-in-invoke", "bad-string-flag", "non-json-value", "duplicate-parameter", "empty-block",
-         "text-after-block", "text-after-eos", "block-without-blank-line", "think-tag-in-reasoning"],
+         "text-after-block", "text-after-eos", "block-without-blank-line", "think-tag-in-reasoning",
+         "eos-inside-reasoning", "first-error-in-text-order"],
 )
 def test_malformed_completion_raises(text, mode, error):
+    """The error names the first place, left to right, where the text departs from the format."""
     with pytest.raises(ChatFormatError, match=error):
         parse_message_from_completion_text(text, mode)
 

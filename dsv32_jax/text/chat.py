@@ -3,7 +3,8 @@
 ``encode_messages`` turns OpenAI-style messages into the exact prompt string; ``render_messages`` gives the same
 prompt as pieces, where what came from the messages (``Content``) is told apart from the template's own markup, so
 that a tokenizer can read content as plain text (``Tokenizer.encode_chat``); ``parse_message_from_completion_text``
-turns generated text back into an assistant message. Layout of a conversation::
+turns generated text back into an assistant message, by ``CompletionParser``, which reads it in pieces as it is
+generated (``dsv32_jax.text.stream`` makes OpenAI stream deltas of it). Layout of a conversation::
 
     BOS system[tools block]  <｜User｜>question<｜Assistant｜><think>   (or </think>)
     reasoning</think>answer-or-empty[\\n\\n<｜DSML｜function_calls>...</｜DSML｜function_calls>]EOS
@@ -254,25 +255,48 @@ def encode_messages(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Reader:
-    """A cursor over completion text; every unmet expectation raises ChatFormatError."""
+_FORBIDDEN = (*SPECIAL_TOKENS, DSML)  # never inside reasoning or content
+_REASONING_TOKENS = _FORBIDDEN  # THINK_END ends the reasoning; any other is an error
+_CONTENT_TOKENS = (*_FORBIDDEN, _CALLS_OPENER)  # EOS or the opener ends the content; any other is an error
+_EXCERPT = 40  # characters of offending text an error quotes
 
-    def __init__(self, text: str, pos: int) -> None:
-        self.text, self.pos = text, pos
+
+class _NeedMore(Exception):
+    """The completion so far stops where the next decision needs more of it (only while more may come)."""
+
+
+class _Reader:
+    """A cursor over completion text; every unmet expectation raises ChatFormatError. Unless ``final``, the text
+    may yet grow: whatever more text could change (a literal cut off at the end, an error's excerpt still short)
+    raises _NeedMore instead, so that a decision made is the one the whole text would give."""
+
+    def __init__(self, text: str, pos: int, final: bool = True) -> None:
+        self.text, self.pos, self.final = text, pos, final
 
     def at(self, literal: str) -> bool:
-        return self.text.startswith(literal, self.pos)
+        if self.text.startswith(literal, self.pos):
+            return True
+        if not self.final and literal.startswith(self.text[self.pos :]):
+            raise _NeedMore
+        return False
+
+    def excerpt(self) -> str:
+        if not self.final and len(self.text) - self.pos < _EXCERPT:
+            raise _NeedMore
+        return repr(self.text[self.pos : self.pos + _EXCERPT])
 
     def expect(self, literal: str, where: str) -> None:
         if not self.at(literal):
             if self.pos >= len(self.text):
                 raise ChatFormatError(f"unterminated tool call: the text ends where {literal!r} was expected {where}")
-            raise ChatFormatError(f"expected {literal!r} {where}, found {self.text[self.pos : self.pos + 40]!r}")
+            raise ChatFormatError(f"expected {literal!r} {where}, found {self.excerpt()}")
         self.pos += len(literal)
 
     def until(self, literal: str, where: str) -> str:
         end = self.text.find(literal, self.pos)
         if end < 0:
+            if not self.final:
+                raise _NeedMore
             raise ChatFormatError(f"unterminated tool call: expected {literal!r} {where}")
         out, self.pos = self.text[self.pos : end], end + len(literal)
         return out
@@ -310,13 +334,139 @@ def _parse_invoke(reader: _Reader) -> dict:
     return {"type": "function", "function": {"name": name, "arguments": _json(args)}}
 
 
-def _parse_function_calls(reader: _Reader) -> list[dict]:
-    reader.expect(FUNCTION_CALLS_START + "\n", "to open the tool-call block")
-    calls = [_parse_invoke(reader)]
-    while not reader.at(FUNCTION_CALLS_END):
-        calls.append(_parse_invoke(reader))
-    reader.pos += len(FUNCTION_CALLS_END)
-    return calls
+def _parse_call(reader: _Reader, first: bool) -> dict | None:
+    """The next invoke of a tool-call block, or None at the block's end (after at least one invoke)."""
+    if not first and reader.at(FUNCTION_CALLS_END):
+        reader.pos += len(FUNCTION_CALLS_END)
+        return None
+    return _parse_invoke(reader)
+
+
+def _scan(text: str, pos: int, tokens: tuple[str, ...], final: bool) -> tuple[int, str | None]:
+    """The first of ``tokens`` in ``text`` from ``pos``: (where it starts, it). Without one: (where the decided
+    text ends, None), which is the text's end, or, unless ``final``, where a tail starts that may become a token."""
+    hits = [(at, token) for token in tokens if (at := text.find(token, pos)) >= 0]
+    first = min(hits, default=(len(text), None))
+    if final:
+        return first
+    start = max(pos, len(text) - max(map(len, tokens)) + 1)
+    tail = next((q for q in range(start, len(text)) if any(len(text) - q < len(t) and t.startswith(text[q:])
+                                                           for t in tokens)), len(text))
+    return first if first[0] < tail else (tail, None)
+
+
+class CompletionParser:
+    """Parses a completion (the generated text after the prompt) piece by piece, as it is generated.
+
+    ``feed(piece)`` reads on as far as the text so far decides and returns what it decided, in text order:
+    ``("reasoning_content", text)``, ``("content", text)`` and ``("tool_calls", call)`` parts, each final
+    whatever text follows (text that may yet become markup is held back until it is decided); ``close()`` reads
+    to the end and returns the rest; then ``message()`` is the whole message. A ChatFormatError is raised as soon
+    as it is certain (by ``close()`` at the latest), at the first place where the text departs from the format,
+    with the same message wherever the text was cut. The grammar, left to right, the reasoning in thinking mode
+    only::
+
+        [reasoning</think>] content [\\n\\n<｜DSML｜function_calls>\\n invoke... </｜DSML｜function_calls>] EOS
+
+    EOS may be absent only after a tool-call block; no control token and no DSML markup may stand in
+    reasoning or content.
+    """
+
+    def __init__(self, thinking_mode: str) -> None:
+        self._text, self._pos = "", 0  # the text after what the last feed read; where the next step reads in it
+        self._parts: list[tuple[str, Any]] = []
+        self._step = self._reasoning if _is_thinking(thinking_mode) else self._content
+        self._calls_read, self._closed = 0, False
+
+    def feed(self, piece: str) -> list[tuple[str, Any]]:
+        if self._closed:
+            raise RuntimeError("CompletionParser.feed() after close()")
+        self._text += piece
+        return self._advance(final=False)
+
+    def close(self) -> list[tuple[str, Any]]:
+        parts = self._advance(final=True)
+        self._closed = True
+        return parts
+
+    def message(self) -> dict:
+        """The assistant message (tool calls without ids), after ``close()``."""
+        if not self._closed:
+            raise RuntimeError("CompletionParser.message() before close()")
+        text = {field: "".join(v for f, v in self._parts if f == field) for field in ("content", "reasoning_content")}
+        return {"role": "assistant", **text, "tool_calls": [v for f, v in self._parts if f == "tool_calls"]}
+
+    def _advance(self, final: bool) -> list[tuple[str, Any]]:
+        known = len(self._parts)
+        while True:
+            pos, step = self._pos, self._step
+            try:
+                step(final)
+            except _NeedMore:
+                break
+            if (self._pos, self._step) == (pos, step):
+                break
+        self._text, self._pos = self._text[self._pos :], 0
+        return self._parts[known:]
+
+    def _reader(self, final: bool) -> _Reader:
+        return _Reader(self._text, self._pos, final)
+
+    def _upto(self, field: str, tokens: tuple[str, ...], final: bool) -> str | None:
+        """Read ``field`` text up to its first token (returned, not read) or as far as it is decided (None)."""
+        at, token = _scan(self._text, self._pos, tokens, final)
+        if at > self._pos:
+            self._parts.append((field, self._text[self._pos : at]))
+            self._pos = at
+        return token
+
+    def _reasoning(self, final: bool) -> None:
+        token = self._upto("reasoning_content", _REASONING_TOKENS, final)
+        if token == THINK_END:
+            self._pos += len(token)
+            self._step = self._content
+        elif token == EOS or (token is None and final):
+            raise ChatFormatError(f"a thinking-mode completion must close its reasoning with {THINK_END!r}")
+        elif token is not None:
+            raise ChatFormatError(f"unexpected {token!r} inside reasoning_content")
+
+    def _content(self, final: bool) -> None:
+        token = self._upto("content", _CONTENT_TOKENS, final)
+        if token == EOS:
+            self._pos += len(token)
+            self._step = self._done
+        elif token == _CALLS_OPENER:
+            self._pos += 2  # the blank line; the block starts after it
+            self._step = self._open_calls
+        elif token is None and final:
+            raise ChatFormatError(f"a completion without tool calls must end with {EOS!r}")
+        elif token is not None:
+            raise ChatFormatError(f"unexpected {token!r} inside content")
+
+    def _open_calls(self, final: bool) -> None:
+        reader = self._reader(final)
+        reader.expect(FUNCTION_CALLS_START + "\n", "to open the tool-call block")
+        self._pos, self._step = reader.pos, self._calls
+
+    def _calls(self, final: bool) -> None:
+        reader = self._reader(final)
+        call = _parse_call(reader, first=not self._calls_read)
+        self._pos = reader.pos
+        if call is None:
+            self._step = self._eos_after_calls
+        else:
+            self._parts.append(("tool_calls", call))
+            self._calls_read += 1
+
+    def _eos_after_calls(self, final: bool) -> None:
+        reader = self._reader(final)
+        if reader.pos < len(self._text) or not final:
+            reader.expect(EOS, f"after {FUNCTION_CALLS_END!r}")
+        self._pos, self._step = reader.pos, self._done
+
+    def _done(self, final: bool) -> None:
+        if self._pos < len(self._text):
+            raise ChatFormatError(f"unexpected text after {EOS!r}: {self._reader(final).excerpt()}")
 
 
 def parse_message_from_completion_text(text: str, thinking_mode: str) -> dict:
@@ -324,28 +474,11 @@ def parse_message_from_completion_text(text: str, thinking_mode: str) -> dict:
 
     Thinking mode expects ``reasoning</think>``; then the answer, an optional DSML tool-call block after a blank
     line, and EOS (which may be absent only right after a tool-call block). Returns ``role``, ``content``,
-    ``reasoning_content`` and ``tool_calls`` (without ids); raises ChatFormatError on anything else.
+    ``reasoning_content`` and ``tool_calls`` (without ids); raises ChatFormatError on anything else, at the first
+    place where the text departs from the format. The same parser reads a completion while it streams
+    (``CompletionParser``, ``dsv32_jax.text.stream``).
     """
-    reasoning, rest = "", text
-    if _is_thinking(thinking_mode):
-        reasoning, closed, rest = text.partition(THINK_END)
-        if not closed:
-            raise ChatFormatError(f"a thinking-mode completion must close its reasoning with {THINK_END!r}")
-    calls_at, eos_at = rest.find(_CALLS_OPENER), rest.find(EOS)
-    if calls_at >= 0 and (eos_at < 0 or calls_at < eos_at):
-        content, reader = rest[:calls_at], _Reader(rest, calls_at + 2)
-        tool_calls = _parse_function_calls(reader)
-        tail = rest[reader.pos :]
-        if tail not in ("", EOS):
-            raise ChatFormatError(f"expected {EOS!r} after {FUNCTION_CALLS_END!r}, found {tail[:40]!r}")
-    else:
-        if eos_at < 0:
-            raise ChatFormatError(f"a completion without tool calls must end with {EOS!r}")
-        content, tool_calls = rest[:eos_at], []
-        if rest[eos_at + len(EOS) :]:
-            raise ChatFormatError(f"unexpected text after {EOS!r}: {rest[eos_at + len(EOS) :][:40]!r}")
-    for field, value in (("reasoning_content", reasoning), ("content", content)):
-        for token in (*SPECIAL_TOKENS, DSML):
-            if token in value:
-                raise ChatFormatError(f"unexpected {token!r} inside {field}")
-    return {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": tool_calls}
+    parser = CompletionParser(thinking_mode)
+    parser.feed(text)
+    parser.close()
+    return parser.message()
