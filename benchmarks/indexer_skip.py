@@ -2,10 +2,10 @@
 
     python -m benchmarks.indexer_skip [--contexts 512 2048] [--repeats 5]
 
-The `tiny` preset cut to its one dense layer at the released index_topk = 2048, random weights, batch 1, in one
-process: for each context T, a prefill of T tokens into a T-slot cache and a decode step at slot
-T-1 (static skip: T <= index_topk), and the same T tokens in a 2T-slot cache (dynamic skip: a
-lax.cond on the positions, all below index_topk). "without" traces the same forward with
+The `tiny` preset cut to its one dense layer, at the released index_topk = 2048, random weights,
+batch 1, in one process: for each context T, a prefill of T tokens into a T-slot cache and a decode step at slot
+T-1 (static skip: T <= index_topk), and the same T tokens in a 2T-slot cache (dynamic skip:
+a lax.cond on the positions, all below index_topk). "without" traces the same forward with
 `attention.SKIP_SHORT = False` (the indexer's scores and top-k over every key). Medians after a
 compile/warm-up run; CPU timings: ratios, not absolute speeds.
 """
@@ -66,8 +66,8 @@ def main(argv=None) -> None:
     params = init_params(cfg)
     print(f"device: {jax.devices()[0].device_kind}; tiny preset, {cfg.n_layers} dense layer, "
           f"index_topk={cfg.index_topk}, batch 1; medians")
-    print(f"{'context':>7} {'cache':>6} {'skip':>8} | {'prefill with':>12} {'without':>9} {'ratio':>6}"
-          f" | {'decode with':>11} {'without':>9} {'ratio':>6}")
+    print(f"{'context':>7} {'cache':>6} {'skip':>8} | {'prefill with':>12} {'without':>9} "
+          f"{'ratio':>6} | {'decode with':>11} {'without':>9} {'ratio':>6}")
     for context in args.contexts:
         for slots, kind in ((context, "static"), (2 * context, "dynamic")):
             (p1, d1), (p0, d0) = (_times(cfg, params, context, slots, s, args.repeats)

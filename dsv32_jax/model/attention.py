@@ -271,8 +271,9 @@ class MLA(nn.Module):
             return self.indexer_topk(iq, iw, positions, cache, layer, collect)
         every = constrain(visible_slots(positions, min(topk, cache.length)), SCORES)  # (B,S,k)
         if cache.length <= topk:  # static: no runtime cost
-            scores = self.indexer_topk(iq, iw, positions, cache, layer, True)[1] if collect else None
-            return every, scores
+            if not collect:
+                return every, None
+            return every, self.indexer_topk(iq, iw, positions, cache, layer, True)[1]
         short = jnp.max(positions) < topk
         if collect:
             idx, scores = self.indexer_topk(iq, iw, positions, cache, layer, True)
