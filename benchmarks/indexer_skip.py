@@ -5,9 +5,9 @@
 The `tiny` preset cut to its one dense layer, at the released index_topk = 2048, random weights,
 batch 1, in one process: for each context T, a prefill of T tokens into a T-slot cache and a
 decode step at slot T-1 (static skip: T <= index_topk), and the same T tokens in a 2T-slot cache
-(dynamic skip: a lax.cond on the positions, all below index_topk). "without" traces the same forward with
-`attention.SKIP_SHORT = False` (the indexer's scores and top-k over every key). Medians after a
-compile/warm-up run; CPU timings: ratios, not absolute speeds.
+(dynamic skip: a lax.cond on the positions, all below index_topk). "without" traces the same
+forward with `attention.SKIP_SHORT = False` (the indexer's scores and top-k over every key).
+Medians after a compile/warm-up run; CPU timings: ratios, not absolute speeds.
 """
 
 from __future__ import annotations
