@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 
 from benchmarks import gemm, kernels
