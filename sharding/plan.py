@@ -169,11 +169,6 @@ def _mesh_dict(mesh_shape) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def _params(cfg):
-    return flatten(abstract_params(cfg))
-
-
-@functools.lru_cache(maxsize=16)
 def _cache_specs(cfg, batch: int, context: int):
     """{(group, field): (shape, dtype)} of init_cache(cfg, batch, context), without allocating."""
     out = {}
@@ -193,7 +188,7 @@ def weight_bytes(cfg, mesh_shape) -> dict:
     """Per-device param bytes by dtype: {"fp8", "bf16", "f32", "total"} (+ any other dtype's name)."""
     ms = _mesh_dict(mesh_shape)
     out = {"fp8": 0, "bf16": 0, "f32": 0}
-    for spec in _params(cfg).values():
+    for spec in flatten(abstract_params(cfg)).values():
         n = math.prod(shard_shape(spec.names, spec.shape, ms)) * np.dtype(spec.dtype).itemsize
         key = _DTYPE_KEY.get(np.dtype(spec.dtype).name, np.dtype(spec.dtype).name)
         out[key] = out.get(key, 0) + n
@@ -254,7 +249,7 @@ def _phase(cfg, ms: dict, context: int, batch: int, s: int, decode: bool) -> tup
     mm = 0
     dequant = 0
     m_global = batch * s
-    for path, spec in _params(cfg).items():
+    for path, spec in flatten(abstract_params(cfg)).items():
         if path[-1] != "weight" or len(spec.shape) < 2 or "experts" in spec.names:
             continue
         n, k = spec.shape[-2:]
