@@ -231,3 +231,14 @@ def test_chunks_and_responses_have_the_openai_shape():
     r = p.response(rid, MODEL, 1, "chat", [{"content": "a"}, {"content": "b"}], "stop", p.usage(1, 2))
     assert r["object"] == "chat.completion" and r["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
     assert p.retry_after(0.2) == "1" and p.retry_after(2.5) == "3"
+
+
+def test_ignore_eos_generates_past_eos_as_text(tok):
+    assert _chat(tok).ignore_eos is False and _chat(tok, ignore_eos=True).ignore_eos is True
+    ids = tok.encode(f"Hi.{EOS}More")
+    reply = p.Reply(tok, None, (), ignore_eos=True)
+    assert reply.stop_ids == () and p.Reply(tok, None, ()).stop_ids == (tok.eos_id,)
+    deltas, finish = _run(reply, ids, "length")
+    assert "".join(d["text"] for d in deltas) == "Hi.More" and finish == "length" and reply.tokens == len(ids)
+    deltas, finish = _run(p.Reply(tok, "chat", (), ignore_eos=True), ids, "length")
+    assert p.message(deltas, "chat")["content"] == "Hi.More"  # the text after EOS does not parse: sent as text

@@ -168,7 +168,8 @@ def make_app(engine, tokenizer, model_name: str) -> FastAPI:
             return _error(p.RequestError(f"the request body must be a JSON object, got {type(body).__name__}"))
         try:
             req = read(body)
-            turn = Turn(engine, req, p.Reply(tokenizer, req.mode, req.stop), asyncio.get_running_loop())
+            reply = p.Reply(tokenizer, req.mode, req.stop, req.ignore_eos)
+            turn = Turn(engine, req, reply, asyncio.get_running_loop())
         except p.RequestError as e:
             return _error(e)
         except QueueFull as e:

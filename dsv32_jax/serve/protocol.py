@@ -61,6 +61,7 @@ class Request:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool  # generate on past EOS (as vLLM's extension): replies of exactly max_tokens, for benchmarks
     mode: str | None  # the chat's thinking mode ("chat" or "thinking"); None: a text completion
 
 
@@ -124,7 +125,7 @@ def _common(body: dict, model: str) -> dict:
                 top_p=_checked(checks.check_top_p, body, "top_p", 1.0),
                 seed=random.randrange(SEED_LIMIT) if body.get("seed") is None else _int(body, "seed", 0, SEED_LIMIT),
                 stop=_stops(body), stream=_flag(body, "stream"),
-                include_usage=_flag(options or {}, "include_usage"))
+                include_usage=_flag(options or {}, "include_usage"), ignore_eos=_flag(body, "ignore_eos"))
 
 
 def _budget(n_prompt: int, body: dict, names: tuple[str, ...], max_len: int, default: int | None,
@@ -300,16 +301,16 @@ class Reply:
     deltas: ``{"text": ...}`` for a text completion; for chat those of ``StreamParser`` (reasoning_content,
     content, tool_calls). ``cut`` turns true when a stop string was met: the ids after it are ignored (the
     caller cancels the generation). ``tokens``: the ids the reply used (up to the cut). ``stop_ids``: the ids
-    that end the generation (EOS).
+    that end the generation: EOS, or none with ``ignore_eos`` (then EOS is text like any other id).
 
     Chat replies are detokenized with the control tokens as text, for the parser; EOS (the engine's stop id)
     is taken from the ids and given to the parser when the reply ends. Text that does not parse (malformed
     markup, a control token in the content) is sent as content, as generated, from where it stopped parsing."""
 
-    def __init__(self, tok, mode: str | None, stops: tuple[str, ...]) -> None:
+    def __init__(self, tok, mode: str | None, stops: tuple[str, ...], ignore_eos: bool = False) -> None:
         self._dec = tok.stream(skip_special_tokens=mode is None)
-        self._eos = tok.eos_id
-        self.stop_ids = (tok.eos_id,)
+        self.stop_ids = () if ignore_eos else (tok.eos_id,)
+        self._eos = None if ignore_eos else tok.eos_id
         self._stop = StopCut(stops)
         self._parser = StreamParser(mode) if mode else None
         self._raw = False  # the text stopped parsing: the rest goes out as content
