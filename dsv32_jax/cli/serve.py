@@ -117,12 +117,9 @@ async def _serve(uvicorn, app, engine, sock: socket.socket, drain_s: float, name
         engine.stop(drain=False)
         serving.result()
         raise OSError("the HTTP server stopped")
-    common.say(f"dsv32 serve: shutting down: finishing the requests in flight (at most {drain_s:g}s)")
+    common.say(f"dsv32 serve: shutting down: the requests in flight may finish for {drain_s:g}s, then get an error")
     app.state.closing = True
-    server.should_exit = True
-    done, _ = await asyncio.wait([serving], timeout=drain_s)
-    if not done:
-        common.say("dsv32 serve: drain timeout: the requests still open end with an error")
-    await asyncio.to_thread(engine.stop, drain=bool(done))
+    server.should_exit = True  # uvicorn accepts no more connections and waits for the open ones
+    await asyncio.to_thread(engine.stop, drain=True, timeout=drain_s)  # each open request has ended
     await serving
     common.say("dsv32 serve: stopped")

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from dsv32_jax.serve import QueueFull, Sampling
+from dsv32_jax.serve import EngineStopped, QueueFull, Sampling
 from dsv32_jax.serve import protocol as p
 
 DISCONNECT_POLL_S = 0.25  # how often a request awaiting a whole reply checks that its client is still there
@@ -82,25 +81,13 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-class _Rate:
-    """Generated tokens per second between two scrapes of /metrics (the first: since the server started)."""
-
-    def __init__(self) -> None:
-        self._t, self._n = time.monotonic(), 0.0
-
-    def __call__(self, n: float) -> float:
-        t = time.monotonic()
-        rate = (n - self._n) / max(t - self._t, 1e-9)
-        self._t, self._n = t, n
-        return max(rate, 0.0)
-
-
 # name, Prometheus type, help, the engine metric (or a function of all of them)
 _METRICS = (
     ("requests_running", "gauge", "requests being generated", "running"),
     ("requests_waiting", "gauge", "requests queued for admission", "waiting"),
     ("cache_pages_used", "gauge", "KV-cache pages in use", "pages_used"),
     ("cache_pages_total", "gauge", "KV-cache pages in the pool", "pages_total"),
+    ("cache_pages_cached", "gauge", "free KV-cache pages that still hold a cached prefix", "pages_cached"),
     ("cache_usage_ratio", "gauge", "KV-cache pages in use / in the pool",
      lambda m: m["pages_used"] / m["pages_total"] if m["pages_total"] else 0.0),
     ("prompt_tokens_total", "counter", "prompt tokens admitted", "prompt_tokens"),
@@ -112,18 +99,17 @@ _METRICS = (
      lambda m: m["prefix_hit_tokens"] / m["prefix_query_tokens"] if m["prefix_query_tokens"] else 0.0),
     ("preemptions_total", "counter", "requests preempted (recomputed later) when the cache ran out", "preemptions"),
     ("engine_steps_total", "counter", "engine steps run", "steps"),
+    ("generation_tokens_per_second", "gauge", "tokens generated per second (over the last seconds)",
+     "generation_tokens_per_s"),
 )
 
 
-def prometheus(m: dict, tokens_per_s: float) -> str:
-    """The engine's metrics in Prometheus text format (names prefixed dsv32_)."""
-    rows = [*((name, kind, text, src if callable(src) else (lambda m, k=src: m[k])) for name, kind, text, src in
-              _METRICS),
-            ("generation_tokens_per_second", "gauge", "tokens generated per second since the previous scrape",
-             lambda m: tokens_per_s)]
+def prometheus(m: dict) -> str:
+    """The engine's metrics (``Engine.metrics()``) in Prometheus text format, names prefixed dsv32_."""
     out = []
-    for name, kind, text, value in rows:
-        out += [f"# HELP dsv32_{name} {text}", f"# TYPE dsv32_{name} {kind}", f"dsv32_{name} {float(value(m)):g}"]
+    for name, kind, text, src in _METRICS:
+        value = src(m) if callable(src) else m[src]
+        out += [f"# HELP dsv32_{name} {text}", f"# TYPE dsv32_{name} {kind}", f"dsv32_{name} {float(value):g}"]
     return "\n".join(out) + "\n"
 
 
@@ -132,7 +118,6 @@ def make_app(engine, tokenizer, model_name: str) -> FastAPI:
     turns new completions away with 503 and /health to 503."""
     app = FastAPI(title="dsv32 serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.closing = False
-    rate = _Rate()
     created = p.now()
 
     @app.exception_handler(HTTPException)
@@ -153,9 +138,7 @@ def make_app(engine, tokenizer, model_name: str) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        m = engine.metrics()
-        return PlainTextResponse(prometheus(m, rate(m["generation_tokens"])),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
 
     async def complete(request: Request, read) -> JSONResponse | StreamingResponse:
         if app.state.closing:
@@ -172,6 +155,8 @@ def make_app(engine, tokenizer, model_name: str) -> FastAPI:
             turn = Turn(engine, req, reply, asyncio.get_running_loop())
         except p.RequestError as e:
             return _error(e)
+        except EngineStopped as e:
+            return _error(p.RequestError(str(e), status=503, type="server_error"))
         except QueueFull as e:
             return _error(p.RequestError(f"the server is busy: {e}", status=429, type="rate_limit_exceeded"),
                           {"Retry-After": p.retry_after(e.retry_after)})
