@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -243,8 +244,9 @@ def test_a_client_that_goes_away_cancels_its_request(server):
     assert after["generation_tokens_total"] < idle["generation_tokens_total"] + 400
     with pytest.raises(httpx.TimeoutException):  # a whole reply: the client gives up waiting
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
-    after = _idle(server)
-    assert after["requests_running"] == 0 and after["cache_pages_used"] == idle["cache_pages_used"]
+    last = _idle(server)
+    assert last["requests_running"] == 0 and last["cache_pages_used"] == idle["cache_pages_used"]
+    assert last["generation_tokens_total"] < after["generation_tokens_total"] + 400
 
 
 BAD = [  # (path, body, status, param)
@@ -285,6 +287,21 @@ def test_prometheus_text():
     assert values["requests_running"] == "2" and values["cache_usage_ratio"] == "0.25"
     assert values["prefix_cache_hit_rate"] == "0.25" and values["generation_tokens_per_second"] == "12.5"
     assert "# TYPE dsv32_generation_tokens_total counter" in text and text.endswith("\n")
+
+
+def test_a_port_in_use_is_one_line_before_the_weights(capsys):
+    from dsv32_jax.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--ckpt", DEMO_DIR, "--port", str(port)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"dsv32 serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--ckpt", DEMO_DIR, "--port", "65536"])
+    assert e.value.code == 2 and "expected a port in 0..65535" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------------
