@@ -124,12 +124,12 @@ def test_models_health_and_metrics(server):
 
 def test_chat_whole_and_streamed_equal_generate(server, model, tok):
     msgs = _user("What color is the sky?")
-    want, finish, n = _greedy(model, tok, msgs, 24)
+    want, finish, n = _greedy(model, tok, msgs, 16)
     client = server.client()
-    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0)
     assert whole.choices[0].message.content == want["content"] and whole.choices[0].finish_reason == finish
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(tok.encode_chat(msgs, "chat")), n)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0,
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want["content"]
@@ -139,11 +139,11 @@ def test_chat_whole_and_streamed_equal_generate(server, model, tok):
 
 def test_text_completion_and_stop_string(server, model, tok):
     msgs = _user("What color is the sky?")
-    want, _, _ = _greedy(model, tok, msgs, 24)
+    want, _, _ = _greedy(model, tok, msgs, 16)
     words = want["content"].split()
     assert len(words) >= 3, want  # the demo model answers in a sentence
     stop = " " + words[2]
-    reply = server.client().chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0,
+    reply = server.client().chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0,
                                                     stop=[stop])
     assert reply.choices[0].message.content == want["content"][:want["content"].index(stop)]
     assert reply.choices[0].finish_reason == "stop"
@@ -202,10 +202,11 @@ def _sse(server, body: dict) -> list[dict]:
 def test_32_concurrent_requests_of_mixed_lengths_equal_generate(server, model, tok):
     topics = ["the sky", "the sea", "a cat", "my name", "sparse attention", "the sun", "a tree", "rain"]
     jobs = []
-    for i in range(32):
-        text = f"Tell me about {topics[i % 8]}." + " Please answer." * (i % 5)
-        jobs.append((_user(text), 4 + (i * 7) % 29))
+    for i in range(32):  # prompts of 10, 19 and 28 tokens, 3-16 new ones: generate's buckets (16|32, 16)
+        text = f"Tell me about {topics[i % 8]}." + " Please answer." * (i % 3)
+        jobs.append((_user(text), 3 + (i * 5) % 14))
     want = [_greedy(model, tok, msgs, n) for msgs, n in jobs]
+    assert len({len(tok.encode_chat(msgs, "chat")) for msgs, _ in jobs}) == 3
 
     async def ask(client, msgs, n):
         r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": n,
@@ -347,12 +348,14 @@ def _queue_limit_then_sigterm(s: Server) -> None:
             s.client().completions.create(model=MODEL, prompt="Hi", max_tokens=8)
         t = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
-        rest = list(lines)  # the stream ends, with an error event at the drain timeout (or finished before)
-        assert time.monotonic() - t < DRAIN_S + 4
+        # the stream ends, with an error event at the drain timeout (or finished before); the engine's step
+        # in progress finishes first (without --warmup it may be compiling a new shape: seconds)
+        rest = list(lines)
+        assert time.monotonic() - t < DRAIN_S + 20
         assert [line for line in rest if line][-1] == "data: [DONE]", rest[-3:]
         events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
         assert events[-1].get("error") or events[-1]["choices"][0]["finish_reason"] == "length"
     assert s.proc.wait(30) == 0, "".join(s.lines)
-    assert time.monotonic() - t < DRAIN_S + 10
+    assert time.monotonic() - t < DRAIN_S + 25
     waiting.join(30)
     assert not waiting.is_alive() and first[-1] in (200, 503)
