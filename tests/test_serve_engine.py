@@ -65,8 +65,8 @@ def _fake_steps(sched: Scheduler, rng, max_steps=10_000):
             assert sched.idle
             return sent, peak
         peak = max(peak, sched.pages.used)
-        for s in batch.seqs:  # every slot a run writes is a page the sequence owns (or scratch)
-            assert len(s.pages) * PAGE >= min(s.computed + batch.feed[batch.seqs.index(s)], len(s.tokens))
+        for s, n in zip(batch.seqs, batch.feed):  # every real token's slot is in a page it owns
+            assert len(s.pages) * PAGE >= s.computed + n and batch.P >= len(s.pages)
         events = sched.commit(batch, rng.integers(2, 50, batch.B))
         for s, new, _ in events:
             sent.setdefault(s.rid, []).extend(new)

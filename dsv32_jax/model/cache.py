@@ -111,8 +111,8 @@ class PagedKVCache(KVCache):
     is the page table: logical slot t of sequence b lives in row pages[b, t // PAGE] * PAGE + t % PAGE.
     The model sees logical slots only (a length of P x PAGE): the indexer's key tiles and the
     attention's selected rows go through the table, one more index lookup, no copy. Page 0 is the
-    pool's scratch page: table entries a sequence does not own point there, so writes of padding
-    land in it and nothing real ever reads it. Pools are replicated over the mesh (serving runs
+    pool's scratch page: table entries a sequence does not own point there, and slots past the
+    table map there, so writes of padding land in it and nothing real ever reads it. Pools are replicated over the mesh (serving runs
     with data = 1). `pages` is None in a pool at rest; a step sets it (`with_pages`)."""
 
     pages: jax.Array | None = None  # (B, P) int32 page ids
@@ -135,11 +135,13 @@ class PagedKVCache(KVCache):
         return self.pages.shape[1] * PAGE
 
     def rows(self, slots: jax.Array) -> jax.Array:
-        """Logical slots (B, ...) -> pool rows (B, ...); negative slots read row 0."""
-        slots = jnp.maximum(slots, 0)
+        """Logical slots (B, ...) -> pool rows (B, ...); slots outside the table (negative, or
+        past its P pages: a run's padding) map into the scratch page."""
         b = jnp.arange(slots.shape[0]).reshape(-1, *([1] * (slots.ndim - 1)))
-        page = self.pages[b, jnp.minimum(slots // PAGE, self.pages.shape[1] - 1)]
-        return page * PAGE + slots % PAGE
+        n = self.pages.shape[1]
+        inside = (slots >= 0) & (slots < n * PAGE)
+        page = jnp.where(inside, self.pages[b, jnp.clip(slots // PAGE, 0, n - 1)], 0)
+        return page * PAGE + jnp.maximum(slots, 0) % PAGE
 
     def write(self, layer: jax.Array, positions: jax.Array, **new: jax.Array) -> "PagedKVCache":
         r = self.rows(positions)

@@ -111,7 +111,7 @@ class Scheduler:
     # Shapes -----------------------------------------------------------------------------------------
 
     def page_buckets(self) -> list[int]:
-        return pow2_up_to(bucket(cdiv(self.max_len + self.chunk, PAGE), 1))
+        return pow2_up_to(bucket(cdiv(self.max_len, PAGE), 1))
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (B, S, P) a step may have: what a warm-up compiles."""
@@ -157,7 +157,7 @@ class Scheduler:
             if not seqs:
                 return None
             feed, S = [1] * len(seqs), 1
-        P = bucket(max(max(len(s.pages), cdiv(s.computed + S, PAGE)) for s in seqs), 1)
+        P = bucket(max(len(s.pages) for s in seqs), 1)  # padding past the table: scratch
         return Batch(seqs, feed, S, bucket(len(seqs), 1), P)
 
     def commit(self, batch: Batch, sampled: np.ndarray) -> list[tuple[Seq, list[int], str | None]]:
