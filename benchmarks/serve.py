@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     import dsv32_jax
     from dsv32_jax.text.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_file(args.ckpt / "tokenizer.json")
+    tokenizer = Tokenizer.load(args.ckpt)
     bodies = [{**b, "temperature": 0} for b in mix(args.requests, tokenizer)]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
               "continuous": [], "static": [], "prefix": {}}

@@ -14,6 +14,9 @@ every pick here."""
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from dsv32_jax.model.cache import PAGE
 from dsv32_jax.serve import Engine, EngineStopped, QueueFull, Sampling
 from dsv32_jax.serve.pages import Pages, page_keys
 from dsv32_jax.serve.scheduler import Scheduler, Seq
+from conftest import xla_env
 
 DEMO = Path(__file__).resolve().parents[1] / "dsv32_jax" / "demo_model"
 NEW = 8  # tokens per request
@@ -238,3 +242,46 @@ def test_bad_requests_queue_limit_and_stop():
     assert got.finish[0] == "error: server shutting down"
     with pytest.raises(EngineStopped):
         eng.submit([5, 6], greedy(), got.emit(2))
+
+
+MESH_SCRIPT = """
+import json, sys, threading
+import numpy as np
+import dsv32_jax
+from dsv32_jax.serve import Engine, Sampling
+from sharding.mesh import make_mesh
+
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+load = lambda mesh=None: dsv32_jax.load_model(path, dtype="float32", fp8_activations=False, mesh=mesh)
+try:
+    Engine(load(make_mesh(2, 1, 2)))
+    refused = ""
+except NotImplementedError as e:
+    refused = str(e)
+eng = Engine(load(make_mesh(1, 2, 2)), max_batch=2, chunk=16, max_prefill=2)
+eng.start()
+out, done = {}, threading.Semaphore(0)
+for i, p in enumerate(prompts):
+    def emit(new, finish, i=i):
+        out.setdefault(i, []).extend(new)
+        if finish:
+            done.release()
+    eng.submit(p, Sampling(max_tokens=8, temperature=0), emit)
+for _ in prompts:
+    done.acquire()
+eng.stop(drain=False)
+ref = load().generate(prompts, 8, temperature=0, stop_tokens=[])
+print(json.dumps({"equal": [out[i] == ref[i] for i in range(len(prompts))], "refused": refused,
+                  "pool": str(eng._pools["moe_layers"].c.sharding.spec)}))
+"""
+
+
+def test_engine_on_an_expert_tensor_mesh_equals_one_device():
+    """(1,2,2) on 4 simulated devices: the pools replicated, greedy tokens equal to the unsharded
+    `Model.generate`; a mesh with data > 1 is refused in one line."""
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(DEMO), json.dumps(FIRST)],
+                          capture_output=True, text=True, env=xla_env(4), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["equal"] == [True] * len(FIRST)
+    assert "data > 1 is not implemented" in r["refused"] and r["pool"] in ("P()", "PartitionSpec()")
