@@ -63,7 +63,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dsv32_jax.cli", "serve", "--ckpt", str(ckpt), "--port",
-             str(self.port), "--no-warmup", *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             str(self.port), "--no-warmup", "--served-model-name", MODEL, *extra], cwd=ROOT,
+            stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -188,9 +189,9 @@ def main(argv=None) -> int:
         server = Server(args.ckpt, "--max-batch", "8", "--chunk", str(args.chunk), *extra)
         try:
             drive(server.url, "/v1/chat/completions", chats[:2], 1)  # compile
-            hit0 = server.metric("prefix_hit_tokens")
+            hit0 = server.metric("prefix_cache_hit_tokens_total")
             r = drive(server.url, "/v1/chat/completions", chats, 8)
-            r["prefill_tokens_saved"] = server.metric("prefix_hit_tokens") - hit0
+            r["prefill_tokens_saved"] = server.metric("prefix_cache_hit_tokens_total") - hit0
             report["prefix"][name] = r
             print(name, json.dumps(r), flush=True)
         finally:
