@@ -1,6 +1,7 @@
 """`dsv32 serve` over real HTTP on 127.0.0.1: the demo model served by a subprocess (one server for the module,
 a second small one for the queue limit and SIGTERM), spoken to with the official `openai` client and raw
-`httpx`. Greedy replies are checked against `Model.generate` of the same prompt ids in this process."""
+`httpx`. Greedy replies are checked against `Model.generate` of the same prompt ids in this process (both in
+float32: see EXACT)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ pytest.importorskip("uvicorn")
 MODEL = "demo_model"
 READY = re.compile(r"dsv32 serve: \S+ on (http://\S+)/v1 ")
 START_S = 180  # the server's start (JAX import, the weights; no warm-up)
+# The shared server and the references run in exact numerics, as tests/test_serve_engine.py does: in bfloat16
+# a row's rounding depends on the batch it is computed in (XLA:CPU picks a dot by its shape), and greedy picks
+# may follow it. The small server below runs the default numerics.
+EXACT = ("--dtype", "float32", "--no-fp8")
 
 
 class Server:
@@ -70,7 +75,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--max-batch", "32")
+    s = Server("--max-batch", "32", *EXACT)
     yield s
     s.proc.send_signal(signal.SIGTERM)
     try:
@@ -90,7 +95,7 @@ def tok():
 def model():
     import dsv32_jax
 
-    return dsv32_jax.load_model(DEMO_DIR)
+    return dsv32_jax.load_model(DEMO_DIR, dtype="float32", fp8_activations=False)
 
 
 def _greedy(model, tok, messages: list[dict], n: int, mode: str = "chat") -> tuple[dict, str, int]:
