@@ -173,12 +173,27 @@ SCRIPT = textwrap.dedent("""
                                             cfg=cfg).compile()
                 decode = gen.forward.lower(model.params, tokens[:, :1], pos[:, :1], cache,
                                            np.zeros(b, np.int32), cfg=cfg).compile()
+            # (out, in) of the FP8 weights: an all-gather of one (e4m3, or f16 as XLA:CPU widens
+            # e4m3 for the collective) or a line that narrows its result back to e4m3 ends so
+            # (FP8 activations, e.g. the indexer queries, end in their 128-wide blocks)
+            w8 = {a.shape[-2:] for a in jax.tree.leaves(model.params)
+                  if str(a.dtype) == "float8_e4m3fn"}
+
+            def fp8_weight(line):
+                out = re.search(r"= (.+?) [\\w-]+\\(", line).group(1)
+                return any(dt in ("f8e4m3fn", "f16") and tuple(map(int, d.split(",")))[-2:] in w8
+                           for dt, d in re.findall(r"(\\w+)\\[([\\d,]+)\\]", out))
+
             res = {}
             for name, exe in (("prefill", prefill), ("decode", decode)):
                 text = exe.as_text()
                 ops = [l for l in text.splitlines() if re.search(r"= [^=]*all-gather[.(-]", l)]
+                coll = [l for l in text.splitlines() if re.search(
+                    r"= [^=]*(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                    r"(-start)?\\(", l)]
                 kept = exe.output_shardings[1]  # the cache the step returns: laid out as it came
-                res[name] = {"fp8_all_gathers": sum("f8e4m3" in l for l in ops),
+                res[name] = {"fp8_all_gathers": sum(map(fp8_weight, ops)),
+                             "indexer_collectives": sum("/index_topk/" in l for l in coll),
                              "all_to_alls": len(re.findall(r"all-to-all\\(", text)),
                              "cache_kept": all(kept[g].__dict__[k].is_equivalent_to(
                                  getattr(c, k).sharding, getattr(c, k).ndim)

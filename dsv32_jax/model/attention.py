@@ -264,23 +264,29 @@ class MLA(nn.Module):
 
         While every query sees at most index_topk keys its top-k is every visible key, so the
         scores and the top-k are skipped (`SKIP_SHORT`): decided in Python when T <= index_topk,
-        by a `lax.cond` on the (global) largest position otherwise. Collecting still computes
-        the scores, but the idx is the one production attends to."""
+        else by a `lax.cond` on the largest position of each device's own sequences, inside
+        `local` (the cond's operands keep their layouts; no collective decides it). Collecting
+        still computes the scores, but the idx is the one production attends to."""
         topk = self.cfg.index_topk
         if not SKIP_SHORT:
             return self.indexer_topk(iq, iw, positions, cache, layer, collect)
-        every = constrain(visible_slots(positions, min(topk, cache.length)), SCORES)  # (B,S,k)
+        k = min(topk, cache.length)
         if cache.length <= topk:  # static: no runtime cost
+            every = constrain(visible_slots(positions, k), SCORES)  # (B,S,k)
             if not collect:
                 return every, None
             return every, self.indexer_topk(iq, iw, positions, cache, layer, True)[1]
-        short = jnp.max(positions) < topk
         if collect:
             idx, scores = self.indexer_topk(iq, iw, positions, cache, layer, True)
-            return jnp.where(short, every, idx), scores
-        idx = jax.lax.cond(short, lambda: every,
-                           lambda: self.indexer_topk(iq, iw, positions, cache, layer, False)[0])
-        return idx, None
+            return jnp.where(jnp.max(positions) < topk, visible_slots(positions, k), idx), scores
+
+        def pick(iq, iw, positions, cache, layer):  # one device's sequences
+            return jax.lax.cond(
+                jnp.max(positions) < topk, lambda: visible_slots(positions, k),
+                lambda: self.indexer_topk(iq, iw, positions, cache, layer, False)[0])
+
+        return local(pick, (QUERY, QUERY[:3], QUERY[:2], cache.axes(), ()), SCORES)(
+            iq, iw, positions, cache, layer), None
 
     def indexer_topk(self, iq, iw, positions, cache: KVCache, layer, collect: bool):
         """The indexer's top-min(index_topk, T) slots per query (B,S,k) over the whole cache,

@@ -41,6 +41,10 @@ class KVCache:
                             "ik": ("layers", "batch", "seq", "index_dim"),
                             "ik_scale": ("layers", "batch", "seq")}
 
+    def axes(self) -> "KVCache":
+        """The logical axes of each field, as a cache of name tuples (`sharding.mesh.local`)."""
+        return self.replace(**self.AXES)
+
     @classmethod
     def zeros(cls, cfg: Config, layers: int, batch: int, length: int) -> "KVCache":
         lead = (layers, batch, length)
