@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import pallas_kernels as pk
-from dsv32_jax.model.cache import KVCache
+from dsv32_jax.model.cache import KVCache, PagedKVCache
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm
 from dsv32_jax.model.quant import HIGHEST, act_quant, einsum, hadamard
@@ -312,6 +312,10 @@ class MLA(nn.Module):
         cfg = self.cfg
         if self.impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl {self.impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.impl == "pallas" and isinstance(cache, PagedKVCache):
+            raise NotImplementedError("attention_impl='pallas' over the paged cache (dsv32 serve) is not "
+                                      "implemented yet: the kernels read the contiguous (L, B, T) cache; "
+                                      "use attention_impl='xla'")
         b, s, _ = x.shape
         h, dn, r, dv, c_dim = (cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                cfg.v_head_dim, cfg.kv_lora_rank)

@@ -105,6 +105,68 @@ class KVCache:
         return c, from_bits(self.k_pe[layer])
 
 
+PAGE = 64  # slots per page of the paged cache
+
+
+@struct.dataclass
+class PagedKVCache(KVCache):
+    """The same cache in pages (the serving engine's, `dsv32_jax.serve`): the fields hold one pool of
+    rows per layer, (L, N, ...) with N = pages x PAGE, shared by every sequence, and `pages` (B, P)
+    is the page table: logical slot t of sequence b lives in row pages[b, t // PAGE] * PAGE + t % PAGE.
+    The model sees logical slots only (a length of P x PAGE): the indexer's key tiles and the
+    attention's selected rows go through the table, one more index lookup, no copy. Page 0 is the
+    pool's scratch page: table entries a sequence does not own point there, and slots past the
+    table map there, so writes of padding land in it and nothing real ever reads it. Pools are replicated over the mesh (serving runs
+    with data = 1). `pages` is None in a pool at rest; a step sets it (`with_pages`)."""
+
+    pages: jax.Array | None = None  # (B, P) int32 page ids
+
+    AXES: ClassVar[dict] = {"c": ("layers", None, "kv_lora"), "c_scale": ("layers", None, None),
+                            "k_pe": ("layers", None, None), "ik": ("layers", None, "index_dim"),
+                            "ik_scale": ("layers", None)}
+
+    @classmethod
+    def pool(cls, cfg: Config, layers: int, n_pages: int) -> "PagedKVCache":
+        """An empty pool of n_pages pages (page 0 the scratch page) for `layers` layers."""
+        flat = KVCache.zeros(cfg, layers, 1, n_pages * PAGE)
+        return cls(**{k: getattr(flat, k)[:, 0] for k in KVCache.AXES})
+
+    def with_pages(self, pages: jax.Array | None) -> "PagedKVCache":
+        return self.replace(pages=pages)
+
+    @property
+    def length(self) -> int:
+        return self.pages.shape[1] * PAGE
+
+    def rows(self, slots: jax.Array) -> jax.Array:
+        """Logical slots (B, ...) -> pool rows (B, ...); slots outside the table (negative, or
+        past its P pages: a run's padding) map into the scratch page."""
+        b = jnp.arange(slots.shape[0]).reshape(-1, *([1] * (slots.ndim - 1)))
+        n = self.pages.shape[1]
+        inside = (slots >= 0) & (slots < n * PAGE)
+        page = jnp.where(inside, self.pages[b, jnp.clip(slots // PAGE, 0, n - 1)], 0)
+        return page * PAGE + jnp.maximum(slots, 0) % PAGE
+
+    def write(self, layer: jax.Array, positions: jax.Array, **new: jax.Array) -> "PagedKVCache":
+        r = self.rows(positions)
+        return self.replace(**{k: getattr(self, k).at[layer, r].set(_store(v, getattr(self, k)))
+                               for k, v in new.items()})
+
+    def gather(self, layer: jax.Array, idx: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        r = self.rows(idx)
+        c = act_dequant(from_bits(self.c[layer, r]), self.c_scale[layer, r], dtype)
+        return c, from_bits(self.k_pe[layer, r])
+
+    def key_tile(self, layer: jax.Array, start: jax.Array, size: int):
+        slots = jnp.broadcast_to(start + jnp.arange(size), (self.pages.shape[0], size))
+        r = self.rows(slots)
+        return from_bits(self.ik[layer, r]), self.ik_scale[layer, r]
+
+    def layer_latent(self, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        return self.gather(layer, jnp.broadcast_to(jnp.arange(self.length),
+                                                   (self.pages.shape[0], self.length)), dtype)
+
+
 # Narrow float payloads are kept as their bit patterns: XLA:CPU widens a float8 / bf16 array it
 # updates in place (to f16 / f32, whole, every step); unsigned ints of the same width it does not.
 # One map for the cache and the kernels that read it (`pallas_kernels.common.FROM_BITS`).

@@ -72,7 +72,7 @@ def init_cache(cfg: Config, batch: int, length: int) -> dict[str, KVCache]:
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
-    return cache.replace(**{k: constrain(getattr(cache, k), axes) for k, axes in KVCache.AXES.items()})
+    return cache.replace(**{k: constrain(getattr(cache, k), axes) for k, axes in cache.AXES.items()})
 
 
 class Transformer(nn.Module):

@@ -1,0 +1,220 @@
+"""`dsv32 serve` under load, against static batching on the same requests, in one run.
+
+    python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests 32] [--json FILE]
+
+1. A fixed mix of requests (raw-text prompts of 20-300 tokens, max_tokens 16-128, greedy) goes
+   through the real HTTP server (`dsv32 serve`, a subprocess on 127.0.0.1), streamed, from N
+   concurrent clients: output tokens/s, time to first token and inter-token latency p50/p99.
+2. The same requests through `Model.generate` in static batches of N (each batch waits for its
+   longest request; tokens past a request's max_tokens are not counted): output tokens/s, and the
+   ratio continuous / static.
+3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
+   the prefix cache: prefill tokens saved (from /metrics) and time to first token.
+Each server first runs the whole mix once to compile its step shapes (not timed). Absolute times
+are only meaningful for the machine printed; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "dsv32_jax" / "demo_model"
+CORPUS = ROOT / "dsv32_jax" / "text" / "bpe_corpus.txt"
+MODEL = "dsv32"
+
+
+def mix(n: int, tokenizer) -> list[dict]:
+    """n requests: raw prompts cut from the demo corpus, 20-300 tokens, max_tokens 16-128."""
+    words = CORPUS.read_text().split()
+    out = []
+    for i in range(n):
+        want = (20, 60, 150, 300)[i % 4]
+        start = (i * 997) % (len(words) - 400)
+        text, k = "", 1
+        while len(tokenizer.encode(text)) < want:
+            text = " ".join(words[start:start + k])
+            k += 4
+        out.append({"prompt": text, "max_tokens": (16, 128, 32, 64)[(i // 4) % 4]})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, ckpt: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dsv32_jax.cli", "serve", "--ckpt", str(ckpt), "--port",
+             str(self.port), "--no-warmup", *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dsv32 serve exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("dsv32 serve did not become healthy in 600 s")
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if not line.startswith("#") and line.split("{")[0].split()[0].endswith(name):
+                return float(line.split()[-1])
+        raise KeyError(f"/metrics has no {name}")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def stream(url: str, path: str, body: dict) -> dict:
+    """One streamed request -> its time to first token, the gaps between chunks, tokens out."""
+    t0 = time.perf_counter()
+    stamps, usage = [], None
+    with httpx.stream("POST", url + path, json={**body, "model": MODEL, "stream": True,
+                                                 "stream_options": {"include_usage": True}},
+                      timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if any(_has_text(c) for c in chunk.get("choices", [])):
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - t0 if stamps else None, "gaps": gaps,
+            "tokens": usage["completion_tokens"] if usage else len(stamps)}
+
+
+def _has_text(choice: dict) -> bool:
+    d = choice.get("delta") or {}
+    return bool(choice.get("text") or d.get("content") or d.get("reasoning_content"))
+
+
+def drive(url: str, path: str, bodies: list[dict], clients: int) -> dict:
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda b: stream(url, path, b), bodies))
+    wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    gaps = [g for r in results for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+            "itl_p50_s": _pct(gaps, 50), "itl_p99_s": _pct(gaps, 99)}
+
+
+def _pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def static(model, tokenizer, bodies: list[dict], batch: int) -> dict:
+    """The requests through Model.generate in static batches of `batch` (greedy)."""
+    ids = [tokenizer.encode(b["prompt"]) for b in bodies]
+    run = lambda: [model.generate(ids[i:i + batch], max(b["max_tokens"] for b in bodies[i:i + batch]),  # noqa: E731
+                                  temperature=0) for i in range(0, len(ids), batch)]
+    run()  # compile
+    t0 = time.perf_counter()
+    outs = [o for group in run() for o in group]
+    wall = time.perf_counter() - t0
+    tokens = sum(min(len(o), b["max_tokens"]) for o, b in zip(outs, bodies))
+    return {"batch": batch, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def prefix_mix(n: int) -> list[dict]:
+    words = CORPUS.read_text().split()
+    system = " ".join(words[:180])
+    return [{"messages": [{"role": "system", "content": system},
+                          {"role": "user", "content": " ".join(words[200 + 7 * i:205 + 7 * i])}],
+             "max_tokens": 16, "temperature": 0} for i in range(n)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", type=Path, default=DEMO)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    import dsv32_jax
+    from dsv32_jax.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(args.ckpt / "tokenizer.json")
+    bodies = [{**b, "temperature": 0} for b in mix(args.requests, tokenizer)]
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
+              "continuous": [], "static": [], "prefix": {}}
+    server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk))
+    try:
+        drive(server.url, "/v1/completions", bodies, max(args.clients))  # compile
+        drive(server.url, "/v1/completions", bodies, 1)
+        for n in args.clients:
+            report["continuous"].append(drive(server.url, "/v1/completions", bodies, n))
+            print(json.dumps(report["continuous"][-1]), flush=True)
+    finally:
+        server.close()
+    model = dsv32_jax.load_model(args.ckpt)
+    for n in args.clients:
+        report["static"].append(static(model, tokenizer, bodies, n))
+        print(json.dumps(report["static"][-1]), flush=True)
+    del model
+    chats = prefix_mix(16)
+    for name, extra in (("on", ()), ("off", ("--no-prefix-cache",))):
+        server = Server(args.ckpt, "--max-batch", "8", "--chunk", str(args.chunk), *extra)
+        try:
+            drive(server.url, "/v1/chat/completions", chats[:2], 1)  # compile
+            hit0 = server.metric("prefix_hit_tokens")
+            r = drive(server.url, "/v1/chat/completions", chats, 8)
+            r["prefill_tokens_saved"] = server.metric("prefix_hit_tokens") - hit0
+            report["prefix"][name] = r
+            print(name, json.dumps(r), flush=True)
+        finally:
+            server.close()
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['requests']} requests, {r['machine']}\n")
+    print("| clients | continuous tok/s | static tok/s | ratio | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for c, s in zip(r["continuous"], r["static"]):
+        print(f"| {c['clients']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
+              f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
+              f"{1e3 * c['itl_p50_s']:.0f} / {1e3 * c['itl_p99_s']:.0f} |")
+    on, off = r["prefix"].get("on"), r["prefix"].get("off")
+    if on and off:
+        print(f"\nshared system prompt, 16 chats, 8 clients: prefill tokens saved {on['prefill_tokens_saved']:.0f} "
+              f"(off: {off['prefill_tokens_saved']:.0f}); TTFT p50 {on['ttft_p50_s']:.3f} s with the prefix "
+              f"cache, {off['ttft_p50_s']:.3f} s without ({off['ttft_p50_s'] / on['ttft_p50_s']:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

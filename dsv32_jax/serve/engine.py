@@ -1,0 +1,242 @@
+"""The serving engine: requests in from any thread, one engine thread running the scheduler's steps
+over the paged pool, tokens out through each request's `emit` callback.
+
+    engine = Engine(model, max_batch=32)         # model: engine.runner.Model
+    engine.start()
+    rid = engine.submit(prompt_ids, Sampling(max_tokens=64, temperature=0), emit)
+    # emit(new_tokens, finish) is called from the engine thread: finish is None while the request
+    # runs, then once "stop" | "length" | "cancelled" | "error: ..."
+    engine.cancel(rid); engine.metrics(); engine.stop(drain=True)
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from dsv32_jax.engine.checks import check_budget, check_sampling
+from dsv32_jax.model.cache import PAGE
+from dsv32_jax.model.config import cdiv
+from dsv32_jax.serve import step as st
+from dsv32_jax.serve.pages import Pages
+from dsv32_jax.serve.scheduler import Sampling, Scheduler, Seq
+from sharding.distributed import to_host
+from sharding.mesh import on_mesh
+
+Emit = Callable[[list[int], "str | None"], object]
+
+
+class QueueFull(RuntimeError):
+    """Too many requests wait already: try again after `retry_after` seconds."""
+
+    def __init__(self, msg: str, retry_after: float):
+        super().__init__(msg)
+        self.retry_after = retry_after
+
+
+class EngineStopped(RuntimeError):
+    """The engine takes no more requests (stopping, or it failed: the message says which)."""
+
+
+class Engine:
+    def __init__(self, model, *, max_batch: int = 32, pages: int | None = None,
+                 cache_gb: float | None = None, chunk: int = 512, max_waiting: int = 256,
+                 prefix_cache: bool = True, max_prefill: int = 4):
+        cfg = model.config
+        for name, v in (("max_batch", max_batch), ("chunk", chunk), ("max_waiting", max_waiting),
+                        ("max_prefill", max_prefill)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if pages is not None and cache_gb is not None:
+            raise ValueError("give the pool's size as pages or as cache_gb, not both")
+        if model.attention_impl == "pallas":
+            raise NotImplementedError("serving with attention_impl='pallas' is not implemented yet: the "
+                                      "kernels read the contiguous cache, not the paged pool; use 'xla'")
+        self.model, self.config = model, cfg
+        self.max_len = cfg.max_seq_len
+        mesh = getattr(jax.tree.leaves(model.params)[0].sharding, "mesh", None)
+        if mesh is not None and mesh.shape.get("data", 1) > 1:
+            raise NotImplementedError("serving on a mesh with data > 1 is not implemented yet: the paged "
+                                      "pool is not split over data (use --mesh 1,E,T)")
+        if cache_gb is not None:
+            pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)))
+        elif pages is None:  # every running sequence at full length, + the scratch page
+            pages = max_batch * cdiv(self.max_len, PAGE) + 1
+        if pages - 1 < cdiv(self.max_len, PAGE):
+            raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
+                             f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
+        self.max_waiting = max_waiting
+        self.sched = Scheduler(Pages(pages, prefix_cache), max_batch, chunk, max_prefill, self.max_len)
+        with on_mesh(model.params):
+            self._pools = st.pools(cfg, pages)
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self._inbox: list[Seq] = []
+        self._cancels: list[int] = []
+        self._stopping = self._drain = False
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        self._prompt_tokens = 0
+        self._rate = _Rate()
+
+    # Client side (any thread) -----------------------------------------------------------------------
+
+    def submit(self, prompt, sampling: Sampling, emit: Emit) -> int:
+        prompt = [int(t) for t in prompt]
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} are outside [0, {self.config.vocab_size})")
+        check_budget(len(prompt), sampling.max_tokens, self.max_len)
+        check_sampling(sampling.temperature, sampling.top_p)
+        with self._cv:
+            if self._stopping or self.error:
+                raise EngineStopped(self.error or "the engine is shutting down")
+            if len(self.sched.waiting) + len(self._inbox) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are waiting already", retry_after=1.0)
+            seq = Seq(next(self._ids), prompt, len(prompt), sampling, emit)
+            self._inbox.append(seq)
+            self._prompt_tokens += len(prompt)
+            self._cv.notify()
+        return seq.rid
+
+    def cancel(self, rid: int) -> None:
+        with self._cv:
+            self._cancels.append(rid)
+            self._cv.notify()
+
+    def metrics(self) -> dict[str, float]:
+        with self._cv:
+            s, p = self.sched, self.sched.pages
+            return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox),
+                    "pages_used": p.used, "pages_cached": p.cached, "pages_total": p.n_pages - 1,
+                    "prompt_tokens": self._prompt_tokens, **s.counts,
+                    "generation_tokens_per_s": self._rate.value()}
+
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compile the step for every shape bucket (a step on padding only: it writes the scratch page)."""
+        shapes = self.sched.shapes()
+        t0 = time.perf_counter()
+        for i, (b, s, p) in enumerate(shapes):
+            if progress:
+                progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")
+            a = dict(table=np.zeros((b, p), np.int32), tokens=np.zeros((b, s), np.int32),
+                     positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)), last=np.zeros(b, np.int32),
+                     seeds=np.zeros(b, np.uint32), counters=np.zeros(b, np.int32),
+                     temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32))
+            to_host(self._run(a))
+        if progress:
+            progress(f"compiled {len(shapes)} step shapes in {time.perf_counter() - t0:.1f} s")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dsv32-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool, timeout: float | None = None) -> None:
+        """No new requests; drain=True lets the open ones finish (up to `timeout` s, then as below),
+        else each gets emit([], "error: server shutting down")."""
+        with self._cv:
+            self._stopping, self._drain = True, drain
+            self._cv.notify()
+        if self._thread is None:  # never started: the open requests hear of it here
+            self._loop()
+        else:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                with self._cv:
+                    self._drain = False
+                    self._cv.notify()
+                self._thread.join()
+
+    # The engine thread ------------------------------------------------------------------------------
+
+    def _run(self, a: dict):
+        with on_mesh(self.model.params):
+            token, self._pools = st.step(self.model.params, self._pools, a["table"], a["tokens"],
+                                         a["positions"], a["last"], a["seeds"], a["counters"],
+                                         a["temperature"], a["top_p"], cfg=self.config,
+                                         impl=self.model.attention_impl)
+        return token
+
+    def _loop(self) -> None:
+        try:
+            while self._turn():
+                pass
+        except Exception as e:  # noqa: BLE001 - every open request hears of it, then the thread ends
+            self._fail(f"{type(e).__name__}: {e}")
+
+    def _turn(self) -> bool:
+        """One step (or a wait for work). False when the engine is done."""
+        events = []
+        with self._cv:
+            for seq in self._inbox:
+                self.sched.add(seq)
+            self._inbox.clear()
+            for rid in self._cancels:
+                seq = self.sched.remove(rid)
+                if seq is not None:
+                    events.append((seq, [], "cancelled"))
+            self._cancels.clear()
+            if self._stopping and not (self._drain and not self.sched.idle):
+                events += [(s, [], "error: server shutting down") for s in self._open()]
+                done = True
+            else:
+                done = False
+                if self.sched.idle and not events:
+                    self._cv.wait()
+                    return True
+            batch = None if done else self.sched.plan()
+        _send(events)
+        if done:
+            return False
+        if batch is None:
+            return True
+        tokens = to_host(self._run(batch.arrays()))[:len(batch.seqs)]
+        with self._cv:
+            events = self.sched.commit(batch, tokens)
+            self._rate.add(sum(len(new) for _, new, _ in events))
+        _send(events)
+        return True
+
+    def _open(self) -> list[Seq]:
+        out = list(self.sched.waiting) + list(self.sched.running)
+        for s in out:
+            self.sched.remove(s.rid)
+        return out
+
+    def _fail(self, msg: str) -> None:
+        with self._cv:
+            self.error = f"engine failed: {msg}"
+            self.sched.waiting.extend(self._inbox)
+            self._inbox.clear()
+            events = [(s, [], f"error: {self.error}") for s in self._open()]
+        _send(events)
+
+
+def _send(events) -> None:
+    for seq, new, finish in events:
+        seq.emit(new, finish)
+
+
+class _Rate:
+    """Generated tokens per second over the last ~10 s."""
+
+    def __init__(self, window: float = 10.0):
+        self.window, self.events = window, []
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        self.events.append((now, n))
+        self.events = [(t, k) for t, k in self.events if now - t <= self.window]
+
+    def value(self) -> float:
+        now = time.monotonic()
+        recent = [(t, k) for t, k in self.events if now - t <= self.window]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1e-3)
+        return sum(k for _, k in recent) / span
