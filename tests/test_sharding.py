@@ -201,6 +201,32 @@ SCRIPT = textwrap.dedent("""
             hlo[str(m)] = res
         out["hlo"] = hlo
 
+    if "paged" in checks:  # the serving engine's paged pools on a mesh, exact numerics
+        from dsv32_jax.model.transformer import Transformer, variables
+        from dsv32_jax.serve.step import pools
+        b = len(tokens)
+        table = np.zeros((b, 4), np.int32)  # 4 pages: 256 logical slots > index_topk
+        table[:, :2] = 1 + np.arange(2 * b).reshape(b, 2)
+
+        def paged(model):  # 10 tokens (all positions < index_topk: the skip), then 30 (indexer)
+            cfg, logits = model.config, []
+            with on_mesh(model.params):
+                pool = pools(cfg, 2 * b + 1)
+                f = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply(variables(p), t, pos, c))
+                for lo, hi in ((0, 10), (10, 40)):
+                    pos = np.broadcast_to(np.arange(lo, hi, dtype=np.int32), (b, hi - lo))
+                    lg, c = f(model.params, tokens[:, lo:hi], pos,
+                              {g: x.with_pages(table) for g, x in pool.items()})
+                    pool = {g: x.with_pages(None) for g, x in c.items()}
+                    logits.append(np.asarray(lg))
+            return logits
+
+        want = paged(base)
+        out["paged"] = {}
+        for m in [(2, 2, 2), (1, 2, 4)]:
+            got = paged(dsv32_jax.load_model(path, mesh=on(m), **exact))
+            out["paged"][str(m)] = [float(np.abs(g - w).max() / w.std()) for g, w in zip(got, want)]
+
     if "capacity" in checks:  # a tight capacity drops picks, counted; the default drops none
         mesh = on((1, 8, 1))
         model = dsv32_jax.load_model(path, mesh=mesh, **exact)

@@ -134,6 +134,10 @@ class PagedKVCache(KVCache):
     def with_pages(self, pages: jax.Array | None) -> "PagedKVCache":
         return self.replace(pages=pages)
 
+    def axes(self) -> "PagedKVCache":
+        """As `KVCache.axes`, and the page table's: each device's own sequences' rows."""
+        return super().axes().replace(pages=("batch", None))
+
     @property
     def length(self) -> int:
         return self.pages.shape[1] * PAGE
