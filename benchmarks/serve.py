@@ -2,11 +2,13 @@
 
     python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests 32] [--json FILE]
 
-1. A fixed mix of requests (raw-text prompts of 20-300 tokens, max_tokens 16-128, greedy) goes
+1. A fixed mix of requests (raw-text prompts of 20-300 tokens, max_tokens 16-128, greedy,
+   ignore_eos: every reply is max_tokens long) goes
    through the real HTTP server (`dsv32 serve`, a subprocess on 127.0.0.1), streamed, from N
    concurrent clients: output tokens/s, time to first token and inter-token latency p50/p99.
 2. The same requests through `Model.generate` in static batches of N (each batch waits for its
-   longest request; tokens past a request's max_tokens are not counted): output tokens/s, and the
+   longest request, no stop token; tokens past a request's max_tokens are not counted): output
+   tokens/s, and the
    ratio continuous / static.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
@@ -22,7 +24,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ def mix(n: int, tokenizer) -> list[dict]:
         while len(tokenizer.encode(text)) < want:
             text = " ".join(words[start:start + k])
             k += 4
-        out.append({"prompt": text, "max_tokens": (16, 128, 32, 64)[(i // 4) % 4]})
+        out.append({"prompt": text, "max_tokens": (16, 128, 32, 64)[(i // 4) % 4], "ignore_eos": True})
     return out
 
 
@@ -138,7 +139,7 @@ def static(model, tokenizer, bodies: list[dict], batch: int) -> dict:
     """The requests through Model.generate in static batches of `batch` (greedy)."""
     ids = [tokenizer.encode(b["prompt"]) for b in bodies]
     run = lambda: [model.generate(ids[i:i + batch], max(b["max_tokens"] for b in bodies[i:i + batch]),  # noqa: E731
-                                  temperature=0) for i in range(0, len(ids), batch)]
+                                  temperature=0, stop_tokens=[]) for i in range(0, len(ids), batch)]
     run()  # compile
     t0 = time.perf_counter()
     outs = [o for group in run() for o in group]

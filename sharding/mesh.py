@@ -46,10 +46,11 @@ def sharding_for(mesh: Mesh, names, shape) -> NamedSharding:
 
 
 def context_mesh():
-    """The mesh set by `jax.set_mesh` (tracing under it), or None when there is none or it has a
-    single device: the model then runs unpartitioned code."""
+    """The mesh set by `jax.set_mesh` (tracing under it), or None when there is none, it has a
+    single device, or every axis is manual (inside `local`): the model then runs unpartitioned
+    code (on the device's own block)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
         return None
     return mesh
 
@@ -81,7 +82,8 @@ def on_mesh(params):
 
 def local(fn, in_names: tuple, out_names):
     """fn run on each device's own block of its arguments, laid out by logical names (one tuple
-    per argument, () for a scalar; out_names: a tuple, or a tuple of them for several results),
+    per argument, () for a scalar, a pytree of tuples for a pytree such as a cache; out_names: a
+    tuple, or a tuple of them for several results),
     with no communication: for ops whose every output element depends only on the same block of
     its inputs (the per-sequence cache writes and row gathers, batch over "data"). Without a mesh,
     fn itself. This keeps such ops local where XLA's partitioner might otherwise re-split them
@@ -94,8 +96,12 @@ def local(fn, in_names: tuple, out_names):
         def spec(names, shape):
             return PartitionSpec(*fit(tuple(names), tuple(shape), mesh.shape))
 
+        def specs(names, arg):  # a tuple of names per array of `arg`
+            return jax.tree.map(lambda n, a: spec(n, a.shape), names, arg,
+                                is_leaf=lambda n: isinstance(n, tuple))
+
         out_shapes = jax.eval_shape(fn, *args)
-        specs_in = tuple(spec(n, a.shape) for n, a in zip(in_names, args))
+        specs_in = tuple(specs(n, a) for n, a in zip(in_names, args))
         if isinstance(out_shapes, tuple):
             specs_out = tuple(spec(n, o.shape) for n, o in zip(out_names, out_shapes))
         else:

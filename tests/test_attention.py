@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv32_jax.model import attention
 from dsv32_jax.model.attention import (dense_mla, index_scores, index_topk, key_tile_size,
                                        over_query_chunks, sparse_mla)
 from dsv32_jax.checkpoint.weights import rngs
 from dsv32_jax.model.config import preset
 from dsv32_jax.model.layers import f32_matmul
 from dsv32_jax.model.moe import Experts, expert_window
-from dsv32_jax.model.transformer import Transformer
+from dsv32_jax.model.transformer import Transformer, init_cache
 
 
 def _flops(fn, *shapes) -> float:
@@ -178,3 +179,65 @@ def test_layers_are_scanned_not_unrolled():
     (eq3, lines3), (eq12, lines12) = n_eqns(3), n_eqns(12)
     assert eq3 == eq12, (eq3, eq12)  # unrolled layers would add equations per layer
     assert abs(lines12 - lines3) <= lines3 // 100, (lines3, lines12)  # (literal widths may differ)
+
+
+def _tiny(**kw):
+    return dataclasses.replace(preset("tiny"), dtype="float32", n_layers=1, **kw)  # one dense layer
+
+
+def _jit(monkeypatch, skip, fn):
+    """fn jitted afresh (jit caches by function) with the short-context skip on or off; it is
+    traced at its first calls, so the switch stays set until the caller is done."""
+    monkeypatch.setattr(attention, "SKIP_SHORT", skip)
+    return jax.jit(lambda *a: fn(*a))
+
+
+def test_short_context_skips_the_indexer(monkeypatch):
+    """T <= index_topk: the indexer's top-k is every visible key, so the skip (no scores, no
+    top-k in the compiled program) gives the indexer path's logits."""
+    cfg = _tiny(index_topk=16)
+    module = Transformer(cfg)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    params = module.init(rngs(0), tokens)
+    fwd = lambda p, t: module.apply(p, t)[0]  # noqa: E731  a fresh cache of T = 12 slots
+
+    def compiled(skip):
+        exe = _jit(monkeypatch, skip, fwd).lower(params, tokens).compile()
+        ops = [ln for ln in exe.as_text().splitlines()  # top-k / sort ops of the attention
+               if ("TopK" in ln or " sort(" in ln) and "/attn/" in ln]
+        return exe(params, tokens), ops
+
+    (got, skipped), (want, picked) = compiled(True), compiled(False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
+                               atol=1e-6 * float(jnp.abs(want).max()))
+    assert picked, "the indexer path should hold a top-k"
+    assert not skipped, skipped
+
+
+def test_dynamic_skip_across_index_topk(monkeypatch):
+    """T > index_topk: a prefill below index_topk, then decode steps crossing it, give the same
+    logits with the skip (lax.cond on the largest position) as with the indexer throughout."""
+    cfg = _tiny(index_topk=8)
+    module = Transformer(cfg)
+    rng = np.random.default_rng(7)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    params = module.init(rngs(0), tokens[:, :5])
+    fwd = lambda p, t, pos, c: module.apply(p, t, pos, c)  # noqa: E731
+    args = params, tokens[:, :1], jnp.zeros((2, 1), jnp.int32), init_cache(cfg, 2, 24)
+    conds = {skip: " cond[" in str(_jit(monkeypatch, skip, fwd).trace(*args).jaxpr)
+             for skip in (True, False)}
+    assert conds == {True: True, False: False}, conds  # the skip is decided at run time
+
+    def logits(skip):
+        step = _jit(monkeypatch, skip, fwd)  # traced twice: the prefill and one decode step
+        cache = init_cache(cfg, 2, 24)  # T = 24 > index_topk
+        pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+        lg, cache = step(params, tokens[:, :5], pos, cache)
+        out = [lg]  # (B,5,V)
+        for j in range(5, 12):  # positions 5..11: across index_topk = 8
+            lg, cache = step(params, tokens[:, j:j + 1], jnp.full((2, 1), j, jnp.int32), cache)
+            out.append(lg)  # (B,1,V)
+        return np.concatenate([np.asarray(o) for o in out], 1)
+
+    got, want = logits(True), logits(False)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

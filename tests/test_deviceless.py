@@ -263,14 +263,17 @@ def test_full_model_arguments_equal_the_plan(compiled):
 def test_plan_estimate_against_xla_gpu_temp(compiled):
     """The planner's activations + workspace of each compiled program's phase never falls below
     XLA:GPU's per-device temp, and is within 2x of it for the full model on 1,1,8 (measured before
-    the gathered_table term: 0.10 GB planned, 1.85 GB compiled) and for the 3-layer prefill chunk.
-    (The 3-layer decode step is over-estimated: XLA:GPU fuses the dequantized and widened copies
-    the plan counts.)"""
+    the gathered_table term: 0.10 GB planned, 1.85 GB compiled; now 1.06x) and within 2.25x for
+    the 3-layer prefill chunk (1.08 GB planned; 0.57 GB compiled, 1.90x, before the short-context
+    skip's `lax.cond`, 0.52 GB, 2.07x, with it: the plan sums every stage's buffers; XLA's peak
+    is at the indexer's projections, where the top-k scan's initial buffers, hoisted there
+    before, can no longer be from inside the cond's branch). (The 3-layer decode step is
+    over-estimated: XLA:GPU fuses the dequantized and widened copies the plan counts.)"""
     progs = _ok(compiled, "programs")
     for name, r in progs.items():
         assert r["plan"]["activations_workspace"] >= r["temp_bytes"], (name, r["plan"],
                                                                        r["temp_bytes"])
-    for name in ("61L/decode/1,1,8@128K", "3L/prefill/1,1,1@128K"):
+    for name, factor in (("61L/decode/1,1,8@128K", 2), ("3L/prefill/1,1,1@128K", 2.25)):
         r = progs[name]
-        assert r["plan"]["activations_workspace"] <= 2 * r["temp_bytes"], (name, r["plan"],
-                                                                           r["temp_bytes"])
+        assert r["plan"]["activations_workspace"] <= factor * r["temp_bytes"], (
+            name, r["plan"], r["temp_bytes"])

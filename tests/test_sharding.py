@@ -173,18 +173,59 @@ SCRIPT = textwrap.dedent("""
                                             cfg=cfg).compile()
                 decode = gen.forward.lower(model.params, tokens[:, :1], pos[:, :1], cache,
                                            np.zeros(b, np.int32), cfg=cfg).compile()
+            # (out, in) of the FP8 weights: an all-gather of one (e4m3, or f16 as XLA:CPU widens
+            # e4m3 for the collective) or a line that narrows its result back to e4m3 ends so
+            # (FP8 activations, e.g. the indexer queries, end in their 128-wide blocks)
+            w8 = {a.shape[-2:] for a in jax.tree.leaves(model.params)
+                  if str(a.dtype) == "float8_e4m3fn"}
+
+            def fp8_weight(line):
+                out = re.search(r"= (.+?) [\\w-]+\\(", line).group(1)
+                return any(dt in ("f8e4m3fn", "f16") and tuple(map(int, d.split(",")))[-2:] in w8
+                           for dt, d in re.findall(r"(\\w+)\\[([\\d,]+)\\]", out))
+
             res = {}
             for name, exe in (("prefill", prefill), ("decode", decode)):
                 text = exe.as_text()
                 ops = [l for l in text.splitlines() if re.search(r"= [^=]*all-gather[.(-]", l)]
+                coll = [l for l in text.splitlines() if re.search(
+                    r"= [^=]*(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                    r"(-start)?\\(", l)]
                 kept = exe.output_shardings[1]  # the cache the step returns: laid out as it came
-                res[name] = {"fp8_all_gathers": sum("f8e4m3" in l for l in ops),
+                res[name] = {"fp8_all_gathers": sum(map(fp8_weight, ops)),
+                             "indexer_collectives": sum("/index_topk/" in l for l in coll),
                              "all_to_alls": len(re.findall(r"all-to-all\\(", text)),
                              "cache_kept": all(kept[g].__dict__[k].is_equivalent_to(
                                  getattr(c, k).sharding, getattr(c, k).ndim)
                                  for g, c in cache.items() for k in KVCache.AXES)}
             hlo[str(m)] = res
         out["hlo"] = hlo
+
+    if "paged" in checks:  # the serving engine's paged pools on a mesh, exact numerics
+        from dsv32_jax.model.transformer import Transformer, variables
+        from dsv32_jax.serve.step import pools
+        b = len(tokens)
+        table = np.zeros((b, 4), np.int32)  # 4 pages: 256 logical slots > index_topk
+        table[:, :2] = 1 + np.arange(2 * b).reshape(b, 2)
+
+        def paged(model):  # 10 tokens (all positions < index_topk: the skip), then 30 (indexer)
+            cfg, logits = model.config, []
+            with on_mesh(model.params):
+                pool = pools(cfg, 2 * b + 1)
+                f = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply(variables(p), t, pos, c))
+                for lo, hi in ((0, 10), (10, 40)):
+                    pos = np.broadcast_to(np.arange(lo, hi, dtype=np.int32), (b, hi - lo))
+                    lg, c = f(model.params, tokens[:, lo:hi], pos,
+                              {g: x.with_pages(table) for g, x in pool.items()})
+                    pool = {g: x.with_pages(None) for g, x in c.items()}
+                    logits.append(np.asarray(lg))
+            return logits
+
+        want = paged(base)
+        out["paged"] = {}
+        for m in [(2, 2, 2), (1, 2, 4)]:
+            got = paged(dsv32_jax.load_model(path, mesh=on(m), **exact))
+            out["paged"][str(m)] = [float(np.abs(g - w).max() / w.std()) for g, w in zip(got, want)]
 
     if "capacity" in checks:  # a tight capacity drops picks, counted; the default drops none
         mesh = on((1, 8, 1))

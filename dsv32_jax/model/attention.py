@@ -10,6 +10,8 @@ one for one:
   dense_mla     masked MHA over all keys      -> (B,S,H,dv) reference / short sequences
 attention_impl="pallas" replaces index_topk by `index_logits` + `topk` and sparse_mla by the
 Pallas `sparse_mla` (interpreted off GPU: the same kernels, not a fallback).
+While every query sees at most index_topk keys (T <= index_topk, or all positions below it) the
+top-k is every visible key: `visible_slots` replaces the scores and the top-k (`MLA.select`).
 Every buffer is bounded by `BUDGET` bytes (a key tile of the indexer, a query chunk of the
 gathered rows), not by the context length.
 """
@@ -38,6 +40,8 @@ SCORES = ("batch", "seq", None)  # (B, S, T) scores, (B, S, k) picks
 NEG_INF = -jnp.inf
 ATTENTION_IMPLS = ("xla", "xla_dense", "pallas")
 BUDGET = 64 << 20  # bytes: the largest float32 working buffer of the indexer / sparse attention
+SKIP_SHORT = True  # skip the indexer's scores and top-k while every query sees <= index_topk
+# keys (its top-k is then every visible key); tests turn it off to compare with the indexer path
 
 
 class Indexer(nn.Module):
@@ -140,6 +144,13 @@ def index_topk(q: jax.Array, w: jax.Array, q_pos: jax.Array,
     tail = length - (n_tiles - 1) * tile  # keys only the (shifted) last tile offered
     scores = jnp.concatenate([scores[..., :(n_tiles - 1) * tile], raw[-1][..., tile - tail:]], -1)
     return idx, scores
+
+
+def visible_slots(q_pos: jax.Array, k: int) -> jax.Array:
+    """q_pos (B,S) -> (B,S,k) int32: slots 0..k-1, -1 past each query's position. With at most
+    k visible keys per query this is the set the indexer's top-k picks (in slot order)."""
+    slot = jnp.arange(k, dtype=jnp.int32)
+    return jnp.where(slot <= q_pos[..., None], slot, -1)
 
 
 def query_chunk_size(batch: int, picks: int, width: int, heads: int, budget: int = BUDGET) -> int:
@@ -247,6 +258,55 @@ class MLA(nn.Module):
             k_pe = apply_rope(kv[..., c_dim:], cos, sin, interleaved=True)  # (B,S,R)
         return qr, q_nope, q_pe, c, k_pe
 
+    def select(self, iq, iw, positions, cache: KVCache, layer, collect: bool):
+        """The key slots each query attends to -> idx (B,S,min(index_topk,T)) and, with
+        `collect`, the raw indexer scores (B,S,T) (else None).
+
+        While every query sees at most index_topk keys its top-k is every visible key, so the
+        scores and the top-k are skipped (`SKIP_SHORT`): decided in Python when T <= index_topk,
+        else by a `lax.cond` on the largest position of each device's own sequences, inside
+        `local` (the cond's operands keep their layouts; no collective decides it). Collecting
+        still computes the scores, but the idx is the one production attends to."""
+        topk = self.cfg.index_topk
+        if not SKIP_SHORT:
+            return self.indexer_topk(iq, iw, positions, cache, layer, collect)
+        k = min(topk, cache.length)
+        if cache.length <= topk:  # static: no runtime cost
+            every = constrain(visible_slots(positions, k), SCORES)  # (B,S,k)
+            if not collect:
+                return every, None
+            return every, self.indexer_topk(iq, iw, positions, cache, layer, True)[1]
+        if collect:
+            idx, scores = self.indexer_topk(iq, iw, positions, cache, layer, True)
+            return jnp.where(jnp.max(positions) < topk, visible_slots(positions, k), idx), scores
+
+        def pick(iq, iw, positions, cache, layer):  # one device's sequences
+            return jax.lax.cond(
+                jnp.max(positions) < topk, lambda: visible_slots(positions, k),
+                lambda: self.indexer_topk(iq, iw, positions, cache, layer, False)[0])
+
+        return local(pick, (QUERY, QUERY[:3], QUERY[:2], cache.axes(), ()), SCORES)(
+            iq, iw, positions, cache, layer), None
+
+    def indexer_topk(self, iq, iw, positions, cache: KVCache, layer, collect: bool):
+        """The indexer's top-min(index_topk, T) slots per query (B,S,k) over the whole cache,
+        and with `collect` the raw scores (B,S,T) (else None)."""
+        cfg = self.cfg
+        b, s = positions.shape
+        if self.impl == "pallas":  # raw scores when collecting (top-k masks causally itself)
+            # each device's own sequences (sharding.mesh.local); reads the stacked cache in place
+            scores = local(lambda q, w, k, ks, p, i: pk.index_logits(q, w, k, ks, p, i,
+                                                                     causal=not collect),
+                           (QUERY, QUERY[:3], KVCache.AXES["ik"], KVCache.AXES["ik_scale"],
+                            QUERY[:2], ()), SCORES)(iq, iw, cache.ik, cache.ik_scale, positions,
+                                                    layer)
+            idx = local(lambda sc, p: pk.topk(sc, p, k=cfg.index_topk), (SCORES, QUERY[:2]),
+                        SCORES)(scores, positions)
+            return idx, (scores if collect else None)
+        tile = key_tile_size(b, s, cfg.index_n_heads, cache.length)
+        return index_topk(iq, iw, positions, lambda i, n: cache.key_tile(layer, i, n),
+                          cache.length, cfg.index_topk, tile, collect)
+
     def __call__(self, x: jax.Array, positions: jax.Array, cos, sin, cache: KVCache,
                  layer: jax.Array):
         cfg = self.cfg
@@ -274,23 +334,10 @@ class MLA(nn.Module):
         cache = cache.write(layer, positions, c=c_q, c_scale=c_s, k_pe=k_pe, ik=ik, ik_scale=iks)
         t = cache.length
         with jax.named_scope("index_topk"):
-            if self.impl == "pallas":  # raw scores when collecting (top-k masks causally itself)
-                # each device's own sequences (sharding.mesh.local); reads the stacked cache in place
-                scores = local(lambda q, w, k, ks, p, i: pk.index_logits(q, w, k, ks, p, i,
-                                                                         causal=not collect),
-                               (QUERY, QUERY[:3], KVCache.AXES["ik"], KVCache.AXES["ik_scale"],
-                                QUERY[:2], ()), SCORES)(iq, iw, cache.ik, cache.ik_scale, positions,
-                                                        layer)
-                idx = local(lambda sc, p: pk.topk(sc, p, k=cfg.index_topk), (SCORES, QUERY[:2]),
-                            SCORES)(scores, positions)
-            else:
-                tile = key_tile_size(b, s, cfg.index_n_heads, t)
-                idx, scores = index_topk(iq, iw, positions,
-                                         lambda i, n: cache.key_tile(layer, i, n), t,
-                                         cfg.index_topk, tile, collect)
+            idx, scores = self.select(iq, iw, positions, cache, layer, collect)
         if collect:
             self.sow("intermediates", "index_scores", scores)
-            self.sow("intermediates", "topk", idx)
+            self.sow("intermediates", "topk", idx)  # the idx attention uses, skip or not
 
         wkv_b = self.wkv_b.dense_weight().reshape(h, dn + dv, c_dim)
         if self.impl == "xla":

@@ -41,6 +41,10 @@ class KVCache:
                             "ik": ("layers", "batch", "seq", "index_dim"),
                             "ik_scale": ("layers", "batch", "seq")}
 
+    def axes(self) -> "KVCache":
+        """The logical axes of each field, as a cache of name tuples (`sharding.mesh.local`)."""
+        return self.replace(**self.AXES)
+
     @classmethod
     def zeros(cls, cfg: Config, layers: int, batch: int, length: int) -> "KVCache":
         lead = (layers, batch, length)
@@ -129,6 +133,10 @@ class PagedKVCache(KVCache):
 
     def with_pages(self, pages: jax.Array | None) -> "PagedKVCache":
         return self.replace(pages=pages)
+
+    def axes(self) -> "PagedKVCache":
+        """As `KVCache.axes`, and the page table's: each device's own sequences' rows."""
+        return super().axes().replace(pages=("batch", None))
 
     @property
     def length(self) -> int:

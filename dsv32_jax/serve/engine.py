@@ -65,8 +65,8 @@ class Engine:
                                       "pool is not split over data (use --mesh 1,E,T)")
         if cache_gb is not None:
             pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)))
-        elif pages is None:  # every running sequence at full length, + the scratch page
-            pages = max_batch * cdiv(self.max_len, PAGE) + 1
+        elif pages is None:
+            pages = default_pages(cfg, max_batch, _free_bytes(model.params))
         if pages - 1 < cdiv(self.max_len, PAGE):
             raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
@@ -215,6 +215,30 @@ class Engine:
             self._inbox.clear()
             events = [(s, [], f"error: {self.error}") for s in self._open()]
         _send(events)
+
+
+FREE_FRACTION = 0.8  # of a device's free memory the default pool may take (the rest: step buffers)
+
+
+def default_pages(cfg, max_batch: int, free: int | None) -> int:
+    """The pool's default size: every running sequence at full length (+ the scratch page), cut to
+    FREE_FRACTION of the device memory left after the weights when the device reports it (GPUs;
+    `free` None on a CPU)."""
+    full = max_batch * cdiv(cfg.max_seq_len, PAGE) + 1
+    if free is None:
+        return full
+    return min(full, st.pages_for_bytes(cfg, int(FREE_FRACTION * free)))
+
+
+def _free_bytes(params) -> int | None:
+    """The least free memory over the devices holding `params`, if they report it."""
+    free = []
+    for d in {d for a in jax.tree.leaves(params) for d in a.devices()}:
+        stats = d.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return min(free) if free else None
 
 
 def _send(events) -> None:
