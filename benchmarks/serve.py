@@ -12,7 +12,8 @@
    ratio continuous / static.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
-Each server first runs the whole mix once to compile its step shapes (not timed). Absolute times
+Each measurement follows an untimed run of the same load, which compiles the step shapes it makes
+(the throughput server runs without the prefix cache, so the second run prefills as the first). Absolute times
 are only meaningful for the machine printed; the ratios are the result.
 """
 
@@ -171,11 +172,11 @@ def main(argv=None) -> int:
     bodies = [{**b, "temperature": 0} for b in mix(args.requests, tokenizer)]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
               "continuous": [], "static": [], "prefix": {}}
-    server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk))
+    server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
+                    "--no-prefix-cache")  # the mix runs twice: no prefill saved by the second
     try:
-        drive(server.url, "/v1/completions", bodies, max(args.clients))  # compile
-        drive(server.url, "/v1/completions", bodies, 1)
         for n in args.clients:
+            drive(server.url, "/v1/completions", bodies, n)  # compiles the shapes N clients make
             report["continuous"].append(drive(server.url, "/v1/completions", bodies, n))
             print(json.dumps(report["continuous"][-1]), flush=True)
     finally:
