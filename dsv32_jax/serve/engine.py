@@ -17,14 +17,13 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.serve import step as st
 from dsv32_jax.serve.pages import Pages
-from dsv32_jax.serve.scheduler import Sampling, Scheduler, Seq
+from dsv32_jax.serve.scheduler import Batch, Sampling, Scheduler, Seq
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
 
@@ -124,11 +123,7 @@ class Engine:
         for i, (b, s, p) in enumerate(shapes):
             if progress:
                 progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")
-            a = dict(table=np.zeros((b, p), np.int32), tokens=np.zeros((b, s), np.int32),
-                     positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)), last=np.zeros(b, np.int32),
-                     seeds=np.zeros(b, np.uint32), counters=np.zeros(b, np.int32),
-                     temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32))
-            to_host(self._run(a))
+            to_host(self._run(Batch([], [], s, b, p).arrays()))  # padding lanes only
         if progress:
             progress(f"compiled {len(shapes)} step shapes in {time.perf_counter() - t0:.1f} s")
 
