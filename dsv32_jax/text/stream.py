@@ -14,7 +14,8 @@ text that may still become markup (the start of the tool-call opener, of ``</thi
 control token) is held back until it is decided, so no markup reaches ``content`` or ``reasoning_content``
 however the text is cut, and the deltas join to the non-streamed parse of the whole text. Malformed text
 raises the same ChatFormatError as the non-streamed parse, from ``feed`` as soon as it is certain or from
-``finish``, and leaves the parser as it was before that call (``pending`` is the text not sent). After ``finish``, ``message`` is the whole assistant message, its tool calls with the ids sent.
+``finish``, and leaves the parser as it was before that call (``pending`` is the text not sent). After
+``finish``, ``message`` is the whole assistant message, its tool calls with the ids sent.
 """
 
 from __future__ import annotations
