@@ -222,8 +222,8 @@ def print_table(r: dict) -> None:
               f"{1e3 * c['itl_p50_s']:.0f} / {1e3 * c['itl_p99_s']:.0f} |")
     on, off = r["prefix"].get("on"), r["prefix"].get("off")
     if on and off:
-        print(f"\nshared system prompt (after other chats with it), 16 chats, 8 clients: prefill tokens saved {on['prefill_tokens_saved']:.0f} "
-              f"(off: {off['prefill_tokens_saved']:.0f}); TTFT p50 {on['ttft_p50_s']:.3f} s with the prefix "
+        print(f"\nshared system prompt (after other chats with it), 16 chats, 8 clients: prefill tokens "
+              f"saved {on['prefill_tokens_saved']:.0f} (off: {off['prefill_tokens_saved']:.0f}); TTFT p50 {on['ttft_p50_s']:.3f} s with the prefix "
               f"cache, {off['ttft_p50_s']:.3f} s without ({off['ttft_p50_s'] / on['ttft_p50_s']:.2f}x)")
 
 
