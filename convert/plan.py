@@ -216,7 +216,7 @@ def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
         if found != by_layer[0]:
             diff = sorted(found.symmetric_difference(by_layer[0]))[:3]
             raise ConvertError(f"{where}: MTP layers differ in their tensors ({p}*: {diff})")
-    known = mtp_tensor_specs(cfg, specs)  # `check` (run by plan_params) refused any other MTP tensor
+    known = mtp_tensor_specs(cfg)  # `check` (run by plan_params) refused any other MTP tensor
     for suffix in extras:
         *module, leaf = suffix.split(".")
         leaf = {"weight": "weight", SCALE_SUFFIX: "scale", "bias": "bias"}.get(leaf, leaf)

@@ -29,6 +29,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),  # the scanned layer axis
     ("vocab", "tensor"),  # embedding rows and head outputs (vocab-parallel)
     ("embed", None),
+    ("eh_in", None),  # the MTP layer's eh_proj input: [embedding; hidden] (2 x embed)
     ("q_lora", None),
     ("kv_lora", None),
     ("kv_lora_rope", None),

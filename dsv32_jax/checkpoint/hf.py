@@ -83,7 +83,7 @@ def check(ckpt: ShardedCheckpoint, cfg: Config, specs: dict | None = None) -> di
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise CheckpointError(f"{where}: unexpected tensors not used by the model: {extra[:5]}{more}")
-    mtp_specs = mtp_tensor_specs(cfg, tree) if mtp else {}
+    mtp_specs = mtp_tensor_specs(cfg) if mtp else {}
     for name in mtp:
         if name not in mtp_specs:
             raise CheckpointError(f"{ckpt.file_of(name)}: MTP tensor {name!r} is not part of the MTP "
@@ -135,20 +135,50 @@ def load_params(directory: str | os.PathLike, cfg: Config, shardings=None,
     specs = flatten(abstract_params(cfg))
     with ShardedCheckpoint(directory) as ckpt:
         sources = check(ckpt, cfg, unflatten(specs))
-        flat_shard = flatten(shardings) if shardings is not None else {}
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        out = {}
-        with tqdm(total=sum(s.nbytes for s in specs.values()), unit="B", unit_scale=True,
-                  desc="loading", disable=not progress, leave=False) as bar:
-            for path, spec in specs.items():
-                sharding = flat_shard.get(path, default)
-                out[path] = jax.make_array_from_callback(spec.shape, sharding,
-                                                         _reader(ckpt, sources[path], spec))
-                bar.update(spec.nbytes)
-        bad = first_nonfinite(unflatten(out), {p: sources[p].ndim for p in out})
-        if bad is not None:
-            path, index = bad
-            name = str(sources[path][index])
-            raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} "
-                                  f"{what_is_wrong(specs[path].dtype)}")
+        return _load(ckpt, specs, sources, shardings, progress)
+
+
+def load_mtp_params(directory: str | os.PathLike, cfg: Config, shardings=None,
+                    progress: bool = False) -> dict:
+    """The multi-token-prediction params (`abstract_params(cfg, mtp=True)["mtp"]`: the MTP
+    layers stacked) from a HF checkpoint dir, as `load_params` loads the model's. A checkpoint
+    without the MTP layer: a CheckpointError saying so (the model itself loads without it)."""
+    where, first = os.fspath(directory), f"model.layers.{cfg.n_layers}."
+    if not cfg.n_mtp_layers:
+        raise CheckpointError(f"{where}: no multi-token-prediction layer (config.json has "
+                              "num_nextn_predict_layers=0)")
+    specs = flatten(abstract_params(cfg, mtp=True)["mtp"])
+    with ShardedCheckpoint(directory) as ckpt:
+        check(ckpt, cfg)  # the model's tensors, and the MTP tensors that are present
+        if not any(k.startswith(first) for k in ckpt.keys()):
+            raise CheckpointError(f"{where}: this checkpoint has no multi-token-prediction layer "
+                                  f"({first}*, num_nextn_predict_layers={cfg.n_mtp_layers})")
+        sources = {p: hf_names(cfg, ("mtp", *p)) for p in specs}
+        for p, names in sources.items():
+            for name in names.reshape(-1):
+                if name not in ckpt:
+                    raise CheckpointError(f"{where}: missing MTP tensor {name!r} (expected shape "
+                                          f"{tuple(specs[p].shape[names.ndim:])})")
+        return _load(ckpt, specs, sources, shardings, progress)
+
+
+def _load(ckpt: ShardedCheckpoint, specs: dict, sources: dict, shardings, progress: bool) -> dict:
+    """The params `specs` ({path: ParamSpec}) read from `sources` ({path: HF names}) of a checked
+    checkpoint, placed by `shardings`, checked for NaN/Inf."""
+    flat_shard = flatten(shardings) if shardings is not None else {}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out = {}
+    with tqdm(total=sum(s.nbytes for s in specs.values()), unit="B", unit_scale=True,
+              desc="loading", disable=not progress, leave=False) as bar:
+        for path, spec in specs.items():
+            sharding = flat_shard.get(path, default)
+            out[path] = jax.make_array_from_callback(spec.shape, sharding,
+                                                     _reader(ckpt, sources[path], spec))
+            bar.update(spec.nbytes)
+    bad = first_nonfinite(unflatten(out), {p: sources[p].ndim for p in out})
+    if bad is not None:
+        path, index = bad
+        name = str(sources[path][index])
+        raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} "
+                              f"{what_is_wrong(specs[path].dtype)}")
     return unflatten(out)

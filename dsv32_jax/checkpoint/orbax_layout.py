@@ -20,7 +20,6 @@ bit-exact.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -289,14 +288,9 @@ def restore_params(path: str | os.PathLike, cfg: Config, shardings=None, **kw) -
     return params
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    shape: tuple[int, ...]
-    dtype: Any
-
-
 def restore_mtp(path: str | os.PathLike, shardings=None, **kw) -> dict:
-    """The multi-token-prediction params of a directory converted with --include-mtp.
+    """The multi-token-prediction params of a directory converted with --include-mtp, as
+    `abstract_params(cfg, mtp=True)["mtp"]` describes them for its config (`load_config`).
 
     Tree: `block` (a MoE decoder block's params, like `moe_layers`, stacked over MTP layers) and
     the MTP-only modules under their HF names (`enorm`, `hnorm`, `eh_proj`, `shared_head`,
@@ -304,11 +298,5 @@ def restore_mtp(path: str | os.PathLike, shardings=None, **kw) -> dict:
     m = read_manifest(path)
     if not m.get("mtp"):
         raise OrbaxCheckpointError(f"{path}: converted without the MTP layer (use --include-mtp)")
-    specs = {tuple(v["path"]): _Spec(tuple(v["shape"]), _dtype(v["dtype"])) for v in m["mtp"]["leaves"]}
+    specs = flatten(abstract_params(load_config(path), mtp=True)["mtp"])
     return restore_tree(os.path.join(os.fspath(path), MTP_DIR), specs, shardings, **kw)
-
-
-def _dtype(name: str) -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)

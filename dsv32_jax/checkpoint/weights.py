@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dsv32_jax.model.config import BLOCK, Config, cdiv
+from dsv32_jax.model.config import Config
 from dsv32_jax.model.moe import EXPERTS
+from dsv32_jax.model.mtp import MTPStack, init_args
 from dsv32_jax.model.transformer import Transformer, merge_experts
 
 Path = tuple[str, ...]
@@ -38,9 +39,19 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
-def abstract_params(cfg: Config) -> dict:
-    """Nested dict of ParamSpec, mirroring the model's `params` collection. No memory is used."""
-    return jax.tree.map(lambda spec: spec, _abstract(cfg))  # the caller's own dicts
+def abstract_params(cfg: Config, mtp: bool = False) -> dict:
+    """Nested dict of ParamSpec, mirroring the model's `params` collection. No memory is used.
+    mtp: with the multi-token-prediction layers too, under "mtp" (`model.mtp`; absent when the
+    config has none)."""
+    tree = jax.tree.map(lambda spec: spec, _abstract(cfg))  # the caller's own dicts
+    if mtp and cfg.n_mtp_layers:
+        tree["mtp"] = jax.tree.map(lambda spec: spec, _abstract_mtp(cfg))
+    return tree
+
+
+def _specs(boxed: dict) -> dict:
+    return jax.tree.map(lambda b: ParamSpec(tuple(b.value.shape), b.value.dtype, tuple(b.names)),
+                        boxed, is_leaf=_is_box)
 
 
 @functools.lru_cache(maxsize=16)
@@ -48,21 +59,33 @@ def _abstract(cfg: Config) -> dict:
     # tracing the model's init takes ~1 s (more at 61 layers); loading, planning, converting and
     # checking a checkpoint all ask for the same config's specs
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = merge_experts(jax.eval_shape(Transformer(cfg).init, rngs(0), tokens))
-    return jax.tree.map(lambda b: ParamSpec(tuple(b.value.shape), b.value.dtype, tuple(b.names)),
-                        boxed, is_leaf=_is_box)
+    return _specs(merge_experts(jax.eval_shape(Transformer(cfg).init, rngs(0), tokens)))
 
 
-def init_params(cfg: Config, seed: int = 0) -> dict:
-    """Random params (plain arrays) with the real layout; for tests and benchmarks."""
+@functools.lru_cache(maxsize=16)
+def _abstract_mtp(cfg: Config) -> dict:
+    return _specs(merge_experts(jax.eval_shape(lambda r: MTPStack(cfg).init(r, *init_args(cfg)),
+                                               rngs(0))))
+
+
+def init_params(cfg: Config, seed: int = 0, mtp: bool = False) -> dict:
+    """Random params (plain arrays) with the real layout; for tests and benchmarks. mtp: with
+    the MTP layers under "mtp" (as `abstract_params`)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = merge_experts(_init(cfg)(rngs(seed), tokens))
-    return nn.unbox(boxed)
+    params = nn.unbox(merge_experts(_init(cfg)(rngs(seed), tokens)))
+    if mtp and cfg.n_mtp_layers:
+        params["mtp"] = nn.unbox(merge_experts(_init_mtp(cfg)(rngs(seed + 1))))
+    return params
 
 
 @functools.lru_cache(maxsize=8)
 def _init(cfg: Config):
     return jax.jit(Transformer(cfg).init)  # compiled once per config, whatever the seed
+
+
+@functools.lru_cache(maxsize=8)
+def _init_mtp(cfg: Config):
+    return jax.jit(lambda r: MTPStack(cfg).init(r, *init_args(cfg)))
 
 
 def rngs(seed: int) -> dict:
@@ -123,6 +146,14 @@ def hf_names(cfg: Config, path: Path) -> np.ndarray:
         layers = range(cfg.n_dense_layers)
     elif group == "moe_layers":
         layers = range(cfg.n_dense_layers, cfg.n_layers)
+    elif group == "mtp":
+        layers = range(cfg.n_layers, cfg.n_layers + cfg.n_mtp_layers)
+        if rest[0] != "block":  # enorm, hnorm, eh_proj, shared_head.{norm, head}, embed_tokens
+            if len(rest) < 2 or rest[-1] not in _LEAVES:
+                raise KeyError(f"param {'/'.join(path)} has no HF tensor")
+            suffix = ".".join(rest[:-1]) + "." + _LEAVES[rest[-1]]
+            return np.array([f"model.layers.{i}.{suffix}" for i in layers], dtype=object)
+        rest = rest[1:]  # the block: named like a MoE layer's tensors
     else:
         raise KeyError(f"param {'/'.join(path)} has no HF tensor")
     if rest[:2] == ["ffn", "experts"]:
@@ -153,33 +184,17 @@ def is_mtp_tensor(cfg: Config, name: str) -> bool:
     return i is not None and cfg.n_layers <= i < cfg.n_layers + cfg.n_mtp_layers
 
 
-def mtp_tensor_specs(cfg: Config, specs: dict | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def mtp_tensor_specs(cfg: Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{HF name: (shape, param dtype)} of the multi-token-prediction layer(s) (layers n_layers ..
     n_layers+n_mtp-1) as released: a MoE decoder block, its tensors named like a MoE layer's,
     plus enorm, hnorm, eh_proj (FP8 with its scales in an FP8 checkpoint), shared_head.norm,
-    shared_head.head and embed_tokens. The model does not use them; loaders check them and skip
-    them. `specs`: `abstract_params(cfg)` if already at hand. (No MoE layer: no block.)"""
-    specs = flatten(specs if specs is not None else abstract_params(cfg))
-    first_moe = f"model.layers.{cfg.n_dense_layers}."
-    block = {}
-    if cfg.n_moe_layers:
-        for path, spec in specs.items():
-            if path[0] != "moe_layers":
-                continue
-            names = hf_names(cfg, path)
-            for name in np.asarray(names[0], dtype=object).reshape(-1):
-                block[str(name)[len(first_moe):]] = (tuple(spec.shape[names.ndim:]), np.dtype(spec.dtype))
-    d, v, bf16 = cfg.dim, cfg.vocab_size, np.dtype(jnp.bfloat16)
-    block.update({"enorm.weight": ((d,), bf16), "hnorm.weight": ((d,), bf16),
-                  "shared_head.norm.weight": ((d,), bf16), "shared_head.head.weight": ((v, d), bf16),
-                  "embed_tokens.weight": ((v, d), bf16)})
-    if cfg.quantized:
-        block["eh_proj.weight"] = ((d, 2 * d), np.dtype(jnp.float8_e4m3fn))
-        block["eh_proj.weight_scale_inv"] = ((cdiv(d, BLOCK), cdiv(2 * d, BLOCK)), np.dtype(np.float32))
-    else:
-        block["eh_proj.weight"] = ((d, 2 * d), bf16)
-    return {f"model.layers.{i}.{k}": v for i in range(cfg.n_layers, cfg.n_layers + cfg.n_mtp_layers)
-            for k, v in block.items()}
+    shared_head.head and embed_tokens: the "mtp" params of `abstract_params(cfg, mtp=True)`."""
+    out = {}
+    for path, spec in flatten(abstract_params(cfg, mtp=True).get("mtp", {})).items():
+        names = hf_names(cfg, ("mtp", *path))
+        for name in names.reshape(-1):
+            out[str(name)] = (tuple(spec.shape[names.ndim:]), np.dtype(spec.dtype))
+    return out
 
 
 def layer_params(cfg: Config, params: dict, layer: int) -> tuple[bool, dict]:

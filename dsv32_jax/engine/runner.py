@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from dsv32_jax.checkpoint.hf import is_hf_dir, load_params
+from dsv32_jax.checkpoint.hf import is_hf_dir, load_mtp_params, load_params
 from dsv32_jax.checkpoint.weights import abstract_params
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.model.attention import ATTENTION_IMPLS
@@ -166,3 +166,18 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         return Model(cfg, orbax_layout.restore_params(path, cfg, shardings, progress=progress),
                      attention_impl)
     return Model(cfg, load_params(path, cfg, shardings, progress=progress), attention_impl)
+
+
+def load_mtp(path: str | os.PathLike, cfg: Config, mesh=None) -> dict:
+    """The multi-token-prediction layer's params (`dsv32_jax.model.mtp`) of the checkpoint that
+    `load_model` loaded as `cfg` (its `Model.config`), HF or converted with --include-mtp, placed
+    like the model's on `mesh`. A checkpoint without it: one error saying so."""
+    from dsv32_jax.checkpoint import orbax_layout
+
+    path = os.fspath(path)
+    shardings = None
+    if mesh is not None:
+        shardings = param_shardings(abstract_params(cfg, mtp=True), mesh).get("mtp")
+    if orbax_layout.is_orbax_dir(path):
+        return orbax_layout.restore_mtp(path, shardings)
+    return load_mtp_params(path, cfg, shardings)

@@ -71,10 +71,12 @@ class Experts(nn.Module):
     """
 
     cfg: Config
+    stack: int | None = None  # MoE layers in the stack: cfg.n_moe_layers, or the MTP layers'
 
     def setup(self):
         cfg = self.cfg
-        lay, e, d, i = cfg.n_moe_layers, cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        lay = cfg.n_moe_layers if self.stack is None else self.stack
+        e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         shapes = {"w1": (i, d), "w3": (i, d), "w2": (d, i)}
         axes = {"w1": ("layers", "experts", "moe_mlp", "embed"),
                 "w3": ("layers", "experts", "moe_mlp", "embed"),
@@ -248,6 +250,7 @@ class MoE(nn.Module):
     """y = sum_picks weight * Expert_e(x) (float32 accumulate) + SharedExperts(x)."""
 
     cfg: Config
+    stack: int | None = None  # the routed-expert stack's layer count (`Experts.stack`)
 
     @nn.compact
     def __call__(self, x: jax.Array, layer: jax.Array) -> jax.Array:
@@ -265,7 +268,7 @@ class MoE(nn.Module):
             weights, experts = route(logits, bias, cfg)
             self.sow("intermediates", "gate_experts", jnp.sort(experts, axis=-1))
         with jax.named_scope("experts"):
-            y = Experts(cfg, name="experts")(x, experts, weights, layer)  # (N,D) f32
+            y = Experts(cfg, self.stack, name="experts")(x, experts, weights, layer)  # (N,D) f32
         with jax.named_scope("shared_experts"):
             y = y + FFN(cfg, cfg.n_shared_experts * cfg.moe_inter_dim, name="shared")(x)
         return y.astype(x.dtype).reshape(shape)

@@ -31,6 +31,7 @@ class Block(nn.Module):
     cfg: Config
     moe: bool
     impl: str = "xla"
+    stack: int | None = None  # MoE: the routed-expert stack's layer count (`moe.Experts.stack`)
 
     @nn.compact
     def __call__(self, carry, layer, positions, cos, sin):
@@ -45,7 +46,7 @@ class Block(nn.Module):
         x, residual = RMSNorm(cfg.rms_norm_eps, "embed", name="ffn_norm")(h, residual)
         self.sow("intermediates", "ffn_in", x)
         with jax.named_scope("moe" if self.moe else "ffn"):
-            h = MoE(cfg, name="ffn")(x, layer) if self.moe else FFN(cfg, cfg.inter_dim, name="ffn")(x)
+            h = MoE(cfg, self.stack, name="ffn")(x, layer) if self.moe else FFN(cfg, cfg.inter_dim, name="ffn")(x)
         self.sow("intermediates", "ffn_out", h)
         return (constrain(h, ACT), constrain(residual, ACT), constrain_cache(cache)), None
 
@@ -82,14 +83,15 @@ class Transformer(nn.Module):
     attends to the cache slots at or before its position: a whole prompt, a prefill chunk or a
     decode step. Logits (B,S,V); `last` (B,) picks one position per sequence before the head:
     logits (B,V). Without positions and cache: a forward from position 0 into a fresh cache of
-    length S (the same computation).
+    length S (the same computation). `hidden`: also return the head's input, the final-normed
+    hidden state (B,S,D) (or (B,D) with `last`) that the MTP layer reads (`model.mtp`).
     """
 
     cfg: Config
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache=None, last=None):
+    def __call__(self, tokens, positions=None, cache=None, last=None, hidden=False):
         cfg = self.cfg
         b, s = tokens.shape
         if positions is None:
@@ -110,7 +112,8 @@ class Transformer(nn.Module):
             h, residual = h[rows, last], residual[rows, last]
         h, _ = RMSNorm(cfg.rms_norm_eps, "embed", name="norm")(h, residual)
         head = Linear(cfg, cfg.dim, cfg.vocab_size, ("vocab", "embed"), f32=True, name="head")
-        return head(h.astype(jnp.float32)), new_cache
+        logits = head(h.astype(jnp.float32))
+        return (logits, new_cache, h) if hidden else (logits, new_cache)
 
 
 def _is_expert_path(path: tuple[str, ...]) -> bool:
