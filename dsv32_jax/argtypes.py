@@ -35,6 +35,16 @@ def positive_float(text: str) -> float:
     return x
 
 
+def nonnegative_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return x
+
+
 def port(text: str) -> int:
     """A TCP port, 0..65535 (0: any free port)."""
     try:

@@ -12,6 +12,7 @@ there is no golden; the main model's hidden state it reads comes from the golden
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -226,32 +227,135 @@ def test_checkpoint_without_mtp_loads_and_asking_for_it_says_so(tmp_path):
     import dsv32_jax
     from dsv32_jax.checkpoint.hf import CheckpointError
     from dsv32_jax.checkpoint.synthetic import write_checkpoint
-    from dsv32_jax.engine.runner import load_mtp
+    from dsv32_jax.engine.runner import has_mtp, load_mtp
 
-    cfg = dsv32_jax.preset("tiny")
+    cfg = _train_cfg()
     path = write_checkpoint(cfg, tmp_path / "ckpt", include_mtp=False, include_tokenizer=False)
     model = dsv32_jax.load_model(path, dtype="float32", fp8_activations=False)
-    assert np.isfinite(np.asarray(model.logits(np.array([[1, 2, 3]])))).all()
+    assert model.config.n_mtp_layers == 1 and not has_mtp(path, model.config)
     with pytest.raises(CheckpointError) as e:
         load_mtp(path, model.config)
     msg = str(e.value)
-    assert "\n" not in msg and "no multi-token-prediction layer" in msg and "model.layers.3." in msg
+    assert "\n" not in msg and "no multi-token-prediction layer" in msg and "model.layers.2.*" in msg
 
 
 def test_mtp_params_in_the_one_description():
     """init, sharding specs, HF names and the loader's shapes all come from abstract_params."""
-    import dsv32_jax
-    from dsv32_jax.checkpoint.weights import abstract_params, flatten, init_params, mtp_tensor_specs
+    from dsv32_jax.checkpoint.weights import abstract_params, flatten, mtp_tensor_specs
+    from dsv32_jax.shardings import param_shardings
+    from sharding.mesh import make_mesh
 
-    cfg = dsv32_jax.preset("tiny")
+    cfg = _train_cfg()
     assert "mtp" not in abstract_params(cfg)
     specs = flatten(abstract_params(cfg, mtp=True)["mtp"])
-    params = flatten(init_params(cfg, mtp=True)["mtp"])
+    params = flatten(_train_params()["mtp"])
     assert sorted(specs) == sorted(params)
     for p, s in specs.items():
         assert params[p].shape == s.shape and params[p].dtype == s.dtype, p
         assert len(s.names) == len(s.shape) and s.names[0] == "layers", p
     assert specs[("eh_proj", "weight")].shape == (1, cfg.dim, 2 * cfg.dim)
+    shardings = flatten(param_shardings(abstract_params(cfg, mtp=True), make_mesh(1, 1, 1))["mtp"])
+    assert sorted(shardings) == sorted(specs)
     names = mtp_tensor_specs(cfg)
-    assert names["model.layers.3.eh_proj.weight"][0] == (cfg.dim, 2 * cfg.dim)
-    assert names["model.layers.3.mlp.experts.7.down_proj.weight"][0] == (cfg.dim, cfg.moe_inter_dim)
+    assert names["model.layers.2.eh_proj.weight"][0] == (cfg.dim, 2 * cfg.dim)
+    assert names["model.layers.2.mlp.experts.7.down_proj.weight"][0] == (cfg.dim, cfg.moe_inter_dim)
+    assert len(names) == sum(int(np.prod(hf_shape(cfg, p))) for p in specs)
+
+
+def hf_shape(cfg, path):
+    from dsv32_jax.checkpoint.weights import hf_names
+
+    return hf_names(cfg, ("mtp", *path)).shape
+
+
+# ---- training: the MTP loss -------------------------------------------------------------------
+TRAIN_KW = dict(vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
+                n_heads=2, q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                v_head_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4,
+                n_limited_groups=2, index_n_heads=2, index_head_dim=32, index_topk=8, rope_factor=1.0,
+                original_seq_len=64, max_seq_len=64, n_mtp_layers=1, weight_dtype="bf16",
+                fp8_activations=False)
+
+
+def _train_cfg():
+    import dsv32_jax
+    from dsv32_jax.train import step as S
+
+    return S.train_config(dsv32_jax.preset("tiny", **TRAIN_KW), "float32")
+
+
+@functools.lru_cache(maxsize=None)
+def _train_params() -> dict:
+    from dsv32_jax.checkpoint.weights import init_params
+
+    return init_params(_train_cfg(), 0, mtp=True)
+
+
+def _tokens(b=4, s=24, seed=0):
+    return np.random.default_rng(seed).integers(2, TRAIN_KW["vocab_size"], (b, s)).astype(np.int32)
+
+
+def test_mtp_loss_weight_zero_is_the_old_loss_and_adds_lambda_times_mtp():
+    import jax
+    import jax.numpy as jnp
+
+    from dsv32_jax.model.transformer import variables
+    from dsv32_jax.train import step as S
+    from dsv32_jax.train.model import TrainTransformer
+
+    cfg, tokens = _train_cfg(), jnp.asarray(_tokens())
+    params = _train_params()
+    main = {k: v for k, v in params.items() if k != "mtp"}
+
+    @jax.jit
+    def run(params, main):
+        logits, _ = TrainTransformer(cfg, "dense").apply(variables(main), tokens)
+        return (S.lm_loss(logits, tokens),  # the loss before MTP existed
+                S.losses(main, tokens, cfg, "dense"),  # no MTP params needed
+                S.losses(params, tokens, cfg, "dense", mtp_weight=0.0)[0],
+                S.losses(params, tokens, cfg, "dense", mtp_weight=0.3))
+
+    old, (zero, m0), zero_with, (loss, m) = jax.device_get(run(params, main))
+    assert zero == old and zero_with == old and "mtp" not in m0
+    assert np.isfinite(m["mtp"]) and m["lm"] == old
+    assert abs(loss - (old + 0.3 * m["mtp"])) < 1e-5
+    assert abs(m["mtp"] - math.log(cfg.vocab_size)) < 1.0  # random init: about uniform
+
+
+def test_training_mtp_is_the_inference_layer_and_its_loss_decreases():
+    import jax
+    import jax.numpy as jnp
+
+    from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
+    from dsv32_jax.model.transformer import Transformer, variables
+    from dsv32_jax.train import step as S
+    from dsv32_jax.train.model import TrainTransformer, train_mtp
+
+    cfg = _train_cfg()
+    tokens = jnp.asarray(_tokens())
+    b, s = tokens.shape
+    params = _train_params()
+    main = {k: v for k, v in params.items() if k != "mtp"}
+
+    @jax.jit
+    def both(params, main):  # the same MTP layer in the training and the inference forward
+        _, _, h = TrainTransformer(cfg, "sparse").apply(variables(main), tokens, hidden=True)
+        train_logits, _ = train_mtp(params["mtp"], cfg, "sparse", h, tokens)
+        _, _, h_inf = Transformer(cfg).apply(variables(main), tokens, hidden=True)
+        pos = jnp.broadcast_to(jnp.arange(s - 1), (b, s - 1))
+        logits, _, _ = mtp_forward(params["mtp"], cfg, h_inf[:, :-1], tokens[:, 1:], pos,
+                                   init_mtp_cache(cfg, b, s - 1))
+        return train_logits[0, :, :-1], logits
+
+    want, got = map(np.asarray, both(params, main))  # sparse: top-8 of up to 23 keys
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * want.std())
+    # a few steps on one batch: the MTP loss falls, the metrics say it apart from the LM loss
+    hp = S.Hparams(lr=1e-2, warmup_steps=1, mtp_weight=0.3)
+    tx, step = S.trainer(cfg, "dense", hp, 6)
+    state = S.init_state(params, tx)
+    seen = []
+    for _ in range(6):
+        state, m = step(state, tokens)
+        seen.append((float(m["lm"]), float(m["mtp"])))
+    assert np.isfinite(seen).all()
+    assert seen[-1][1] < seen[0][1] - 0.5, seen

@@ -74,8 +74,13 @@ def init_params(cfg: Config, seed: int = 0, mtp: bool = False) -> dict:
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = nn.unbox(merge_experts(_init(cfg)(rngs(seed), tokens)))
     if mtp and cfg.n_mtp_layers:
-        params["mtp"] = nn.unbox(merge_experts(_init_mtp(cfg)(rngs(seed + 1))))
+        params["mtp"] = init_mtp_params(cfg, seed)
     return params
+
+
+def init_mtp_params(cfg: Config, seed: int = 0) -> dict:
+    """Random params of the MTP layers alone (the "mtp" tree of `init_params(mtp=True)`)."""
+    return nn.unbox(merge_experts(_init_mtp(cfg)(rngs(seed + 1))))
 
 
 @functools.lru_cache(maxsize=8)

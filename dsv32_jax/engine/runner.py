@@ -168,6 +168,18 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     return Model(cfg, load_params(path, cfg, shardings, progress=progress), attention_impl)
 
 
+def has_mtp(path: str | os.PathLike, cfg: Config) -> bool:
+    """Whether the checkpoint `path` (HF, or converted) holds the multi-token-prediction layer."""
+    from dsv32_jax.checkpoint import orbax_layout
+    from dsv32_jax.checkpoint.safetensors import ShardedCheckpoint
+
+    if orbax_layout.is_orbax_dir(path):
+        return bool(orbax_layout.read_manifest(path).get("mtp"))
+    first = f"model.layers.{cfg.n_layers}."
+    with ShardedCheckpoint(path) as ckpt:
+        return bool(cfg.n_mtp_layers) and any(k.startswith(first) for k in ckpt.keys())
+
+
 def load_mtp(path: str | os.PathLike, cfg: Config, mesh=None) -> dict:
     """The multi-token-prediction layer's params (`dsv32_jax.model.mtp`) of the checkpoint that
     `load_model` loaded as `cfg` (its `Model.config`), HF or converted with --include-mtp, placed

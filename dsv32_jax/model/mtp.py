@@ -42,6 +42,15 @@ class SharedHead(nn.Module):
         return head(h.astype(jnp.float32)), h
 
 
+def mtp_input(cfg: Config, h: jax.Array, tokens: jax.Array) -> jax.Array:
+    """eh_proj([enorm(embed(tokens)); hnorm(h)]) (B,S,D): the block's input. Called inside an MTP
+    layer's compact `__call__` (the inference and the training one): its modules are the layer's."""
+    e = RMSNorm(cfg.rms_norm_eps, "embed", name="enorm")(Embed(cfg, name="embed_tokens")(tokens))
+    hn = RMSNorm(cfg.rms_norm_eps, "embed", name="hnorm")(h.astype(e.dtype))
+    eh = Linear(cfg, 2 * cfg.dim, cfg.dim, ("embed", "eh_in"), cfg.quantized, name="eh_proj")
+    return constrain(eh(jnp.concatenate([e, hn], -1)), ACT)
+
+
 class MTPLayer(nn.Module):
     """(h (B,S,D), cache), (depth, tokens (B,S)) at positions (B,S) -> (h', cache'), logits.
 
@@ -56,10 +65,7 @@ class MTPLayer(nn.Module):
         cfg = self.cfg
         h, cache = carry
         depth, tokens = xs
-        e = RMSNorm(cfg.rms_norm_eps, "embed", name="enorm")(Embed(cfg, name="embed_tokens")(tokens))
-        hn = RMSNorm(cfg.rms_norm_eps, "embed", name="hnorm")(h.astype(e.dtype))
-        eh = Linear(cfg, 2 * cfg.dim, cfg.dim, ("embed", "eh_in"), cfg.quantized, name="eh_proj")
-        x = constrain(eh(jnp.concatenate([e, hn], -1)), ACT)
+        x = mtp_input(cfg, h, tokens)
         block = Block(cfg, True, self.impl, cfg.n_mtp_layers, name="block")
         (x, residual, cache), _ = block((x, jnp.zeros_like(x), cache), depth, positions, cos, sin)
         logits, h = SharedHead(cfg, name="shared_head")(x, residual)

@@ -4,6 +4,7 @@ bar, checkpoints (resumed when OUT holds the same run), curves and the trained m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -45,6 +46,10 @@ def add_parser(sub) -> None:
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="compute dtype (masters are float32)")
     t.add_argument("--remat", default="none", choices=list(REMAT))
+    t.add_argument("--mtp-weight", type=argtypes.nonnegative_float, default=0.3, metavar="LAMBDA",
+                   help="weight of the multi-token-prediction loss (the MTP layer predicts the "
+                        "token after next from the model's hidden state and the next token; "
+                        "default 0.3); 0: no MTP layer is trained (nor needed)")
     t.add_argument("--mesh", metavar="D,E,T", default=None, type=argtypes.mesh,
                    help="train sharded on a data,expert,tensor mesh of all devices (batch over "
                         "data, experts over every device); default one device")
@@ -72,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = preset(args.preset or "tiny")
     cfg = S.train_config(model, args.dtype)
+    if args.mtp_weight > 0 and not cfg.n_mtp_layers:
+        print("dsv32 train: note: the model has no MTP layer (num_nextn_predict_layers=0): one is "
+              "added, from random weights (--mtp-weight 0: none)", file=sys.stderr, flush=True)
+        cfg = dataclasses.replace(cfg, n_mtp_layers=1)
     seq = args.seq_len or min(128, cfg.max_seq_len)
     if seq > cfg.max_seq_len:
         raise TrainError(f"--seq-len {seq} exceeds the model's max_position_embeddings {cfg.max_seq_len}")
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             raise TrainError(f"--mesh {','.join(map(str, args.mesh))}: --batch {args.batch} must "
                              f"split over its data axis ({mesh.shape['data']})")
     hp = S.Hparams(lr=args.lr, indexer_lr=args.indexer_lr, warmup_steps=args.warmup_steps,
-                   clip=args.clip, remat=args.remat)
+                   clip=args.clip, remat=args.remat, mtp_weight=args.mtp_weight)
     if stage == "warmup" and init is None:
         print("dsv32 train: note: warm-up on random weights trains only the indexer (of a model "
               "that knows nothing): --stage dense trains the model", file=sys.stderr, flush=True)
@@ -139,7 +148,8 @@ def _train(run_, args: argparse.Namespace, cfg, stage: str, name: str, n_tokens:
 
     def show(m):
         bar.update(1)
-        bar.set_postfix_str(f"lm {m['lm']:.3f} kl {m['kl']:.4f} recall {m['recall']:.3f}")
+        bar.set_postfix_str(f"lm {m['lm']:.3f} kl {m['kl']:.4f} recall {m['recall']:.3f}"
+                            + (f" mtp {m['mtp']:.3f}" if "mtp" in m else ""))
 
     try:
         run_.train(show)
@@ -149,7 +159,8 @@ def _train(run_, args: argparse.Namespace, cfg, stage: str, name: str, n_tokens:
     f, last = summary["first"], summary["last"]
     if f is not None:
         print(f"{stage}: steps {f['step']}..{last['step']}: lm {f['lm']:.3f} -> {last['lm']:.3f}, "
-              f"kl {f['kl']:.4f} -> {last['kl']:.4f}, recall {f['recall']:.3f} -> {last['recall']:.3f}")
+              f"kl {f['kl']:.4f} -> {last['kl']:.4f}, recall {f['recall']:.3f} -> {last['recall']:.3f}"
+              + (f", mtp {f['mtp']:.3f} -> {last['mtp']:.3f}" if "mtp" in f else ""))
     print(f"model: {summary['hf']} (bf16, HF layout); metrics: {os.path.join(out, 'metrics.jsonl')}; "
           + (f"curves: {summary['plot']}" if summary["plot"] else
              "no curves plot: matplotlib is not installed (pip install matplotlib)"))

@@ -37,7 +37,8 @@ import jax
 import numpy as np
 
 from dsv32_jax.checkpoint.safetensors import write_safetensors
-from dsv32_jax.checkpoint.weights import abstract_params, flatten, hf_names, init_params
+from dsv32_jax.checkpoint.weights import (abstract_params, flatten, hf_names, init_mtp_params,
+                                          init_params)
 from dsv32_jax.dirlock import hold
 from dsv32_jax.model.config import Config
 from dsv32_jax.shardings import param_shardings
@@ -80,21 +81,35 @@ def check_init(path: str) -> tuple[str, Config]:
     return path, other
 
 
-def load_init(path: str, cfg: Config) -> dict:
-    """Params of a checkpoint `check_init` accepts, for `cfg`."""
+def load_init(path: str, cfg: Config, mtp: bool = False, seed: int = 0,
+              say: Callable[[str], None] | None = None) -> dict:
+    """Params of a checkpoint `check_init` accepts, for `cfg`. mtp: with the MTP layers ("mtp"),
+    the checkpoint's own, or random ones (said) when it has none."""
     from dsv32_jax.checkpoint import orbax_layout
     from dsv32_jax.checkpoint.hf import load_params
+    from dsv32_jax.engine.runner import has_mtp, load_mtp
 
     path = check_init(path)[0]
     if orbax_layout.is_orbax_dir(path):
-        return orbax_layout.restore_params(path, cfg)
-    return load_params(path, cfg)
+        params = orbax_layout.restore_params(path, cfg)
+    else:
+        params = load_params(path, cfg)
+    if mtp:
+        if has_mtp(path, cfg):
+            params["mtp"] = load_mtp(path, cfg)
+        else:
+            (say or _stderr)(f"{path}: no multi-token-prediction layer: the MTP layer starts from "
+                             "random weights")
+            params["mtp"] = init_mtp_params(cfg, seed)
+    return params
 
 
 def export_hf(params: dict, cfg: Config, directory: str, tokenizer_dir: str | None) -> str:
-    """The float32 masters as a bf16 checkpoint in the released HF layout (no MTP layer)."""
-    cfg = dataclasses.replace(cfg, n_mtp_layers=0)
-    specs = flatten(abstract_params(cfg))
+    """The float32 masters as a bf16 checkpoint in the released HF layout, with the MTP layers
+    when the params have them ("mtp")."""
+    mtp = "mtp" in params
+    cfg = dataclasses.replace(cfg, n_mtp_layers=cfg.n_mtp_layers if mtp else 0)
+    specs = flatten(abstract_params(cfg, mtp=mtp))
     tmp = directory + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -214,6 +229,9 @@ class Run:
                  mesh=None, say: Callable[[str], None] | None = None):
         if cfg.quantized:
             raise TrainError("FP8 weights are not trained: use a bf16 config (train.step.train_config)")
+        if hp.mtp_weight < 0 or (hp.mtp_weight > 0 and not cfg.n_mtp_layers):
+            raise TrainError(f"MTP loss weight {hp.mtp_weight}: must be >= 0, and 0 for a model "
+                             "without an MTP layer (num_nextn_predict_layers=0)")
         self.out, self.cfg, self.stage, self.steps, self.batches = out, cfg, stage, steps, batches
         self.hp, self.seed, self.ckpt_every, self.tokenizer_dir, self.mesh = hp, seed, ckpt_every, tokenizer_dir, mesh
         settings = {"format": RUN_FORMAT, "config": cfg.to_hf(), "dtype": cfg.dtype, "stage": stage,
@@ -250,7 +268,11 @@ class Run:
             os.path.abspath(os.path.join(out, "ckpt")),
             options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
             item_names=("state", "meta"))
-        params = load_init(init, cfg) if init else init_params(cfg, self.seed)
+        mtp = self.hp.mtp_weight > 0
+        if init:
+            params = load_init(init, cfg, mtp, self.seed, say)
+        else:
+            params = init_params(cfg, self.seed, mtp)
         params = self._place(params)
         self.tx, self.step_fn = S.trainer(cfg, self.stage, self.hp, self.steps)
         with self._ctx():
@@ -337,7 +359,8 @@ class Run:
     def _place(self, params):
         if self.mesh is None:
             return params
-        return jax.device_put(params, param_shardings(abstract_params(self.cfg), self.mesh))
+        specs = abstract_params(self.cfg, mtp="mtp" in params)
+        return jax.device_put(params, param_shardings(specs, self.mesh))
 
     def _tokens(self, step: int):
         t = self.batches.batch(step)

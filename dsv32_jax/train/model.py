@@ -33,6 +33,7 @@ from dsv32_jax.model.attention import MLA, NEG_INF, dense_mla, index_scores, spa
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.layers import Embed, Linear, RMSNorm
 from dsv32_jax.model.moe import EXPERTS, FFN, MoE
+from dsv32_jax.model.mtp import SharedHead, mtp_input
 from dsv32_jax.model.quant import einsum
 from dsv32_jax.model.rope import rope_tables
 from dsv32_jax.model.transformer import ACT, layer_counts
@@ -134,6 +135,7 @@ class TrainBlock(nn.Module):
     cfg: Config
     moe: bool
     stage: str
+    stack: int | None = None  # MoE: the routed-expert stack's layer count (`moe.Experts.stack`)
 
     @nn.compact
     def __call__(self, carry, layer, positions, cos, sin):
@@ -143,7 +145,7 @@ class TrainBlock(nn.Module):
         x, residual = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(h, residual)
         h, stats = TrainMLA(cfg, "xla", self.stage, name="attn")(x, positions, cos, sin)
         x, residual = RMSNorm(cfg.rms_norm_eps, "embed", name="ffn_norm")(h, residual)
-        h = MoE(cfg, name="ffn")(x, layer) if self.moe else FFN(cfg, cfg.inter_dim, name="ffn")(x)
+        h = MoE(cfg, self.stack, name="ffn")(x, layer) if self.moe else FFN(cfg, cfg.inter_dim, name="ffn")(x)
         return (constrain(h, ACT), constrain(residual, ACT)), stats
 
 
@@ -156,7 +158,8 @@ class TrainTransformer(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, hidden=False):
+        """`hidden`: also return the head's input (B,S,D), which the MTP layers read."""
         cfg = self.cfg
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s), (b, s))
@@ -180,7 +183,45 @@ class TrainTransformer(nn.Module):
         h, _ = RMSNorm(cfg.rms_norm_eps, "embed", name="norm")(h, residual)
         head = Linear(cfg, cfg.dim, cfg.vocab_size, ("vocab", "embed"), f32=True, name="head")
         stats = {k: jnp.concatenate([st[k] for st in stats]) for k in STATS}
-        return head(h.astype(jnp.float32)), stats
+        logits = head(h.astype(jnp.float32))
+        return (logits, stats, h) if hidden else (logits, stats)
+
+
+class TrainMTPLayer(nn.Module):
+    """The inference `mtp.MTPLayer` without a cache: (h, (depth, tokens)) -> (h', (logits,
+    stats)) over a whole sequence; the same params."""
+
+    cfg: Config
+    stage: str
+
+    @nn.compact
+    def __call__(self, h, xs, positions, cos, sin):
+        cfg = self.cfg
+        depth, tokens = xs
+        x = mtp_input(cfg, h, tokens)
+        block = TrainBlock(cfg, True, self.stage, cfg.n_mtp_layers, name="block")
+        (x, residual), stats = block((x, jnp.zeros_like(x)), depth, positions, cos, sin)
+        logits, h = SharedHead(cfg, name="shared_head")(x, residual)
+        return h, (logits, stats)
+
+
+def train_mtp(params: dict, cfg: Config, stage: str, h: jax.Array, tokens: jax.Array):
+    """The MTP layers chained over whole sequences: params the MTP tree (the inference
+    `mtp.MTPStack`'s), h (B,S,D) the main head's input, tokens (B,S) -> logits (n_mtp,B,S,V) (layer
+    d at position i predicts tokens[i + d + 2]; its input token is tokens[i + d + 1], 0 past the
+    end: those positions have no target) and stats (n_mtp,) per STATS."""
+    from dsv32_jax.model.transformer import variables
+
+    n, (b, s) = cfg.n_mtp_layers, tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cos, sin = rope_tables(cfg, positions)
+    shifted = jnp.stack([jnp.pad(tokens[:, d + 1:], ((0, 0), (0, d + 1))) for d in range(n)])
+    scanned = nn.scan(TrainMTPLayer, variable_axes={"params": 0}, variable_broadcast=EXPERTS,
+                      split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=n, metadata_params={nn.PARTITION_NAME: "layers"})
+    _, (logits, stats) = scanned(cfg, stage).apply(variables(params), h, (jnp.arange(n), shifted),
+                                                   positions, cos, sin)
+    return logits, stats
 
 
 @partial(jax.jit, static_argnames=("cfg", "stage", "remat"))

@@ -30,7 +30,7 @@ import optax
 
 from dsv32_jax.checkpoint.weights import abstract_params, flatten, unflatten
 from dsv32_jax.model.config import Config
-from dsv32_jax.train.model import STAGES, TrainTransformer
+from dsv32_jax.train.model import STAGES, TrainTransformer, train_mtp
 
 GROUPS = ("main", "indexer", "router_bias")
 TRAINED = {"dense": ("main",), "warmup": ("indexer",), "sparse": ("main", "indexer")}
@@ -47,6 +47,7 @@ class Hparams:
     b1: float = 0.9
     b2: float = 0.95
     remat: str = "none"  # none | full | dots (train.model.REMAT)
+    mtp_weight: float = 0.0  # lambda of the MTP loss (0: no MTP layer trained nor needed)
 
 
 def param_labels(params: dict) -> dict:
@@ -89,7 +90,7 @@ def compute_params(params: dict, cfg: Config) -> dict:
     """float32 masters -> the forward's params: the checkpoint dtypes under bf16 compute."""
     if cfg.dtype != "bfloat16":
         return params
-    specs = flatten(abstract_params(cfg))
+    specs = flatten(abstract_params(cfg, mtp="mtp" in params))
     return unflatten({p: v.astype(specs[p].dtype) for p, v in flatten(params).items()})
 
 
@@ -99,18 +100,43 @@ def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
-def losses(params: dict, tokens: jax.Array, cfg: Config, stage: str, remat: str = "none"):
+def mtp_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Mean over MTP layers of their cross-entropy: logits (D,B,S,V), layer d at position i
+    predicts tokens[:, i + d + 2]."""
+    out = []
+    for d in range(logits.shape[0]):
+        logp = jax.nn.log_softmax(logits[d, :, :tokens.shape[1] - d - 2].astype(jnp.float32), -1)
+        out.append(-jnp.mean(jnp.take_along_axis(logp, tokens[:, d + 2:, None], -1)))
+    return jnp.mean(jnp.stack(out))
+
+
+def losses(params: dict, tokens: jax.Array, cfg: Config, stage: str, remat: str = "none",
+           mtp_weight: float = 0.0):
     """-> (the stage's loss, metrics). kl: the mean over layers and queries of the indexer's KL
     (to the dense attention in dense/warmup, on the selected set in sparse); recall: the mean over
-    layers of the dense-attention mass inside the indexer's top-k."""
+    layers of the dense-attention mass inside the indexer's top-k.
+
+    mtp_weight > 0 (params["mtp"]: the MTP layers): + mtp_weight x `mtp_loss` (metric "mtp"),
+    which trains the main model too (through the hidden state the MTP layers read), and outside
+    the dense stage the MTP layers' own indexer KL (metric "mtp_kl"). 0: the loss without MTP."""
     from dsv32_jax.model.transformer import variables
 
     module = TrainTransformer(cfg, stage, remat)
-    logits, stats = module.apply(variables(compute_params(params, cfg)), tokens)
+    params = compute_params(params, cfg)
+    if mtp_weight:
+        main = {k: v for k, v in params.items() if k != "mtp"}
+        logits, stats, h = module.apply(variables(main), tokens, hidden=True)
+    else:
+        logits, stats = module.apply(variables(params), tokens)
     lm, kl = lm_loss(logits, tokens), jnp.mean(stats["kl"])
     loss = {"dense": lm, "warmup": kl, "sparse": lm + kl}[stage]
-    return loss, {"loss": loss, "lm": lm, "kl": kl, "recall": jnp.mean(stats["recall"]),
-                  "recall_layers": stats["recall"]}
+    metrics = {"lm": lm, "kl": kl, "recall": jnp.mean(stats["recall"]),
+               "recall_layers": stats["recall"]}
+    if mtp_weight:
+        mtp_logits, mtp_stats = train_mtp(params["mtp"], cfg, stage, h, tokens)
+        metrics["mtp"], metrics["mtp_kl"] = mtp_loss(mtp_logits, tokens), jnp.mean(mtp_stats["kl"])
+        loss = loss + mtp_weight * metrics["mtp"] + (0.0 if stage == "dense" else metrics["mtp_kl"])
+    return loss, {"loss": loss, **metrics}
 
 
 def init_state(params: dict, tx) -> dict:
@@ -119,11 +145,11 @@ def init_state(params: dict, tx) -> dict:
     return {"params": master, "opt_state": tx.init(master), "step": jnp.zeros((), jnp.int32)}
 
 
-def make_step(cfg: Config, stage: str, tx, remat: str = "none"):
+def make_step(cfg: Config, stage: str, tx, remat: str = "none", mtp_weight: float = 0.0):
     """The jitted step: (state, tokens (B,S)) -> (state, metrics). Pure; the state is donated."""
     def step(state, tokens):
         grad_fn = jax.grad(losses, has_aux=True)
-        grads, metrics = grad_fn(state["params"], tokens, cfg, stage, remat)
+        grads, metrics = grad_fn(state["params"], tokens, cfg, stage, remat, mtp_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         labels = flatten(param_labels(grads))
@@ -139,8 +165,9 @@ def make_step(cfg: Config, stage: str, tx, remat: str = "none"):
 def trainer(cfg: Config, stage: str, hp: Hparams, total_steps: int):
     """(optimizer, jitted step) for a run; cached, so runs of the same settings in one process
     (a resume, a test) share one compiled step."""
-    tx = make_optimizer(stage, hp, total_steps, abstract_params(cfg))  # labels need paths only
-    return tx, make_step(cfg, stage, tx, hp.remat)
+    specs = abstract_params(cfg, mtp=hp.mtp_weight > 0)  # labels need paths only
+    tx = make_optimizer(stage, hp, total_steps, specs)
+    return tx, make_step(cfg, stage, tx, hp.remat, hp.mtp_weight)
 
 
 def train_config(cfg: Config, dtype: str = "bfloat16") -> Config:
