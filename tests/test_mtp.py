@@ -313,10 +313,12 @@ def test_mtp_loss_weight_zero_is_the_old_loss_and_adds_lambda_times_mtp():
         return (S.lm_loss(logits, tokens),  # the loss before MTP existed
                 S.losses(main, tokens, cfg, "dense"),  # no MTP params needed
                 S.losses(params, tokens, cfg, "dense", mtp_weight=0.0)[0],
-                S.losses(params, tokens, cfg, "dense", mtp_weight=0.3))
+                S.losses(params, tokens, cfg, "dense", mtp_weight=0.3),
+                S.losses(main, tokens, cfg, "sparse")[0],  # lm + the indexer's KL
+                S.losses(params, tokens, cfg, "sparse", mtp_weight=0.0)[0])
 
-    old, (zero, m0), zero_with, (loss, m) = jax.device_get(run(params, main))
-    assert zero == old and zero_with == old and "mtp" not in m0
+    old, (zero, m0), zero_with, (loss, m), sparse, sparse_with = jax.device_get(run(params, main))
+    assert zero == old and zero_with == old and "mtp" not in m0 and sparse_with == sparse
     assert np.isfinite(m["mtp"]) and m["lm"] == old
     assert abs(loss - (old + 0.3 * m["mtp"])) < 1e-5
     assert abs(m["mtp"] - math.log(cfg.vocab_size)) < 1.0  # random init: about uniform
