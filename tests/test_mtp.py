@@ -40,7 +40,8 @@ def _tensors(hf) -> dict[str, np.ndarray]:
             if name == "__metadata__":
                 continue
             a, b = t["data_offsets"]
-            raw[name] = np.frombuffer(data[8 + n + a:8 + n + b], _DT[t["dtype"]]).reshape(t["shape"])
+            buf = data[8 + n + a:8 + n + b]
+            raw[name] = np.frombuffer(buf, _DT[t["dtype"]]).reshape(t["shape"])
     out = {}
     for name, t in raw.items():
         if name.endswith(".weight_scale_inv"):
@@ -48,7 +49,8 @@ def _tensors(hf) -> dict[str, np.ndarray]:
         w = t.astype(np.float64)
         scale = raw.get(name + "_scale_inv")
         if scale is not None:  # weight[i, j] * scale[i // 128, j // 128]
-            w = w * np.repeat(np.repeat(scale.astype(np.float64), 128, 0), 128, 1)[:w.shape[0], :w.shape[1]]
+            full = np.repeat(np.repeat(scale.astype(np.float64), 128, 0), 128, 1)
+            w = w * full[:w.shape[0], :w.shape[1]]
         out[name] = w
     return out
 
@@ -74,7 +76,8 @@ def yarn(c, r):
     def corr(n):
         return r * math.log(orig / (2 * math.pi * n)) / (2 * math.log(theta))
 
-    low, high = max(math.floor(corr(rs["beta_fast"])), 0), min(math.ceil(corr(rs["beta_slow"])), r - 1)
+    low = max(math.floor(corr(rs["beta_fast"])), 0)
+    high = min(math.ceil(corr(rs["beta_slow"])), r - 1)
     if low == high:
         high += 0.001
     ramp = np.clip((np.arange(r // 2) - low) / (high - low), 0, 1)
@@ -125,7 +128,8 @@ def mla(x, w, p, c):
     n, d = c["index_n_heads"], c["index_head_dim"]
     iq = (qr @ w[p + "self_attn.indexer.wq_b.weight"].T).reshape(s, n, d)
     iq = np.concatenate([rotate(iq[..., :r], pos, freqs, False), iq[..., r:]], -1) @ hadamard(d)
-    ik = layer_norm(x @ w[p + "self_attn.indexer.wk.weight"].T, w[p + "self_attn.indexer.k_norm.weight"],
+    ik = layer_norm(x @ w[p + "self_attn.indexer.wk.weight"].T,
+                    w[p + "self_attn.indexer.k_norm.weight"],
                     w[p + "self_attn.indexer.k_norm.bias"])
     ik = np.concatenate([rotate(ik[..., :r], pos, freqs, False), ik[..., r:]], -1) @ hadamard(d)
     iw = (x @ w[p + "self_attn.indexer.weights_proj.weight"].T) * n**-0.5 * d**-0.5  # (S, n)
@@ -159,7 +163,8 @@ def moe(x, w, p, c):
         keep = np.argsort(-best, kind="stable")[:c["topk_group"]]
         allowed = np.full(e, -np.inf)
         for gi in keep:
-            allowed[gi * (e // g):(gi + 1) * (e // g)] = biased[t, gi * (e // g):(gi + 1) * (e // g)]
+            group = slice(gi * (e // g), (gi + 1) * (e // g))
+            allowed[group] = biased[t, group]
         picks = np.argsort(-allowed, kind="stable")[:k]
         wt = scores[t, picks] / scores[t, picks].sum() * c["routed_scaling_factor"]
         for j, ex in zip(wt, picks):
@@ -212,8 +217,8 @@ def test_mtp_forward_matches_the_restated_formula():
     main_logits, (logits, hidden, cache) = _ours(model, load_mtp(hf, model.config), tokens)
     g = z["prefill_logits"]  # the hidden output comes from the forward that made these logits
     np.testing.assert_allclose(np.asarray(main_logits), g, rtol=0, atol=1e-4 * g.std())
-    want_logits, want_hidden = mtp_reference(_tensors(hf), c, z["prefill_hidden"][-1, :, :-1].astype(np.float64),
-                                             tokens[:, 1:])
+    h_main = z["prefill_hidden"][-1, :, :-1].astype(np.float64)
+    want_logits, want_hidden = mtp_reference(_tensors(hf), c, h_main, tokens[:, 1:])
     for got, want in ((logits, want_logits), (hidden, want_hidden)):
         got = np.asarray(got)
         assert got.shape == want.shape
@@ -236,7 +241,8 @@ def test_checkpoint_without_mtp_loads_and_asking_for_it_says_so(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_mtp(path, model.config)
     msg = str(e.value)
-    assert "\n" not in msg and "no multi-token-prediction layer" in msg and "model.layers.2.*" in msg
+    assert "\n" not in msg and "no multi-token-prediction layer" in msg
+    assert "model.layers.2.*" in msg
 
 
 def test_mtp_params_in_the_one_description():
@@ -269,12 +275,12 @@ def hf_shape(cfg, path):
 
 
 # ---- training: the MTP loss -------------------------------------------------------------------
-TRAIN_KW = dict(vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
-                n_heads=2, q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                v_head_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, index_n_heads=2, index_head_dim=32, index_topk=8, rope_factor=1.0,
-                original_seq_len=64, max_seq_len=64, n_mtp_layers=1, weight_dtype="bf16",
-                fp8_activations=False)
+TRAIN_KW = dict(vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2,
+                n_dense_layers=1, n_heads=2, q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16,
+                qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8, n_activated_experts=2,
+                n_expert_groups=4, n_limited_groups=2, index_n_heads=2, index_head_dim=32,
+                index_topk=8, rope_factor=1.0, original_seq_len=64, max_seq_len=64, n_mtp_layers=1,
+                weight_dtype="bf16", fp8_activations=False)
 
 
 def _train_cfg():

@@ -18,7 +18,7 @@ from flax import linen as nn
 
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.moe import EXPERTS
-from dsv32_jax.model.mtp import MTPStack, init_args
+from dsv32_jax.model.mtp import init_args, mtp_stack
 from dsv32_jax.model.transformer import Transformer, merge_experts
 
 Path = tuple[str, ...]
@@ -64,7 +64,7 @@ def _abstract(cfg: Config) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _abstract_mtp(cfg: Config) -> dict:
-    return _specs(merge_experts(jax.eval_shape(lambda r: MTPStack(cfg).init(r, *init_args(cfg)),
+    return _specs(merge_experts(jax.eval_shape(lambda r: mtp_stack(cfg).init(r, *init_args(cfg)),
                                                rngs(0))))
 
 
@@ -90,7 +90,7 @@ def _init(cfg: Config):
 
 @functools.lru_cache(maxsize=8)
 def _init_mtp(cfg: Config):
-    return jax.jit(lambda r: MTPStack(cfg).init(r, *init_args(cfg)))
+    return jax.jit(lambda r: mtp_stack(cfg).init(r, *init_args(cfg)))
 
 
 def rngs(seed: int) -> dict:

@@ -8,7 +8,7 @@ position i and the token t_{i+1}, logits for the token t_{i+2}.
 h_i is the main model's head input (its final-normed hidden state, `Transformer(hidden=True)`);
 the layer returns its own head input as the next hidden state, so a chain of drafts feeds it back.
 The block is the main model's `Block`, with its own layer-stacked cache (`init_mtp_cache`) and its
-own routed-expert stack. Params: the MTP layers stacked on a leading axis (`MTPStack`, the layout
+own routed-expert stack. Params: the MTP layers stacked on a leading axis (`mtp_stack`, the layout
 `checkpoint.weights.abstract_params(cfg, mtp=True)["mtp"]` describes); `mtp_forward` runs one.
 """
 
@@ -72,18 +72,19 @@ class MTPLayer(nn.Module):
         return (h, constrain_cache(cache)), logits
 
 
-def MTPStack(cfg: Config, impl: str = "xla"):
+def mtp_stack(cfg: Config, impl: str = "xla"):
     """Every MTP layer, chained (layer d reads layer d-1's hidden state and tokens[d]): the
     stacked params' layout, as `nn.scan` stacks the main decoder's."""
     scanned = nn.scan(
         MTPLayer, variable_axes={"params": 0, "intermediates": 0}, variable_broadcast=EXPERTS,
-        split_rngs={"params": True, EXPERTS: False}, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.n_mtp_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        split_rngs={"params": True, EXPERTS: False},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_mtp_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, impl)
 
 
 def init_args(cfg: Config):
-    """Example inputs of `MTPStack.init` (one token): carry, xs, positions, cos, sin."""
+    """Example inputs of `mtp_stack(cfg).init` (one token): carry, xs, positions, cos, sin."""
     n = cfg.n_mtp_layers
     positions = jnp.zeros((1, 1), jnp.int32)
     cos, sin = rope_tables(cfg, positions)

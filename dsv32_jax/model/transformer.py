@@ -46,7 +46,8 @@ class Block(nn.Module):
         x, residual = RMSNorm(cfg.rms_norm_eps, "embed", name="ffn_norm")(h, residual)
         self.sow("intermediates", "ffn_in", x)
         with jax.named_scope("moe" if self.moe else "ffn"):
-            h = MoE(cfg, self.stack, name="ffn")(x, layer) if self.moe else FFN(cfg, cfg.inter_dim, name="ffn")(x)
+            h = (MoE(cfg, self.stack, name="ffn")(x, layer) if self.moe
+                 else FFN(cfg, cfg.inter_dim, name="ffn")(x))
         self.sow("intermediates", "ffn_out", h)
         return (constrain(h, ACT), constrain(residual, ACT), constrain_cache(cache)), None
 

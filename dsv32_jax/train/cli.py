@@ -159,7 +159,8 @@ def _train(run_, args: argparse.Namespace, cfg, stage: str, name: str, n_tokens:
     f, last = summary["first"], summary["last"]
     if f is not None:
         print(f"{stage}: steps {f['step']}..{last['step']}: lm {f['lm']:.3f} -> {last['lm']:.3f}, "
-              f"kl {f['kl']:.4f} -> {last['kl']:.4f}, recall {f['recall']:.3f} -> {last['recall']:.3f}"
+              f"kl {f['kl']:.4f} -> {last['kl']:.4f}, "
+              f"recall {f['recall']:.3f} -> {last['recall']:.3f}"
               + (f", mtp {f['mtp']:.3f} -> {last['mtp']:.3f}" if "mtp" in f else ""))
     print(f"model: {summary['hf']} (bf16, HF layout); metrics: {os.path.join(out, 'metrics.jsonl')}; "
           + (f"curves: {summary['plot']}" if summary["plot"] else

@@ -145,7 +145,8 @@ class TrainBlock(nn.Module):
         x, residual = RMSNorm(cfg.rms_norm_eps, "embed", name="attn_norm")(h, residual)
         h, stats = TrainMLA(cfg, "xla", self.stage, name="attn")(x, positions, cos, sin)
         x, residual = RMSNorm(cfg.rms_norm_eps, "embed", name="ffn_norm")(h, residual)
-        h = MoE(cfg, self.stack, name="ffn")(x, layer) if self.moe else FFN(cfg, cfg.inter_dim, name="ffn")(x)
+        h = (MoE(cfg, self.stack, name="ffn")(x, layer) if self.moe
+             else FFN(cfg, cfg.inter_dim, name="ffn")(x))
         return (constrain(h, ACT), constrain(residual, ACT)), stats
 
 
@@ -207,7 +208,7 @@ class TrainMTPLayer(nn.Module):
 
 def train_mtp(params: dict, cfg: Config, stage: str, h: jax.Array, tokens: jax.Array):
     """The MTP layers chained over whole sequences: params the MTP tree (the inference
-    `mtp.MTPStack`'s), h (B,S,D) the main head's input, tokens (B,S) -> logits (n_mtp,B,S,V) (layer
+    `mtp.mtp_stack`'s), h (B,S,D) the main head's input, tokens (B,S) -> logits (n_mtp,B,S,V) (layer
     d at position i predicts tokens[i + d + 2]; its input token is tokens[i + d + 1], 0 past the
     end: those positions have no target) and stats (n_mtp,) per STATS."""
     from dsv32_jax.model.transformer import variables
@@ -217,8 +218,9 @@ def train_mtp(params: dict, cfg: Config, stage: str, h: jax.Array, tokens: jax.A
     cos, sin = rope_tables(cfg, positions)
     shifted = jnp.stack([jnp.pad(tokens[:, d + 1:], ((0, 0), (0, d + 1))) for d in range(n)])
     scanned = nn.scan(TrainMTPLayer, variable_axes={"params": 0}, variable_broadcast=EXPERTS,
-                      split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=n, metadata_params={nn.PARTITION_NAME: "layers"})
+                      split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
     _, (logits, stats) = scanned(cfg, stage).apply(variables(params), h, (jnp.arange(n), shifted),
                                                    positions, cos, sin)
     return logits, stats
