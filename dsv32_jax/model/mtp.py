@@ -7,6 +7,8 @@ position i and the token t_{i+1}, logits for the token t_{i+2}.
 
 h_i is the main model's head input (its final-normed hidden state, `Transformer(hidden=True)`);
 the layer returns its own head input as the next hidden state, so a chain of drafts feeds it back.
+(MODEL_SPEC.md does not say which h; the serving engines that report the published acceptance
+with the released weights feed the normed one, and recycle the MTP head's input the same way.)
 The block is the main model's `Block`, with its own layer-stacked cache (`init_mtp_cache`) and its
 own routed-expert stack. Params: the MTP layers stacked on a leading axis (`mtp_stack`, the layout
 `checkpoint.weights.abstract_params(cfg, mtp=True)["mtp"]` describes); `mtp_forward` runs one.
