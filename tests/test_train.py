@@ -376,10 +376,16 @@ def test_fp8_release_to_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dsv32 train: warmup stage, bf16 (3 layers, dim 256" in err, err
     assert re.search(r"compiling train step \.\.\. \d+\.\ds\n", err), err
+    assert "no multi-token-prediction layer: the MTP layer starts from random weights" in err
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
+    assert all(np.isfinite(r["mtp"]) for r in rows)  # --mtp-weight 0.3 by default, logged apart
     model = dsv32_jax.load_model(tmp_path / "run" / "hf", dtype="float32", fp8_activations=False)
     assert model.config.n_layers == 3 and not model.config.quantized
+    from dsv32_jax.engine.runner import load_mtp
+
+    mtp = load_mtp(tmp_path / "run" / "hf", model.config)  # the trained MTP layer is exported
+    assert mtp["eh_proj"]["weight"].shape == (1, 256, 512)
 
 
 def test_train_default_stage(tmp_path, monkeypatch, capsys):
