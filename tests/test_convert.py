@@ -183,6 +183,13 @@ def test_mtp_layer(converted, tmp_path):
         assert {"eh_proj", "enorm", "hnorm", "shared_head", "embed_tokens", "block"} <= set(mtp)
         assert read_manifest(out)["tensor_count"] == len(ck.keys())
         assert checked > 3 * cfg.n_routed_experts and len(names) > checked
+    from dsv32_jax.engine.runner import load_mtp  # the HF loader's MTP tree: the same arrays
+
+    hf_mtp = flatten(load_mtp(fixture_dir(case) / "hf", cfg))
+    assert sorted(hf_mtp) == sorted(flat)
+    for path, arr in flat.items():
+        assert np.array_equal(_bits(np.asarray(arr)), _bits(np.asarray(hf_mtp[path]))), path
+    _assert_bit_equal(load_mtp(out, cfg), mtp)  # a converted directory: restore_mtp
     plain = _fp8_dir(tmp_path, case)
     assert not os.path.exists(plain / MTP_DIR)
     with pytest.raises(OrbaxCheckpointError, match="include-mtp"):

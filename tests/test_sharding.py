@@ -29,7 +29,7 @@ SHAPE = {"data": 2, "expert": 2, "tensor": 2}
 
 def test_every_logical_axis_has_a_rule():
     known = {name for name, _ in RULES}
-    for path, spec in flatten(abstract_params(Config())).items():
+    for path, spec in flatten(abstract_params(Config(), mtp=True)).items():
         assert len(spec.names) == len(spec.shape), path
         assert set(spec.names) <= known, (path, spec.names)
     with pytest.raises(KeyError, match="no entry"):
