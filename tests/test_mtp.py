@@ -330,13 +330,12 @@ def test_mtp_loss_weight_zero_is_the_old_loss_and_adds_lambda_times_mtp():
     assert abs(m["mtp"] - math.log(cfg.vocab_size)) < 1.0  # random init: about uniform
 
 
-def test_training_mtp_is_the_inference_layer_and_its_loss_decreases():
+def test_training_mtp_is_the_inference_layer():
     import jax
     import jax.numpy as jnp
 
     from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
     from dsv32_jax.model.transformer import Transformer, variables
-    from dsv32_jax.train import step as S
     from dsv32_jax.train.model import TrainTransformer, train_mtp
 
     cfg = _train_cfg()
@@ -357,7 +356,15 @@ def test_training_mtp_is_the_inference_layer_and_its_loss_decreases():
 
     want, got = map(np.asarray, both(params, main))  # sparse: top-8 of up to 23 keys
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * want.std())
-    # a few steps on one batch: the MTP loss falls, the metrics say it apart from the LM loss
+
+
+def test_mtp_loss_decreases():
+    """A few steps on one batch: the MTP loss falls; the metrics give it apart from the LM loss."""
+    import jax.numpy as jnp
+
+    from dsv32_jax.train import step as S
+
+    cfg, tokens, params = _train_cfg(), jnp.asarray(_tokens()), _train_params()
     hp = S.Hparams(lr=1e-2, warmup_steps=1, mtp_weight=0.3)
     tx, step = S.trainer(cfg, "dense", hp, 6)
     state = S.init_state(params, tx)
