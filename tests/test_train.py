@@ -279,6 +279,8 @@ def test_cli_train_errors(tmp_path, capsys):
     assert "expected an integer >= 1" in capsys.readouterr().err
     assert run(["train", "--data", "x.txt", "--steps", "1", "--mesh", "1,2"]) == 2
     assert "argument --mesh: mesh '1,2': expected three integers >= 1" in capsys.readouterr().err
+    assert run(["train", "--data", "x.txt", "--steps", "1", "--mtp-weight", "-0.1"]) == 2
+    assert "argument --mtp-weight: expected a finite number >= 0" in capsys.readouterr().err
     (tmp_path / "d.txt").write_text("hello world\n\nmore text here\n")
     fp8 = write_checkpoint(preset("tiny"), tmp_path / "fp8")
     assert run(["train", "--data", str(tmp_path / "d.txt"), "--steps", "2", "--init", str(fp8),
