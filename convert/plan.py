@@ -26,7 +26,7 @@ from dsv32_jax.checkpoint.hf import check
 from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
 from dsv32_jax.checkpoint.safetensors import (Header, SafetensorsError, ShardedCheckpoint,
                                               TensorNotFoundError, read_header)
-from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names, mtp_tensor_specs
+from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names
 from pallas_kernels.common import pow2_floor
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -187,45 +187,27 @@ def plan_params(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
 
 def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
              target: int = DEFAULT_CHUNK_BYTES) -> list[Leaf]:
-    """Leaves of the MTP tree (see `dsv32_jax.checkpoint.orbax_layout.restore_mtp`), stacked over MTP
-    layers. After `plan_params`, whose `check` validated the MTP tensors that are present."""
+    """Leaves of the MTP tree (`abstract_params(cfg, mtp=True)["mtp"]`, which
+    `dsv32_jax.checkpoint.orbax_layout.restore_mtp` restores), stacked over MTP layers. After
+    `plan_params`, whose `check` validated the MTP tensors that are present."""
     where = ckpt.directory
     n = cfg.n_mtp_layers
     if n < 1:
         raise ConvertError(f"{where}: --include-mtp, but config.json has num_nextn_predict_layers=0")
-    if cfg.n_moe_layers < 1:
-        raise ConvertError(f"{where}: --include-mtp needs a MoE layer layout to map the MTP block to")
-    prefixes = [f"model.layers.{cfg.n_layers + j}." for j in range(n)]
-    by_layer = [{k[len(p):] for k in ckpt.keys() if k.startswith(p)} for p in prefixes]
-    for p, found in zip(prefixes, by_layer):
-        if not found:
+    for j in range(n):
+        p = f"model.layers.{cfg.n_layers + j}."
+        if not any(k.startswith(p) for k in ckpt.keys()):
             raise ConvertError(f"{where}: --include-mtp, but the checkpoint has no MTP tensors "
                                f"{p}* (num_nextn_predict_layers={n})")
-    first_moe = f"model.layers.{cfg.n_dense_layers}."
-    entries, used = {}, set()
-    specs = abstract_params(cfg)
-    for path, spec in flatten(specs["moe_layers"]).items():
-        names0 = np.asarray(hf_names(cfg, ("moe_layers", *path))[0], dtype=object)  # 1st MoE layer
-        suffixes = [str(s)[len(first_moe):] for s in names0.reshape(-1)]
-        used.update(suffixes)
-        names = np.array([[p + s for s in suffixes] for p in prefixes],
-                         dtype=object).reshape((n, *names0.shape))
-        entries[("block", *path)] = (names, tuple(spec.shape[1 + names0.ndim:]), np.dtype(spec.dtype))
-    extras = sorted(set.union(*by_layer) - used)
-    for p, found in zip(prefixes, by_layer):
-        if found != by_layer[0]:
-            diff = sorted(found.symmetric_difference(by_layer[0]))[:3]
-            raise ConvertError(f"{where}: MTP layers differ in their tensors ({p}*: {diff})")
-    known = mtp_tensor_specs(cfg)  # `check` (run by plan_params) refused any other MTP tensor
-    for suffix in extras:
-        *module, leaf = suffix.split(".")
-        leaf = {"weight": "weight", SCALE_SUFFIX: "scale", "bias": "bias"}.get(leaf, leaf)
-        names = np.array([p + suffix for p in prefixes], dtype=object)
-        entries[(*module, leaf)] = (names, *known[prefixes[0] + suffix])
-    for path, (names, shape, dtype) in entries.items():
+    entries = {}
+    for path, spec in flatten(abstract_params(cfg, mtp=True)["mtp"]).items():
+        names = hf_names(cfg, ("mtp", *path))
+        shape = tuple(spec.shape[names.ndim:])
         for name in names.reshape(-1):
             if name not in ckpt:
-                raise ConvertError(f"{where}: missing MTP tensor {name!r} (expected shape {list(shape)})")
+                raise ConvertError(f"{where}: missing MTP tensor {name!r} (expected shape "
+                                   f"{list(shape)})")
+        entries[path] = (names, shape, np.dtype(spec.dtype))
     return _make_leaves(MTP_DIR, entries, ckpt, weights, target)
 
 
