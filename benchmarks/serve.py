@@ -1,12 +1,13 @@
 """`dsv32 serve` under load, against static batching on the same requests, in one run.
 
-    python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests 32] [--json FILE]
+    python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests N] [--json FILE]
                                [--part all|throughput|prefix]
 
 1. A fixed mix of requests (raw-text prompts of 20-300 tokens, max_tokens 16-128, greedy,
-   ignore_eos: every reply is max_tokens long) goes
+   ignore_eos: every reply is max_tokens long; by default 4 per client at the most clients) goes
    through the real HTTP server (`dsv32 serve`, a subprocess on 127.0.0.1), streamed, from N
-   concurrent clients: output tokens/s, time to first token and inter-token latency p50/p99.
+   concurrent clients, each sending its next request when its last one ended: output tokens/s,
+   time to first token and inter-token latency p50/p99.
 2. The same requests through `Model.generate` in static batches of N (each batch waits for its
    longest request, no stop token; tokens past a request's max_tokens are not counted): output
    tokens/s, and the
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", type=Path, default=DEMO)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=None, help="default: 4 x the most clients")
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--part", choices=("all", "throughput", "prefix"), default="all",
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
     from dsv32_jax.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.ckpt)
-    bodies = [{**b, "temperature": 0} for b in mix(args.requests, tokenizer)]
+    n_requests = args.requests or 4 * max(args.clients)
+    bodies = [{**b, "temperature": 0} for b in mix(n_requests, tokenizer)]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
               "continuous": [], "static": [], "prefix": {}}
     if args.part != "prefix":
