@@ -80,7 +80,10 @@ class Run:
         return self.url
 
     def wait(self, i: int) -> int:
-        rc = self.procs[i].wait(EXIT_S)
+        try:
+            rc = self.procs[i].wait(EXIT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"process {i} did not exit within {EXIT_S} s") from None
         time.sleep(0.2)  # the reader thread takes the last lines
         return rc
 

@@ -77,7 +77,7 @@ class Engine:
             pages = default_pages(cfg, max_batch, _free_bytes(model.params))
         self._multi = jax.process_count() > 1
         if self._multi:  # one pool over the global mesh: the size every process can hold
-            pages = int(multihost_utils.process_allgather(np.int64(pages)).min())
+            pages = int(multihost_utils.process_allgather(np.int32(pages)).min())
         if pages - 1 < cdiv(self.max_len, PAGE):
             raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
@@ -275,9 +275,8 @@ def _free_bytes(params) -> int | None:
 def _share(a: dict | None) -> dict | None:
     """A multi-process run's next step: the inputs `a` process 0 gives (None: no more steps), on
     every process (the others pass None)."""
-    shape = np.zeros(3, np.int32) if a is None else np.array([*a["tokens"].shape, a["table"].shape[1]],
-                                                                np.int32)
-    B, S, P = map(int, multihost_utils.broadcast_one_to_all(shape))
+    shape = [0, 0, 0] if a is None else [*a["tokens"].shape, a["table"].shape[1]]
+    B, S, P = map(int, multihost_utils.broadcast_one_to_all(np.array(shape, np.int32)))
     if B == 0:
         return None
     return multihost_utils.broadcast_one_to_all(Batch([], [], S, B, P).arrays() if a is None else a)
