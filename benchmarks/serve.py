@@ -1,11 +1,13 @@
 """`dsv32 serve` under load, against static batching on the same requests, in one run.
 
-    python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests 32] [--json FILE]
+    python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests N] [--json FILE]
+                               [--part all|throughput|prefix]
 
 1. A fixed mix of requests (raw-text prompts of 20-300 tokens, max_tokens 16-128, greedy,
-   ignore_eos: every reply is max_tokens long) goes
+   ignore_eos: every reply is max_tokens long; by default 4 per client at the most clients) goes
    through the real HTTP server (`dsv32 serve`, a subprocess on 127.0.0.1), streamed, from N
-   concurrent clients: output tokens/s, time to first token and inter-token latency p50/p99.
+   concurrent clients, each sending its next request when its last one ended: output tokens/s,
+   time to first token and inter-token latency p50/p99.
 2. The same requests through `Model.generate` in static batches of N (each batch waits for its
    longest request, no stop token; tokens past a request's max_tokens are not counted): output
    tokens/s, and the
@@ -169,43 +171,48 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", type=Path, default=DEMO)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=None, help="default: 4 x the most clients")
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--part", choices=("all", "throughput", "prefix"), default="all",
+                    help="run parts 1-2 (throughput), part 3 (prefix) or both")
     args = ap.parse_args(argv)
     import dsv32_jax
     from dsv32_jax.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.ckpt)
-    bodies = [{**b, "temperature": 0} for b in mix(args.requests, tokenizer)]
+    n_requests = args.requests or 4 * max(args.clients)
+    bodies = [{**b, "temperature": 0} for b in mix(n_requests, tokenizer)]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
               "continuous": [], "static": [], "prefix": {}}
-    server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
-                    "--no-prefix-cache", warmup=True)  # every step shape compiled before it serves
-    try:
-        drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
-        for n in args.clients:
-            report["continuous"].append(drive(server.url, "/v1/completions", bodies, n))
-            print(json.dumps(report["continuous"][-1]), flush=True)
-    finally:
-        server.close()
-    model = dsv32_jax.load_model(args.ckpt)
-    for n in args.clients:
-        report["static"].append(static(model, tokenizer, bodies, n))
-        print(json.dumps(report["static"][-1]), flush=True)
-    del model
-    for name, extra in (("on", ()), ("off", ("--no-prefix-cache",))):
+    if args.part != "prefix":
         server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
-                        *extra, warmup=True)  # the programs of the first server: from the compile cache
+                        "--no-prefix-cache", warmup=True)  # every step shape compiled before it serves
         try:
-            drive(server.url, "/v1/chat/completions", prefix_mix(16, other=True), 8)  # untimed
-            hit0 = server.metric("prefix_cache_hit_tokens_total")
-            r = drive(server.url, "/v1/chat/completions", prefix_mix(16), 8)
-            r["prefill_tokens_saved"] = server.metric("prefix_cache_hit_tokens_total") - hit0
-            report["prefix"][name] = r
-            print(name, json.dumps(r), flush=True)
+            drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
+            for n in args.clients:
+                report["continuous"].append(drive(server.url, "/v1/completions", bodies, n))
+                print(json.dumps(report["continuous"][-1]), flush=True)
         finally:
             server.close()
+        model = dsv32_jax.load_model(args.ckpt)
+        for n in args.clients:
+            report["static"].append(static(model, tokenizer, bodies, n))
+            print(json.dumps(report["static"][-1]), flush=True)
+        del model
+    if args.part != "throughput":
+        for name, extra in (("on", ()), ("off", ("--no-prefix-cache",))):
+            server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
+                            *extra, warmup=True)  # the programs of the first server: from the compile cache
+            try:
+                drive(server.url, "/v1/chat/completions", prefix_mix(16, other=True), 8)  # untimed
+                hit0 = server.metric("prefix_cache_hit_tokens_total")
+                r = drive(server.url, "/v1/chat/completions", prefix_mix(16), 8)
+                r["prefill_tokens_saved"] = server.metric("prefix_cache_hit_tokens_total") - hit0
+                report["prefix"][name] = r
+                print(name, json.dumps(r), flush=True)
+            finally:
+                server.close()
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
@@ -216,7 +223,7 @@ def print_table(r: dict) -> None:
     print(f"\n{r['requests']} requests, {r['machine']}\n")
     print("| clients | continuous tok/s | static tok/s | ratio | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|")
-    for c, s in zip(r["continuous"], r["static"]):
+    for c, s in zip(r["continuous"], r["static"]):  # empty with --part prefix
         print(f"| {c['clients']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
               f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
               f"{1e3 * c['itl_p50_s']:.0f} / {1e3 * c['itl_p99_s']:.0f} |")

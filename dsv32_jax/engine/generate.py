@@ -46,16 +46,23 @@ class NonFiniteLogits(ValueError):
         self.sequence, self.outputs = sequence, outputs
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """logits (B,V) f32 -> tokens (B,) int32. temperature <= 0: greedy; else nucleus sampling.
-    A row holding NaN/Inf gives NONFINITE instead of a token (the cheap check of every step)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def nucleus_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array):
+    """logits (B,V) -> (order (B,V): the vocab ids by falling logit, their logits / temperature with
+    the tokens outside the top-p nucleus at -inf): what `sample` draws from (temperature > 0)."""
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the most likely token
-    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    return order, jnp.where(keep, sorted_logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """logits (B,V) f32 -> tokens (B,) int32. temperature <= 0: greedy; else nucleus sampling.
+    A row holding NaN/Inf gives NONFINITE instead of a token (the cheap check of every step)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    order, nucleus = nucleus_logits(logits, temperature, top_p)
+    choice = jax.random.categorical(key, nucleus, axis=-1)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     token = jnp.where(temperature <= 0, greedy, sampled)
     return jnp.where(jnp.isfinite(logits).all(axis=-1), token, NONFINITE)
