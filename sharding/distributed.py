@@ -97,7 +97,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if n > 1:
         links = _gather(s, deadline) if i == 0 else {0: _report(s, deadline)}
         _watch(links, i, s["heartbeat_timeout"])
-    timer = threading.Timer(max(deadline - time.monotonic(), 5.0), _fatal, (
+    timer = threading.Timer(max(deadline - time.monotonic(), 5.0), fatal, (
         f"process {i}: JAX's distributed runtime did not start within {t:g}s",))
     timer.daemon = True
     timer.start()
@@ -130,6 +130,7 @@ def leave(error: str | None = None) -> None:
 
 _links: dict[int, socket.socket] = {}  # process 0: every other process; the others: process 0
 _lock, _ending = threading.Lock(), threading.Lock()
+_last_words: list = []  # `on_fatal`
 
 
 def _send(sock: socket.socket, msg: dict) -> None:
@@ -258,14 +259,24 @@ def _report(s: dict, deadline: float) -> socket.socket:
     return sock
 
 
-def _fatal(msg: str) -> None:
-    """End this process now, from any thread: one line, exit status 1, the others told."""
+def fatal(msg: str) -> None:
+    """End this process now, from any thread: one line, exit status 1, the others told, then the
+    `on_fatal` functions."""
     _ending.acquire()  # a second cause waits here for the first one's exit
     sys.stderr.write(f"error: multi-process run: {msg}\n")
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # the one line: not the echoes (a collective
     leave(msg)                                    # that failed with it, JAX's C++ log)
+    for fn in _last_words:
+        with contextlib.suppress(Exception):
+            fn(f"multi-process run: {msg}")
     os._exit(1)
+
+
+def on_fatal(fn) -> None:
+    """fn(message) runs when a broken run ends this process (`fatal`, from the thread that saw it),
+    before the exit: e.g. a server ends its open requests with the cause."""
+    _last_words.append(fn)
 
 
 def _watch(links: dict[int, socket.socket], me: int, timeout: float) -> None:
@@ -297,14 +308,14 @@ def _watch(links: dict[int, socket.socket], me: int, timeout: float) -> None:
                     _links.pop(k, None)
                     return
                 if "fail" in msg:
-                    _fatal(msg["fail"] if k == 0 else f"process {k} failed: {msg['fail']}")
+                    fatal(msg["fail"] if k == 0 else f"process {k} failed: {msg['fail']}")
         except TimeoutError:
-            _fatal(f"process {me}: no word from process {k} for {timeout:g}s (its host is down or "
+            fatal(f"process {me}: no word from process {k} for {timeout:g}s (its host is down or "
                    "the network is cut)")
         except (OSError, ValueError):
             pass
         if _links.get(k) is sock:  # not closed by our own leave()
-            _fatal(f"process {me}: process {k} ended without a word (killed or crashed)")
+            fatal(f"process {me}: process {k} ended without a word (killed or crashed)")
 
     threading.Thread(target=beat, daemon=True).start()
     for k, sock in links.items():

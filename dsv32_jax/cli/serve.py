@@ -5,6 +5,10 @@ The port is bound before the weights are read (a port in use fails at once); one
 the server is ready. SIGTERM or SIGINT: no new connection is accepted and new requests get 503; the requests
 in flight finish, for at most --drain-timeout seconds, after which the engine ends each open one with an
 error; then the command exits 0.
+
+A multi-process run (`--coordinator` etc., as `dsv32 generate`): process 0 binds the port, serves and
+schedules; the others run each of its steps (`Engine.follow`) and serve nothing. They all exit 0 once
+process 0 has stopped; a process lost ends the others, process 0's open requests first hearing why.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 
 from dsv32_jax import argtypes
 from dsv32_jax.cli import common
@@ -28,8 +33,6 @@ def add_parser(sub) -> None:
     s.add_argument("--port", type=argtypes.port, default=8000, help="TCP port (default 8000; 0: any free one)")
     s.add_argument("--served-model-name", metavar="NAME", default=None,
                    help="the model name clients ask for (default: the checkpoint directory's name)")
-    s.add_argument("--mesh", metavar="D,E,T", default=None, type=argtypes.mesh,
-                   help="run sharded on a data,expert,tensor mesh of all devices (e.g. 1,8,1); default: one device")
     s.add_argument("--max-batch", type=argtypes.positive_int, default=32, metavar="N",
                    help="most requests generated together (default 32)")
     s.add_argument("--cache-gb", type=argtypes.positive_float, default=None, metavar="G",
@@ -47,6 +50,7 @@ def add_parser(sub) -> None:
     s.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
     s.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.compile_cache_option(s)
+    common.mesh_options(s)
     s.set_defaults(func=run)
 
 
@@ -78,12 +82,19 @@ def run(args: argparse.Namespace) -> int:
         raise OSError(f"dsv32 serve needs FastAPI and uvicorn: pip install 'dsv32-jax[serve]' ({e})") from None
     from dsv32_jax.serve import Engine
 
+    common.join(args)
+    import jax
+
     _, tok = common.open_checkpoint(args)
-    sock = _listen(args.host, args.port)
+    lead = jax.process_index() == 0
+    sock = _listen(args.host, args.port) if lead else None
     try:
         model = common.load_weights(args.ckpt, args)
         engine = Engine(model, max_batch=args.max_batch, cache_gb=args.cache_gb, chunk=args.chunk,
                         max_waiting=args.max_waiting, prefix_cache=not args.no_prefix_cache)
+        if not lead:
+            engine.follow()
+            return 0
         if not args.no_warmup:
             engine.warmup(progress=common.say)
         name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
@@ -91,11 +102,26 @@ def run(args: argparse.Namespace) -> int:
         engine.start()
         asyncio.run(_serve(uvicorn, app, engine, sock, args.drain_timeout, name))
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
     return 0
 
 
+FLUSH_S = 5.0  # how long the replies that a lost process ended may take to reach their clients
+
+
+def _last_words(engine, server, msg: str) -> None:
+    """A multi-process run that broke (any thread): every open request ends with `msg`, and the
+    replies in flight have up to FLUSH_S seconds to be sent."""
+    engine.fail(msg)
+    end = time.monotonic() + FLUSH_S
+    while server.server_state.tasks and time.monotonic() < end:
+        time.sleep(0.05)
+
+
 async def _serve(uvicorn, app, engine, sock: socket.socket, drain_s: float, name: str) -> None:
+    import jax
+
     class Server(uvicorn.Server):
         def capture_signals(self):  # ours (below): uvicorn's would raise the signal again once it has stopped
             return contextlib.nullcontext()
@@ -110,6 +136,10 @@ async def _serve(uvicorn, app, engine, sock: socket.socket, drain_s: float, name
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.02)
+    if jax.process_count() > 1:  # a process lost: the open requests hear why before the exit
+        from sharding.distributed import on_fatal
+
+        on_fatal(lambda msg: _last_words(engine, server, msg))
     if server.started:
         common.say(f"dsv32 serve: {name} on {_address(sock)}/v1 (OpenAI API; /health, /metrics)")
     await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

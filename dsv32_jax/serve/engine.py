@@ -7,6 +7,12 @@ over the paged pool, tokens out through each request's `emit` callback.
     # emit(new_tokens, finish) is called from the engine thread: finish is None while the request
     # runs, then once "stop" | "length" | "cancelled" | "error: ..."
     engine.cancel(rid); engine.metrics(); engine.stop(drain=True)
+
+In a multi-process run every process builds the Engine (its pool spans the global mesh). Process 0
+schedules: before each step (warm-up steps too) it broadcasts the step's inputs, and each other
+process runs that step in `follow()` until process 0's engine ends. Only process 0 reads the tokens.
+An engine failure there ends the whole run (`sharding.distributed.fatal`): the others cannot go on;
+whoever drives the engine ends the open requests with the cause (`on_fatal` -> `fail`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import time
 from typing import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.model.cache import PAGE
@@ -24,6 +32,7 @@ from dsv32_jax.model.config import cdiv
 from dsv32_jax.serve import step as st
 from dsv32_jax.serve.pages import Pages
 from dsv32_jax.serve.scheduler import Batch, Sampling, Scheduler, Seq
+from sharding import distributed
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
 
@@ -66,6 +75,9 @@ class Engine:
             pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)))
         elif pages is None:
             pages = default_pages(cfg, max_batch, _free_bytes(model.params))
+        self._multi = jax.process_count() > 1
+        if self._multi:  # one pool over the global mesh: the size every process can hold
+            pages = int(multihost_utils.process_allgather(np.int32(pages)).min())
         if pages - 1 < cdiv(self.max_len, PAGE):
             raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
@@ -149,7 +161,19 @@ class Engine:
 
     # The engine thread ------------------------------------------------------------------------------
 
+    def follow(self) -> None:
+        """A multi-process run's processes other than 0: run every step process 0 runs (it
+        broadcasts each one's inputs) until its engine ends."""
+        while (a := _share(None)) is not None:
+            self._step(a)
+
     def _run(self, a: dict):
+        """Process 0: one step (in a multi-process run, the others run it too: `follow`)."""
+        if self._multi:
+            _share(a)
+        return self._step(a)
+
+    def _step(self, a: dict):
         with on_mesh(self.model.params):
             token, self._pools = st.step(self.model.params, self._pools, a["table"], a["tokens"],
                                          a["positions"], a["last"], a["seeds"], a["counters"],
@@ -161,8 +185,14 @@ class Engine:
         try:
             while self._turn():
                 pass
+            if self._multi and not self.error:
+                _share(None)  # the others stop following
         except Exception as e:  # noqa: BLE001 - every open request hears of it, then the thread ends
-            self._fail(f"{type(e).__name__}: {e}")
+            msg = f"engine failed: {type(e).__name__}: {e}"
+            if self._multi:  # the run ends, the open requests told by `on_fatal` (a process lost
+                time.sleep(1.0)  # fails the step: its watch names the cause first)
+                distributed.fatal(" ".join(msg.split()))
+            self.fail(msg)
 
     def _turn(self) -> bool:
         """One step (or a wait for work). False when the engine is done."""
@@ -192,6 +222,8 @@ class Engine:
             return True
         tokens = to_host(self._run(batch.arrays()))[:len(batch.seqs)]
         with self._cv:
+            if self.error:  # failed meanwhile (`fail`, from a multi-process run's watch)
+                return False
             events = self.sched.commit(batch, tokens)
             self._rate.add(sum(len(new) for _, new, _ in events))
         _send(events)
@@ -203,9 +235,13 @@ class Engine:
             self.sched.remove(s.rid)
         return out
 
-    def _fail(self, msg: str) -> None:
+    def fail(self, msg: str) -> None:
+        """End every open request with the error `msg`; the engine takes no more (the first
+        failure stands). Any thread: a multi-process run that breaks calls it (`on_fatal`)."""
         with self._cv:
-            self.error = f"engine failed: {msg}"
+            if self.error:
+                return
+            self.error = msg
             self.sched.waiting.extend(self._inbox)
             self._inbox.clear()
             events = [(s, [], f"error: {self.error}") for s in self._open()]
@@ -226,14 +262,24 @@ def default_pages(cfg, max_batch: int, free: int | None) -> int:
 
 
 def _free_bytes(params) -> int | None:
-    """The least free memory over the devices holding `params`, if they report it."""
+    """The least free memory over this process's devices holding `params`, if they report it."""
     free = []
-    for d in {d for a in jax.tree.leaves(params) for d in a.devices()}:
+    for d in {s.device for a in jax.tree.leaves(params) for s in a.addressable_shards}:
         stats = d.memory_stats() or {}
         if "bytes_limit" not in stats:
             return None
         free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     return min(free) if free else None
+
+
+def _share(a: dict | None) -> dict | None:
+    """A multi-process run's next step: the inputs `a` process 0 gives (None: no more steps), on
+    every process (the others pass None)."""
+    shape = [0, 0, 0] if a is None else [*a["tokens"].shape, a["table"].shape[1]]
+    B, S, P = map(int, multihost_utils.broadcast_one_to_all(np.array(shape, np.int32)))
+    if B == 0:
+        return None
+    return multihost_utils.broadcast_one_to_all(Batch([], [], S, B, P).arrays() if a is None else a)
 
 
 def _send(events) -> None:
