@@ -13,13 +13,15 @@ from flax import linen as nn
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import (FP32_BY_SPEC, FP8, HIGHEST, act_quant, blockwise_matmul,
                                    dequant, einsum)
+from pallas_kernels.common import BITS, from_bits
 from pallas_kernels.fp8_linear import fp8_linear as pallas_fp8_linear
 
 Axes = tuple[str, ...]
 
 
 def param(module: nn.Module, name: str, shape, dtype, axes: Axes, init):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    """A param; one passed as its bit patterns (`transformer.bit_variables`) is read as its values."""
+    return from_bits(module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype))
 
 
 def normal_init(stddev: float):
@@ -128,11 +130,25 @@ def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
 
         def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
             start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
-            wc = jax.lax.dynamic_slice_in_dim(w, start, WIDEN_ROWS, 0)
+            wc = slice_rows(w, start, WIDEN_ROWS)
             return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
 
         out = jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
         return out.reshape(*lead, v)
+
+
+def slice_rows(w: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """w[start:start + size] along axis 0. On the CPU a bf16 / e4m3 w is sliced as its bit
+    patterns: XLA:CPU widens a narrow float array it dynamic-slices, whole, and hoists that out of
+    the loop (the head: a float32 copy of the whole (V, D) weight on every step)."""
+    def plain(w, start):
+        return jax.lax.dynamic_slice_in_dim(w, start, size, 0)
+
+    if w.dtype not in BITS:
+        return plain(w, start)
+    return jax.lax.platform_dependent(
+        w, start, default=plain,
+        cpu=lambda w, start: from_bits(plain(jax.lax.bitcast_convert_type(w, BITS[w.dtype]), start)))
 
 
 class RMSNorm(nn.Module):

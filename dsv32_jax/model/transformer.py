@@ -19,6 +19,7 @@ from dsv32_jax.model.config import Config
 from dsv32_jax.model.layers import Embed, Linear, RMSNorm
 from dsv32_jax.model.moe import EXPERTS, FFN, MoE
 from dsv32_jax.model.rope import rope_tables
+from pallas_kernels.common import BITS
 from sharding.mesh import constrain
 
 ACT = ("batch", "seq", "embed")  # logical axes of the residual stream (B, S, D)
@@ -137,6 +138,17 @@ def variables(params: dict) -> dict:
     if experts:
         out[EXPERTS] = experts
     return out
+
+
+def bit_variables(params: dict) -> dict:
+    """`variables(params)` for inference, the e4m3 / bf16 'params' passed as their bit patterns
+    (uint8 / uint16; `layers.param` reads them back as values, after the layer scan has sliced
+    them): XLA:CPU widens a narrow float array a loop slices (e4m3 to f16, bf16 to f32), whole,
+    on every step, for every scanned layer. On an accelerator the bitcasts cost nothing."""
+    v = variables(params)
+    to_bits = lambda a: (jax.lax.bitcast_convert_type(a, BITS[a.dtype])  # noqa: E731
+                         if a.dtype in BITS else a)
+    return {**v, "params": jax.tree.map(to_bits, v["params"])}
 
 
 def merge_experts(variables: dict) -> dict:
