@@ -119,7 +119,8 @@ WIDEN_ROWS = 2048
 def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
     """float32 h (..., D) @ w (V, D)^T for a bf16 w used in float32 (the head, the indexer's
     weights_proj): w is widened WIDEN_ROWS rows at a time, so no float32 copy of a whole
-    (129280, 7168) head exists."""
+    (129280, 7168) head exists. On the CPU the rows are sliced from w's bit patterns: XLA:CPU
+    widens a narrow float array a loop slices, whole, and hoists that out of the loop."""
     v, d = w.shape
     lead = h.shape[:-1]
     x = h.reshape(-1, d).astype(jnp.float32)
@@ -128,27 +129,18 @@ def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
             return matmul(x, w, jnp.float32).reshape(*lead, v)
         n = cdiv(v, WIDEN_ROWS)
 
-        def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
-            start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
-            wc = slice_rows(w, start, WIDEN_ROWS)
-            return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
+        def run(w):  # w: the weight, or its bit patterns
+            def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
+                start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
+                wc = from_bits(jax.lax.dynamic_slice_in_dim(w, start, WIDEN_ROWS, 0))
+                return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
 
-        out = jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
-        return out.reshape(*lead, v)
+            return jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
 
-
-def slice_rows(w: jax.Array, start: jax.Array, size: int) -> jax.Array:
-    """w[start:start + size] along axis 0. On the CPU a bf16 / e4m3 w is sliced as its bit
-    patterns: XLA:CPU widens a narrow float array it dynamic-slices, whole, and hoists that out of
-    the loop (the head: a float32 copy of the whole (V, D) weight on every step)."""
-    def plain(w, start):
-        return jax.lax.dynamic_slice_in_dim(w, start, size, 0)
-
-    if w.dtype not in BITS:
-        return plain(w, start)
-    return jax.lax.platform_dependent(
-        w, start, default=plain,
-        cpu=lambda w, start: from_bits(plain(jax.lax.bitcast_convert_type(w, BITS[w.dtype]), start)))
+        if w.dtype not in BITS:
+            return run(w).reshape(*lead, v)
+        bits = lambda w: run(jax.lax.bitcast_convert_type(w, BITS[w.dtype]))  # noqa: E731
+        return jax.lax.platform_dependent(w, cpu=bits, default=run).reshape(*lead, v)
 
 
 class RMSNorm(nn.Module):
