@@ -11,7 +11,8 @@ block scales not counted). bf16
 compute with FP8 weights and FP8 activation simulation (the default numerics), random weights.
 One decode step: `engine.generate.forward` of a (1,1) token at the last slot of a cache of each
 length, the cache donated; `--serve` also times `serve.step.step` over a paged pool (batch 1).
-Median ms per step of --repeats after a warm-up. `--profile DIR` traces a few steps per length
+Median wall ms per step of --repeats after a warm-up, and the process CPU ms per step (both
+threads). `--profile DIR` traces a few steps per length
 (XLA:CPU per-op events) and prints the time per named scope (attn/indexer/index_topk/...).
 
 LLAMA_CPP_MS: llama.cpp's per-token decode time on this architecture and size (its `deepseek32`
@@ -62,15 +63,18 @@ def n_params(params) -> int:
     return sum(int(np.prod(a.shape)) for p, a in leaves if "scale" not in jax.tree_util.keystr(p))
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int) -> tuple[float, float]:
+    """(median wall ms per call, mean process CPU ms per call: all threads, less sensitive than
+    the wall time to other processes on a shared machine)."""
     jax.block_until_ready(fn())  # compile + warm up
     jax.block_until_ready(fn())
     times = []
+    cpu = time.process_time()
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times), 1e3 * (time.process_time() - cpu) / repeats
 
 
 def decode_step(params, cfg, length: int):
@@ -110,16 +114,17 @@ CONTROL = re.compile(r"(while|cond|conditional|call)\b")  # events spanning thei
 
 
 def op_scopes(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> its op_name metadata (the jax named-scope path)."""
+    """HLO instruction name -> its op_name metadata (the jax named-scope path; "" if none)."""
     out = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
-        out[m.group(1)] = m.group(2)
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M):
+        name = re.search(r'op_name="([^"]*)"', m.group(2))
+        out[m.group(1)] = name.group(1) if name else ""
     return out
 
 
 def scope_of(op_name: str) -> str:
     parts = op_name.split("/")
-    if "attn" in parts or "moe" in parts or "ffn" in parts:
+    if "attn" in parts or "moe" in parts or "ffn" in parts:  # "ffn": the dense layer's FFN
         for s in ("index_topk", "sparse_attention", "indexer", "q", "kv"):
             if s in parts:
                 return "attn/" + s
@@ -131,7 +136,7 @@ def scope_of(op_name: str) -> str:
                 return s + "/other"
     if "fp32_by_spec" in parts:
         return "head"
-    return "other"
+    return "other" if op_name else "unnamed (no op_name)"
 
 
 def profile(step, hlo_text: str, trace_dir: str, steps: int = 5) -> dict[str, float]:
@@ -171,10 +176,11 @@ def main(argv=None) -> None:
           f"{os.getloadavg()[0]:.1f}", flush=True)
     for length in args.lengths:
         step = decode_step(params, cfg, length)
-        row = {"length": length, "ours_ms": _median_ms(step, args.repeats),
-               "llama_cpp_ms": LLAMA_CPP_MS.get(length)}
+        row = {"length": length, "llama_cpp_ms": LLAMA_CPP_MS.get(length)}
+        row["ours_ms"], row["ours_cpu_ms"] = _median_ms(step, args.repeats)
         if args.serve:
-            row["serve_ms"] = _median_ms(serve_step(params, cfg, length), args.repeats)
+            row["serve_ms"], row["serve_cpu_ms"] = _median_ms(serve_step(params, cfg, length),
+                                                              args.repeats)
         if args.profile:
             cache = init_cache(cfg, 1, length)
             hlo = forward.lower(params, jnp.zeros((1, 1), jnp.int32),
@@ -189,8 +195,10 @@ def main(argv=None) -> None:
 
 def _row_text(row) -> str:
     ref = row["llama_cpp_ms"]
-    text = (f"context {row['length']:>6}: ours {row['ours_ms']:7.1f} ms/step"
-            + (f"  serve {row['serve_ms']:7.1f}" if "serve_ms" in row else "")
+    text = (f"context {row['length']:>6}: ours {row['ours_ms']:7.1f} ms/step "
+            f"(cpu {row['ours_cpu_ms']:6.1f})"
+            + (f"  serve {row['serve_ms']:7.1f} (cpu {row['serve_cpu_ms']:6.1f})"
+               if "serve_ms" in row else "")
             + (f"  llama.cpp {ref:5.1f}  ratio {row['ours_ms'] / ref:5.1f}x" if ref else ""))
     if "profile" in row:
         scopes = row["profile"]["scopes"]
