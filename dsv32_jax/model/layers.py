@@ -13,7 +13,7 @@ from flax import linen as nn
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import (FP32_BY_SPEC, FP8, HIGHEST, act_quant, blockwise_matmul,
                                    dequant, einsum)
-from pallas_kernels.common import BITS, from_bits
+from pallas_kernels.common import from_bits
 from pallas_kernels.fp8_linear import fp8_linear as pallas_fp8_linear
 
 Axes = tuple[str, ...]
@@ -119,8 +119,7 @@ WIDEN_ROWS = 2048
 def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
     """float32 h (..., D) @ w (V, D)^T for a bf16 w used in float32 (the head, the indexer's
     weights_proj): w is widened WIDEN_ROWS rows at a time, so no float32 copy of a whole
-    (129280, 7168) head exists. On the CPU the rows are sliced from w's bit patterns: XLA:CPU
-    widens a narrow float array a loop slices, whole, and hoists that out of the loop."""
+    (129280, 7168) head exists."""
     v, d = w.shape
     lead = h.shape[:-1]
     x = h.reshape(-1, d).astype(jnp.float32)
@@ -129,18 +128,13 @@ def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
             return matmul(x, w, jnp.float32).reshape(*lead, v)
         n = cdiv(v, WIDEN_ROWS)
 
-        def run(w):  # w: the weight, or its bit patterns
-            def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
-                start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
-                wc = from_bits(jax.lax.dynamic_slice_in_dim(w, start, WIDEN_ROWS, 0))
-                return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
+        def chunk(i, out):  # the last chunk is shifted back to end at V (overlap recomputed)
+            start = jnp.minimum(i * WIDEN_ROWS, v - WIDEN_ROWS)
+            wc = jax.lax.dynamic_slice_in_dim(w, start, WIDEN_ROWS, 0)
+            return jax.lax.dynamic_update_slice_in_dim(out, matmul(x, wc, jnp.float32), start, 1)
 
-            return jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
-
-        if w.dtype not in BITS:
-            return run(w).reshape(*lead, v)
-        bits = lambda w: run(jax.lax.bitcast_convert_type(w, BITS[w.dtype]))  # noqa: E731
-        return jax.lax.platform_dependent(w, cpu=bits, default=run).reshape(*lead, v)
+        out = jax.lax.fori_loop(0, n, chunk, jnp.zeros((x.shape[0], v), jnp.float32))
+        return out.reshape(*lead, v)
 
 
 class RMSNorm(nn.Module):
