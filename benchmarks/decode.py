@@ -26,7 +26,8 @@ from dsv32_jax.model.config import preset
 from dsv32_jax.model.transformer import init_cache
 
 
-def _time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of fn() (blocked on) over `repeats` runs, after one compile/warm-up run."""
     jax.block_until_ready(fn())  # compile + warm up
     times = []
     for _ in range(repeats):
@@ -48,7 +49,7 @@ def run(lengths, topk: int, repeats: int, batch: int = 1, prefill: bool = True) 
             if prefill:
                 tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length)))
                 pos = jnp.broadcast_to(jnp.arange(length), (batch, length))
-                row[f"prefill_{impl}_s"] = _time(lambda: forward(
+                row[f"prefill_{impl}_s"] = median_time(lambda: forward(
                     params, tokens, pos, init_cache(cfg, batch, length), last + length - 1,
                     cfg=cfg, impl=impl)[0], repeats)
             state = {"cache": init_cache(cfg, batch, length)}  # values do not change the work
@@ -59,7 +60,7 @@ def run(lengths, topk: int, repeats: int, batch: int = 1, prefill: bool = True) 
                     state["cache"], last, cfg=cfg, impl=impl)
                 return logits
 
-            row[f"decode_{impl}_s"] = _time(step, repeats)
+            row[f"decode_{impl}_s"] = median_time(step, repeats)
         if prefill:
             row["prefill_dense_over_sparse"] = row["prefill_xla_dense_s"] / row["prefill_xla_s"]
         row["decode_dense_over_sparse"] = row["decode_xla_dense_s"] / row["decode_xla_s"]

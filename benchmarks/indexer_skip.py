@@ -14,28 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.decode import median_time
 from dsv32_jax.checkpoint.weights import init_params
 from dsv32_jax.engine.generate import _apply
 from dsv32_jax.model import attention
 from dsv32_jax.model.config import preset
 from dsv32_jax.model.transformer import init_cache
-
-
-def _median(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _times(cfg, params, context: int, slots: int, skip: bool, repeats: int) -> tuple[float, float]:
@@ -45,14 +34,14 @@ def _times(cfg, params, context: int, slots: int, skip: bool, repeats: int) -> t
                   donate_argnums=3)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, context)))
     pos = jnp.arange(context, dtype=jnp.int32)[None]
-    prefill = _median(lambda: fwd(params, tokens, pos, init_cache(cfg, 1, slots))[0], repeats)
+    prefill = median_time(lambda: fwd(params, tokens, pos, init_cache(cfg, 1, slots))[0], repeats)
     state = {"cache": init_cache(cfg, 1, slots)}  # values do not change the work
 
     def step():
         logits, state["cache"] = fwd(params, tokens[:, -1:], pos[:, -1:], state["cache"])
         return logits
 
-    decode = _median(step, 4 * repeats)
+    decode = median_time(step, 4 * repeats)
     attention.SKIP_SHORT = True
     return prefill, decode
 

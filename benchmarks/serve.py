@@ -1,6 +1,7 @@
 """`dsv32 serve` under load, against static batching on the same requests, in one run.
 
     python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests 32] [--json FILE]
+                               [--part all|throughput|prefix]
 
 1. A fixed mix of requests (raw-text prompts of 20-300 tokens, max_tokens 16-128, greedy,
    ignore_eos: every reply is max_tokens long) goes
@@ -12,7 +13,9 @@
    ratio continuous / static.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
-Each server first runs the whole mix once to compile its step shapes (not timed). Absolute times
+Every server compiles its step shapes before it serves (its warm-up; the later servers run the same
+programs and find them in the compile cache) and is measured after an untimed run of the same kind
+of load; the throughput server runs without the prefix cache (the mix runs more than once). Absolute times
 are only meaningful for the machine printed; the ratios are the result.
 """
 
@@ -26,6 +29,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,23 +63,28 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, ckpt: Path, *extra: str):
+    """`dsv32 serve` as a subprocess on a free port, its stderr in a temporary file."""
+
+    def __init__(self, ckpt: Path, *extra: str, warmup: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dsv32_jax.cli", "serve", "--ckpt", str(ckpt), "--port",
-             str(self.port), "--no-warmup", *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 600
+             str(self.port), *(() if warmup else ("--no-warmup",)), "--served-model-name", MODEL,
+             *extra], cwd=ROOT, stderr=self.log, text=True)
+        deadline = time.monotonic() + 1800  # a warm-up compiles every step shape
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dsv32 serve exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"dsv32 serve exited: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError("dsv32 serve did not become healthy in 600 s")
+        raise TimeoutError("dsv32 serve did not become healthy in 1800 s")
 
     def metric(self, name: str) -> float:
         for line in httpx.get(self.url + "/metrics").text.splitlines():
@@ -147,11 +156,13 @@ def static(model, tokenizer, bodies: list[dict], batch: int) -> dict:
     return {"batch": batch, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
 
 
-def prefix_mix(n: int) -> list[dict]:
+def prefix_mix(n: int, other: bool = False) -> list[dict]:
+    """n chats sharing one ~180-word system prompt; `other`: other user turns (a warm-up set)."""
     words = CORPUS.read_text().split()
     system = " ".join(words[:180])
+    first = 600 if other else 200
     return [{"messages": [{"role": "system", "content": system},
-                          {"role": "user", "content": " ".join(words[200 + 7 * i:205 + 7 * i])}],
+                          {"role": "user", "content": " ".join(words[first + 7 * i:first + 5 + 7 * i])}],
              "max_tokens": 16, "temperature": 0} for i in range(n)]
 
 
@@ -162,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--part", choices=("all", "throughput", "prefix"), default="all",
+                    help="run parts 1-2 (throughput), part 3 (prefix) or both")
     args = ap.parse_args(argv)
     import dsv32_jax
     from dsv32_jax.text.tokenizer import Tokenizer
@@ -170,32 +183,34 @@ def main(argv=None) -> int:
     bodies = [{**b, "temperature": 0} for b in mix(args.requests, tokenizer)]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
               "continuous": [], "static": [], "prefix": {}}
-    server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk))
-    try:
-        drive(server.url, "/v1/completions", bodies, max(args.clients))  # compile
-        drive(server.url, "/v1/completions", bodies, 1)
-        for n in args.clients:
-            report["continuous"].append(drive(server.url, "/v1/completions", bodies, n))
-            print(json.dumps(report["continuous"][-1]), flush=True)
-    finally:
-        server.close()
-    model = dsv32_jax.load_model(args.ckpt)
-    for n in args.clients:
-        report["static"].append(static(model, tokenizer, bodies, n))
-        print(json.dumps(report["static"][-1]), flush=True)
-    del model
-    chats = prefix_mix(16)
-    for name, extra in (("on", ()), ("off", ("--no-prefix-cache",))):
-        server = Server(args.ckpt, "--max-batch", "8", "--chunk", str(args.chunk), *extra)
+    if args.part != "prefix":
+        server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
+                        "--no-prefix-cache", warmup=True)  # every step shape compiled before it serves
         try:
-            drive(server.url, "/v1/chat/completions", chats[:2], 1)  # compile
-            hit0 = server.metric("prefix_cache_hit_tokens_total")
-            r = drive(server.url, "/v1/chat/completions", chats, 8)
-            r["prefill_tokens_saved"] = server.metric("prefix_cache_hit_tokens_total") - hit0
-            report["prefix"][name] = r
-            print(name, json.dumps(r), flush=True)
+            drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
+            for n in args.clients:
+                report["continuous"].append(drive(server.url, "/v1/completions", bodies, n))
+                print(json.dumps(report["continuous"][-1]), flush=True)
         finally:
             server.close()
+        model = dsv32_jax.load_model(args.ckpt)
+        for n in args.clients:
+            report["static"].append(static(model, tokenizer, bodies, n))
+            print(json.dumps(report["static"][-1]), flush=True)
+        del model
+    if args.part != "throughput":
+        for name, extra in (("on", ()), ("off", ("--no-prefix-cache",))):
+            server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
+                            *extra, warmup=True)  # the programs of the first server: from the compile cache
+            try:
+                drive(server.url, "/v1/chat/completions", prefix_mix(16, other=True), 8)  # untimed
+                hit0 = server.metric("prefix_cache_hit_tokens_total")
+                r = drive(server.url, "/v1/chat/completions", prefix_mix(16), 8)
+                r["prefill_tokens_saved"] = server.metric("prefix_cache_hit_tokens_total") - hit0
+                report["prefix"][name] = r
+                print(name, json.dumps(r), flush=True)
+            finally:
+                server.close()
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
@@ -206,14 +221,14 @@ def print_table(r: dict) -> None:
     print(f"\n{r['requests']} requests, {r['machine']}\n")
     print("| clients | continuous tok/s | static tok/s | ratio | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|")
-    for c, s in zip(r["continuous"], r["static"]):
+    for c, s in zip(r["continuous"], r["static"]):  # empty with --part prefix
         print(f"| {c['clients']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
               f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
               f"{1e3 * c['itl_p50_s']:.0f} / {1e3 * c['itl_p99_s']:.0f} |")
     on, off = r["prefix"].get("on"), r["prefix"].get("off")
     if on and off:
-        print(f"\nshared system prompt, 16 chats, 8 clients: prefill tokens saved {on['prefill_tokens_saved']:.0f} "
-              f"(off: {off['prefill_tokens_saved']:.0f}); TTFT p50 {on['ttft_p50_s']:.3f} s with the prefix "
+        print(f"\nshared system prompt (after other chats with it), 16 chats, 8 clients: prefill tokens "
+              f"saved {on['prefill_tokens_saved']:.0f} (off: {off['prefill_tokens_saved']:.0f}); TTFT p50 {on['ttft_p50_s']:.3f} s with the prefix "
               f"cache, {off['ttft_p50_s']:.3f} s without ({off['ttft_p50_s'] / on['ttft_p50_s']:.2f}x)")
 
 

@@ -35,6 +35,17 @@ def positive_float(text: str) -> float:
     return x
 
 
+def port(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free port)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= n < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535 (0: any free one), got {n}")
+    return n
+
+
 def seconds(text: str) -> float:
     """A number of seconds > 0."""
     try:

@@ -539,19 +539,24 @@ def test_reader_reads_only_the_requested_slice(base, monkeypatch):
 
 
 def test_host_memory_bounded_by_largest_param(base, model):
-    """numpy allocations while loading stay well below the checkpoint size (one param at a time)."""
+    """numpy allocations while loading stay a few params wide (one param at a time), far below the
+    checkpoint size. On the CPU, JAX may keep an aligned numpy buffer as the device array's storage
+    (no copy), so what is still allocated when loading ends is the params themselves: it is counted
+    apart (at most their bytes) and the bound is on the transient part, the peak above it."""
     total = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base))
-    largest = max(s.nbytes for s in flatten(abstract_params(model.config)).values())
+    leaves = flatten(abstract_params(model.config)).values()
+    largest = max(s.nbytes for s in leaves)
     assert total > 8 * largest
     load_params(base, model.config)  # warm up caches (tracing of abstract_params etc.)
     tracemalloc.start()
     try:
         params = load_params(base, model.config)
         jax.block_until_ready(params)
-        _, peak = tracemalloc.get_traced_memory()
+        held, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < total / 2, (peak, total, largest)
+    assert held <= sum(s.nbytes for s in leaves) + largest, (held, peak)
+    assert peak - held < min(4 * largest, total / 2), (peak, held, total, largest)
 
 
 # ---- the synthetic writer deletes only its own leftovers and writes durably ----------------------

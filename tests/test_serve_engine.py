@@ -25,6 +25,8 @@ import pytest
 
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.serve import Engine, EngineStopped, QueueFull, Sampling
+from dsv32_jax.serve.engine import default_pages
+from dsv32_jax.serve.step import pool_bytes
 from dsv32_jax.serve.pages import Pages, page_keys
 from dsv32_jax.serve.scheduler import Scheduler, Seq
 from conftest import xla_env
@@ -285,3 +287,13 @@ def test_engine_on_an_expert_tensor_mesh_equals_one_device():
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["equal"] == [True] * len(FIRST)
     assert "data > 1 is not implemented" in r["refused"] and r["pool"] in ("P()", "PartitionSpec()")
+
+
+def test_default_pool_fits_the_device_memory():
+    cfg = demo().config
+    full = default_pages(cfg, 4, None)
+    assert full == 4 * (cfg.max_seq_len // PAGE) + 1
+    per_page = pool_bytes(cfg, 2) - pool_bytes(cfg, 1)
+    free = 10 * per_page  # room for 8 pages at 80%
+    n = default_pages(cfg, 4, free)
+    assert n < full and pool_bytes(cfg, n) <= 0.8 * free < pool_bytes(cfg, n + 1)

@@ -190,3 +190,39 @@ def test_an_error_is_raised_by_the_feed_that_makes_it_certain():
     parser.feed(f"{BLOCK}{INVOKE}")
     with pytest.raises(ChatFormatError, match="string=\"maybe\""):
         parser.feed(INVOKE.replace("true", "maybe"))
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_the_feed_that_raises_changes_nothing(name):
+    """Wherever the text is cut, the call that raises leaves the parser as before it: the same text
+    pending (held back, not sent), and it goes on reading what is fed next."""
+    mode, text = MALFORMED[name]
+    for pieces in _splits(text, seed=len(text)):
+        parser = StreamParser(mode)
+        try:
+            for piece in pieces:
+                before = parser.pending
+                parser.feed(piece)
+            before = parser.pending
+            parser.finish()
+        except ChatFormatError:
+            assert parser.pending == before, pieces
+        else:
+            raise AssertionError(f"no error for {pieces}")
+
+
+def test_after_an_error_the_parser_reads_on():
+    """A cut reply closes as the caller chooses: a chat reply after the error, a reasoning cut short."""
+    parser = StreamParser("chat")
+    assert parser.feed("a") == [{"content": "a"}]
+    with pytest.raises(ChatFormatError, match="inside content"):
+        parser.feed(f"b{THINK_END}")
+    assert parser.feed(f"b{EOS}") == [{"content": "b"}]
+    assert parser.finish() == [] and parser.message["content"] == "ab"
+    parser = StreamParser("thinking")
+    assert parser.feed("r </thi") == [{"reasoning_content": "r "}] and parser.pending == "</thi"
+    with pytest.raises(ChatFormatError, match="must close its reasoning"):
+        parser.feed(EOS)
+    assert parser.pending == "</thi"
+    assert parser.feed(THINK_END + EOS) + parser.finish() == [{"reasoning_content": "</thi"}]
+    assert parser.message["reasoning_content"] == "r </thi" and parser.message["content"] == ""

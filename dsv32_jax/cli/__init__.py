@@ -1,5 +1,5 @@
 """`dsv32` command line: demo (the embedded default of `make demo`), generate, chat, train, convert,
-plan. One module per command (`demo`, `generate`, `chat`, `plan` here, `dsv32_jax.train.cli`,
+plan, serve. One module per command (`demo`, `generate`, `chat`, `plan`, `serve` here, `dsv32_jax.train.cli`,
 `convert.cli`), each with its `add_parser` and `run`; what they share is `dsv32_jax.cli.common`.
 
 Every user error (a bad argument, a missing or broken checkpoint, a prompt that does not fit) ends the
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from dsv32_jax import argtypes
-from dsv32_jax.cli import chat, common, demo, generate, plan
+from dsv32_jax.cli import chat, common, demo, generate, plan, serve
 from dsv32_jax.train import cli as train
 
 # User errors: the project's error types are ValueError subclasses (ConfigError, CheckpointError,
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     chat.add_parser(sub)
     plan.add_parser(sub)
+    serve.add_parser(sub)
     # Listed for --help only: main() hands `dsv32 convert ...` to convert.cli before parsing.
     sub.add_parser("convert", add_help=False,
                    help="convert the released HF checkpoint to Orbax (see `dsv32 convert --help`)")

@@ -116,8 +116,9 @@ class PagedKVCache(KVCache):
     The model sees logical slots only (a length of P x PAGE): the indexer's key tiles and the
     attention's selected rows go through the table, one more index lookup, no copy. Page 0 is the
     pool's scratch page: table entries a sequence does not own point there, and slots past the
-    table map there, so writes of padding land in it and nothing real ever reads it. Pools are replicated over the mesh (serving runs
-    with data = 1). `pages` is None in a pool at rest; a step sets it (`with_pages`)."""
+    table map there, so writes of padding land in it and nothing real ever reads it. Pools are
+    replicated over the mesh (serving runs with data = 1). `pages` is None in a pool at rest; a
+    step sets it (`with_pages`)."""
 
     pages: jax.Array | None = None  # (B, P) int32 page ids
 

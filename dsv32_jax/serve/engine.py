@@ -17,14 +17,13 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.serve import step as st
 from dsv32_jax.serve.pages import Pages
-from dsv32_jax.serve.scheduler import Sampling, Scheduler, Seq
+from dsv32_jax.serve.scheduler import Batch, Sampling, Scheduler, Seq
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
 
@@ -65,8 +64,8 @@ class Engine:
                                       "pool is not split over data (use --mesh 1,E,T)")
         if cache_gb is not None:
             pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)))
-        elif pages is None:  # every running sequence at full length, + the scratch page
-            pages = max_batch * cdiv(self.max_len, PAGE) + 1
+        elif pages is None:
+            pages = default_pages(cfg, max_batch, _free_bytes(model.params))
         if pages - 1 < cdiv(self.max_len, PAGE):
             raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
@@ -124,11 +123,7 @@ class Engine:
         for i, (b, s, p) in enumerate(shapes):
             if progress:
                 progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")
-            a = dict(table=np.zeros((b, p), np.int32), tokens=np.zeros((b, s), np.int32),
-                     positions=np.tile(np.arange(s, dtype=np.int32), (b, 1)), last=np.zeros(b, np.int32),
-                     seeds=np.zeros(b, np.uint32), counters=np.zeros(b, np.int32),
-                     temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32))
-            to_host(self._run(a))
+            to_host(self._run(Batch([], [], s, b, p).arrays()))  # padding lanes only
         if progress:
             progress(f"compiled {len(shapes)} step shapes in {time.perf_counter() - t0:.1f} s")
 
@@ -215,6 +210,30 @@ class Engine:
             self._inbox.clear()
             events = [(s, [], f"error: {self.error}") for s in self._open()]
         _send(events)
+
+
+FREE_FRACTION = 0.8  # of a device's free memory the default pool may take (the rest: step buffers)
+
+
+def default_pages(cfg, max_batch: int, free: int | None) -> int:
+    """The pool's default size: every running sequence at full length (+ the scratch page), cut to
+    FREE_FRACTION of the device memory left after the weights when the device reports it (GPUs;
+    `free` None on a CPU)."""
+    full = max_batch * cdiv(cfg.max_seq_len, PAGE) + 1
+    if free is None:
+        return full
+    return min(full, st.pages_for_bytes(cfg, int(FREE_FRACTION * free)))
+
+
+def _free_bytes(params) -> int | None:
+    """The least free memory over the devices holding `params`, if they report it."""
+    free = []
+    for d in {d for a in jax.tree.leaves(params) for d in a.devices()}:
+        stats = d.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return min(free) if free else None
 
 
 def _send(events) -> None:

@@ -360,11 +360,12 @@ class CompletionParser:
 
     ``feed(piece)`` reads on as far as the text so far decides and returns what it decided, in text order:
     ``("reasoning_content", text)``, ``("content", text)`` and ``("tool_calls", call)`` parts, each final
-    whatever text follows (text that may yet become markup is held back until it is decided); ``close()`` reads
-    to the end and returns the rest; then ``message()`` is the whole message. A ChatFormatError is raised as soon
-    as it is certain (by ``close()`` at the latest), at the first place where the text departs from the format,
-    with the same message wherever the text was cut. The grammar, left to right, the reasoning in thinking mode
-    only::
+    whatever text follows (text that may yet become markup is held back until it is decided: ``pending``);
+    ``close()`` reads to the end and returns the rest; then ``message()`` is the whole message. A ChatFormatError
+    is raised as soon as it is certain (by ``close()`` at the latest), at the first place where the text departs
+    from the format, with the same message wherever the text was cut; the call that raises it changes nothing
+    (the parser is as before it, so a caller may feed something else or give up and use ``pending`` as it is).
+    The grammar, left to right, the reasoning in thinking mode only::
 
         [reasoning</think>] content [\\n\\n<｜DSML｜function_calls>\\n invoke... </｜DSML｜function_calls>] EOS
 
@@ -378,14 +379,18 @@ class CompletionParser:
         self._step = self._reasoning if _is_thinking(thinking_mode) else self._content
         self._calls_read, self._closed = 0, False
 
+    @property
+    def pending(self) -> str:
+        """The text fed but not decided yet (not in any part returned so far)."""
+        return self._text[self._pos :]
+
     def feed(self, piece: str) -> list[tuple[str, Any]]:
         if self._closed:
             raise RuntimeError("CompletionParser.feed() after close()")
-        self._text += piece
-        return self._advance(final=False)
+        return self._advance(piece, final=False)
 
     def close(self) -> list[tuple[str, Any]]:
-        parts = self._advance(final=True)
+        parts = self._advance("", final=True)
         self._closed = True
         return parts
 
@@ -396,14 +401,19 @@ class CompletionParser:
         text = {field: "".join(v for f, v in self._parts if f == field) for field in ("content", "reasoning_content")}
         return {"role": "assistant", **text, "tool_calls": [v for f, v in self._parts if f == "tool_calls"]}
 
-    def _advance(self, final: bool) -> list[tuple[str, Any]]:
-        known = len(self._parts)
+    def _advance(self, piece: str, final: bool) -> list[tuple[str, Any]]:
+        known, before = len(self._parts), (self._text, self._pos, self._step, self._calls_read)
+        self._text += piece
         while True:
             pos, step = self._pos, self._step
             try:
                 step(final)
             except _NeedMore:
                 break
+            except ChatFormatError:
+                del self._parts[known:]
+                self._text, self._pos, self._step, self._calls_read = before
+                raise
             if (self._pos, self._step) == (pos, step):
                 break
         self._text, self._pos = self._text[self._pos :], 0

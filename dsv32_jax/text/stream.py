@@ -14,7 +14,8 @@ text that may still become markup (the start of the tool-call opener, of ``</thi
 control token) is held back until it is decided, so no markup reaches ``content`` or ``reasoning_content``
 however the text is cut, and the deltas join to the non-streamed parse of the whole text. Malformed text
 raises the same ChatFormatError as the non-streamed parse, from ``feed`` as soon as it is certain or from
-``finish``. After ``finish``, ``message`` is the whole assistant message, its tool calls with the ids sent.
+``finish``, and leaves the parser as it was before that call (``pending`` is the text not sent). After
+``finish``, ``message`` is the whole assistant message, its tool calls with the ids sent.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class StreamParser:
         self._parser = CompletionParser(thinking_mode)
         self._ids: list[str] = []
         self.message: dict | None = None
+
+    @property
+    def pending(self) -> str:
+        """The text fed but not sent yet: what may still become markup (``CompletionParser.pending``)."""
+        return self._parser.pending
 
     def feed(self, piece: str) -> list[dict]:
         return self._deltas(self._parser.feed(piece))
