@@ -56,14 +56,16 @@ def _figures(logits, mtp_logits, mask):
 
 def measure(model, mtp: dict, prompts: list[list[int]], max_new: int, stop: int,
             batch: int = 16) -> dict:
-    """-> {"t0", "t1": means over the drafted positions, "positions": their count}."""
+    """-> {"drafted": {"t0", "t1": means over the drafted positions, "positions": their count},
+    "prompt": the same teacher-forced over the prompts' own text (t_{i+1} the text's token), for
+    contrast: the user's turns, which the model cannot predict as well as its own replies}."""
     from dsv32_jax.engine.generate import bucket
     from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
     from dsv32_jax.model.transformer import Transformer, variables
 
     cfg = model.config
     forward = jax.jit(lambda p, t: Transformer(cfg).apply(variables(p), t, hidden=True))
-    sums = np.zeros(3)  # T=0 agreements, T=1 acceptances, drafted positions
+    sums = np.zeros((2, 3))  # drafted | prompt positions: T=0 agreements, T=1 acceptances, count
     for s in range(0, len(prompts), batch):
         part = prompts[s:s + batch]
         outs = model.generate(part, max_new, temperature=0.0, stop_tokens=[stop])
@@ -75,11 +77,13 @@ def measure(model, mtp: dict, prompts: list[list[int]], max_new: int, stop: int,
         mtp_logits, _, _ = mtp_forward(mtp, cfg, h[:, :-1], tokens[:, 1:], pos,
                                        init_mtp_cache(cfg, len(seqs), n - 1))
         i = np.arange(n - 1)[None]  # drafted at i = len(prompt)-1 .. len(seq)-2
-        mask = ((i >= np.array([len(p) - 1 for p in part])[:, None])
-                & (i <= np.array([len(q) - 2 for q in seqs])[:, None]))
-        a, b = _figures(logits, mtp_logits, mask)
-        sums += (float(a.sum()), float(b.sum()), int(mask.sum()))
-    return {"t0": sums[0] / sums[2], "t1": sums[1] / sums[2], "positions": int(sums[2])}
+        start = np.array([len(p) - 1 for p in part])[:, None]
+        drafted = (i >= start) & (i <= np.array([len(q) - 2 for q in seqs])[:, None])
+        for k, mask in enumerate((drafted, i < start)):
+            a, b = _figures(logits, mtp_logits, mask)
+            sums[k] += (float(a.sum()), float(b.sum()), int(mask.sum()))
+    return {name: {"t0": a / c, "t1": b / c, "positions": int(c)}
+            for name, (a, b, c) in zip(("drafted", "prompt"), sums)}
 
 
 def main(argv=None) -> int:
@@ -104,9 +108,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"MTP first-draft acceptance on {args.n} held-out demo chats ({r['positions']} drafted "
+        d, q = r["drafted"], r["prompt"]
+        print(f"MTP first-draft acceptance on {args.n} held-out demo chats ({d['positions']} drafted "
               f"positions, {r['dtype']}, fp8_activations={r['fp8_activations']}): "
-              f"T=0 {r['t0']:.3f} (argmax agreement), T=1 {r['t1']:.3f} (E sum min(p, q))")
+              f"T=0 {d['t0']:.3f} (argmax agreement), T=1 {d['t1']:.3f} (E sum min(p, q))")
+        print(f"  for contrast, teacher-forced on the prompts' own text ({q['positions']} "
+              f"positions): T=0 {q['t0']:.3f}, T=1 {q['t1']:.3f}")
     return 0
 
 
