@@ -255,11 +255,13 @@ from sharding.mesh import make_mesh
 
 path, prompts = sys.argv[1], json.loads(sys.argv[2])
 load = lambda mesh=None: dsv32_jax.load_model(path, dtype="float32", fp8_activations=False, mesh=mesh)
-try:
-    Engine(load(make_mesh(2, 1, 2)))
-    refused = ""
-except NotImplementedError as e:
-    refused = str(e)
+import contextlib, io
+from dsv32_jax.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    rc = main(["serve", "--ckpt", path, "--port", "0", "--mesh", "2,1,2", "--no-warmup", "--dtype",
+               "float32", "--no-fp8", "--no-compile-cache"])
+refused = [rc, [line for line in err.getvalue().splitlines() if "error" in line]]
 eng = Engine(load(make_mesh(1, 2, 2)), max_batch=2, chunk=16, max_prefill=2)
 eng.start()
 out, done = {}, threading.Semaphore(0)
@@ -280,13 +282,15 @@ print(json.dumps({"equal": [out[i] == ref[i] for i in range(len(prompts))], "ref
 
 def test_engine_on_an_expert_tensor_mesh_equals_one_device():
     """(1,2,2) on 4 simulated devices: the pools replicated, greedy tokens equal to the unsharded
-    `Model.generate`; a mesh with data > 1 is refused in one line."""
+    `Model.generate`; `dsv32 serve` on a mesh with data > 1 is refused in one line (exit 1)."""
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(DEMO), json.dumps(FIRST)],
                           capture_output=True, text=True, env=xla_env(4), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["equal"] == [True] * len(FIRST)
-    assert "data > 1 is not implemented" in r["refused"] and r["pool"] in ("P()", "PartitionSpec()")
+    rc, errors = r["refused"]
+    assert rc == 1 and len(errors) == 1 and "data > 1 is not implemented" in errors[0], r["refused"]
+    assert r["pool"] in ("P()", "PartitionSpec()")
 
 
 def test_default_pool_fits_the_device_memory():
@@ -297,3 +301,21 @@ def test_default_pool_fits_the_device_memory():
     free = 10 * per_page  # room for 8 pages at 80%
     n = default_pages(cfg, 4, free)
     assert n < full and pool_bytes(cfg, n) <= 0.8 * free < pool_bytes(cfg, n + 1)
+
+
+def test_warmup_shapes_are_the_shapes_steps_take():
+    """Every step a scheduler plans has a shape its warm-up list holds, and the list has no batch
+    wider than max_batch (a prefill step runs running sequences only)."""
+    for max_batch, max_prefill in ((1, 4), (3, 2), (4, 4)):
+        sched = Scheduler(Pages(40, True), max_batch, 32, max_prefill, 256)
+        shapes = set(sched.shapes())
+        assert max(b for b, _, _ in shapes) == (1 << (max_batch - 1).bit_length())
+        rng = np.random.default_rng(max_batch)
+        for rid in range(8):
+            n = int(rng.integers(1, 120))
+            sched.add(Seq(rid, list(rng.integers(0, 100, n)), n, Sampling(max_tokens=int(rng.integers(1, 40))),
+                          lambda *a: None))
+        while not sched.idle:
+            batch = sched.plan()
+            assert (batch.B, batch.S, batch.P) in shapes
+            sched.commit(batch, np.full(batch.B, 7))

@@ -242,3 +242,35 @@ def test_ignore_eos_generates_past_eos_as_text(tok):
     assert "".join(d["text"] for d in deltas) == "Hi.More" and finish == "length" and reply.tokens == len(ids)
     deltas, finish = _run(p.Reply(tok, "chat", (), ignore_eos=True), ids, "length")
     assert p.message(deltas, "chat")["content"] == "Hi.More"  # the text after EOS does not parse: sent as text
+
+
+def test_emits_that_queued_up_go_out_as_one_chunk(tok):
+    """A streaming reply behind the engine sends the tokens that queued up in one chunk; the text is
+    the same."""
+    import asyncio
+
+    from dsv32_jax.serve.http import Turn
+
+    ids = tok.encode("one two three four five")
+
+    class Engine:
+        def submit(self, prompt, sampling, emit):
+            self.emit = emit
+            return 0
+
+        def cancel(self, rid):
+            pass
+
+    async def run():
+        engine = Engine()
+        req = p.Request([1], 8, 0.0, 1.0, 0, (), True, False, False, None)
+        turn = Turn(engine, req, p.Reply(tok, None, ()), asyncio.get_running_loop())
+        for t in ids[:-1]:  # the engine's emits, all queued before the loop reads any
+            engine.emit([t], None)
+        engine.emit([ids[-1]], "length")
+        await asyncio.sleep(0)
+        return [x async for x in turn.events()]
+
+    events = asyncio.run(run())
+    assert len(events) == 1 and events[0][1] == "length"
+    assert "".join(d["text"] for d in events[0][0]) == tok.decode(ids)

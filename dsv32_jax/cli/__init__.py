@@ -18,8 +18,9 @@ from dsv32_jax.cli import chat, common, demo, generate, plan, serve
 from dsv32_jax.train import cli as train
 
 # User errors: the project's error types are ValueError subclasses (ConfigError, CheckpointError,
-# SafetensorsError, TokenizerError, ChatFormatError, ConvertError, OrbaxCheckpointError); files are OSError.
-USER_ERRORS = (ValueError, OSError)
+# SafetensorsError, TokenizerError, ChatFormatError, ConvertError, OrbaxCheckpointError); files are OSError;
+# a path not built yet says so with NotImplementedError (e.g. serving on a mesh with data > 1).
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -31,7 +31,8 @@ class EngineError(RuntimeError):
 
 
 class Turn:
-    """One submitted request as seen from asyncio: the engine's emits on a queue, read into `Reply` deltas."""
+    """One submitted request as seen from asyncio: the engine's emits on a queue, read into `Reply` deltas
+    (the emits that queued up while the loop was busy are read at once: one chunk, not one each)."""
 
     def __init__(self, engine, req: p.Request, reply: p.Reply, loop: asyncio.AbstractEventLoop) -> None:
         self.engine, self.req, self.reply = engine, req, reply
@@ -53,6 +54,9 @@ class Turn:
         EngineError when the engine ended the request with an error."""
         while True:
             tokens, finish = await self._queue.get()
+            while finish is None and not self._queue.empty():  # behind the engine: one chunk for all
+                more, finish = self._queue.get_nowait()
+                tokens = tokens + more
             deltas = self.reply.push(tokens)
             if finish is not None:
                 self.open = False

@@ -116,7 +116,8 @@ class Scheduler:
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (B, S, P) a step may have: what a warm-up compiles."""
         out = [(b, 1, p) for b in pow2_up_to(bucket(self.max_batch, 1)) for p in self.page_buckets()]
-        return out + [(b, s, p) for b in pow2_up_to(bucket(self.max_prefill, 1))
+        prefill = min(self.max_prefill, self.max_batch)  # a prefill step runs running sequences
+        return out + [(b, s, p) for b in pow2_up_to(bucket(prefill, 1))
                       for s in seq_buckets(self.chunk) for p in self.page_buckets()]
 
     # Queue ------------------------------------------------------------------------------------------
