@@ -5,7 +5,7 @@ the frozen model (the `mtp` stage: the model's weights are the sparse stage's, b
 final checkpoint is shipped as package data (`dsv32_jax/demo_model/`) and `dsv32 demo` generates
 with it.
 
-    python -m dsv32_jax.train.demo OUT      # ~25-40 min on 2 CPU cores; then copies OUT/model
+    python -m dsv32_jax.train.demo OUT      # ~20-40 min on 2 CPU cores; then copies OUT/model
                                             # into dsv32_jax/demo_model with --install
     python -m dsv32_jax.train.demo OUT --init dsv32_jax/demo_model   # the MTP stage alone
 
