@@ -16,7 +16,8 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/dsv32 demo
 
-# Re-train the shipped demo model (dsv32_jax/demo_model) from scratch: ~15-25 min on 2 CPU cores.
+# Re-train the shipped demo model (dsv32_jax/demo_model) from scratch, then its MTP layer:
+# ~20-40 min on 2 CPU cores (19 min measured).
 train-demo: $(VENV)/.installed
 	$(PY) -m dsv32_jax.train.demo build/demo-train --install
 

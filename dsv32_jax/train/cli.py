@@ -1,5 +1,6 @@
-"""`dsv32 train`: one stage of training (dense | warmup | sparse) on a text file, with a progress
-bar, checkpoints (resumed when OUT holds the same run), curves and the trained model in OUT/hf."""
+"""`dsv32 train`: one stage of training (dense | warmup | sparse | mtp) on a text file, with a
+progress bar, checkpoints (resumed when OUT holds the same run), curves and the trained model in
+OUT/hf."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from dsv32_jax.train.model import REMAT, STAGES
 
 def add_parser(sub) -> None:
     t = sub.add_parser("train", help="train one stage (dense | warmup: the indexer's dense warm-up | "
-                                     "sparse: DSA training) on a text file; resumable")
+                                     "sparse: DSA training | mtp: the MTP layer alone) on a text "
+                                     "file; resumable")
     t.add_argument("--preset", default=None, choices=["tiny", "small"],
                    help="the model to train from random weights (default tiny); with --init the "
                         "model is --init's")
@@ -27,7 +29,8 @@ def add_parser(sub) -> None:
                    help="dense: LM loss, dense attention, indexer frozen; warmup: main model "
                         "frozen, the indexer learns the dense attention (KL); sparse: attention over "
                         "the indexer's top-k, LM loss on the model, KL on the selected keys for the "
-                        "indexer (default: warmup with --init, dense without)")
+                        "indexer; mtp: the model frozen, only its MTP layer learns (the MTP loss) "
+                        "(default: warmup with --init, dense without)")
     t.add_argument("--out", default=None, help="run directory (default runs/MODEL-STAGE); an "
                                                 "existing run of the same settings is resumed")
     t.add_argument("--init", default=None, metavar="CKPT",

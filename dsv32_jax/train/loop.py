@@ -99,9 +99,16 @@ def load_init(path: str, cfg: Config, mtp: bool = False, seed: int = 0,
             params["mtp"] = load_mtp(path, cfg)
         else:
             (say or _stderr)(f"{path}: no multi-token-prediction layer: the MTP layer starts from "
-                             "random weights")
+                             "random weights, its embedding and head copies of the model's")
             params["mtp"] = init_mtp_params(cfg, seed)
+            mtp = params["mtp"]  # stacked (n_mtp_layers, ...): the paper shares them with the model
+            mtp["embed_tokens"]["weight"] = _copies(params["embed"]["weight"], cfg.n_mtp_layers)
+            mtp["shared_head"]["head"]["weight"] = _copies(params["head"]["weight"], cfg.n_mtp_layers)
     return params
+
+
+def _copies(a, n: int):
+    return jax.numpy.broadcast_to(a, (n, *a.shape)).copy()
 
 
 def export_hf(params: dict, cfg: Config, directory: str, tokenizer_dir: str | None) -> str:
@@ -232,6 +239,8 @@ class Run:
         if hp.mtp_weight < 0 or (hp.mtp_weight > 0 and not cfg.n_mtp_layers):
             raise TrainError(f"MTP loss weight {hp.mtp_weight}: must be >= 0, and 0 for a model "
                              "without an MTP layer (num_nextn_predict_layers=0)")
+        if stage == "mtp" and not hp.mtp_weight:
+            raise TrainError("the mtp stage trains the MTP layer alone: it needs an MTP loss weight > 0")
         self.out, self.cfg, self.stage, self.steps, self.batches = out, cfg, stage, steps, batches
         self.hp, self.seed, self.ckpt_every, self.tokenizer_dir, self.mesh = hp, seed, ckpt_every, tokenizer_dir, mesh
         settings = {"format": RUN_FORMAT, "config": cfg.to_hf(), "dtype": cfg.dtype, "stage": stage,

@@ -39,7 +39,7 @@ from dsv32_jax.model.rope import rope_tables
 from dsv32_jax.model.transformer import ACT, layer_counts
 from sharding.mesh import constrain
 
-STAGES = ("dense", "warmup", "sparse")
+STAGES = ("dense", "warmup", "sparse", "mtp")  # mtp: `step.losses`
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 STATS = ("kl", "recall")  # per-layer scalars every stage returns

@@ -8,6 +8,9 @@ rest). Per stage, what trains:
   dense   main (LM loss)                      indexer frozen
   warmup  indexer (KL to the dense attention)  main frozen
   sparse  main (LM loss) and indexer (KL restricted to the selected keys), each its own LR
+  mtp     the MTP layers only, on top of a frozen model ("frozen": every param outside "mtp", and
+          the MTP layers' embedding and head, which start as copies of the model's: the paper
+          shares them); see `losses`
 
 A frozen group gets `optax.set_to_zero` (no update, no weight decay, no optimizer state). Each
 trained group: clip by its own global norm, AdamW (decay on matrices only), a warmup + cosine
@@ -32,8 +35,10 @@ from dsv32_jax.checkpoint.weights import abstract_params, flatten, unflatten
 from dsv32_jax.model.config import Config
 from dsv32_jax.train.model import STAGES, TrainTransformer, train_mtp
 
-GROUPS = ("main", "indexer", "router_bias")
-TRAINED = {"dense": ("main",), "warmup": ("indexer",), "sparse": ("main", "indexer")}
+GROUPS = ("main", "indexer", "router_bias", "frozen")
+TRAINED = {"dense": ("main",), "warmup": ("indexer",), "sparse": ("main", "indexer"),
+           "mtp": ("main", "indexer")}
+SHARED = (("embed_tokens",), ("shared_head", "head"))  # the MTP layer's copies of the model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +55,10 @@ class Hparams:
     mtp_weight: float = 0.0  # lambda of the MTP loss (0: no MTP layer trained nor needed)
 
 
-def param_labels(params: dict) -> dict:
+def param_labels(params: dict, stage: str = "") -> dict:
     def label(path):
+        if stage == "mtp" and (path[0] != "mtp" or any(path[1:1 + len(p)] == p for p in SHARED)):
+            return "frozen"
         if "indexer" in path:
             return "indexer"
         if path[-1] == "gate_bias":
@@ -83,7 +90,7 @@ def make_optimizer(stage: str, hp: Hparams, total_steps: int, params: dict):
 
     lrs = {"main": hp.lr, "indexer": hp.indexer_lr}
     transforms = {g: group(lrs[g]) if g in TRAINED[stage] else optax.set_to_zero() for g in GROUPS}
-    return optax.multi_transform(transforms, param_labels(params))
+    return optax.multi_transform(transforms, param_labels(params, stage))
 
 
 def compute_params(params: dict, cfg: Config) -> dict:
@@ -118,10 +125,16 @@ def losses(params: dict, tokens: jax.Array, cfg: Config, stage: str, remat: str 
 
     mtp_weight > 0 (params["mtp"]: the MTP layers): + mtp_weight x `mtp_loss` (metric "mtp"),
     which trains the main model too (through the hidden state the MTP layers read), and outside
-    the dense stage the MTP layers' own indexer KL (metric "mtp_kl"). 0: the loss without MTP."""
+    the dense stage the MTP layers' own indexer KL (metric "mtp_kl"). 0: the loss without MTP.
+
+    Stage "mtp" (mtp_weight > 0): the model runs as it serves (sparse attention) and is frozen (its
+    hidden state detached); the MTP layers run dense attention while their indexer learns it (the
+    warm-up's KL), as a fresh indexer cannot yet pick the keys; they serve sparse over its top-k.
+    Loss: mtp_weight x `mtp_loss` + the MTP indexer's KL; lm/kl/recall: the frozen model's."""
     from dsv32_jax.model.transformer import variables
 
-    module = TrainTransformer(cfg, stage, remat)
+    frozen = stage == "mtp"
+    module = TrainTransformer(cfg, "sparse" if frozen else stage, remat)
     params = compute_params(params, cfg)
     if mtp_weight:
         main = {k: v for k, v in params.items() if k != "mtp"}
@@ -129,11 +142,13 @@ def losses(params: dict, tokens: jax.Array, cfg: Config, stage: str, remat: str 
     else:
         logits, stats = module.apply(variables(params), tokens)
     lm, kl = lm_loss(logits, tokens), jnp.mean(stats["kl"])
-    loss = {"dense": lm, "warmup": kl, "sparse": lm + kl}[stage]
+    loss = {"dense": lm, "warmup": kl, "sparse": lm + kl, "mtp": 0.0}[stage]
     metrics = {"lm": lm, "kl": kl, "recall": jnp.mean(stats["recall"]),
                "recall_layers": stats["recall"]}
     if mtp_weight:
-        mtp_logits, mtp_stats = train_mtp(params["mtp"], cfg, stage, h, tokens)
+        if frozen:
+            h = jax.lax.stop_gradient(h)
+        mtp_logits, mtp_stats = train_mtp(params["mtp"], cfg, "dense" if frozen else stage, h, tokens)
         metrics["mtp"], metrics["mtp_kl"] = mtp_loss(mtp_logits, tokens), jnp.mean(mtp_stats["kl"])
         loss = loss + mtp_weight * metrics["mtp"] + (0.0 if stage == "dense" else metrics["mtp_kl"])
     return loss, {"loss": loss, **metrics}
@@ -152,7 +167,7 @@ def make_step(cfg: Config, stage: str, tx, remat: str = "none", mtp_weight: floa
         grads, metrics = grad_fn(state["params"], tokens, cfg, stage, remat, mtp_weight)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        labels = flatten(param_labels(grads))
+        labels = flatten(param_labels(grads, stage))
         for g in ("main", "indexer"):
             leaves = [v for p, v in flatten(grads).items() if labels[p] == g]
             metrics[f"grad_norm_{g}"] = jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in leaves))
