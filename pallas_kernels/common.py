@@ -73,7 +73,6 @@ FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn)
 # and reinterpret the bits in registers (a bitcast of the whole cache outside could be a copy).
 FROM_BITS = {jnp.dtype(jnp.uint8): jnp.dtype(jnp.float8_e4m3fn),
              jnp.dtype(jnp.uint16): jnp.dtype(jnp.bfloat16)}
-BITS = {v: k for k, v in FROM_BITS.items()}  # e4m3 / bf16 -> the type of their bit patterns
 
 
 def value_dtype(x) -> jnp.dtype:

@@ -22,7 +22,7 @@ import numpy as np
 from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.model.transformer import Transformer, bit_variables, init_cache
+from dsv32_jax.model.transformer import Transformer, init_cache, variables
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
 
@@ -69,7 +69,7 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
 
 
 def _apply(params, tokens, positions, cache, last, cfg: Config, impl: str, collect: bool):
-    module, v = Transformer(cfg, impl), bit_variables(params)
+    module, v = Transformer(cfg, impl), variables(params)
     if collect:
         (logits, cache), state = module.apply(v, tokens, positions, cache, last,
                                               mutable=["intermediates"])

@@ -22,7 +22,7 @@ from flax import struct
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import FP8, act_dequant
-from pallas_kernels.common import BITS, FROM_BITS, from_bits  # stored bits <-> e4m3 / bf16
+from pallas_kernels.common import FROM_BITS, from_bits  # stored bits -> e4m3 / bf16 values
 from sharding.mesh import local
 
 
@@ -174,7 +174,10 @@ class PagedKVCache(KVCache):
 
 # Narrow float payloads are kept as their bit patterns: XLA:CPU widens a float8 / bf16 array it
 # updates in place (to f16 / f32, whole, every step); unsigned ints of the same width it does not.
-# One map for the cache and the kernels that read it (`pallas_kernels.common.BITS`).
+# One map for the cache and the kernels that read it (`pallas_kernels.common.FROM_BITS`).
+BITS = {v: k for k, v in FROM_BITS.items()}
+
+
 def _stored(dtype) -> jnp.dtype:
     return BITS.get(jnp.dtype(dtype), jnp.dtype(dtype))
 

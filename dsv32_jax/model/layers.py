@@ -13,15 +13,13 @@ from flax import linen as nn
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import (FP32_BY_SPEC, FP8, HIGHEST, act_quant, blockwise_matmul,
                                    dequant, einsum)
-from pallas_kernels.common import from_bits
 from pallas_kernels.fp8_linear import fp8_linear as pallas_fp8_linear
 
 Axes = tuple[str, ...]
 
 
 def param(module: nn.Module, name: str, shape, dtype, axes: Axes, init):
-    """A param; one passed as its bit patterns (`transformer.bit_variables`) is read as its values."""
-    return from_bits(module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype))
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 def normal_init(stddev: float):

@@ -47,36 +47,9 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.
     if dtype == jnp.bfloat16:
         y = jax.lax.platform_dependent(
             a, b, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)), default=dot)
-    elif dtype == FP8:  # XLA:CPU widens e4m3 operands itself, element by element: see `widen`
-        y = jax.lax.platform_dependent(a, b, cpu=lambda x, y: dot(widen(x), widen(y)), default=dot)
     else:
         y = dot(a, b)
     return y.astype(dtype if out_dtype is None else out_dtype)
-
-
-def widen(x: jax.Array) -> jax.Array:
-    """e4m3 x -> float32, exactly the values (and NaN bits) of x.astype(float32), from the bits.
-
-    XLA:CPU converts e4m3 in software, one element at a time (~3 ns each: a decode step widened
-    its FP8 weights, every step, at a fraction of the memory speed); these integer ops vectorize.
-    Sign | exponent (bias 7 -> 127) | 3 mantissa bits; exponent 0: subnormal m * 2**-9; S.1111.111:
-    NaN. For the CPU branches of `jax.lax.platform_dependent` (`to_f32`): an accelerator converts
-    e4m3 in hardware."""
-    b = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
-    e, m = (b >> 3) & 0xF, b & 0x7
-    normal = ((e + 120) << 23) | (m << 20)
-    subnormal = jax.lax.bitcast_convert_type(m.astype(jnp.float32) * jnp.float32(2.0**-9), jnp.uint32)
-    mag = jnp.where(e == 0, subnormal, normal)
-    mag = jnp.where((e == 15) & (m == 7), jnp.uint32(0x7FC00000), mag)
-    return jax.lax.bitcast_convert_type(((b & 0x80) << 24) | mag, jnp.float32)
-
-
-def to_f32(x: jax.Array) -> jax.Array:
-    """x.astype(float32), by `widen` on the CPU when x is e4m3 (same values, chosen by the
-    platform being lowered for)."""
-    if x.dtype != FP8:
-        return x.astype(jnp.float32)
-    return jax.lax.platform_dependent(x, cpu=widen, default=lambda x: x.astype(jnp.float32))
 
 
 def pow2_ceil(s: jax.Array) -> jax.Array:
@@ -110,7 +83,7 @@ def act_quant(x: jax.Array, scale_fmt: str | None, block: int = BLOCK) -> tuple[
 def act_dequant(x_q: jax.Array, s: jax.Array, dtype) -> jax.Array:
     """act_quant's inverse: x_q (..., K) e4m3 times its per-128-block scales s (..., K/128)."""
     *lead, k = x_q.shape
-    y = to_f32(x_q).reshape(*lead, k // BLOCK, BLOCK) * s[..., None]
+    y = x_q.astype(jnp.float32).reshape(*lead, k // BLOCK, BLOCK) * s[..., None]
     return y.reshape(x_q.shape).astype(dtype)
 
 
@@ -131,8 +104,7 @@ def dequant(weight, scale, dtype, xp=jnp):
     The one dequantization routine of the project: `xp=numpy` (host, the converter) gives the
     same bits as the default jax.numpy."""
     out_f, in_f = weight.shape[-2:]
-    w = to_f32(weight) if xp is jnp else weight.astype(xp.float32)
-    w = w * expand_scale(scale.astype(xp.float32), out_f, in_f, xp)
+    w = weight.astype(xp.float32) * expand_scale(scale.astype(xp.float32), out_f, in_f, xp)
     return w.astype(dtype)
 
 
@@ -174,10 +146,7 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
         wb = jax.lax.dynamic_slice_in_dim(w_q, i * g * BLOCK, g * BLOCK, 1)  # (N, g*128)
         xs = jax.lax.dynamic_slice_in_dim(x_s, i * g, g, 1)  # (M, g)
         ws = jax.lax.dynamic_slice_in_dim(w_s, i * g, g, 1)  # (N/128, g)
-        return jax.lax.platform_dependent(xb, xs, wb, ws, cpu=widened, default=fp8_linear_reference)
-
-    def widened(xb, xs, wb, ws):  # the same float32 dots, the e4m3 operands widened by `widen`
-        return fp8_linear_reference(widen(xb), xs, widen(wb), ws)
+        return fp8_linear_reference(xb, xs, wb, ws)
 
     if g == nb:
         return group(0)

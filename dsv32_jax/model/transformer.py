@@ -19,7 +19,6 @@ from dsv32_jax.model.config import Config
 from dsv32_jax.model.layers import Embed, Linear, RMSNorm
 from dsv32_jax.model.moe import EXPERTS, FFN, MoE
 from dsv32_jax.model.rope import rope_tables
-from pallas_kernels.common import BITS
 from sharding.mesh import constrain
 
 ACT = ("batch", "seq", "embed")  # logical axes of the residual stream (B, S, D)
@@ -60,9 +59,6 @@ def _stack(cfg: Config, moe: bool, n: int, impl: str, name: str):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
         metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe, impl, name=name)
-
-
-SCANNED = ("dense_layers", "moe_layers")  # the layer groups, each one `nn.scan`
 
 
 def layer_counts(cfg: Config) -> dict[str, int]:
@@ -145,19 +141,6 @@ def variables(params: dict) -> dict:
     if experts:
         out[EXPERTS] = experts
     return out
-
-
-def bit_variables(params: dict) -> dict:
-    """`variables(params)` for inference, the layer groups' e4m3 / bf16 params passed as their bit
-    patterns (uint8 / uint16; `layers.param` reads them back as values, after the layer scan has
-    sliced them): XLA:CPU widens a narrow float array a loop slices (e4m3 to f16, bf16 to f32),
-    whole, on every step, for every scanned layer. (XLA:CPU copies on a bitcast: 1-2 bytes a
-    param per step, against the widened copy's 2-4.)"""
-    v = variables(params)
-    to_bits = lambda a: (jax.lax.bitcast_convert_type(a, BITS[a.dtype])  # noqa: E731
-                         if a.dtype in BITS else a)
-    scanned = {g: jax.tree.map(to_bits, p) for g, p in v["params"].items() if g in SCANNED}
-    return {**v, "params": {**v["params"], **scanned}}
 
 
 def merge_experts(variables: dict) -> dict:

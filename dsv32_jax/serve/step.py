@@ -17,7 +17,7 @@ import jax
 from dsv32_jax.engine.generate import sample
 from dsv32_jax.model.cache import PagedKVCache
 from dsv32_jax.model.config import Config
-from dsv32_jax.model.transformer import Transformer, bit_variables, constrain_cache, layer_counts
+from dsv32_jax.model.transformer import Transformer, constrain_cache, layer_counts, variables
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -35,7 +35,7 @@ def step(params, pools, table, tokens, positions, last, seeds, counters, tempera
     from the logits at `last` with its own temperature/top_p (B,) and key fold_in(key(seed),
     counter); `NONFINITE` where those logits were not finite), the pools."""
     cache = {g: p.with_pages(table) for g, p in pools.items()}
-    logits, cache = Transformer(cfg, impl).apply(bit_variables(params), tokens, positions, cache, last)
+    logits, cache = Transformer(cfg, impl).apply(variables(params), tokens, positions, cache, last)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
     token = jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t, p)[0])(
         logits, keys, temperature, top_p)
