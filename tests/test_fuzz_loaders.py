@@ -264,10 +264,10 @@ def env(tmp_path_factory):
             os.remove(tmp)
     cache = {}
 
-    def cached_specs(cfg):  # abstract_params traces the model: once per config, not per case
-        if cfg not in cache:
-            cache[cfg] = abstract_params(cfg)
-        return cache[cfg]
+    def cached_specs(cfg, mtp=False):  # abstract_params traces the model: once per config, not per case
+        if (cfg, mtp) not in cache:
+            cache[cfg, mtp] = abstract_params(cfg, mtp=mtp)
+        return cache[cfg, mtp]
 
     with pytest.MonkeyPatch.context() as mp:
         for mod in (hf, plan, run):

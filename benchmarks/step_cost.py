@@ -1,0 +1,215 @@
+"""The engine's own decode-step cost on a 126M-parameter DeepSeek-V3.2-architecture model, beside
+llama.cpp's figures for the same architecture (issue 17).
+
+    python -m benchmarks.step_cost [--lengths 1024 4096 16384] [--repeats 20] [--serve]
+                                   [--profile DIR] [--json]
+
+The model: hidden 1024, 4 layers (1 dense + 3 MoE), 16 routed experts top-4 (4 groups, 2 kept),
+8 heads (MLA dims of the release: nope 128, rope 64, v 128), q_lora 384, kv_lora 256, MoE inter 256,
+dense inter 2048, 8 indexer heads, index_topk 256, vocab 32768: 127M parameters (printed; FP8
+block scales not counted). bf16
+compute with FP8 weights and FP8 activation simulation (the default numerics), random weights.
+One decode step: `engine.generate.forward` of a (1,1) token at the last slot of a cache of each
+length, the cache donated; `--serve` also times `serve.step.step` over a paged pool (batch 1).
+Median wall ms per step of --repeats after a warm-up, and the process CPU ms per step (both
+threads). `--profile DIR` traces a few steps per length
+(XLA:CPU per-op events) and prints the time per named scope (attn/indexer/index_topk/...).
+
+LLAMA_CPP_MS: llama.cpp's per-token decode time on this architecture and size (its `deepseek32`
+support, flash attention on, 2 CPU threads), as reported in issue 17; llama.cpp is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import os
+import re
+import statistics
+import time
+
+LLAMA_CPP_MS = {1024: 5.5, 4096: 7.1, 16384: 13.3}
+
+# XLA:CPU emits one trace event per executed op (thunk) only with this flag; it must be set before
+# jax initializes its CPU backend.
+if "--profile" in os.sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dsv32_jax.checkpoint.weights import init_params  # noqa: E402
+from dsv32_jax.engine.generate import forward  # noqa: E402
+from dsv32_jax.model.config import preset  # noqa: E402
+from dsv32_jax.model.transformer import init_cache  # noqa: E402
+
+
+def model_config(max_len: int):
+    return dataclasses.replace(
+        preset("small"), vocab_size=32768, dim=1024, inter_dim=2048, moe_inter_dim=256, n_layers=4,
+        n_dense_layers=1, n_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=16, n_activated_experts=4,
+        n_expert_groups=4, n_limited_groups=2, index_n_heads=8, index_head_dim=128,
+        index_topk=256, rope_factor=4.0, original_seq_len=4096, max_seq_len=max(max_len, 8192))
+
+
+def n_params(params) -> int:
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(int(np.prod(a.shape)) for p, a in leaves if "scale" not in jax.tree_util.keystr(p))
+
+
+def _median_ms(fn, repeats: int) -> tuple[float, float]:
+    """(median wall ms per call, mean process CPU ms per call: all threads, less sensitive than
+    the wall time to other processes on a shared machine)."""
+    jax.block_until_ready(fn())  # compile + warm up
+    jax.block_until_ready(fn())
+    times = []
+    cpu = time.process_time()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times), 1e3 * (time.process_time() - cpu) / repeats
+
+
+def decode_step(params, cfg, length: int):
+    """A function running one decode step at slot length-1 (the cache passed on, donated)."""
+    state = {"cache": init_cache(cfg, 1, length)}
+    tok, pos, last = (jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), length - 1, jnp.int32),
+                      jnp.zeros(1, jnp.int32))
+
+    def step():
+        logits, state["cache"], _ = forward(params, tok, pos, state["cache"], last, cfg=cfg)
+        return logits
+
+    return step
+
+
+def serve_step(params, cfg, length: int):
+    """One `serve.step.step` of a batch of 1 decoding at slot length-1 over a paged pool."""
+    from dsv32_jax.model.cache import PAGE
+    from dsv32_jax.serve.step import pools, step
+
+    n = length // PAGE
+    state = {"pools": pools(cfg, n + 1)}
+    table = jnp.arange(1, n + 1, dtype=jnp.int32)[None]
+    args = (table, jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), length - 1, jnp.int32),
+            jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
+            jnp.zeros(1, jnp.float32), jnp.ones(1, jnp.float32))
+
+    def run():
+        token, state["pools"] = step(params, state["pools"], *args, cfg=cfg, impl="xla")
+        return token
+
+    return run
+
+
+# ---- profile: per-op trace events -> named scopes -------------------------------------------
+CONTROL = re.compile(r"(while|cond|conditional|call)\b")  # events spanning their body's events
+
+
+def op_scopes(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op_name metadata (the jax named-scope path; "" if none)."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M):
+        name = re.search(r'op_name="([^"]*)"', m.group(2))
+        out[m.group(1)] = name.group(1) if name else ""
+    return out
+
+
+def scope_of(op_name: str) -> str:
+    parts = op_name.split("/")
+    if "attn" in parts or "moe" in parts or "ffn" in parts:  # "ffn": the dense layer's FFN
+        for s in ("index_topk", "sparse_attention", "indexer", "q", "kv"):
+            if s in parts:
+                return "attn/" + s
+        for s in ("experts", "shared_experts", "gate"):
+            if s in parts:
+                return "moe/" + s
+        for s in ("attn", "moe", "ffn"):
+            if s in parts:
+                return s + "/other"
+    if "fp32_by_spec" in parts:
+        return "head"
+    return "other" if op_name else "unnamed (no op_name)"
+
+
+def profile(step, hlo_text: str, trace_dir: str, steps: int = 5) -> dict[str, float]:
+    """ms per step by scope (and 'total_events', the sum of op events) from a jax.profiler trace."""
+    jax.block_until_ready(step())
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            jax.block_until_ready(step())
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    data = jax.profiler.ProfileData.from_file(path)
+    names = op_scopes(hlo_text)
+    per_scope: dict[str, float] = collections.Counter()
+    per_op: dict[str, float] = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name in names and not CONTROL.match(ev.name):
+                    per_scope[scope_of(names[ev.name])] += ev.duration_ns / 1e6 / steps
+                    per_op[ev.name] += ev.duration_ns / 1e6 / steps
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
+    return {"scopes": dict(per_scope), "top_ops": [(k, names[k], v) for k, v in top]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--serve", action="store_true", help="also time serve.step.step (paged)")
+    ap.add_argument("--profile", metavar="DIR", help="trace and print the per-scope breakdown")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = model_config(2 * max(args.lengths))
+    params = init_params(cfg)
+    result = {"device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
+              "params": n_params(params), "rows": []}
+    print(f"{result['params'] / 1e6:.1f}M parameters, {result['device']}, load "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    for length in args.lengths:
+        step = decode_step(params, cfg, length)
+        row = {"length": length, "llama_cpp_ms": LLAMA_CPP_MS.get(length)}
+        row["ours_ms"], row["ours_cpu_ms"] = _median_ms(step, args.repeats)
+        if args.serve:
+            row["serve_ms"], row["serve_cpu_ms"] = _median_ms(serve_step(params, cfg, length),
+                                                              args.repeats)
+        if args.profile:
+            cache = init_cache(cfg, 1, length)
+            hlo = forward.lower(params, jnp.zeros((1, 1), jnp.int32),
+                                jnp.full((1, 1), length - 1, jnp.int32), cache,
+                                jnp.zeros(1, jnp.int32), cfg=cfg).compile().as_text()
+            row["profile"] = profile(step, hlo, os.path.join(args.profile, str(length)))
+        result["rows"].append(row)
+        print(_row_text(row), flush=True)
+    if args.json:
+        print(json.dumps(result, indent=1))
+
+
+def _row_text(row) -> str:
+    ref = row["llama_cpp_ms"]
+    text = (f"context {row['length']:>6}: ours {row['ours_ms']:7.1f} ms/step "
+            f"(cpu {row['ours_cpu_ms']:6.1f})"
+            + (f"  serve {row['serve_ms']:7.1f} (cpu {row['serve_cpu_ms']:6.1f})"
+               if "serve_ms" in row else "")
+            + (f"  llama.cpp {ref:5.1f}  ratio {row['ours_ms'] / ref:5.1f}x" if ref else ""))
+    if "profile" in row:
+        scopes = row["profile"]["scopes"]
+        total = sum(scopes.values())
+        text += f"\n  op events {total:.1f} ms/step:"
+        for k, v in sorted(scopes.items(), key=lambda kv: -kv[1]):
+            text += f"\n    {k:<24} {v:7.2f} ms {100 * v / total:5.1f}%"
+        text += "\n  top ops:" + "".join(f"\n    {v:7.2f} ms  {k}  {n[-90:]}"
+                                         for k, n, v in row["profile"]["top_ops"])
+    return text
+
+
+if __name__ == "__main__":
+    main()
