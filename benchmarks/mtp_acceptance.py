@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv32_jax.text.chat import ASSISTANT, THINK_END
 from dsv32_jax.train.demo import DEMO_DIR
 
 HELD_OUT_SEED = 7  # the training corpus is conversations(6000, seed=0)
-TURN = "<｜Assistant｜></think>"  # the chat template's start of an assistant reply (chat mode)
+TURN = ASSISTANT + THINK_END  # the chat template's start of an assistant reply (chat mode)
 
 
 def held_out(n: int) -> list[str]:

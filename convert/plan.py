@@ -22,11 +22,11 @@ from dsv32_jax.files import open_regular
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import dequant
 from dsv32_jax.checkpoint.finite import nonfinite, what_is_wrong
-from dsv32_jax.checkpoint.hf import check
+from dsv32_jax.checkpoint.hf import check, mtp_sources
 from dsv32_jax.checkpoint.orbax_layout import MTP_DIR, PARAMS_DIR, array_name
 from dsv32_jax.checkpoint.safetensors import (Header, SafetensorsError, ShardedCheckpoint,
                                               TensorNotFoundError, read_header)
-from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten, hf_names
+from dsv32_jax.checkpoint.weights import Path, abstract_params, flatten
 from pallas_kernels.common import pow2_floor
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -190,24 +190,13 @@ def plan_mtp(cfg: Config, ckpt: ShardedCheckpoint, weights: str = "fp8",
     """Leaves of the MTP tree (`abstract_params(cfg, mtp=True)["mtp"]`, which
     `dsv32_jax.checkpoint.orbax_layout.restore_mtp` restores), stacked over MTP layers. After
     `plan_params`, whose `check` validated the MTP tensors that are present."""
-    where = ckpt.directory
     n = cfg.n_mtp_layers
     if n < 1:
-        raise ConvertError(f"{where}: --include-mtp, but config.json has num_nextn_predict_layers=0")
-    for j in range(n):
-        p = f"model.layers.{cfg.n_layers + j}."
-        if not any(k.startswith(p) for k in ckpt.keys()):
-            raise ConvertError(f"{where}: --include-mtp, but the checkpoint has no MTP tensors "
-                               f"{p}* (num_nextn_predict_layers={n})")
-    entries = {}
-    for path, spec in flatten(abstract_params(cfg, mtp=True)["mtp"]).items():
-        names = hf_names(cfg, ("mtp", *path))
-        shape = tuple(spec.shape[names.ndim:])
-        for name in names.reshape(-1):
-            if name not in ckpt:
-                raise ConvertError(f"{where}: missing MTP tensor {name!r} (expected shape "
-                                   f"{list(shape)})")
-        entries[path] = (names, shape, np.dtype(spec.dtype))
+        raise ConvertError(f"{ckpt.directory}: --include-mtp, but config.json has "
+                           "num_nextn_predict_layers=0")
+    specs = flatten(abstract_params(cfg, mtp=True)["mtp"])
+    entries = {p: (names, tuple(specs[p].shape[names.ndim:]), np.dtype(specs[p].dtype))
+               for p, names in mtp_sources(ckpt, cfg, specs).items()}
     return _make_leaves(MTP_DIR, entries, ckpt, weights, target)
 
 

@@ -143,23 +143,37 @@ def load_mtp_params(directory: str | os.PathLike, cfg: Config, shardings=None,
     """The multi-token-prediction params (`abstract_params(cfg, mtp=True)["mtp"]`: the MTP
     layers stacked) from a HF checkpoint dir, as `load_params` loads the model's. A checkpoint
     without the MTP layer: a CheckpointError saying so (the model itself loads without it)."""
-    where, first = os.fspath(directory), f"model.layers.{cfg.n_layers}."
     if not cfg.n_mtp_layers:
-        raise CheckpointError(f"{where}: no multi-token-prediction layer (config.json has "
-                              "num_nextn_predict_layers=0)")
+        raise CheckpointError(f"{os.fspath(directory)}: no multi-token-prediction layer (config.json "
+                              "has num_nextn_predict_layers=0)")
     specs = flatten(abstract_params(cfg, mtp=True)["mtp"])
     with ShardedCheckpoint(directory) as ckpt:
         check(ckpt, cfg)  # the model's tensors, and the MTP tensors that are present
-        if not any(k.startswith(first) for k in ckpt.keys()):
-            raise CheckpointError(f"{where}: this checkpoint has no multi-token-prediction layer "
-                                  f"({first}*, num_nextn_predict_layers={cfg.n_mtp_layers})")
-        sources = {p: hf_names(cfg, ("mtp", *p)) for p in specs}
-        for p, names in sources.items():
-            for name in names.reshape(-1):
-                if name not in ckpt:
-                    raise CheckpointError(f"{where}: missing MTP tensor {name!r} (expected shape "
-                                          f"{tuple(specs[p].shape[names.ndim:])})")
-        return _load(ckpt, specs, sources, shardings, progress)
+        return _load(ckpt, specs, mtp_sources(ckpt, cfg, specs), shardings, progress)
+
+
+def has_mtp_layer(ckpt: ShardedCheckpoint, cfg: Config) -> bool:
+    """Whether the checkpoint holds tensors of the (first) multi-token-prediction layer."""
+    first = f"model.layers.{cfg.n_layers}."
+    return bool(cfg.n_mtp_layers) and any(k.startswith(first) for k in ckpt.keys())
+
+
+def mtp_sources(ckpt: ShardedCheckpoint, cfg: Config, specs: dict) -> dict:
+    """{path: HF names (n_mtp_layers, ...)} of the MTP params `specs` (the flattened
+    `abstract_params(cfg, mtp=True)["mtp"]`). A CheckpointError when the checkpoint has no MTP
+    layer, or lacks one of its tensors."""
+    where = ckpt.directory
+    if not has_mtp_layer(ckpt, cfg):
+        raise CheckpointError(f"{where}: this checkpoint has no multi-token-prediction layer "
+                              f"(model.layers.{cfg.n_layers}.*, num_nextn_predict_layers="
+                              f"{cfg.n_mtp_layers})")
+    sources = {p: hf_names(cfg, ("mtp", *p)) for p in specs}
+    for p, names in sources.items():
+        for name in names.reshape(-1):
+            if name not in ckpt:
+                raise CheckpointError(f"{where}: missing MTP tensor {name!r} (expected shape "
+                                      f"{tuple(specs[p].shape[names.ndim:])})")
+    return sources
 
 
 def _load(ckpt: ShardedCheckpoint, specs: dict, sources: dict, shardings, progress: bool) -> dict:

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from dsv32_jax.checkpoint.hf import is_hf_dir, load_mtp_params, load_params
+from dsv32_jax.checkpoint.hf import has_mtp_layer, is_hf_dir, load_mtp_params, load_params
 from dsv32_jax.checkpoint.weights import abstract_params
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.model.attention import ATTENTION_IMPLS
@@ -175,9 +175,8 @@ def has_mtp(path: str | os.PathLike, cfg: Config) -> bool:
 
     if orbax_layout.is_orbax_dir(path):
         return bool(orbax_layout.read_manifest(path).get("mtp"))
-    first = f"model.layers.{cfg.n_layers}."
     with ShardedCheckpoint(path) as ckpt:
-        return bool(cfg.n_mtp_layers) and any(k.startswith(first) for k in ckpt.keys())
+        return has_mtp_layer(ckpt, cfg)
 
 
 def load_mtp(path: str | os.PathLike, cfg: Config, mesh=None) -> dict:

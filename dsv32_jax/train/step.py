@@ -101,20 +101,16 @@ def compute_params(params: dict, cfg: Config) -> dict:
     return unflatten({p: v.astype(specs[p].dtype) for p, v in flatten(params).items()})
 
 
-def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy: logits (B,S,V) predict tokens[:, 1:]."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+def lm_loss(logits: jax.Array, tokens: jax.Array, ahead: int = 1) -> jax.Array:
+    """Mean cross-entropy of logits (B,S,V) predicting tokens[:, ahead:] (the next token: 1)."""
+    logp = jax.nn.log_softmax(logits[:, :tokens.shape[1] - ahead].astype(jnp.float32), -1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, ahead:, None], -1))
 
 
 def mtp_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Mean over MTP layers of their cross-entropy: logits (D,B,S,V), layer d at position i
     predicts tokens[:, i + d + 2]."""
-    out = []
-    for d in range(logits.shape[0]):
-        logp = jax.nn.log_softmax(logits[d, :, :tokens.shape[1] - d - 2].astype(jnp.float32), -1)
-        out.append(-jnp.mean(jnp.take_along_axis(logp, tokens[:, d + 2:, None], -1)))
-    return jnp.mean(jnp.stack(out))
+    return jnp.mean(jnp.stack([lm_loss(logits[d], tokens, d + 2) for d in range(logits.shape[0])]))
 
 
 def losses(params: dict, tokens: jax.Array, cfg: Config, stage: str, remat: str = "none",
