@@ -1,74 +1,111 @@
-"""The notebooks' code cells run as written (no Jupyter needed); what they compute is checked."""
+"""The notebooks run as Jupyter runs them: `notebooks/run.py` executes each in a fresh kernel of
+this Python (a timeout per cell), any error fails. Each has its own check of what it computes, read
+from the kernel after its last cell; each plotting notebook's outputs hold its plots. The committed
+notebooks hold the outputs of the code they hold (`make notebooks` stores the hash of the code
+cells it ran)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
-import numpy as np
+import nbformat
+import pytest
 
 from conftest import REPO
 
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+_spec = importlib.util.spec_from_file_location("notebooks_run", REPO / "notebooks" / "run.py")
+nbrun = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(nbrun)
+
+NOTEBOOKS = [p.name for p in nbrun.notebooks()]
+PLOTS = {"02_sparse_attention.ipynb": 4}  # notebook -> the fewest images its outputs hold
+MARK = "notebook-probe: "
 
 
-def _run(path, on_model) -> dict:
-    """Execute the code cells in order in one scope; `on_model(model)` once `model` exists."""
-    nb = json.loads(path.read_text())
-    scope: dict = {}
-    for i, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), f"{path.name}[cell {i}]", "exec"), scope)
-            if "model" in scope and on_model is not None:
-                on_model(scope["model"])
-                on_model = None
-    return scope
+def _execute(name: str, probe: str) -> tuple:
+    """Run notebook `name`, then in the same kernel the expression `probe` (JSON-able) ->
+    (the executed notebook, the probe's value)."""
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(f"import json\nprint({MARK!r} + json.dumps({probe}))"))
+    nbrun.execute(nb)
+    out = "".join(o.get("text", "") for o in nb.cells.pop().outputs if o.output_type == "stream")
+    return nb, json.loads(out.split(MARK, 1)[1])
 
 
-def test_quickstart_values():
-    """quickstart.ipynb on its synthetic tiny checkpoint: the deployment numerics, finite logits of
-    the shape it prints, greedy generation of the asked length (or up to a stop token), the stream
-    giving the greedy tokens of the same prompt, its stats counting that prompt and those steps,
-    and each query's top-k picks distinct visible positions."""
-    seen: dict = {"generate": [], "stream": []}
+def _images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+               for o in c.outputs)
 
-    def record(model):  # the notebook's own calls, observed
-        generate, stream = model.generate, model.generate_stream
 
-        def gen(*a, **k):
-            seen["generate"].append((k.get("temperature"), generate(*a, **k)))
-            return seen["generate"][-1][1]
+def _text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
-        def streamed(*a, **k):
-            for step in stream(*a, **k):
-                seen["stream"].append(step)
-                yield step
 
-        model.generate, model.generate_stream = gen, streamed
-
-    s = _run(REPO / "notebooks" / "quickstart.ipynb", record)
-    cfg = s["model"].config
-    assert cfg.dtype == "bfloat16" and cfg.fp8_activations
-    logits = np.asarray(s["logits"])
-    assert logits.shape == (2, 40, cfg.vocab_size) and logits.dtype == np.float32
-    assert np.isfinite(logits).all() and logits.std() > 0
-    (t0, greedy), (t1, sampled) = seen["generate"]
-    assert t0 == 0 and t1 == 0.7
-    for out in (greedy, sampled):
-        assert len(out) == 2
-        for row in out:
-            assert 0 < len(row) <= 16 and all(0 <= t < cfg.vocab_size for t in row)
-            assert len(row) == 16 or row[-1] == cfg.eos_token_id  # stopped: the EOS ends it
-    stream = [step[0] for step in seen["stream"] if step[0] is not None]
-    assert stream and stream == greedy[0][:len(stream)], (stream, greedy[0])
-    assert s["stats"]["prefill_tokens"] == len(s["prompts"][0])
-    assert s["stats"]["decode_steps"] == len(seen["stream"])
-    picks = np.asarray(s["inter"]["topk"])  # (L, B, S, k)
-    for row in picks.reshape(-1, picks.shape[2], picks.shape[3]):
-        for q, p in enumerate(row):
-            p = p[p >= 0]
-            assert len(set(p)) == len(p) == min(cfg.index_topk, q + 1) and p.max() <= q
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_outputs_are_of_the_committed_code(name):
+    """A committed notebook holds the outputs of a run of its own code cells, every cell run in
+    order without an error, no path of the machine it ran on, and its plots."""
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    assert nbrun.stored_hash(nb) == nbrun.code_hash(nb), (
+        f"notebooks/{name}: its code cells are not the ones that produced its outputs: run "
+        "`make notebooks` and commit the result")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), \
+        f"notebooks/{name}: not executed top to bottom in one run: run `make notebooks`"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = json.dumps([c.outputs for c in code])
+    assert "site-packages" not in text and "/tmp/" not in text, f"notebooks/{name}: a machine's path"
+    assert _images(nb) >= PLOTS.get(name, 0), f"notebooks/{name}: its plots are not in its outputs"
 
 
 def test_every_notebook_is_checked():
     """A new notebook needs its own test of what it computes."""
-    assert [p.name for p in NOTEBOOKS] == ["quickstart.ipynb"]
+    assert NOTEBOOKS == ["01_generate.ipynb"]
+
+
+def test_01_generate():
+    """01_generate: the demo model, loaded with the deployment numerics, chats in the first cell
+    after the imports and remembers the name from turn one; each turn prefills only its new
+    tokens; shapes compile once (turn 1) and later turns reuse them; the tool call parses back to
+    the call written; batched generation stops at EOS or the length asked, its greedy rows are the
+    tokens a session streams (checked here again on the other prompt); the converted Orbax
+    checkpoint holds the same params and gives the same reply; the logits are finite and each
+    query's top-k picks are distinct visible positions."""
+    nb, v = _execute("01_generate.ipynb", """{
+        'numerics': [model.config.dtype, model.config.fp8_activations],
+        'turns': [[ids, tok.decode(ids)] for _, ids in convo.turns],
+        'stats': [first, second, third],
+        'tool_calls': parsed['tool_calls'], 'eos': tok.eos_id,
+        'greedy': greedy, 'sampled': sampled,
+        'session_greedy_1': list(model.chat_session().stream(prompts[1], 24, temperature=0)),
+        'orbax': [all(jax.tree.leaves(same)), orbax_convo.turns[0][1], orbax_first['compiled']],
+        'inter': (lambda li: [li[0].shape, bool(np.isfinite(np.asarray(li[0])).all()),
+                              np.asarray(li[1]['topk']).tolist()])(
+            model.logits_and_intermediates(np.asarray([convo.context()]))),
+        'topk': model.config.index_topk, 'vocab': model.config.vocab_size}""")
+    assert v["numerics"] == ["bfloat16", True]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "Assistant: Nice to meet you, Alice!" in _text(code[1])  # the first cell after imports
+    (ids1, text1), (ids2, text2), (ids3, text3) = v["turns"]
+    assert text3.endswith("What is my name?<｜Assistant｜></think>Your name is Alice.<｜end▁of▁sentence｜>")
+    assert "Tokyo" in text2
+    for k, (ids, s) in enumerate(zip((ids1, ids2, ids3), v["stats"])):
+        assert ids[-1] == v["eos"] and s["decode_steps"] >= 2  # each reply ended by itself
+        assert s["prefill_tokens"] + s["decode_steps"] == len(ids) + (k == 0)  # + BOS on turn 1
+        assert bool(s["compiled"]) == (k == 0) and (s["compile_s"] > 0) == (k == 0)
+    assert v["tool_calls"] == [{"type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 2})}}]
+    for out in (v["greedy"], v["sampled"]):
+        assert len(out) == 2
+        for row in out:
+            assert 0 < len(row) <= 24 and all(0 <= t < v["vocab"] for t in row)
+            assert len(row) == 24 or row[-1] == v["eos"]
+    assert v["session_greedy_1"] == v["greedy"][1]
+    assert v["orbax"] == [True, ids1, []]
+    shape, finite, picks = v["inter"]
+    assert shape == [1, 1 + sum(map(len, (ids1, ids2, ids3))), v["vocab"]] and finite
+    for layer in picks:
+        for q, p in enumerate(layer[0]):
+            p = [i for i in p if i >= 0]
+            assert len(set(p)) == len(p) == min(v["topk"], q + 1) and max(p) <= q
