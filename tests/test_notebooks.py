@@ -10,6 +10,7 @@ import importlib.util
 import json
 
 import nbformat
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -61,7 +62,7 @@ def test_committed_outputs_are_of_the_committed_code(name):
 
 def test_every_notebook_is_checked():
     """A new notebook needs its own test of what it computes."""
-    assert NOTEBOOKS == ["01_generate.ipynb", "02_sparse_attention.ipynb"]
+    assert NOTEBOOKS == ["01_generate.ipynb", "02_sparse_attention.ipynb", "03_sharding.ipynb"]
 
 
 def test_01_generate():
@@ -133,3 +134,25 @@ def test_02_sparse_attention():
         (impl, t) for impl in ("xla", "xla_dense") for t in (256, 512, 1024)]
     assert all(0 < x < 60 for *_, pre, dec in v["cost"] for x in (pre, dec))
     assert _images(nb) == PLOTS["02_sparse_attention.ipynb"]
+
+
+def test_03_sharding():
+    """03_sharding: 8 simulated devices (XLA_FLAGS set in its first cell, before JAX starts) on a
+    1x4x2 mesh; the routed experts split over the devices, each device holding less than all the
+    params; the compiled prefill step holds the expert-parallel all-to-all; the logits on the mesh
+    are those of one device (argmax everywhere); the planner's best mesh of the released model
+    fits 8 x H200 and 16 x H100 at the full context."""
+    _, v = _execute("03_sharding.ipynb", """{
+        'devices': len(jax.devices()), 'mesh': list(mesh.devices.shape), 'ops': dict(ops),
+        'experts': str(model8.params['moe_layers']['ffn']['experts']['w1_weight'].sharding.spec),
+        'held': list(held.values()), 'total': total,
+        'diff': float(np.abs(on8 - on1).max()), 'argmax': bool((on8.argmax(-1) == on1.argmax(-1)).all()),
+        'plans': [[list(p.mesh), p.fits] for p in (
+            planner.search(released, n, released.max_seq_len, 1, int(m))[0]
+            for n, m in ((8, 141e9), (16, 80e9)))]}""")
+    assert v["devices"] == 8 and v["mesh"] == [1, 4, 2]
+    assert v["ops"].get("all-to-all", 0) >= 1, v["ops"]
+    assert "expert" in v["experts"]
+    assert len(v["held"]) == 8 and sum(v["held"]) >= v["total"] and max(v["held"]) < v["total"]
+    assert v["argmax"] and v["diff"] < 0.05
+    assert [(np.prod(m), fits) for m, fits in v["plans"]] == [(8, True), (16, True)]
