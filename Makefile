@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean train-demo gpu-venv gpu-compile
+.PHONY: demo test install clean train-demo gpu-venv gpu-compile notebooks
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/dsv32 demo
+
+# Execute notebooks/*.ipynb under a Jupyter kernel of the venv and keep their outputs (and the hash
+# of the code that made them, which tests/test_notebooks.py checks); NB=01_generate.ipynb: one.
+notebooks: $(VENV)/.installed
+	$(PY) notebooks/run.py $(NB)
 
 # Re-train the shipped demo model (dsv32_jax/demo_model) from scratch, then its MTP layer:
 # ~20-40 min on 2 CPU cores (19 min measured).

@@ -364,7 +364,7 @@ def _convert(hf_dir, out_dir, weights, include_mtp, workers, force, resume, hash
 
         todo = [u for u in units if u.key not in done]
         t_write = time.time()
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         with tqdm(total=total, initial=sum(u.nbytes for u in units if u.key in done), unit="B",
                   unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,

@@ -103,7 +103,7 @@ def verify_checkpoint(out_dir, hf_dir, *, sample: float = 1.0, seed: int = 0, wo
                         f"{' ..' if names.size > 1 else ''}): {bad} bytes differ from the source")
             return None
 
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         errors = []
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",

@@ -13,7 +13,7 @@ import os
 import jax
 import ml_dtypes
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dsv32_jax.model.config import Config
 from dsv32_jax.checkpoint.finite import first_nonfinite, what_is_wrong

@@ -228,7 +228,7 @@ def restore_tree(ckpt_dir: str | os.PathLike, specs: Mapping[Path, Any], shardin
             return ckptr.restore(ckpt_dir, args=ocp.args.StandardRestore(unflatten(flat_target)))
         finally:
             ckptr.close()
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     handler = (ocp.PyTreeCheckpointHandler(restore_concurrent_gb=restore_concurrent_gb)
                if restore_concurrent_gb else ocp.PyTreeCheckpointHandler())

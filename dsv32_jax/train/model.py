@@ -101,6 +101,7 @@ class TrainMLA(MLA):
                                            jax.lax.stop_gradient(dense_scores) * cfg.softmax_scale,
                                            NEG_INF), axis=-1)
         target = head_mean(dense_p)  # (B,S,T)
+        self.sow("intermediates", "dense_attention", target)  # kept only when asked (notebooks/02)
         rec, _ = recall(target, idx, positions, cfg.index_topk)
 
         if self.stage in ("dense", "warmup"):
@@ -152,7 +153,9 @@ class TrainBlock(nn.Module):
 
 class TrainTransformer(nn.Module):
     """tokens (B,S) -> (logits (B,S,V) f32, {kl, recall}: (L,) per layer). Params: the inference
-    Transformer's tree exactly (same module names and scans)."""
+    Transformer's tree exactly (same module names and scans). Applied with
+    mutable=["intermediates"], each layer also gives its dense attention distribution
+    (`dense_attention`, (B,S,T): summed over heads, normalized; stacked per layer group)."""
 
     cfg: Config
     stage: str = "sparse"
@@ -174,7 +177,8 @@ class TrainTransformer(nn.Module):
         for group, n in layer_counts(cfg).items():
             if n:
                 scanned = nn.scan(
-                    block, variable_axes={"params": 0}, variable_broadcast=EXPERTS,
+                    block, variable_axes={"params": 0, "intermediates": 0},
+                    variable_broadcast=EXPERTS,
                     split_rngs={"params": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
                     metadata_params={nn.PARTITION_NAME: "layers"})
