@@ -320,6 +320,8 @@ class ChatSession:
     def _prefill_mtp(self, tokens, positions, last, size: int, stats: dict):
         """One prefill piece through the model and the MTP layer (`generate.forward_mtp`) -> its logits."""
         mtp, h = self.model.mtp, self._h
+        if h is None and not self.length:  # position -1 is not written anyway: the compile of later pieces
+            h = jnp.zeros((1, self._cfg.dim), self._cfg.dtype)
         label = f"prefill with the MTP layer for bucket {size}"
         exe = self._executable(label, ("prefill mtp", size, h is None), stats, lambda: gen.forward_mtp.lower(
             self.model.params, mtp, tokens, positions, self._cache, self._mtp_cache, h, last, cfg=self._cfg,
