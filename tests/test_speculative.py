@@ -189,7 +189,7 @@ SMALL_V, ROWS = 8, 8_000
 
 @functools.lru_cache(maxsize=1)
 def small_model():
-    """A random model with an 8-token vocabulary and its MTP layer (float32, every width 32 or
+    """A random 2-layer model with an 8-token vocabulary and its MTP layer (float32, widths 32 or
     less but the latent's 128), logits sharpened (head weights x4) so that its distributions are not near uniform."""
     import dsv32_jax
     from dsv32_jax.checkpoint.weights import init_params
@@ -199,7 +199,7 @@ def small_model():
         "tiny", vocab_size=SMALL_V, dim=32, inter_dim=32, moe_inter_dim=16, n_heads=2,
         q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
         n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, index_n_heads=2,
-        index_head_dim=16, index_topk=4, dtype="float32", fp8_activations=False,
+        index_head_dim=16, index_topk=4, n_layers=2, dtype="float32", fp8_activations=False,
         weight_dtype="bf16")
     params = init_params(cfg, 3, mtp=True)
     mtp = params.pop("mtp")
