@@ -190,7 +190,8 @@ SMALL_V, ROWS = 8, 8_000
 @functools.lru_cache(maxsize=1)
 def small_model():
     """A random 2-layer model with an 8-token vocabulary and its MTP layer (float32, widths 32 or
-    less but the latent's 128), logits sharpened (head weights x4) so that its distributions are not near uniform."""
+    less but the latent's 128), logits sharpened (head weights x4): its distributions are not
+    near uniform."""
     import dsv32_jax
     from dsv32_jax.checkpoint.weights import init_params
     from dsv32_jax.engine.runner import Model
