@@ -293,7 +293,7 @@ def test_chat_session_speculative_matches_plain_turn_by_turn():
     turns = text.split(USER)[1:]  # "question<Assistant></think>reply<eos>"
     asks = [USER + t[:t.index(THINK_END) + len(THINK_END)] for t in turns]
     assert len(asks) >= 3 and asks[0].endswith(ASSISTANT + THINK_END)
-    plain, fast = ChatSession(model, 512), ChatSession(model, 512, speculative=2)
+    plain, fast = ChatSession(model, 512), model.chat_session(512, speculative=2)
     stats = {"iterations": 0, "accepted": [0, 0]}
 
     def reply(context, max_new):

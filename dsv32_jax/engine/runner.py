@@ -98,11 +98,12 @@ class Model:
         return gen.stream(self.params, self.config, self.attention_impl, prompts, max_new_tokens,
                           temperature, top_p, seed, stop_tokens, stats)
 
-    def chat_session(self, max_len: int | None = None, on_compile=None):
-        """A `ChatSession`: multi-turn generation that continues from its own cache."""
+    def chat_session(self, max_len: int | None = None, on_compile=None, speculative: int = 0):
+        """A `ChatSession`: multi-turn generation that continues from its own cache
+        (speculative=k: k tokens drafted by the MTP layer per forward, as `generate`)."""
         from dsv32_jax.engine.session import ChatSession
 
-        return ChatSession(self, max_len, on_compile)
+        return ChatSession(self, max_len, on_compile, speculative)
 
 
 def _cut(inter: dict, s: int, padded: int) -> dict:
