@@ -230,8 +230,9 @@ def generate(params, mtp, cfg: Config, impl: str, prompts: Sequence[Sequence[int
     with on_mesh(params):
         cache, mtp_cache = init_cache(cfg, len(prompts), total), init_mtp_cache(cfg, len(prompts),
                                                                                  total)
+    before = jnp.zeros((len(prompts), cfg.dim), cfg.dtype)  # at position -1: not written
     logits, cache, (mtp_cache, h) = gen.prefill(params, cfg, impl, tokens, lengths, cache,
-                                                mtp=(mtp, mtp_cache, None))
+                                                mtp=(mtp, mtp_cache, before))
     t1 = gen.timed(logits)
     with on_mesh(params):
         out, accepted, iters, _, _ = decode_loop(
