@@ -50,7 +50,8 @@ gpu-venv: $(GPU_VENV)/.installed
 gpu-compile: $(GPU_VENV)/.installed
 	$(GPU_VENV)/bin/python -m benchmarks.deviceless $(ARGS)
 
-# Test files run in parallel (one file per worker at a time: module fixtures are built once).
+# Test files run in parallel (one file per worker at a time: module fixtures are built once);
+# --durations=25: the CI log lists the slowest tests.
 TEST_WORKERS ?= auto
 
 # The GPU venv first (tests/test_deviceless.py compiles for an H100 with it): if it cannot be built
@@ -58,7 +59,7 @@ TEST_WORKERS ?= auto
 test: $(VENV)/.installed
 	@$(MAKE) --no-print-directory gpu-venv > $(GPU_VENV).log 2>&1 || echo "make test: could not \
 	build $(GPU_VENV) (see $(GPU_VENV).log): the deviceless H100 gates will skip (fail with CI=true)"
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) $(GPU_VENV).log build *.egg-info

@@ -158,15 +158,15 @@ def test_nonfinite_logits_stop_the_sequence_and_name_the_layer():
     names the first layer whose output went non-finite: in generate (the on-device loop), the
     stream and the chat session. NaN is put straight into the params (loading would refuse it):
     the embedding row of token 7, so only a sequence ending in it breaks, in layer 0's attention;
-    then the MoE layer's FFN norm, which breaks every sequence in layer 1's MoE."""
-    from dsv32_jax.checkpoint.weights import init_params
+    then the first MoE layer's FFN norm, which breaks every sequence in layer 1's MoE. The
+    fixture model and the shapes of test_sampling_seeds_top_p_and_streaming (2 prompts in the
+    16 bucket, 16 output slots): its compiled generate and stream programs are reused."""
     from dsv32_jax.engine.runner import Model
-    from dsv32_jax.model.config import preset
 
-    cfg = preset("tiny", n_layers=2, vocab_size=256, dtype="float32", fp8_activations=False)
-    params = init_params(cfg)
-    params["embed"]["weight"] = params["embed"]["weight"].at[7].set(jnp.nan)
-    model = Model(cfg, params)
+    fixture = fixture_model("tiny-bf16", "exact")
+    cfg, params = fixture.config, fixture.params
+    assert cfg.n_dense_layers == 1  # layer 1 is the first MoE layer
+    model = Model(cfg, {**params, "embed": {"weight": params["embed"]["weight"].at[7].set(jnp.nan)}})
     with pytest.raises(gen.NonFiniteLogits, match=r"^sequence 1: the logits after 3 prompt and 0 "
                        r"generated tokens hold NaN or Inf.*layer 0's attention") as e:
         model.generate([[1, 2, 3], [4, 5, 7]], 3, temperature=0, stop_tokens=[])
@@ -182,4 +182,4 @@ def test_nonfinite_logits_stop_the_sequence_and_name_the_layer():
     model.params = {**params, "moe_layers": {**params["moe_layers"],
                                              "ffn_norm": {"weight": moe_norm.at[0, 5].set(jnp.nan)}}}
     with pytest.raises(gen.NonFiniteLogits, match="sequence 0: .*layer 1's MoE"):
-        model.generate([[1, 2, 3]], 3, temperature=0)
+        model.generate([[1, 2, 3], [4, 5, 6]], 3, temperature=0, stop_tokens=[])

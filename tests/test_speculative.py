@@ -10,6 +10,7 @@ softmax it did not sample from, is run too and fails it."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -122,3 +123,218 @@ def test_tokens_layout_and_nonfinite():
     bad = logits.at[1, 3].set(jnp.nan)  # the logits after the first (accepted) draft
     n, tokens = verify(bad, drafts, q, jax.random.key(0), jnp.float32(0), jnp.float32(1))
     assert int(n) == 1 and np.asarray(tokens).tolist() == [int(drafts[0]), NONFINITE, -1, -1]
+
+
+# ---- through the models: the MTP layer drafts, the main model verifies (engine.speculative) ------
+@functools.lru_cache(maxsize=1)
+def demo():
+    """The trained demo model with its MTP layer, its tokenizer."""
+    from dsv32_jax.engine.runner import load_model
+    from dsv32_jax.text.tokenizer import Tokenizer
+    from dsv32_jax.train.demo import DEMO_DIR
+
+    return load_model(DEMO_DIR, mtp=True), Tokenizer.load(DEMO_DIR)
+
+
+def chats(n: int) -> list[str]:
+    from dsv32_jax.text.chat import ASSISTANT, THINK_END
+    from dsv32_jax.train import corpus
+
+    turn = ASSISTANT + THINK_END
+    return [c[:c.rindex(turn) + len(turn)] for c in corpus.conversations(n, 11)]
+
+
+def test_greedy_equals_plain_greedy_batched_to_the_end_of_the_context():
+    """k = 3, batched, mixed lengths, running 24 tokens past EOS (no stop tokens): the longest
+    sequence ends at the last position of max_position_embeddings (512), so verify writes and
+    drafts past the cache's end (dropped) while its last tokens are still being accepted."""
+    model, tok = demo()
+    ids = tok.encode("".join(chats(40)))
+    lengths = (model.config.max_seq_len - 24, 40, 97)
+    prompts = [ids[:n] for n in lengths]
+    stats = {}
+    got = model.generate(prompts, 24, temperature=0.0, stop_tokens=[], speculative=3, stats=stats)
+    assert got == model.generate(prompts, 24, temperature=0.0, stop_tokens=[])
+    # the MTP layer's cache kept right through the iterations: the first draft is accepted as
+    # often as benchmarks/mtp_acceptance measures it teacher-forced (0.97)
+    assert stats["accepted"][0] / stats["iterations"] > 0.8, stats
+
+
+def test_greedy_equals_plain_greedy_with_stops_mid_draft():
+    """k = 1 on held-out-like chats stopping at EOS (each at its own step)."""
+    model, tok = demo()
+    prompts = [tok.encode(c) for c in chats(5)]
+    want = model.generate(prompts, 32, temperature=0.0, stop_tokens=[tok.eos_id])
+    assert len({len(w) for w in want}) > 1 and all(w[-1] == tok.eos_id for w in want)
+    stats = {}
+    assert model.generate(prompts, 32, temperature=0.0, stop_tokens=[tok.eos_id],
+                          speculative=1, stats=stats) == want
+    assert stats["accepted"][0] / stats["iterations"] > 0.8, stats
+
+
+def test_speculative_needs_the_mtp_layer_and_a_valid_k():
+    from dsv32_jax.engine.runner import Model
+
+    model, _ = demo()
+    plain = Model(model.config, model.params)
+    with pytest.raises(ValueError, match="MTP layer"):
+        plain.generate([[3, 4]], 4, speculative=1)
+    for k in (0.5, 4, True, -1):
+        with pytest.raises(ValueError, match=r"k must be an integer in \[0, 3\]"):
+            model.generate([[3, 4]], 4, speculative=k)
+
+
+SMALL_V, ROWS = 8, 8_000
+
+
+@functools.lru_cache(maxsize=1)
+def small_model():
+    """A random 2-layer model with an 8-token vocabulary and its MTP layer (float32, widths 32 or
+    less but the latent's 128), logits sharpened (head weights x4) so that its distributions are not near uniform."""
+    import dsv32_jax
+    from dsv32_jax.checkpoint.weights import init_params
+    from dsv32_jax.engine.runner import Model
+
+    cfg = dsv32_jax.preset(
+        "tiny", vocab_size=SMALL_V, dim=32, inter_dim=32, moe_inter_dim=16, n_heads=2,
+        q_lora_rank=32, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, index_n_heads=2,
+        index_head_dim=16, index_topk=4, n_layers=2, dtype="float32", fp8_activations=False,
+        weight_dtype="bf16")
+    params = init_params(cfg, 3, mtp=True)
+    mtp = params.pop("mtp")
+    params["head"]["weight"] = params["head"]["weight"] * 4
+    return Model(cfg, params, mtp=mtp)
+
+
+def exact_joint(model, prompt: list[int], temperature, top_p) -> np.ndarray:
+    """P(t1, t2, t3) (V,V,V) of the main model after `prompt` under the sampling rule."""
+    v = SMALL_V
+    grid = np.array([[a, b] for a in range(v) for b in range(v)], np.int32)  # every (t1, t2)
+    seqs = np.concatenate([np.tile(prompt, (v * v, 1)), grid], 1)
+    logits = model.logits(seqs)  # (V*V, L+2, V)
+    p = jax.vmap(probs, (0, None, None))
+    t, tp = jnp.float32(temperature), jnp.float32(top_p)
+    p1 = np.asarray(p(logits[:1, -3], t, tp))[0]  # after the prompt
+    p2 = np.asarray(p(logits[::v, -2], t, tp))  # (V,) rows t1 -> t2
+    p3 = np.asarray(p(logits[:, -1], t, tp)).reshape(v, v, v)  # (t1, t2) -> t3
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def joint_chi2(tokens: np.ndarray, want: np.ndarray, axes: tuple[int, int]):
+    """chi-square of the sampled pairs (tokens[:, axes]) against want's marginal."""
+    other = tuple(i for i in range(3) if i not in axes)
+    marginal = want.sum(axis=other)
+    counts = np.zeros_like(marginal)
+    np.add.at(counts, (tokens[:, axes[0]], tokens[:, axes[1]]), 1)
+    mask = marginal * len(tokens) > 5  # cells too rare for the chi-square are pooled
+    e = np.append(marginal[mask], marginal[~mask].sum()) * len(tokens)
+    c = np.append(counts[mask], counts[~mask].sum())
+    keep = e > 0
+    return float(((c[keep] - e[keep]) ** 2 / e[keep]).sum()), int(keep.sum()) - 1
+
+
+def sample_three(model, prompt, temperature, top_p, k, part: int = 8000):
+    out = []
+    for seed in range(ROWS // part):  # one compile, bounded memory
+        out += model.generate([prompt] * part, 3, temperature=temperature, top_p=top_p,
+                              seed=seed, stop_tokens=[], speculative=k)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("temperature,top_p,k", [(1.0, 1.0, 2), (0.7, 0.9, 2)])
+def test_model_samples_have_the_main_models_distribution(temperature, top_p, k):
+    """t1 is sampled as without speculation; t2 and t3 come out of draft/verify (the first draft,
+    then the chained second draft or the bonus token): their joint frequencies over ROWS
+    sequences against the main model's exact distribution."""
+    model = small_model()
+    prompt = [1, 5, 7, 2, 6]
+    want = exact_joint(model, prompt, temperature, top_p)
+    tokens = sample_three(model, prompt, temperature, top_p, k)
+    for axes in ((0, 1), (1, 2)):
+        stat, df = joint_chi2(tokens, want, axes)
+        assert stat < critical(df), (axes, stat, critical(df))
+
+
+def test_model_samples_with_greedy_drafts_fail(monkeypatch):
+    """The same check catches drafts picked greedily that claim their softmax."""
+    from dsv32_jax.engine import speculative as spec
+
+    def greedy_draft(logits, key, temperature, top_p):
+        q = spec.probs(logits, jnp.float32(1.0), top_p)
+        return jnp.argmax(q).astype(jnp.int32), q
+
+    model = small_model()
+    prompt = [1, 5, 7, 2, 6]
+    want = exact_joint(model, prompt, 1.0, 1.0)
+    jax.clear_caches()
+    monkeypatch.setattr(spec, "draft", greedy_draft)
+    try:
+        tokens = sample_three(model, prompt, 1.0, 1.0, 2)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    stat, df = joint_chi2(tokens, want, (0, 1))
+    assert stat > 10 * critical(df), (stat, critical(df))
+
+
+def test_chat_session_speculative_matches_plain_turn_by_turn():
+    """Three turns through a speculative session and a plain one: the same greedy replies.
+    Turn 1 ends on the last token of an iteration (yielded, not written): turn 2 writes it first.
+    Turn 3 edits turn 2's reply: the session truncates below the tokens it wrote and writes the
+    last kept one again (the MTP layer reads the model's head input before the new tokens)."""
+    from dsv32_jax.engine.session import ChatSession
+    from dsv32_jax.text.chat import ASSISTANT, THINK_END, USER
+    from dsv32_jax.train import corpus
+
+    model, tok = demo()
+    text = corpus.conversations(1, 12)[0]
+    turns = text.split(USER)[1:]  # "question<Assistant></think>reply<eos>"
+    asks = [USER + t[:t.index(THINK_END) + len(THINK_END)] for t in turns]
+    assert len(asks) >= 3 and asks[0].endswith(ASSISTANT + THINK_END)
+    plain, fast = ChatSession(model, 512), ChatSession(model, 512, speculative=2)
+    stats = {"iterations": 0, "accepted": [0, 0]}
+
+    def reply(context, max_new):
+        out = []
+        for s in (plain, fast):
+            st = {}
+            out.append(list(s.stream(s.prepare(context), max_new, temperature=0.0, stop_tokens=[],
+                                     stats=st)))
+        assert out[0] == out[1]
+        # the cache holds the tokens the session says it wrote: the first layer's keys (a function
+        # of the token and its position alone) equal the plain session's, slot for slot
+        w = fast.written
+        for name in ("c", "k_pe", "ik"):
+            a, b = (getattr(x._cache["dense_layers"], name)[:, :, :w] for x in (plain, fast))
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        stats["iterations"] += st["iterations"]
+        stats["accepted"] = [a + b for a, b in zip(stats["accepted"], st["accepted"])]
+
+    reply(tok.encode(asks[0]), 10)
+    assert fast.written == fast.length - 1  # the reply's last token is not in the cache yet
+    reply(fast.tokens + tok.encode(asks[1]), 12)
+    written = fast.written
+    reply(fast.tokens[:written - 3] + tok.encode(" and" + asks[2]), 12)
+    assert plain.tokens == fast.tokens
+    assert stats["accepted"][0] / stats["iterations"] > 0.8, stats
+
+
+def test_cli_speculative_output_and_a_checkpoint_without_mtp(tmp_path, capsys):
+    import dsv32_jax
+    from dsv32_jax.checkpoint.synthetic import write_checkpoint
+    from dsv32_jax.cli import main
+    from dsv32_jax.train.demo import DEMO_DIR
+
+    argv = ["generate", "--ckpt", DEMO_DIR, "--prompt", "What is the capital of Peru?",
+            "--temperature", "0", "--no-compile-cache"]
+    outs = []
+    for extra in ([], ["--speculative", "2"]):
+        assert main(argv + extra) == 0
+        outs.append(capsys.readouterr())
+    assert outs[0].out == outs[1].out and "Lima" in outs[0].out
+    assert "speculative k=2:" in outs[1].err and "speculative" not in outs[0].err
+    path = write_checkpoint(dsv32_jax.preset("tiny"), tmp_path / "ckpt", include_mtp=False)
+    assert main(["generate", "--ckpt", str(path), "--prompt", "hi", "--speculative", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no multi-token-prediction layer" in err[-1] and "Traceback" not in "".join(err)

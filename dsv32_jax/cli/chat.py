@@ -141,7 +141,7 @@ CHAT_HELP = ("(commands: /help this list; /clear forget the conversation; /exit 
 def run(args: argparse.Namespace) -> int:
     common.join(args)
     _, tok = common.open_checkpoint(args)
-    session = common.chat_session(common.load_weights(args.ckpt, args))
+    session = common.chat_session(common.load_weights(args.ckpt, args), args)
     mode = "thinking" if args.thinking else "chat"
     convo = Conversation(tok, mode, session.max_len)
     common.say(f"chat ({mode} mode, context {session.max_len} tokens). /help lists the commands, /exit quits.")

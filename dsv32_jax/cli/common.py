@@ -36,6 +36,9 @@ def run_options(p: argparse.ArgumentParser, max_new: int = 64) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
+    p.add_argument("--speculative", type=argtypes.checked(int, checks.check_drafts), default=0, metavar="K",
+                   help="speculative decoding: the checkpoint's MTP layer drafts K tokens (1-3) per forward of "
+                        "the model (the same greedy output, the same distribution); default 0: off")
     p.add_argument("--show-special", action="store_true",
                    help="print special/reserved tokens in the output stream")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -250,7 +253,7 @@ def load_weights(path: str, args: argparse.Namespace):
     where = "" if mesh is None else f" on a {'x'.join(map(str, mesh.devices.shape))} mesh"
     say(f"loading {path}{where} ...")
     model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
-                                 progress=not quiet)
+                                 progress=not quiet, mtp=getattr(args, "speculative", 0) > 0)
     say(f"loaded in {time.perf_counter() - t:.1f}s")
     if mesh is not None and model.config.n_moe_layers:
         from sharding.rules import expert_layout
@@ -259,10 +262,10 @@ def load_weights(path: str, args: argparse.Namespace):
     return model
 
 
-def chat_session(model):
+def chat_session(model, args: argparse.Namespace):
     from dsv32_jax.engine.session import ChatSession
 
-    return ChatSession(model, on_compile=_compile_notice)
+    return ChatSession(model, on_compile=_compile_notice, speculative=args.speculative)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -296,6 +299,11 @@ def rates(stats: dict) -> str:
             f"({_rate(stats['prefill_tokens'], stats['prefill_s'])} tok/s), "
             f"decode {stats['decode_steps']} tokens in {stats['decode_s']:.2f}s "
             f"({_rate(stats['decode_steps'], stats['decode_s'])} tok/s)")
+    if stats.get("iterations"):
+        k, n = len(stats["accepted"]), stats["iterations"]
+        line += (f"; speculative k={k}: {n} forwards of the model, "
+                 f"{stats['decode_steps'] / n:.2f} tokens each, draft acceptance "
+                 + " / ".join(f"{a / n:.2f}" for a in stats["accepted"]))
     if stats.get("compiled"):
         line += f"; compile {stats['compile_s']:.1f}s apart ({', '.join(stats['compiled'])})"
     return line

@@ -49,7 +49,8 @@ def _trained(args: argparse.Namespace) -> int:
                                 "runs the random-weights demo")
     t = time.perf_counter()
     tok = Tokenizer.load(DEMO_DIR)
-    model = dsv32_jax.load_model(DEMO_DIR, dtype=args.dtype, fp8_activations=not args.no_fp8)
+    model = dsv32_jax.load_model(DEMO_DIR, dtype=args.dtype, fp8_activations=not args.no_fp8,
+                                 mtp=args.speculative > 0)
     c = model.config
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params))
     print(f"dsv32 demo: a tiny DeepSeek-V3.2 ({n_params / 1e6:.2f}M params: {c.n_layers} layers, "
@@ -59,7 +60,7 @@ def _trained(args: argparse.Namespace) -> int:
           f"{c.index_topk} keys (DSA). Loaded from {DEMO_DIR} in {time.perf_counter() - t:.1f}s; "
           f"numerics dtype={c.dtype} fp8_activations={c.fp8_activations}; device "
           f"{jax.devices()[0].device_kind}.")
-    session = common.chat_session(model)
+    session = common.chat_session(model, args)
     convo = Conversation(tok, "chat", session.max_len)
     stats = None
     for text in DEMO_TURNS:
@@ -104,7 +105,8 @@ def _random(args: argparse.Namespace) -> int:
     ids = common.prompt_ids(tok, args.prompt, False, False, cfg.max_seq_len)
     n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
     t = time.perf_counter()
-    model = dsv32_jax.load_model(ckpt, dtype=args.dtype, fp8_activations=not args.no_fp8)
+    model = dsv32_jax.load_model(ckpt, dtype=args.dtype, fp8_activations=not args.no_fp8,
+                                 mtp=args.speculative > 0)
     c = model.config
     print(f"loaded in {time.perf_counter() - t:.1f}s: {c.n_layers} layers ({c.n_dense_layers} dense, "
           f"{c.n_moe_layers} MoE, {c.n_routed_experts} experts), dim {c.dim}, vocab {c.vocab_size}; "
@@ -112,7 +114,7 @@ def _random(args: argparse.Namespace) -> int:
           f"device {jax.devices()[0].device_kind}")
     print(f"prompt ({len(ids)} tokens, chat template): {prompt!r}")
     print(f"generating {n} tokens (each new shape is compiled first, timed apart):", flush=True)
-    new, stats = common.stream_reply(common.chat_session(model), tok, ids, n, args)
+    new, stats = common.stream_reply(common.chat_session(model, args), tok, ids, n, args)
     print(common.rates(stats))
     bpt = bytes_per_token(c)
     end = len(ids) + len(new)

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, tok = common.open_checkpoint(args)
     ids = common.prompt_ids(tok, args.prompt, args.raw, args.thinking, cfg.max_seq_len)
     n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
-    session = common.chat_session(common.load_weights(args.ckpt, args))
+    session = common.chat_session(common.load_weights(args.ckpt, args), args)
     _, stats = common.stream_reply(session, tok, ids, n, args)
     common.say(common.rates(stats))
     return 0

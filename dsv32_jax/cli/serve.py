@@ -119,6 +119,9 @@ def _last_words(engine, server, msg: str) -> None:
         time.sleep(0.05)
 
 
+FLUSH_S = 5.0  # after the engine has ended every request: the handlers' time to send their last events
+
+
 async def _serve(uvicorn, app, engine, sock: socket.socket, drain_s: float, name: str) -> None:
     import jax
 
@@ -126,9 +129,10 @@ async def _serve(uvicorn, app, engine, sock: socket.socket, drain_s: float, name
         def capture_signals(self):  # ours (below): uvicorn's would raise the signal again once it has stopped
             return contextlib.nullcontext()
 
-    # uvicorn's own bound on the shutdown comes after ours: by then the engine has ended every request
+    # no bound of uvicorn's own on the shutdown: it would start at the signal, and cut the streams of a
+    # step that outlasts it (a compile); ours (below) starts once the engine has ended every request
     server = Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=drain_s + 5))
+                                   timeout_graceful_shutdown=None))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,5 +155,7 @@ async def _serve(uvicorn, app, engine, sock: socket.socket, drain_s: float, name
     app.state.closing = True
     server.should_exit = True  # uvicorn accepts no more connections and waits for the open ones
     await asyncio.to_thread(engine.stop, drain=True, timeout=drain_s)  # each open request has ended
+    await asyncio.wait([serving], timeout=FLUSH_S)  # their handlers send what is left
+    server.force_exit = True  # a client that does not read its stream is not waited for any longer
     await serving
     common.say("dsv32 serve: stopped")

@@ -49,6 +49,16 @@ def check_max_new_tokens(max_new_tokens) -> int:
     return n
 
 
+MAX_DRAFTS = 3  # speculative decoding: drafts an iteration at most (the MTP layer chained)
+
+
+def check_drafts(k) -> int:
+    """k: speculative drafts an iteration, an integer in [0, MAX_DRAFTS] (0 = off)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= MAX_DRAFTS:
+        raise ValueError(f"speculative drafts k must be an integer in [0, {MAX_DRAFTS}] (0 = off), got {k!r}")
+    return int(k)
+
+
 def check_budget(prompt_len, max_new_tokens, max_seq_len) -> int:
     """A prompt of `prompt_len` tokens (>= 1) plus `max_new_tokens` new ones must fit in `max_seq_len`
     positions (the model's max_position_embeddings, or a smaller cache). -> max_new_tokens as an int."""

@@ -22,6 +22,7 @@ import numpy as np
 from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.config import cdiv
+from dsv32_jax.model.mtp import mtp_forward
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
@@ -132,35 +133,71 @@ def decode_loop(params, cache, logits, pos, max_new, key, temperature, top_p, st
     return out, cache
 
 
+@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "mtp_cache"))
+def forward_mtp(params, mtp, tokens, positions, cache, mtp_cache, h_prev, last, *, cfg: Config,
+                impl: str = "xla"):
+    """`forward` at `last` (B,), and the MTP layer (`model.mtp`, params `mtp`) one position behind:
+    at position p-1 it reads the main head's input there and the token at p, so the chunk's tokens
+    (B,S) at positions (B,S) give MTP keys at positions-1, h_prev (B,D) being the head's input
+    before the chunk (at positions[:,0]-1; None: unknown, that position is not written, nor is
+    position -1). Both caches are donated. -> (logits (B,V), the head's input at `last` (B,D) and
+    at the chunk's end (B,D), cache, mtp_cache)."""
+    logits, cache, h = Transformer(cfg, impl).apply(variables(params), tokens, positions, cache,
+                                                    last, hidden=True)
+    at = jnp.where(positions > 0, positions - 1, mtp_cache.length)  # out of range: not written
+    if h_prev is None:
+        h_prev, at = jnp.zeros_like(h[:, 0]), at.at[:, 0].set(mtp_cache.length)
+    behind = jnp.concatenate([h_prev[:, None].astype(h.dtype), h[:, :-1]], axis=1)
+    _, _, mtp_cache = mtp_forward(mtp, cfg, behind, tokens, at, mtp_cache, 0, impl)
+    return logits, h[jnp.arange(h.shape[0]), last], h[:, -1], cache, mtp_cache
+
+
 def prefill(params, cfg: Config, impl: str, tokens: np.ndarray, lengths: np.ndarray, cache,
             start=None, chunk: int = PREFILL_CHUNK, all_logits: bool = False,
-            collect: bool = False):
+            collect: bool = False, mtp: tuple | None = None):
     """Write a padded prompt batch (B, P) into `cache` at positions start+0..P-1 (start (B,) int,
     default 0), `chunk` tokens at a time (P must be a multiple of min(chunk, P)).
 
     Returns (logits, cache, intermediates): logits at each sequence's last prompt token (B, V),
     or at every position (B, P, V) with all_logits; intermediates (with collect) are the per-chunk
     values joined along the query axis (see `join_intermediates`), else None.
+    mtp = (MTP params, MTP cache, the head's input at start-1 (B,D), or None: unknown): the MTP
+    layer's keys are written too (`forward_mtp`: positions start-1..start+P-2), and the third
+    result is (MTP cache, the head's input at each sequence's last prompt token (B,D)).
     """
     b, p = tokens.shape
     start = np.zeros(b, np.int32) if start is None else np.asarray(start, np.int32)
     chunk = min(chunk, p)
     if p % chunk:
         raise ValueError(f"padded prompt length {p} is not a multiple of the chunk {chunk}")
-    outs, parts, last_logits = [], [], None
+    if mtp is not None and (all_logits or collect):
+        raise ValueError("prefill with mtp gives the last prompt token's logits only")
+    if mtp is not None:
+        mtp_params, mtp_cache, h_prev = mtp
+    outs, parts, last_logits, last_h = [], [], None, None
     for i in range(0, p, chunk):
         pos = start[:, None] + i + np.arange(chunk, dtype=np.int32)[None]
         in_chunk = None if all_logits else np.clip(lengths - 1 - i, 0, chunk - 1).astype(np.int32)
         with on_mesh(params):
-            logits, cache, inter = forward(params, tokens[:, i:i + chunk], pos.astype(np.int32),
-                                           cache, in_chunk, cfg=cfg, impl=impl, collect=collect)
+            if mtp is None:
+                logits, cache, inter = forward(params, tokens[:, i:i + chunk], pos.astype(np.int32),
+                                               cache, in_chunk, cfg=cfg, impl=impl, collect=collect)
+            else:
+                logits, h, h_prev, cache, mtp_cache = forward_mtp(
+                    params, mtp_params, tokens[:, i:i + chunk], pos.astype(np.int32), cache,
+                    mtp_cache, h_prev, in_chunk, cfg=cfg, impl=impl)
+                inter = None
         parts.append(inter)
         if all_logits:
             outs.append(logits)
             continue
         hit = ((lengths - 1 >= i) & (lengths - 1 < i + chunk))[:, None]
         last_logits = logits if last_logits is None else _pick(hit, logits, last_logits)
+        if mtp is not None:
+            last_h = h if last_h is None else _pick(hit, h, last_h)
     logits = jnp.concatenate(outs, axis=1) if all_logits else last_logits
+    if mtp is not None:
+        return logits, cache, (mtp_cache, last_h)
     return logits, cache, (join_intermediates(parts) if collect else None)
 
 
@@ -236,17 +273,37 @@ def setup(cfg: Config, prompts, max_new_tokens: int, stop_tokens, chunk: int = P
 
 def generate(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-             stop_tokens: Sequence[int] | None = None) -> list[list[int]]:
+             stop_tokens: Sequence[int] | None = None, stats: dict | None = None
+             ) -> list[list[int]]:
+    """`stats` (a dict) receives prefill_s and decode_s (compile time included on a first call)."""
     temperature, top_p = check_sampling(temperature, top_p)
     tokens, lengths, n_out, total, stop_ids = setup(cfg, prompts, max_new_tokens, stop_tokens)
+    t0 = time.perf_counter()
     with on_mesh(params):
         cache = init_cache(cfg, len(prompts), total)
     logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
+    t1 = timed(logits)
     with on_mesh(params):
         out, _ = decode_loop(params, cache, logits, lengths, np.int32(max_new_tokens),
                              jax.random.key(seed), np.float32(temperature), np.float32(top_p),
                              stop_ids, cfg=cfg, impl=impl, n_out=n_out)
-    rows = to_host(out)[:, :max_new_tokens]
+    out = to_host(out)
+    if stats is not None:
+        stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+    return finish(params, cfg, impl, prompts, out, max_new_tokens, stop_ids)
+
+
+def timed(x) -> float:
+    """time.perf_counter() once x is computed."""
+    jax.block_until_ready(x)
+    return time.perf_counter()
+
+
+def finish(params, cfg: Config, impl: str, prompts, out: np.ndarray, max_new_tokens: int,
+           stop_ids: np.ndarray) -> list[list[int]]:
+    """A decode loop's tokens (B, n_out) -> each sequence's output, or the NonFiniteLogits error
+    of the first sequence whose logits went non-finite."""
+    rows = out[:, :max_new_tokens]
     outputs = [_trim(row, max_new_tokens, stop_ids) for row in rows]
     failed = [i for i, row in enumerate(rows) if (row == NONFINITE).any()]
     if failed:

@@ -24,11 +24,13 @@ from sharding.rules import MESH_AXES
 class Model:
     """DeepSeek-V3.2 with its params. `logits(tokens)` is one forward from position 0."""
 
-    def __init__(self, config: Config, params: dict, attention_impl: str = "xla"):
+    def __init__(self, config: Config, params: dict, attention_impl: str = "xla",
+                 mtp: dict | None = None):
         _check_impl(attention_impl)
         self.config = config
         self.params = params
         self.attention_impl = attention_impl
+        self.mtp = mtp  # the MTP layer's params (`load_mtp`), for speculative decoding, or None
 
     def _tokens(self, tokens) -> np.ndarray:
         t = np.asarray(tokens)
@@ -71,13 +73,22 @@ class Model:
         return self._prefill_all(tokens, collect=True)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 0.95, seed: int = 0, stop_tokens: list[int] | None = None
-                 ) -> list[list[int]]:
+                 top_p: float = 0.95, seed: int = 0, stop_tokens: list[int] | None = None,
+                 speculative: int = 0, stats: dict | None = None) -> list[list[int]]:
         """Continue each prompt (token ids) by up to max_new_tokens tokens. temperature=0 is
         greedy; sampling is nucleus (top_p). Each sequence stops after emitting a stop token
-        (default: EOS), which is included in its output."""
+        (default: EOS), which is included in its output. speculative=k (1..3): k tokens drafted
+        by the MTP layer (load_model(mtp=True)) per forward of the model (`engine.speculative`:
+        the same greedy tokens, the same distribution). `stats` (a dict) receives prefill_s and
+        decode_s, and with speculative the acceptance counts."""
+        if speculative:
+            from dsv32_jax.engine import speculative as spec
+
+            return spec.generate(self.params, self.mtp, self.config, self.attention_impl, prompts,
+                                 max_new_tokens, speculative, temperature, top_p, seed,
+                                 stop_tokens, stats)
         return gen.generate(self.params, self.config, self.attention_impl, prompts,
-                            max_new_tokens, temperature, top_p, seed, stop_tokens)
+                            max_new_tokens, temperature, top_p, seed, stop_tokens, stats)
 
     def generate_stream(self, prompts: list[list[int]], max_new_tokens: int,
                         temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
@@ -115,7 +126,8 @@ def _check_impl(impl: str) -> None:
 
 def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations: bool = True,
                attention_impl: str = "xla", mesh=None, progress: bool = False,
-               ep_capacity_factor: float | None = None, matmul_impl: str = "xla") -> Model:
+               ep_capacity_factor: float | None = None, matmul_impl: str = "xla",
+               mtp: bool = False) -> Model:
     """Load a checkpoint directory in the released HF layout.
 
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
@@ -130,7 +142,8 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     send buffers of f x the mean load, overflow dropped and counted (`sharding.expert_parallel`).
     matmul_impl: "xla" (default, `quant.blockwise_matmul`) or "pallas" (the FP8 linear and the
     grouped routed-expert Pallas kernels of `pallas_kernels`; interpreted off GPU): FP8
-    checkpoints with fp8_activations only (`Config.matmul_impl`).
+    checkpoints with fp8_activations only (`Config.matmul_impl`). mtp: also load the checkpoint's
+    MTP layer (`load_mtp`; one error if it has none) as `Model.mtp`, for speculative decoding.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -163,9 +176,10 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
                              "(sharding.make_mesh(data=, expert=, tensor=))")
         shardings = param_shardings(abstract_params(cfg), mesh)
     if converted:  # Orbax restores each leaf's shards straight onto their devices
-        return Model(cfg, orbax_layout.restore_params(path, cfg, shardings, progress=progress),
-                     attention_impl)
-    return Model(cfg, load_params(path, cfg, shardings, progress=progress), attention_impl)
+        params = orbax_layout.restore_params(path, cfg, shardings, progress=progress)
+    else:
+        params = load_params(path, cfg, shardings, progress=progress)
+    return Model(cfg, params, attention_impl, load_mtp(path, cfg, mesh) if mtp else None)
 
 
 def has_mtp(path: str | os.PathLike, cfg: Config) -> bool:

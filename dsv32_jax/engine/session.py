@@ -15,6 +15,11 @@ before it starts, and ``stats`` gets ``compile_s`` separately from the steady-st
 The cache grows with the conversation: its capacity is a power of two (at least ``MIN_CAPACITY``, at most
 ``max_len``); growing copies the filled slots into a larger cache (one new decode-step compile per
 capacity).
+
+``speculative=k`` decodes with the model's MTP layer drafting k tokens per forward of the model
+(``engine.speculative``; the same greedy tokens, the same distribution). The session then also keeps the MTP
+layer's cache, and the token an iteration ends on (the correction or bonus token) is yielded before its keys
+are written: ``written`` counts the tokens in the cache, and the next call writes the rest first.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv32_jax.engine import generate as gen
+from dsv32_jax.engine import speculative as spec
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.engine.generate import bucket
+from dsv32_jax.model.mtp import init_mtp_cache
 from dsv32_jax.model.transformer import init_cache
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
@@ -65,7 +72,7 @@ class ChatSession:
     """
 
     def __init__(self, model, max_len: int | None = None,
-                 on_compile: Callable[[str, float | None], None] | None = None) -> None:
+                 on_compile: Callable[[str, float | None], None] | None = None, speculative: int = 0) -> None:
         cfg = model.config
         if max_len is None:
             max_len = cfg.max_seq_len
@@ -73,10 +80,15 @@ class ChatSession:
                 or not 2 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be an int in [2, {cfg.max_seq_len}] (max_position_embeddings), "
                              f"got {max_len!r}")
+        if speculative:
+            spec.check(speculative, model.mtp)
         self.model, self.max_len, self.on_compile = model, int(max_len), on_compile
+        self.speculative = int(speculative)
         self._cfg, self._impl = cfg, model.attention_impl
         self._tokens: list[int] = []
-        self._cache = None
+        self._written = 0  # of _tokens, the first `_written` are in the cache
+        self._cache = self._mtp_cache = None
+        self._h = None  # speculative: the model's head input at position _written - 1 (1, D), or None
         self._capacity = 0
         self._params_key = None
 
@@ -98,6 +110,11 @@ class ChatSession:
         return list(self._tokens)
 
     @property
+    def written(self) -> int:
+        """Tokens whose keys are in the cache (all but the last one a speculative call yielded)."""
+        return self._written
+
+    @property
     def capacity(self) -> int:
         """Slots of the cache as allocated now (0 before the first call)."""
         return self._capacity
@@ -112,6 +129,8 @@ class ChatSession:
         if not 0 <= n <= len(self._tokens):
             raise ValueError(f"cannot truncate a session of {len(self._tokens)} tokens to {n}")
         del self._tokens[n:]
+        if n < self._written:
+            self._written, self._h = n, None
 
     def prepare(self, context: Sequence[int]) -> list[int]:
         """Make the session a prefix of ``context`` (keeping the longest common prefix in the cache) and
@@ -156,6 +175,9 @@ class ChatSession:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         stats = {} if stats is None else stats
         stats.update(prefill_tokens=0, prefill_s=0.0, decode_steps=0, decode_s=0.0, compile_s=0.0, compiled=[])
+        if self.speculative:
+            stats.update(iterations=0, accepted=[0] * self.speculative)
+            return self._speculate(ids, n, temperature, top_p, int(seed), frozenset(stops), stats)
         return self._generate(ids, n, temperature, top_p, int(seed), frozenset(stops), stats)
 
     def _generate(self, ids, n, temperature, top_p, seed, stops, stats) -> Iterator[int]:
@@ -191,20 +213,85 @@ class ChatSession:
             stats["decode_s"] += time.perf_counter() - t0
             stats["decode_steps"] += 1
             self._tokens.append(tok)
+            self._written = len(self._tokens)
             yield tok  # the cache holds every token yielded: closing the iteration here loses nothing
             if tok in stops:
                 return
 
+    def _speculate(self, ids, n, temperature, top_p, seed, stops, stats) -> Iterator[int]:
+        """`_generate` with k drafts an iteration (`engine.speculative`)."""
+        context, k, mtp = list(self._tokens), self.speculative, self.model.mtp
+        try:
+            logits = self._prefill(ids, self.length + len(ids) + n, stats)
+        except BaseException:
+            self._tokens = context
+            self._drop_cache()
+            raise
+        key = jax.random.key(seed)
+        temp, topp = jnp.float32(temperature), jnp.float32(top_p)
+        prompt_end, left = len(self._tokens), n
+        pos = jnp.full(1, self.length, jnp.int32)
+        try:
+            exe = self._executable("speculative start", ("begin",), stats, lambda: spec.begin.lower(
+                mtp, self._mtp_cache, logits, self._h, pos, key, temp, topp, cfg=self._cfg, impl=self._impl))
+            t0 = time.perf_counter()
+            key, sub = jax.random.split(key)
+            x, drafts, self._mtp_cache = exe(mtp, self._mtp_cache, logits, self._h, pos, sub, temp, topp)
+            tokens, base, end, hidden = to_host(x), self.length, self.length, None
+        except BaseException:
+            self._drop_cache()
+            raise
+        while True:  # yield tokens[:], then run the next iteration
+            stats["decode_s"] += time.perf_counter() - t0
+            for t in tokens.tolist():
+                if t == gen.NONFINITE:
+                    produced = self._tokens[prompt_end:]
+                    raise gen.nonfinite_error(self.model.params, self._cfg, self._impl,
+                                              self._tokens[:prompt_end], produced, 0, [produced])
+                self._tokens.append(t)
+                self._written = min(len(self._tokens), end)
+                if hidden is not None:
+                    self._h = hidden[:, self._written - 1 - base]
+                stats["decode_steps"] += 1
+                left -= 1
+                yield t  # the cache holds every token yielded but the iteration's last one
+                if t in stops or not left:
+                    return
+            try:
+                exe = self._executable(f"speculative step (k={k})", ("step", k), stats, lambda: spec.step.lower(
+                    self.model.params, mtp, self._cache, self._mtp_cache, drafts, key, temp, topp, cfg=self._cfg,
+                    impl=self._impl, k=k))
+                t0 = time.perf_counter()
+                key, sub = jax.random.split(key)
+                base = self.length - 1  # the position of the token the iteration starts from
+                accepted, tokens, hidden, drafts, self._cache, self._mtp_cache = exe(
+                    self.model.params, mtp, self._cache, self._mtp_cache, drafts, sub, temp, topp)
+                a = int(to_host(accepted)[0])
+            except BaseException:
+                self._drop_cache()
+                raise
+            stats["iterations"] += 1
+            for j in range(a):
+                stats["accepted"][j] += 1
+            tokens, end = to_host(tokens)[0, :a + 1], base + a + 1  # keys written up to end - 1
+            self._written = min(len(self._tokens), end)
+            self._h = hidden[:, self._written - 1 - base]
+
     def _drop_cache(self) -> None:
-        self._cache, self._capacity = None, 0
+        self._cache = self._mtp_cache = self._h = None
+        self._capacity = self._written = 0
 
     def _prefill(self, ids: list[int], needed: int, stats: dict):
-        """Write ``ids`` after the context (re-prefilling the context first if the cache was dropped) into a
-        cache of at least ``needed`` slots; -> the logits after the last id."""
-        pending = ids
-        if self._cache is None and self._tokens:  # the cache was dropped by an interrupted call
-            pending = self._tokens + ids
-            self._tokens = []
+        """Write the context's tokens not in the cache yet (all of them if the cache was dropped), then ``ids``,
+        into a cache of at least ``needed`` slots; -> the logits after the last id. Speculative: the MTP layer's
+        keys too, from the model's head input before the first written token (``_h``; unknown after a
+        truncation: that token is written again)."""
+        start = self._written
+        if self.speculative and self._h is None and start:
+            start -= 1
+        pending = self._tokens[start:] + ids
+        del self._tokens[start:]
+        self._written = start
         self._reserve(needed, stats)
         t0, compile_before = time.perf_counter(), stats["compile_s"]
         logits = None
@@ -216,14 +303,32 @@ class ChatSession:
             tokens[0, :len(piece)] = piece
             positions = (start + np.arange(size, dtype=np.int32))[None]
             last = np.array([len(piece) - 1], np.int32)
-            exe = self._executable(f"prefill for bucket {size}", ("prefill", size), stats, lambda: gen.forward.lower(
-                self.model.params, tokens, positions, self._cache, last, cfg=self._cfg, impl=self._impl))
-            logits, self._cache, _ = exe(self.model.params, jnp.asarray(tokens), jnp.asarray(positions),
-                                         self._cache, jnp.asarray(last))
+            if self.speculative:
+                logits = self._prefill_mtp(tokens, positions, last, size, stats)
+            else:
+                exe = self._executable(f"prefill for bucket {size}", ("prefill", size), stats, lambda: gen.forward.lower(
+                    self.model.params, tokens, positions, self._cache, last, cfg=self._cfg, impl=self._impl))
+                logits, self._cache, _ = exe(self.model.params, jnp.asarray(tokens), jnp.asarray(positions),
+                                             self._cache, jnp.asarray(last))
             self._tokens.extend(piece)
+            self._written = len(self._tokens)
         jax.block_until_ready(logits)
         stats["prefill_tokens"] += len(pending)
         stats["prefill_s"] += time.perf_counter() - t0 - (stats["compile_s"] - compile_before)
+        return logits
+
+    def _prefill_mtp(self, tokens, positions, last, size: int, stats: dict):
+        """One prefill piece through the model and the MTP layer (`generate.forward_mtp`) -> its logits."""
+        mtp, h = self.model.mtp, self._h
+        if h is None and not self.length:  # position -1 is not written anyway: the compile of later pieces
+            h = jnp.zeros((1, self._cfg.dim), self._cfg.dtype)
+        label = f"prefill with the MTP layer for bucket {size}"
+        exe = self._executable(label, ("prefill mtp", size, h is None), stats, lambda: gen.forward_mtp.lower(
+            self.model.params, mtp, tokens, positions, self._cache, self._mtp_cache, h, last, cfg=self._cfg,
+            impl=self._impl))
+        logits, self._h, _, self._cache, self._mtp_cache = exe(
+            self.model.params, mtp, jnp.asarray(tokens), jnp.asarray(positions), self._cache, self._mtp_cache, h,
+            jnp.asarray(last))
         return logits
 
     def _reserve(self, needed: int, stats: dict) -> None:
@@ -234,12 +339,13 @@ class ChatSession:
         capacity = min(self.max_len, max(MIN_CAPACITY, bucket(needed)))
         with on_mesh(self.model.params):
             cache = init_cache(self._cfg, 1, capacity)
+            mtp_cache = init_mtp_cache(self._cfg, 1, capacity) if self.speculative else None
         if self._cache is not None:
             t0 = time.perf_counter()
-            cache = _copy_into(cache, self._cache)
+            cache, mtp_cache = _copy_into((cache, mtp_cache), (self._cache, self._mtp_cache))
             jax.block_until_ready(cache)
             stats["prefill_s"] += time.perf_counter() - t0
-        self._cache, self._capacity = cache, capacity
+        self._cache, self._mtp_cache, self._capacity = cache, mtp_cache, capacity
 
     def _executable(self, label: str, shape: tuple, stats: dict, lower: Callable):
         if self._params_key is None:

@@ -10,15 +10,45 @@ softmax (claiming the softmax biases the output towards the draft's favourites; 
 bug). At temperature 0 both are one-hot: a draft is accepted when it is the target's argmax, and
 the correction is that argmax, so greedy output equals plain greedy decoding token for token.
 
-Both functions are for one sequence; `jax.vmap` them over a batch (each row accepts its own number).
+`draft` and `verify` are for one sequence; `iteration` vmaps them over a batch (each row accepts
+its own number of drafts) around the models: the release's MTP layer (`model.mtp`) drafts, chained
+on its own hidden state for k > 1, and one forward of the main model over the newest token and the
+k drafts verifies them. `generate` runs the iterations in an on-device loop.
+
+Per sequence, between iterations (`Drafts`): the newest token x at position pos (not yet in the main
+cache), the MTP layer's first draft d after it (from the main head's input at pos-1 and x), the
+distribution q it was drawn from and the MTP hidden state h it left. The MTP cache holds the keys of
+positions 0..pos-1 (at p: the main head's input at p and the token at p+1). An iteration:
+
+  1. chain: d_{j+1} from the MTP layer at position pos+j-1 on (h_j, d_j), j = 1..k-1;
+  2. verify: the main model on [x, d_1..d_k] at pos..pos+k (keys written; the slots of rejected
+     drafts lie past the sequence's length, invisible until written again) -> n accepted, and the
+     next token y (correction or bonus) at pos+n+1;
+  3. catch up: the MTP layer at pos..pos+k on the main head's inputs there and the tokens after
+     them [d_1..d_n, y, ...]: its keys of pos..pos+n are now the true ones, and row n (h at pos+n,
+     token y) is the next iteration's first draft.
+
+Per iteration: one main forward of k+1 tokens, one MTP forward of k+1 tokens, k-1 of one token.
 """
 
 from __future__ import annotations
 
+import time
+from functools import partial
+from typing import NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from dsv32_jax.engine import generate as gen
+from dsv32_jax.engine.checks import check_drafts, check_sampling
 from dsv32_jax.engine.generate import NONFINITE, nucleus_logits
+from dsv32_jax.model.config import Config
+from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
+from dsv32_jax.model.transformer import Transformer, init_cache, variables
+from sharding.distributed import to_host
+from sharding.mesh import on_mesh
 
 
 def probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -64,3 +94,152 @@ def verify(logits: jax.Array, drafts: jax.Array, q: jax.Array, key: jax.Array,
     i = jnp.arange(k + 1)
     padded = jnp.concatenate([drafts.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
     return n.astype(jnp.int32), jnp.where(i < n, padded, jnp.where(i == n, nxt, -1))
+
+
+class Drafts(NamedTuple):
+    """Per sequence, between iterations: x (B,) the newest token at pos (B,), not yet in the main
+    cache; d (B,) the first draft after it, drawn from q (B,V); h (B,D) the MTP layer's hidden
+    state after drafting d (for the chain)."""
+
+    x: jax.Array
+    pos: jax.Array
+    d: jax.Array
+    q: jax.Array
+    h: jax.Array
+
+
+def _drafts(logits, key, temperature, top_p):
+    """MTP logits (B,V) -> draft tokens (B,), their distributions (B,V): `draft` per row."""
+    keys = jax.random.split(key, logits.shape[0])
+    return jax.vmap(draft, (0, 0, None, None))(logits, keys, temperature, top_p)
+
+
+@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("mtp_cache",))
+def begin(mtp, mtp_cache, logits, h, pos, key, temperature, top_p, *, cfg: Config, impl: str):
+    """After a prefill: sample the token x (B,) at pos (B,) from the logits (B,V) there, and draft
+    after it from the main head's input h (B,D) at pos-1 -> (x: `generate.sample`'s, NONFINITE
+    included; Drafts; mtp_cache with the keys of pos-1)."""
+    k0, k1 = jax.random.split(key)
+    x = gen.sample(logits, k0, temperature, top_p)
+    safe = jnp.maximum(x, 0)
+    logits, h1, mtp_cache = mtp_forward(mtp, cfg, h[:, None], safe[:, None], (pos - 1)[:, None],
+                                        mtp_cache, 0, impl)
+    d, q = _drafts(logits[:, 0], k1, temperature, top_p)
+    return x, Drafts(safe, pos, d, q, h1[:, 0]), mtp_cache
+
+
+def iteration(params, mtp, cache, mtp_cache, s: Drafts, key, temperature, top_p, *, cfg: Config,
+              impl: str, k: int):
+    """One speculative iteration (the module docstring's steps 1-3) -> (n (B,) drafts accepted,
+    tokens (B,k+1) (`verify`'s: the n drafts, then the next token, then -1), the main head's
+    input at pos..pos+k (B,k+1,D), Drafts, cache, mtp_cache)."""
+    b = s.x.shape[0]
+    rows, ahead = jnp.arange(b), jnp.arange(k + 1)
+    keys = jax.random.split(key, k + 1)
+    ds, qs, h = [s.d], [s.q], s.h
+    for j in range(1, k):  # chain: the MTP layer on its own output
+        logits, h, mtp_cache = mtp_forward(mtp, cfg, h[:, None], ds[-1][:, None],
+                                           (s.pos + j - 1)[:, None], mtp_cache, 0, impl)
+        h = h[:, 0]
+        d, q = _drafts(logits[:, 0], keys[j], temperature, top_p)
+        ds.append(d)
+        qs.append(q)
+    drafts, q = jnp.stack(ds, 1), jnp.stack(qs, 1)  # (B,k), (B,k,V)
+    positions = s.pos[:, None] + ahead[None]  # (B,k+1)
+    logits, cache, hidden = Transformer(cfg, impl).apply(
+        variables(params), jnp.concatenate([s.x[:, None], drafts], 1), positions, cache,
+        hidden=True)  # (B,k+1,V), (B,k+1,D)
+    n, tokens = jax.vmap(verify, (0, 0, 0, 0, None, None))(
+        logits, drafts, q, jax.random.split(keys[0], b), temperature, top_p)
+    after = jnp.where(tokens >= 0, tokens, 0)  # the token after each verified position
+    logits, h, mtp_cache = mtp_forward(mtp, cfg, hidden, after, positions, mtp_cache, 0, impl)
+    d, q = _drafts(logits[rows, n], keys[k], temperature, top_p)
+    nxt = Drafts(jnp.maximum(tokens[rows, n], 0), s.pos + n + 1, d, q, h[rows, n])
+    return n, tokens, hidden, nxt, cache, mtp_cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "impl", "k"), donate_argnames=("cache", "mtp_cache"))
+def step(params, mtp, cache, mtp_cache, s: Drafts, key, temperature, top_p, *, cfg: Config,
+         impl: str, k: int):
+    """`iteration`, jitted with the caches donated: one call per iteration of a host loop."""
+    return iteration(params, mtp, cache, mtp_cache, s, key, temperature, top_p, cfg=cfg,
+                     impl=impl, k=k)
+
+
+@partial(jax.jit, static_argnames=("cfg", "impl", "k", "n_out"),
+         donate_argnames=("cache", "mtp_cache"))
+def decode_loop(params, mtp, cache, mtp_cache, logits, h, pos, max_new, key, temperature, top_p,
+                stop_ids, *, cfg: Config, impl: str, k: int, n_out: int):
+    """`generate.decode_loop` with k drafts an iteration: from the prefill's logits (B,V) and head
+    input h (B,D) at pos-1. -> (tokens (B, n_out) as decode_loop's, accepted (k,): in how many
+    iterations of a running sequence draft j was accepted, iterations: their count, cache,
+    mtp_cache)."""
+    b = logits.shape[0]
+    rows, ahead = jnp.arange(b), jnp.arange(k + 1)
+    key, sub = jax.random.split(key)
+    x, s, mtp_cache = begin(mtp, mtp_cache, logits, h, pos, sub, temperature, top_p, cfg=cfg,
+                            impl=impl)
+    out = jnp.full((b, n_out), -1, jnp.int32).at[:, 0].set(x)
+    done = jnp.isin(x, stop_ids) | (x == NONFINITE) | (max_new <= 1)
+
+    def body(state):
+        s, cache, mtp_cache, out, count, done, accepted, iters, key = state
+        key, sub = jax.random.split(key)
+        n, tokens, _, s, cache, mtp_cache = iteration(params, mtp, cache, mtp_cache, s, sub,
+                                                      temperature, top_p, cfg=cfg, impl=impl, k=k)
+        ends = (ahead[None] <= n[:, None]) & (jnp.isin(tokens, stop_ids) | (tokens == NONFINITE))
+        m = jnp.minimum(n + 1, jnp.where(ends.any(1), jnp.argmax(ends, 1) + 1, k + 1))
+        m = jnp.where(done, 0, jnp.minimum(m, max_new - count))  # tokens let out
+        at = jnp.where(ahead[None] < m[:, None], count[:, None] + ahead[None], n_out)
+        out = out.at[rows[:, None], at].set(tokens, mode="drop")
+        running = ~done
+        accepted = accepted + ((n[:, None] > ahead[None, :k]) & running[:, None]).sum(0)
+        iters = iters + running.sum()
+        count = count + m
+        done = done | (ends & (ahead[None] < m[:, None])).any(1) | (count >= max_new)
+        return s, cache, mtp_cache, out, count, done, accepted, iters, key
+
+    state = (s, cache, mtp_cache, out, jnp.ones(b, jnp.int32), done, jnp.zeros(k, jnp.int32),
+             jnp.int32(0), key)
+    state = jax.lax.while_loop(lambda st: ~jnp.all(st[5]), body, state)
+    _, cache, mtp_cache, out, _, _, accepted, iters, _ = state
+    return out, accepted, iters, cache, mtp_cache
+
+
+def check(k, mtp) -> None:
+    """ValueError unless k is a number of drafts in [1, MAX_DRAFTS] and the MTP params are there."""
+    if not check_drafts(k):
+        raise ValueError("speculative drafts k must be at least 1 here (0 = off: plain decoding)")
+    if mtp is None:
+        raise ValueError("speculative decoding needs the checkpoint's MTP layer (load_model(..., "
+                         "mtp=True)); this model was loaded without one")
+
+
+def generate(params, mtp, cfg: Config, impl: str, prompts: Sequence[Sequence[int]],
+             max_new_tokens: int, k: int, temperature: float = 1.0, top_p: float = 0.95,
+             seed: int = 0, stop_tokens: Sequence[int] | None = None,
+             stats: dict | None = None) -> list[list[int]]:
+    """`generate.generate` with speculative decoding: k (1..MAX_DRAFTS) tokens drafted by the MTP
+    layer (params `mtp`: `runner.load_mtp`) per main forward. The same tokens at temperature 0,
+    the same distribution otherwise. `stats` (a dict) receives prefill_s, decode_s (as
+    `generate.generate`'s), accepted (k,) and iterations (`decode_loop`'s)."""
+    check(k, mtp)
+    temperature, top_p = check_sampling(temperature, top_p)
+    tokens, lengths, n_out, total, stop_ids = gen.setup(cfg, prompts, max_new_tokens, stop_tokens)
+    t0 = time.perf_counter()
+    with on_mesh(params):
+        cache, mtp_cache = init_cache(cfg, len(prompts), total), init_mtp_cache(cfg, len(prompts),
+                                                                                 total)
+    logits, cache, (mtp_cache, h) = gen.prefill(params, cfg, impl, tokens, lengths, cache,
+                                                mtp=(mtp, mtp_cache, None))
+    t1 = gen.timed(logits)
+    with on_mesh(params):
+        out, accepted, iters, _, _ = decode_loop(
+            params, mtp, cache, mtp_cache, logits, h, lengths, np.int32(max_new_tokens),
+            jax.random.key(seed), np.float32(temperature), np.float32(top_p), stop_ids, cfg=cfg,
+            impl=impl, k=int(k), n_out=n_out)
+    out = to_host(out)
+    if stats is not None:
+        stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1,
+                     accepted=to_host(accepted).tolist(), iterations=int(to_host(iters)))
+    return gen.finish(params, cfg, impl, prompts, out, max_new_tokens, stop_ids)

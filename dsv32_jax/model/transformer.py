@@ -84,8 +84,8 @@ class Transformer(nn.Module):
     attends to the cache slots at or before its position: a whole prompt, a prefill chunk or a
     decode step. Logits (B,S,V); `last` (B,) picks one position per sequence before the head:
     logits (B,V). Without positions and cache: a forward from position 0 into a fresh cache of
-    length S (the same computation). `hidden`: also return the head's input, the final-normed
-    hidden state (B,S,D) (or (B,D) with `last`) that the MTP layer reads (`model.mtp`).
+    length S (the same computation). `hidden`: also return the head's input at every position, the
+    final-normed hidden state (B,S,D) that the MTP layer reads (`model.mtp`), `last` or not.
     """
 
     cfg: Config
@@ -108,13 +108,15 @@ class Transformer(nn.Module):
                 stack = _stack(cfg, group == "moe_layers", n, self.impl, group)
                 (h, residual, new_cache[group]), _ = stack(
                     (h, residual, cache[group]), jnp.arange(n), positions, cos, sin)
+        norm = RMSNorm(cfg.rms_norm_eps, "embed", name="norm")
+        normed = norm(h, residual)[0] if hidden else None  # every position: the MTP layer reads it
         if last is not None:
             rows = jnp.arange(h.shape[0])
             h, residual = h[rows, last], residual[rows, last]
-        h, _ = RMSNorm(cfg.rms_norm_eps, "embed", name="norm")(h, residual)
+        h = normed if hidden and last is None else norm(h, residual)[0]
         head = Linear(cfg, cfg.dim, cfg.vocab_size, ("vocab", "embed"), f32=True, name="head")
         logits = head(h.astype(jnp.float32))
-        return (logits, new_cache, h) if hidden else (logits, new_cache)
+        return (logits, new_cache, normed) if hidden else (logits, new_cache)
 
 
 def _is_expert_path(path: tuple[str, ...]) -> bool:
