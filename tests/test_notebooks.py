@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import nbformat
 import numpy as np
@@ -20,7 +21,7 @@ nbrun = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(nbrun)
 
 NOTEBOOKS = [p.name for p in nbrun.notebooks()]
-PLOTS = {"02_sparse_attention.ipynb": 4}  # notebook -> the images its outputs hold
+PLOTS = {"02_sparse_attention.ipynb": 4, "04_train_dsa.ipynb": 2, "05_h100_program.ipynb": 1}  # notebook -> the images its outputs hold
 MARK = "notebook-probe: "
 
 
@@ -62,7 +63,8 @@ def test_committed_outputs_are_of_the_committed_code(name):
 
 def test_every_notebook_is_checked():
     """A new notebook needs its own test of what it computes."""
-    assert NOTEBOOKS == ["01_generate.ipynb", "02_sparse_attention.ipynb", "03_sharding.ipynb"]
+    assert NOTEBOOKS == ["01_generate.ipynb", "02_sparse_attention.ipynb", "03_sharding.ipynb",
+                         "04_train_dsa.ipynb", "05_h100_program.ipynb"]
 
 
 def test_01_generate():
@@ -156,3 +158,77 @@ def test_03_sharding():
     assert len(v["held"]) == 8 and sum(v["held"]) >= v["total"] and max(v["held"]) < v["total"]
     assert v["argmax"] and v["diff"] < 0.05
     assert [(np.prod(m), fits) for m, fits in v["plans"]] == [(8, True), (16, True)]
+
+
+def test_04_train_dsa():
+    """04_train_dsa: the three stages ran with the project's Run loop; the warm-up trained the
+    indexer alone (every other param bit for bit those it started from) and brought its KL down
+    and its recall up, above k keys at random; sparse training kept the LM loss below its start; on the
+    text, the picks are distinct visible keys (all of them while a query sees at most k), the dense
+    attention is the same before and after the warm-up (the model frozen), and the warmed-up picks
+    recall more of it than the fresh indexer's; its two plots are drawn."""
+    nb, v = _execute("04_train_dsa.ipynb", """{
+        'steps': {s: [len(metrics[s]), n] for s, n, _ in STAGES},
+        'curves': {s: {k: [m[k] for m in metrics[s]] for k in ('lm', 'kl', 'recall')} for s in metrics},
+        'changed': [['indexer' in jax.tree_util.keystr(p), bool(np.any(np.asarray(a) != np.asarray(b)))]
+                    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(start['warmup'])[0],
+                                         jax.tree.leaves(params['warmup']), strict=True)],
+        'uniform': float(uniform), 'k': cfg.index_topk, 'n': int(n),
+        'picks': {name: topk.tolist() for name, (_, topk, _) in seen.items()},
+        'text_recall': {name: rec.tolist() for name, (_, _, rec) in seen.items()},
+        'same_dense': float(np.abs(seen['before warm-up'][0] - seen['after warm-up'][0]).max())}""")
+    assert all(got == want for got, want in v["steps"].values()), v["steps"]
+    c = v["curves"]
+    first, last = (lambda x: float(np.mean(x[:5]))), (lambda x: float(np.mean(x[-5:])))
+    assert last(c["dense"]["lm"]) < 0.5 * first(c["dense"]["lm"])
+    assert all(changed == indexer for indexer, changed in v["changed"])  # the indexer alone
+    assert sum(indexer for indexer, _ in v["changed"]) >= 5
+    assert last(c["warmup"]["kl"]) < 0.8 * first(c["warmup"]["kl"])
+    assert last(c["warmup"]["recall"]) > first(c["warmup"]["recall"]) + 0.05
+    assert last(c["warmup"]["recall"]) > v["uniform"] + 0.05
+    assert last(c["sparse"]["lm"]) < first(c["sparse"]["lm"]) and np.isfinite(c["sparse"]["lm"]).all()
+    assert last(c["sparse"]["recall"]) > v["uniform"] + 0.05
+    for picks in v["picks"].values():
+        for layer in picks:
+            assert len(layer) == v["n"]
+            for q, p in enumerate(layer):
+                p = [i for i in p if i >= 0]
+                assert len(set(p)) == len(p) == min(v["k"], q + 1) and max(p) <= q
+    assert v["same_dense"] == 0
+    rec = v["text_recall"]
+    assert np.mean(rec["after warm-up"]) > np.mean(rec["before warm-up"]) + 0.05
+    assert _images(nb) == PLOTS["04_train_dsa.ipynb"]
+
+
+def test_05_h100_program():
+    """05_h100_program: the GPU venv compiled, for an H100 with no GPU, every Pallas kernel (its
+    decode cases and the attention kernels' prefill chunk) and the released-width 3-layer decode step: each kernel within sm_90's registers and
+    shared memory, no spills, its FP8 dots of 64-row tiles on wgmma (QGMMA), its roofline floor the
+    larger of its FLOPs and HBM bytes over the H100's peaks; the step's arguments are the plan's
+    weights + cache (+ its token, position and last index) and its temporaries stay under 64 MiB;
+    the tables are shown and the plot drawn. Without .venv-gpu: skipped (CI=true: a failure)."""
+    if not (REPO / ".venv-gpu" / ".installed").exists():
+        msg = "no GPU venv at .venv-gpu (`make gpu-venv`): 05_h100_program.ipynb needs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + "; CI=true makes this a failure")
+        pytest.skip(msg)
+    nb, v = _execute("05_h100_program.ipynb", "{'kernels': kernels, 'programs': programs}")
+    assert v["kernels"]["device"].startswith("NVIDIA H100") and v["kernels"]["jax"] == "0.11.2"
+    cases = v["kernels"]["kernels"]
+    assert {c["kernel"] for c in cases.values()} == {
+        "index_logits", "radix_topk", "sparse_mla", "fp8_linear", "grouped_fp8_matmul"}, list(cases)
+    for name, c in cases.items():
+        assert "error" not in c and 0 < c["registers"] <= 255 and c["spill_bytes"] == 0, (name, c)
+        assert 0 <= c["smem_bytes"] <= 227 * 1024 and c["blocks_per_sm"] >= 1, (name, c)
+        assert c["mma"] == "QGMMA" or c["fp8_rows"] < 64, (name, c)
+        r = c["roofline"]
+        peak = {"fp8": 1979e12, "bf16": 989e12}[r["peak"]]
+        floor = max(r["flops"] / peak, r["hbm_bytes"] / 3.35e12) * 1e6
+        assert abs(r["floor_us"] - floor) < 1e-6 * floor and r["bound"] == (
+            "memory" if r["hbm_bytes"] / 3.35e12 >= r["flops"] / peak else "compute"), (name, r)
+    p = v["programs"]["programs"]["3L/decode/1,1,1@128K"]
+    assert p["argument_bytes"] == p["plan"]["weights_cache"] + 3 * 4 * p["batch"], p
+    assert p["temp_bytes"] <= 64 << 20 and p["launches"]["kernels"] > 0
+    shown = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
+    assert all(name in shown for name in cases) and "arguments (weights + cache)" in shown
+    assert _images(nb) == PLOTS["05_h100_program.ipynb"]

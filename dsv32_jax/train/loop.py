@@ -196,11 +196,8 @@ def _previous_run(out: str) -> dict | None:
 def plot(out: str, metrics: list[dict] | None = None, name: str = "curves.png") -> str | None:
     """OUT/curves.png (LM loss, KL, recall per step; stage changes dashed); None (and nothing
     written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own: no pyplot, so the caller's backend (a notebook's inline) is kept
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     metrics = read_metrics(out) if metrics is None else metrics
@@ -208,7 +205,8 @@ def plot(out: str, metrics: list[dict] | None = None, name: str = "curves.png") 
         return None
     steps = list(range(1, len(metrics) + 1))  # stages one after another (see join_stages)
     stages = [m.get("stage", "") for m in metrics]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     for ax, key, title in ((axes[0], "lm", "LM loss"), (axes[1], "kl", "indexer KL"),
                            (axes[2], "recall", "recall of dense attention mass")):
         ax.plot(steps, [m[key] for m in metrics], lw=1)
@@ -223,7 +221,6 @@ def plot(out: str, metrics: list[dict] | None = None, name: str = "curves.png") 
     fig.tight_layout()
     path = os.path.join(out, name)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

@@ -102,6 +102,7 @@ class TrainMLA(MLA):
                                            NEG_INF), axis=-1)
         target = head_mean(dense_p)  # (B,S,T)
         self.sow("intermediates", "dense_attention", target)  # kept only when asked (notebooks/02)
+        self.sow("intermediates", "topk", idx)  # the indexer's picks (notebooks/04)
         rec, _ = recall(target, idx, positions, cfg.index_topk)
 
         if self.stage in ("dense", "warmup"):
