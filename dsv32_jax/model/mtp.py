@@ -119,5 +119,5 @@ def mtp_forward(params: dict, cfg: Config, h: jax.Array, tokens: jax.Array, posi
     layer's keys written at `positions`)."""
     cos, sin = rope_tables(cfg, positions)
     (h, cache), logits = MTPLayer(cfg, impl).apply(_layer(params, depth), (h, cache),
-                                                    (depth, tokens), positions, cos, sin, last)
+                                                    (jnp.int32(depth), tokens), positions, cos, sin, last)
     return logits, h, cache
