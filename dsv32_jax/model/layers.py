@@ -90,7 +90,13 @@ class Linear(nn.Module):
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """x (..., K) @ w (N, K)^T in `dtype`, float32 accumulation."""
+    """x (..., K) @ w (N, K)^T in `dtype`, float32 accumulation.
+
+    A float32 w in a bf16 product is a widened bf16 weight (`checkpoint.storage`): it holds bf16
+    values, so x is rounded to bf16 and the dot taken in float32, the products `einsum` forms on
+    the CPU for bf16 operands (exact in float32), with no per-step narrowing of w."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and w.dtype == jnp.float32:
+        return einsum("...k,nk->...n", x.astype(dtype), w, jnp.float32, dtype)
     return einsum("...k,nk->...n", x, w, dtype)
 
 
@@ -117,12 +123,12 @@ WIDEN_ROWS = 2048
 def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
     """float32 h (..., D) @ w (V, D)^T for a bf16 w used in float32 (the head, the indexer's
     weights_proj): w is widened WIDEN_ROWS rows at a time, so no float32 copy of a whole
-    (129280, 7168) head exists."""
+    (129280, 7168) head exists; a w stored widened (`checkpoint.storage`) is one dot."""
     v, d = w.shape
     lead = h.shape[:-1]
     x = h.reshape(-1, d).astype(jnp.float32)
     with jax.named_scope(FP32_BY_SPEC):
-        if v <= WIDEN_ROWS:
+        if v <= WIDEN_ROWS or w.dtype == jnp.float32:
             return matmul(x, w, jnp.float32).reshape(*lead, v)
         n = cdiv(v, WIDEN_ROWS)
 
