@@ -36,6 +36,7 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CFG = preset("tiny")
 LOAD = dict(dtype="float32", fp8_activations=False)
+STORED = dict(LOAD, weights="narrow")  # the params in the checkpoint's dtypes (`checkpoint.storage`)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def base(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def model(base):
-    return load_model(base, **LOAD)
+    return load_model(base, **STORED)
 
 
 @pytest.fixture
@@ -202,7 +203,7 @@ def test_checkpoint_without_mtp_loads_same_params(model, tmp_path):
     keys = ShardedCheckpoint(d).keys()
     assert not any(is_mtp_tensor(CFG, k) for k in keys)
     assert set(keys) == set(tensor_specs(CFG, include_mtp=False))
-    m = load_model(d, **LOAD)
+    m = load_model(d, **STORED)
     # tensors are generated from (seed, name): the MTP layer's presence changes nothing loaded
     assert _bits(m.params) == _bits(model.params)
 
@@ -249,7 +250,7 @@ def test_float32_and_float16_checkpoints_load_as_bf16(tmp_path, stored):
     assert set(kinds) == {"float32": {"float32"}, "float16": {"float16", "float32"},
                           "mixed": {"float16", "float32", "bfloat16"}}[stored]
     want = flatten(load_params(d, Config.from_hf(d, **LOAD)))
-    m = dsv32_jax.load_model(d2, **LOAD)
+    m = dsv32_jax.load_model(d2, **STORED)
     got = flatten(m.params)
     assert sorted(got) == sorted(want)
     with ShardedCheckpoint(d2) as ck:
@@ -316,7 +317,9 @@ def test_widened_weights_give_bit_equal_logits(base, which, numerics):
     wide = load_model(path, **numerics)
     flat_n, flat_w = flatten(narrow.params), flatten(wide.params)
     widened = [p for p in flat_n if flat_w[p].dtype != flat_n[p].dtype]
-    assert all(flat_w[p].dtype == np.float32 for p in widened)
+    for p in widened:
+        assert flat_w[p].dtype == np.float32, p
+        assert np.array_equal(np.asarray(flat_w[p]), np.asarray(flat_n[p]).astype(np.float32)), p
     assert {flat_n[p].dtype for p in widened} == ({FP8, BF16} if which == "tiny-fp8"
                                                    else {BF16})
     assert flat_w["embed", "weight"].dtype == BF16  # read by rows: kept narrow
