@@ -17,8 +17,9 @@ threads). `--weights`: the weight storages timed side by side in this process at
 `load_model` keeps on a CPU host; default: both), with the ratio narrow / f32; each row prints
 the 1-minute load average before it. `--demo N`: also the demo model's (`dsv32 demo`) greedy
 decode tokens/s over N new tokens after a 64-token prompt (`Model.generate`'s decode_s), loaded
-with each storage, alternated over 3 rounds, the median. `--profile DIR` traces a few steps per length
-(XLA:CPU per-op events) and prints the time per named scope (attn/indexer/index_topk/...).
+with each storage, alternated over 3 rounds, the median. `--profile DIR` traces a few steps per
+length and storage (XLA:CPU per-op events) and prints the time per named scope
+(attn/indexer/index_topk/...).
 
 LLAMA_CPP_MS: llama.cpp's per-token decode time on this architecture and size (its `deepseek32`
 support, flash attention on, 2 CPU threads), as reported in issue 17; llama.cpp is not run here.

@@ -36,7 +36,7 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CFG = preset("tiny")
 LOAD = dict(dtype="float32", fp8_activations=False)
-STORED = dict(LOAD, weights="narrow")  # the params in the checkpoint's dtypes (`checkpoint.storage`)
+STORED = dict(LOAD, weights="narrow")  # the checkpoint's dtypes (`checkpoint.storage`)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -304,7 +304,8 @@ def _logits(model, tokens) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(pre), np.asarray(step)
 
 
-@pytest.mark.parametrize("which, numerics", [("tiny-fp8", {}), ("tiny-fp8", LOAD), ("demo-bf16", {})],
+@pytest.mark.parametrize("which, numerics",
+                         [("tiny-fp8", {}), ("tiny-fp8", LOAD), ("demo-bf16", {})],
                          ids=["tiny-fp8-bf16+fp8", "tiny-fp8-f32", "demo-bf16-bf16+fp8"])
 def test_widened_weights_give_bit_equal_logits(base, which, numerics):
     """On the CPU, load_model's default storage keeps float32 copies of the e4m3 / bf16 weights

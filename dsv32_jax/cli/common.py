@@ -261,7 +261,8 @@ def load_weights(path: str, args: argparse.Namespace):
     where = "" if mesh is None else f" on a {'x'.join(map(str, mesh.devices.shape))} mesh"
     say(f"loading {path}{where} ...")
     model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
-                                 progress=not quiet, weights=args.weights, mtp=getattr(args, "speculative", 0) > 0)
+                                 progress=not quiet, weights=args.weights,
+                                 mtp=getattr(args, "speculative", 0) > 0)
     say(f"loaded in {time.perf_counter() - t:.1f}s")
     if mesh is not None and model.config.n_moe_layers:
         from sharding.rules import expert_layout
