@@ -309,8 +309,9 @@ def _logits(model, tokens) -> tuple[np.ndarray, np.ndarray]:
                          ids=["tiny-fp8-bf16+fp8", "tiny-fp8-f32", "demo-bf16-bf16+fp8"])
 def test_widened_weights_give_bit_equal_logits(base, which, numerics):
     """On the CPU, load_model's default storage keeps float32 copies of the e4m3 / bf16 weights
-    (`checkpoint.storage`); prefill and decode logits are bit-equal to the narrow weights' in the
+    (`checkpoint.storage`; the FP8 ones `quant.blocked`); prefill and decode logits are bit-equal to the narrow weights' in the
     deployment numerics (bf16 + FP8 simulation) and in float32 (the FP8 weights dequantized)."""
+    from dsv32_jax.model.quant import unblocked
     from dsv32_jax.train.demo import DEMO_DIR
 
     path = base if which == "tiny-fp8" else DEMO_DIR
@@ -319,8 +320,12 @@ def test_widened_weights_give_bit_equal_logits(base, which, numerics):
     flat_n, flat_w = flatten(narrow.params), flatten(wide.params)
     widened = [p for p in flat_n if flat_w[p].dtype != flat_n[p].dtype]
     for p in widened:
-        assert flat_w[p].dtype == np.float32, p
-        assert np.array_equal(np.asarray(flat_w[p]), np.asarray(flat_n[p]).astype(np.float32)), p
+        w = flat_w[p]
+        assert w.dtype == np.float32, p
+        if flat_n[p].dtype == FP8:  # in the per-block dots' layout (K/128, N, 128)
+            assert w.ndim == flat_n[p].ndim + 1, p
+            w = unblocked(w)
+        assert np.array_equal(np.asarray(w), np.asarray(flat_n[p]).astype(np.float32)), p
     assert {flat_n[p].dtype for p in widened} == ({FP8, BF16} if which == "tiny-fp8"
                                                    else {BF16})
     assert flat_w["embed", "weight"].dtype == BF16  # read by rows: kept narrow

@@ -63,8 +63,10 @@ class Linear(nn.Module):
 
     def setup(self):
         n, k = self.features, self.in_features
-        if self.quantized:
-            self.weight = param(self, "weight", (n, k), FP8, self.axes, fp8_init)  # (out, in) e4m3
+        if self.quantized:  # (out, in) e4m3, or the host's float32 copy `quant.blocked`
+            held = self.has_variable("params", "weight") and self.get_variable("params", "weight")
+            shape = (k // BLOCK, n, BLOCK) if held is not False and held.ndim == 3 else (n, k)
+            self.weight = param(self, "weight", shape, FP8, self.axes, fp8_init)
             self.scale = param(self, "scale", (cdiv(n, BLOCK), cdiv(k, BLOCK)), jnp.float32,
                                self.axes, const_init(k**-0.5))  # (out/128, in/128) f32
         else:
@@ -104,7 +106,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, scale_fmt, dtype,
                impl: str = "xla") -> jax.Array:
     """act_quant(x) (..., K) times FP8 w (N, K) with block scales s (N/128, K/128), blockwise:
     `quant.blockwise_matmul` (impl "xla") or the Pallas kernel `pallas_kernels.fp8_linear`."""
-    n, k = w.shape
+    n, k = w.shape[-2], x.shape[-1]  # w (N, K) or `quant.blocked` (K/128, N, 128)
     lead = x.shape[:-1]
     xq, xs = act_quant(x.reshape(-1, k), scale_fmt)
     if impl == "pallas":
