@@ -8,8 +8,8 @@ every dot computes the same numbers (the model code takes either: an FP8 weight 
 times its block scales whatever the dtype holding them; a widened bf16 weight is rounded where the
 narrow one would be). The cost is memory: 4x for e4m3 weights, 2x for bf16 ones. An FP8 weight on
 one device is also stored `quant.blocked`, (..., K/128, N, 128), the layout of its per-block dots,
-so no step makes a transposed copy of it (on a mesh of several devices it keeps its (..., N, K)
-shape, which its sharding names).
+so no step makes a transposed copy of it (placed on a mesh it keeps its (..., N, K) shape, which
+its sharding names).
 
     "auto"   float32 when every param lives on CPU devices (the placement `load_model` chose),
              else narrow: accelerators keep the checkpoint's widths and their programs are unchanged
@@ -60,13 +60,14 @@ def widths(storage: str, params, pallas: bool = False) -> str:
 
 def widen(params: dict) -> dict:
     """params with every e4m3 / bf16 leaf but the embedding tables as float32 (the same values),
-    each on its own sharding, one leaf at a time; e4m3 ones on one device `quant.blocked`."""
+    each on its own sharding, one leaf at a time; e4m3 ones not on a mesh `quant.blocked`."""
     def leaf(path, a):
         keys = [getattr(k, "key", None) for k in path]
         if jnp.dtype(a.dtype) not in NARROW or any(k in GATHERED for k in keys):
             return a
         wide = a.astype(jnp.float32)
-        if a.dtype == FP8 and a.shape[-1] % BLOCK == 0 and len(a.sharding.device_set) == 1:
+        single = isinstance(a.sharding, jax.sharding.SingleDeviceSharding)
+        if a.dtype == FP8 and a.shape[-1] % BLOCK == 0 and single:
             return jax.jit(blocked)(wide)
         return wide
 

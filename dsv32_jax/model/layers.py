@@ -64,8 +64,9 @@ class Linear(nn.Module):
     def setup(self):
         n, k = self.features, self.in_features
         if self.quantized:  # (out, in) e4m3, or the host's float32 copy `quant.blocked`
-            held = self.has_variable("params", "weight") and self.get_variable("params", "weight")
-            shape = (k // BLOCK, n, BLOCK) if held is not False and held.ndim == 3 else (n, k)
+            blocked = (self.has_variable("params", "weight")
+                       and nn.unbox(self.get_variable("params", "weight")).ndim == 3)
+            shape = (k // BLOCK, n, BLOCK) if blocked else (n, k)
             self.weight = param(self, "weight", shape, FP8, self.axes, fp8_init)
             self.scale = param(self, "scale", (cdiv(n, BLOCK), cdiv(k, BLOCK)), jnp.float32,
                                self.axes, const_init(k**-0.5))  # (out/128, in/128) f32
