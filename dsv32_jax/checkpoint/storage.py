@@ -6,10 +6,10 @@ spends most of its time re-widening the same weights. On a CPU host the loader c
 float32 copy of each narrow weight, made once: e4m3 and bf16 values are exactly float32 values, so
 every dot computes the same numbers (the model code takes either: an FP8 weight is its e4m3 values
 times its block scales whatever the dtype holding them; a widened bf16 weight is rounded where the
-narrow one would be). The cost is memory: 4x for e4m3 weights, 2x for bf16 ones. An FP8 weight on
-one device is also stored `quant.blocked`, (..., K/128, N, 128), the layout of its per-block dots,
-so no step makes a transposed copy of it (placed on a mesh it keeps its (..., N, K) shape, which
-its sharding names).
+narrow one would be). The cost is memory: 4x for e4m3 weights, 2x for bf16 ones (and while loading,
+the narrow and the float32 params both). An FP8 weight not placed on a mesh is also stored
+`quant.blocked`, (..., K/128, N, 128), the layout of its per-block dots, so no step makes a
+transposed copy of it (placed on a mesh it keeps its (..., N, K) shape, which its sharding names).
 
     "auto"   float32 when every param lives on CPU devices (the placement `load_model` chose),
              else narrow: accelerators keep the checkpoint's widths and their programs are unchanged
