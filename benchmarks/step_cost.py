@@ -17,7 +17,7 @@ threads). `--weights`: the weight storages timed side by side in this process at
 `load_model` keeps on a CPU host; default: both), with the ratio narrow / f32; each row prints
 the 1-minute load average before it. `--demo N`: also the demo model's (`dsv32 demo`) greedy
 decode tokens/s over N new tokens after a 64-token prompt (`Model.generate`'s decode_s), loaded
-with each storage, alternated over 3 rounds, the median. `--profile DIR` traces a few steps per
+with each storage, alternated over 5 rounds, the median. `--profile DIR` traces a few steps per
 length and storage (XLA:CPU per-op events) and prints the time per named scope
 (attn/indexer/index_topk/...).
 
@@ -84,7 +84,7 @@ def _median_ms(fn, repeats: int) -> tuple[float, float]:
     return 1e3 * statistics.median(times), 1e3 * (time.process_time() - cpu) / repeats
 
 
-def demo_tok_s(storages, new_tokens: int, rounds: int = 3) -> dict[str, float]:
+def demo_tok_s(storages, new_tokens: int, rounds: int = 5) -> dict[str, float]:
     """The demo model's greedy decode tokens/s per weight storage (median of `rounds`)."""
     from dsv32_jax.engine.runner import load_model
     from dsv32_jax.train.demo import DEMO_DIR
