@@ -2,7 +2,7 @@
 llama.cpp's figures for the same architecture (issue 17).
 
     python -m benchmarks.step_cost [--lengths 1024 4096 16384] [--repeats 20] [--serve]
-                                   [--profile DIR] [--json]
+                                   [--weights narrow f32] [--demo N] [--profile DIR] [--json]
 
 The model: hidden 1024, 4 layers (1 dense + 3 MoE), 16 routed experts top-4 (4 groups, 2 kept),
 8 heads (MLA dims of the release: nope 128, rope 64, v 128), q_lora 384, kv_lora 256, MoE inter 256,
@@ -12,8 +12,14 @@ compute with FP8 weights and FP8 activation simulation (the default numerics), r
 One decode step: `engine.generate.forward` of a (1,1) token at the last slot of a cache of each
 length, the cache donated; `--serve` also times `serve.step.step` over a paged pool (batch 1).
 Median wall ms per step of --repeats after a warm-up, and the process CPU ms per step (both
-threads). `--profile DIR` traces a few steps per length
-(XLA:CPU per-op events) and prints the time per named scope (attn/indexer/index_topk/...).
+threads). `--weights`: the weight storages timed side by side in this process at each length
+(`checkpoint.storage`: "narrow" = the checkpoint's e4m3/bf16, "f32" = the float32 copies
+`load_model` keeps on a CPU host; default: both), with the ratio narrow / f32; each row prints
+the 1-minute load average before it. `--demo N`: also the demo model's (`dsv32 demo`) greedy
+decode tokens/s over N new tokens after a 64-token prompt (`Model.generate`'s decode_s), loaded
+with each storage, alternated over 5 rounds, the median. `--profile DIR` traces a few steps per
+length and storage (XLA:CPU per-op events) and prints the time per named scope
+(attn/indexer/index_topk/...).
 
 LLAMA_CPP_MS: llama.cpp's per-token decode time on this architecture and size (its `deepseek32`
 support, flash attention on, 2 CPU threads), as reported in issue 17; llama.cpp is not run here.
@@ -43,6 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dsv32_jax.checkpoint import storage  # noqa: E402
 from dsv32_jax.checkpoint.weights import init_params  # noqa: E402
 from dsv32_jax.engine.generate import forward  # noqa: E402
 from dsv32_jax.model.config import preset  # noqa: E402
@@ -75,6 +82,24 @@ def _median_ms(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times), 1e3 * (time.process_time() - cpu) / repeats
+
+
+def demo_tok_s(storages, new_tokens: int, rounds: int = 5) -> dict[str, float]:
+    """The demo model's greedy decode tokens/s per weight storage (median of `rounds`)."""
+    from dsv32_jax.engine.runner import load_model
+    from dsv32_jax.train.demo import DEMO_DIR
+
+    models = {w: load_model(DEMO_DIR, weights=w) for w in storages}
+    prompt = [[int(t) for t in np.random.default_rng(0).integers(2, 1000, 64)]]
+    rates = collections.defaultdict(list)
+    for r in range(rounds + 1):  # round 0 compiles
+        for w, model in models.items():
+            stats = {}
+            out = model.generate(prompt, new_tokens, temperature=0.0, stop_tokens=[],
+                                 stats=stats)
+            if r:
+                rates[w].append(len(out[0]) / stats["decode_s"])
+    return {w: statistics.median(v) for w, v in rates.items()}
 
 
 def decode_step(params, cfg, length: int):
@@ -165,37 +190,54 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--serve", action="store_true", help="also time serve.step.step (paged)")
+    ap.add_argument("--weights", nargs="+", choices=["narrow", "f32"], default=["narrow", "f32"],
+                    help="weight storages to time side by side (checkpoint.storage)")
+    ap.add_argument("--demo", type=int, metavar="N", default=0,
+                    help="also the demo model's decode tokens/s over N new tokens per storage")
     ap.add_argument("--profile", metavar="DIR", help="trace and print the per-scope breakdown")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     cfg = model_config(2 * max(args.lengths))
-    params = init_params(cfg)
+    narrow = init_params(cfg)
+    stores = {w: storage.store(narrow, w) for w in args.weights}
     result = {"device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
-              "params": n_params(params), "rows": []}
-    print(f"{result['params'] / 1e6:.1f}M parameters, {result['device']}, load "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+              "params": n_params(narrow), "rows": []}
+    print(f"{result['params'] / 1e6:.1f}M parameters, {result['device']}", flush=True)
     for length in args.lengths:
-        step = decode_step(params, cfg, length)
-        row = {"length": length, "llama_cpp_ms": LLAMA_CPP_MS.get(length)}
-        row["ours_ms"], row["ours_cpu_ms"] = _median_ms(step, args.repeats)
-        if args.serve:
-            row["serve_ms"], row["serve_cpu_ms"] = _median_ms(serve_step(params, cfg, length),
-                                                              args.repeats)
-        if args.profile:
-            cache = init_cache(cfg, 1, length)
-            hlo = forward.lower(params, jnp.zeros((1, 1), jnp.int32),
-                                jnp.full((1, 1), length - 1, jnp.int32), cache,
-                                jnp.zeros(1, jnp.int32), cfg=cfg).compile().as_text()
-            row["profile"] = profile(step, hlo, os.path.join(args.profile, str(length)))
-        result["rows"].append(row)
-        print(_row_text(row), flush=True)
+        for weights, params in stores.items():
+            row = {"length": length, "weights": weights, "llama_cpp_ms": LLAMA_CPP_MS.get(length),
+                   "load": os.getloadavg()[0]}
+            step = decode_step(params, cfg, length)
+            row["ours_ms"], row["ours_cpu_ms"] = _median_ms(step, args.repeats)
+            if args.serve:
+                row["serve_ms"], row["serve_cpu_ms"] = _median_ms(serve_step(params, cfg, length),
+                                                                  args.repeats)
+            if args.profile:
+                cache = init_cache(cfg, 1, length)
+                hlo = forward.lower(params, jnp.zeros((1, 1), jnp.int32),
+                                    jnp.full((1, 1), length - 1, jnp.int32), cache,
+                                    jnp.zeros(1, jnp.int32), cfg=cfg).compile().as_text()
+                row["profile"] = profile(step, hlo,
+                                         os.path.join(args.profile, f"{length}-{weights}"))
+            result["rows"].append(row)
+            print(_row_text(row), flush=True)
+        by = {r["weights"]: r for r in result["rows"] if r["length"] == length}
+        if len(by) == 2:
+            n, f = by["narrow"], by["f32"]
+            print(f"context {length:>6}: narrow / f32 = {n['ours_ms'] / f['ours_ms']:.2f}x wall, "
+                  f"{n['ours_cpu_ms'] / f['ours_cpu_ms']:.2f}x cpu", flush=True)
+    if args.demo:
+        result["demo_tok_s"] = demo_tok_s(args.weights, args.demo)
+        print(f"demo model decode (load {os.getloadavg()[0]:.1f}): " + ", ".join(
+            f"{w} {v:.1f} tok/s" for w, v in result["demo_tok_s"].items()), flush=True)
     if args.json:
         print(json.dumps(result, indent=1))
 
 
 def _row_text(row) -> str:
     ref = row["llama_cpp_ms"]
-    text = (f"context {row['length']:>6}: ours {row['ours_ms']:7.1f} ms/step "
+    text = (f"context {row['length']:>6} {row['weights']:>6} (load {row['load']:.1f}): "
+            f"ours {row['ours_ms']:7.1f} ms/step "
             f"(cpu {row['ours_cpu_ms']:6.1f})"
             + (f"  serve {row['serve_ms']:7.1f} (cpu {row['serve_cpu_ms']:6.1f})"
                if "serve_ms" in row else "")

@@ -115,12 +115,12 @@ def golden(case: str, mode: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def fixture_model(case: str, mode: str, attention_impl: str = "xla"):
+def fixture_model(case: str, mode: str, attention_impl: str = "xla", weights: str = "auto"):
     import dsv32_jax
 
     dtype, fp8 = MODES[mode]
     return dsv32_jax.load_model(fixture_dir(case) / "hf", dtype=dtype, fp8_activations=fp8,
-                                attention_impl=attention_impl)
+                                attention_impl=attention_impl, weights=weights)
 
 
 def row_error(a, g) -> np.ndarray:

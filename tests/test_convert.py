@@ -122,8 +122,9 @@ def test_bf16_mode_dequantizes(tmp_path):
     manifest = convert_checkpoint(fixture_dir(case) / "hf", out, weights="bf16", **QUIET)
     with open(out / "config.json") as f:
         assert "quantization_config" not in json.load(f)
-    ref = fixture_model(case, "exact")  # HF dir, fp32, FP8 weights dequantized in the forward
-    model = dsv32_jax.load_model(out, dtype="float32", fp8_activations=False)
+    # HF dir, fp32, FP8 weights dequantized in the forward; both in the stored dtypes
+    ref = fixture_model(case, "exact", weights="narrow")
+    model = dsv32_jax.load_model(out, dtype="float32", fp8_activations=False, weights="narrow")
     assert model.config.weight_dtype == "bf16"
     assert model.config.scale_fmt == ref.config.scale_fmt == "ue8m0"  # activation numerics kept
     fa, fb = flatten(ref.params), flatten(model.params)

@@ -16,6 +16,7 @@ import shutil
 import tracemalloc
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CFG = preset("tiny")
 LOAD = dict(dtype="float32", fp8_activations=False)
+STORED = dict(LOAD, weights="narrow")  # the checkpoint's dtypes (`checkpoint.storage`)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ def base(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def model(base):
-    return load_model(base, **LOAD)
+    return load_model(base, **STORED)
 
 
 @pytest.fixture
@@ -201,7 +203,7 @@ def test_checkpoint_without_mtp_loads_same_params(model, tmp_path):
     keys = ShardedCheckpoint(d).keys()
     assert not any(is_mtp_tensor(CFG, k) for k in keys)
     assert set(keys) == set(tensor_specs(CFG, include_mtp=False))
-    m = load_model(d, **LOAD)
+    m = load_model(d, **STORED)
     # tensors are generated from (seed, name): the MTP layer's presence changes nothing loaded
     assert _bits(m.params) == _bits(model.params)
 
@@ -248,7 +250,7 @@ def test_float32_and_float16_checkpoints_load_as_bf16(tmp_path, stored):
     assert set(kinds) == {"float32": {"float32"}, "float16": {"float16", "float32"},
                           "mixed": {"float16", "float32", "bfloat16"}}[stored]
     want = flatten(load_params(d, Config.from_hf(d, **LOAD)))
-    m = dsv32_jax.load_model(d2, **LOAD)
+    m = dsv32_jax.load_model(d2, **STORED)
     got = flatten(m.params)
     assert sorted(got) == sorted(want)
     with ShardedCheckpoint(d2) as ck:
@@ -284,6 +286,66 @@ def test_fp8_weights_and_scales_keep_strict_dtypes(copy):
     with pytest.raises(CheckpointError, match=r"has dtype float64, expected bfloat16 \(or float32/float16, "
                                               r"cast on load\)"):
         check(ShardedCheckpoint(copy), CFG, specs)
+
+
+# ---- 2b. weight storage: float32 copies on a CPU host give the same logits -----------------------
+def _logits(model, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """(prefill logits of `tokens` (1, S) at every position, one decode step's after them) through
+    the engine's forward."""
+    from dsv32_jax.engine.generate import forward
+    from dsv32_jax.model.transformer import init_cache
+
+    cfg, s = model.config, tokens.shape[1]
+    cache = init_cache(cfg, 1, 2 * s)
+    pre, cache, _ = forward(model.params, jnp.asarray(tokens), jnp.arange(s)[None], cache, None,
+                            cfg=cfg)
+    step, _, _ = forward(model.params, jnp.asarray(tokens[:, -1:]), jnp.full((1, 1), s), cache,
+                         jnp.zeros((1,), jnp.int32), cfg=cfg)
+    return np.asarray(pre), np.asarray(step)
+
+
+@pytest.mark.parametrize("which, numerics",
+                         [("tiny-fp8", {}), ("tiny-fp8", LOAD), ("demo-bf16", {})],
+                         ids=["tiny-fp8-bf16+fp8", "tiny-fp8-f32", "demo-bf16-bf16+fp8"])
+def test_widened_weights_give_bit_equal_logits(base, which, numerics):
+    """On the CPU, load_model's default storage keeps float32 copies of the e4m3 / bf16 weights
+    (`checkpoint.storage`; the FP8 ones `quant.blocked`); prefill and decode logits are bit-equal to the narrow weights' in the
+    deployment numerics (bf16 + FP8 simulation) and in float32 (the FP8 weights dequantized)."""
+    from dsv32_jax.model.quant import unblocked
+    from dsv32_jax.train.demo import DEMO_DIR
+
+    path = base if which == "tiny-fp8" else DEMO_DIR
+    narrow = load_model(path, weights="narrow", **numerics)
+    wide = load_model(path, **numerics)
+    flat_n, flat_w = flatten(narrow.params), flatten(wide.params)
+    widened = [p for p in flat_n if flat_w[p].dtype != flat_n[p].dtype]
+    for p in widened:
+        w = flat_w[p]
+        assert w.dtype == np.float32, p
+        if flat_n[p].dtype == FP8:  # in the per-block dots' layout (K/128, N, 128)
+            assert w.ndim == flat_n[p].ndim + 1, p
+            w = unblocked(w)
+        assert np.array_equal(np.asarray(w), np.asarray(flat_n[p]).astype(np.float32)), p
+    assert {flat_n[p].dtype for p in widened} == ({FP8, BF16} if which == "tiny-fp8"
+                                                   else {BF16})
+    assert flat_w["embed", "weight"].dtype == BF16  # read by rows: kept narrow
+    tokens = np.random.default_rng(0).integers(0, narrow.config.vocab_size, (1, 12))
+    for a, b in zip(_logits(narrow, tokens), _logits(wide, tokens)):
+        assert a.dtype == b.dtype == np.float32 and np.isfinite(a).all()
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_weight_storage_choice(base):
+    """"auto" widens on CPU devices only, the Pallas kernels keep e4m3, bad names fail early."""
+    from dsv32_jax.checkpoint import storage
+
+    params = load_params(base, CFG)
+    assert storage.widths("auto", params) == "f32" and storage.widths("narrow", params) == "narrow"
+    assert storage.widths("auto", params, pallas=True) == "narrow"
+    with pytest.raises(ValueError, match="Pallas FP8 kernels read e4m3"):
+        load_model(base, weights="f32", matmul_impl="pallas")
+    with pytest.raises(ValueError, match=r"weight storage must be one of .*'wide'"):
+        load_model(base, weights="wide")
 
 
 # ---- 3. checkpoint errors ------------------------------------------------------------------------

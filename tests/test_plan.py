@@ -38,7 +38,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     out = []
     for mesh_shape, batch in loads:
         mesh = make_mesh(*mesh_shape)
-        model = dsv32_jax.load_model(path, mesh=mesh)
+        model = dsv32_jax.load_model(path, mesh=mesh, weights="narrow")  # an accelerator's widths
         weights = collections.defaultdict(collections.Counter)
         for leaf in jax.tree.leaves(model.params):
             for sh in leaf.addressable_shards:

@@ -158,13 +158,14 @@ SCRIPT = textwrap.dedent("""
         from dsv32_jax.cli import common
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            common.load_weights(path, argparse.Namespace(mesh=(2, 2, 2), dtype="float32", no_fp8=True))
+            args = argparse.Namespace(mesh=(2, 2, 2), dtype="float32", no_fp8=True, weights="auto")
+            common.load_weights(path, args)
         out["layout_line"] = err.getvalue().splitlines()[-1]
 
     if "hlo" in checks:  # deployment numerics: bf16 + FP8 activations, FP8 weights
         hlo = {}
         for m in [(2, 2, 2), (1, 2, 4)]:  # expert, tensor and data axes; tensor 4
-            model = dsv32_jax.load_model(path, mesh=on(m))
+            model = dsv32_jax.load_model(path, mesh=on(m), weights="narrow")  # FP8 weights
             cfg, b = model.config, len(tokens)
             with on_mesh(model.params):
                 cache = init_cache(cfg, b, 64)

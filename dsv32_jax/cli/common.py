@@ -25,6 +25,13 @@ def compile_cache_option(p: argparse.ArgumentParser) -> None:
                         "JAX_COMPILATION_CACHE_DIR, when set, still applies)")
 
 
+def weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="auto", choices=["auto", "narrow", "f32"],
+                   help="weight storage: auto (default) keeps float32 copies of the FP8/bf16 weights on a "
+                        "CPU host (the same logits, up to ~6x faster decode steps there, 4x the FP8 weights' "
+                        "memory), the checkpoint's dtypes on accelerators; narrow / f32 force one")
+
+
 def run_options(p: argparse.ArgumentParser, max_new: int = 64) -> None:
     """The options of a command that runs the model: sampling, numerics, output, --debug, the compile cache."""
     p.add_argument("--max-new-tokens", type=argtypes.checked(int, checks.check_max_new_tokens), default=max_new,
@@ -36,6 +43,7 @@ def run_options(p: argparse.ArgumentParser, max_new: int = 64) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
+    weights_option(p)
     speculative_option(p)
     p.add_argument("--show-special", action="store_true",
                    help="print special/reserved tokens in the output stream")
@@ -257,7 +265,8 @@ def load_weights(path: str, args: argparse.Namespace):
     where = "" if mesh is None else f" on a {'x'.join(map(str, mesh.devices.shape))} mesh"
     say(f"loading {path}{where} ...")
     model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
-                                 progress=not quiet, mtp=getattr(args, "speculative", 0) > 0)
+                                 progress=not quiet, weights=args.weights,
+                                 mtp=getattr(args, "speculative", 0) > 0)
     say(f"loaded in {time.perf_counter() - t:.1f}s")
     if mesh is not None and model.config.n_moe_layers:
         from sharding.rules import expert_layout

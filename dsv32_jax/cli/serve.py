@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
                    help="on SIGTERM/SIGINT, seconds the requests in flight may take to finish (default 30)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     s.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
+    common.weights_option(s)
     s.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.compile_cache_option(s)
     common.mesh_options(s)

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 
+from dsv32_jax.checkpoint import storage
 from dsv32_jax.checkpoint.hf import has_mtp_layer, is_hf_dir, load_mtp_params, load_params
 from dsv32_jax.checkpoint.weights import abstract_params
 from dsv32_jax.engine import generate as gen
@@ -128,7 +129,7 @@ def _check_impl(impl: str) -> None:
 def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations: bool = True,
                attention_impl: str = "xla", mesh=None, progress: bool = False,
                ep_capacity_factor: float | None = None, matmul_impl: str = "xla",
-               mtp: bool = False) -> Model:
+               mtp: bool = False, weights: str = "auto") -> Model:
     """Load a checkpoint directory in the released HF layout.
 
     dtype: compute dtype, "bfloat16" (deployment) or "float32". fp8_activations: simulate the
@@ -145,10 +146,17 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     grouped routed-expert Pallas kernels of `pallas_kernels`; interpreted off GPU): FP8
     checkpoints with fp8_activations only (`Config.matmul_impl`). mtp: also load the checkpoint's
     MTP layer (`load_mtp`; one error if it has none) as `Model.mtp`, for speculative decoding.
+    weights: how the loaded weights are stored (`checkpoint.storage`): "auto" (default) keeps
+    float32 copies of the e4m3 / bf16 weights, made once, when the params live on CPU devices
+    (the same values, so the same logits; XLA:CPU would widen them in every step; 4x the FP8
+    weights' memory), the checkpoint's dtypes on accelerators and for the Pallas kernels;
+    "narrow" or "f32" force one.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _check_impl(attention_impl)
+    pallas = matmul_impl == "pallas"
+    storage.check(weights, pallas)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
@@ -180,7 +188,9 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         params = orbax_layout.restore_params(path, cfg, shardings, progress=progress)
     else:
         params = load_params(path, cfg, shardings, progress=progress)
-    return Model(cfg, params, attention_impl, load_mtp(path, cfg, mesh) if mtp else None)
+    params = storage.store(params, weights, pallas)
+    mtp_params = storage.store(load_mtp(path, cfg, mesh), weights, pallas) if mtp else None
+    return Model(cfg, params, attention_impl, mtp_params)
 
 
 def has_mtp(path: str | os.PathLike, cfg: Config) -> bool:

@@ -63,8 +63,11 @@ class Linear(nn.Module):
 
     def setup(self):
         n, k = self.features, self.in_features
-        if self.quantized:
-            self.weight = param(self, "weight", (n, k), FP8, self.axes, fp8_init)  # (out, in) e4m3
+        if self.quantized:  # (out, in) e4m3, or the host's float32 copy `quant.blocked`
+            blocked = (self.has_variable("params", "weight")
+                       and nn.unbox(self.get_variable("params", "weight")).ndim == 3)
+            shape = (k // BLOCK, n, BLOCK) if blocked else (n, k)
+            self.weight = param(self, "weight", shape, FP8, self.axes, fp8_init)
             self.scale = param(self, "scale", (cdiv(n, BLOCK), cdiv(k, BLOCK)), jnp.float32,
                                self.axes, const_init(k**-0.5))  # (out/128, in/128) f32
         else:
@@ -90,7 +93,13 @@ class Linear(nn.Module):
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """x (..., K) @ w (N, K)^T in `dtype`, float32 accumulation."""
+    """x (..., K) @ w (N, K)^T in `dtype`, float32 accumulation.
+
+    A float32 w in a bf16 product is a widened bf16 weight (`checkpoint.storage`): it holds bf16
+    values, so x is rounded to bf16 and the dot taken in float32, the products `einsum` forms on
+    the CPU for bf16 operands (exact in float32), with no per-step narrowing of w."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and w.dtype == jnp.float32:
+        return einsum("...k,nk->...n", x.astype(dtype), w, jnp.float32, dtype)
     return einsum("...k,nk->...n", x, w, dtype)
 
 
@@ -98,7 +107,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, scale_fmt, dtype,
                impl: str = "xla") -> jax.Array:
     """act_quant(x) (..., K) times FP8 w (N, K) with block scales s (N/128, K/128), blockwise:
     `quant.blockwise_matmul` (impl "xla") or the Pallas kernel `pallas_kernels.fp8_linear`."""
-    n, k = w.shape
+    n, k = w.shape[-2], x.shape[-1]  # w (N, K) or `quant.blocked` (K/128, N, 128)
     lead = x.shape[:-1]
     xq, xs = act_quant(x.reshape(-1, k), scale_fmt)
     if impl == "pallas":
@@ -117,12 +126,12 @@ WIDEN_ROWS = 2048
 def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
     """float32 h (..., D) @ w (V, D)^T for a bf16 w used in float32 (the head, the indexer's
     weights_proj): w is widened WIDEN_ROWS rows at a time, so no float32 copy of a whole
-    (129280, 7168) head exists."""
+    (129280, 7168) head exists; a w stored widened (`checkpoint.storage`) is one dot."""
     v, d = w.shape
     lead = h.shape[:-1]
     x = h.reshape(-1, d).astype(jnp.float32)
     with jax.named_scope(FP32_BY_SPEC):
-        if v <= WIDEN_ROWS:
+        if v <= WIDEN_ROWS or w.dtype == jnp.float32:
             return matmul(x, w, jnp.float32).reshape(*lead, v)
         n = cdiv(v, WIDEN_ROWS)
 

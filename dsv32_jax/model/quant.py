@@ -98,11 +98,28 @@ def expand_scale(scale, out_features: int, in_features: int, xp=jnp):
     return s[..., :out_features, :in_features]
 
 
+def blocked(w: jax.Array) -> jax.Array:
+    """An FP8 weight (..., N, K) as its K/128 column blocks (..., K/128, N, 128): the operand
+    layout of the per-block dots of `blockwise_matmul` (the host's float32 copies are stored so,
+    `checkpoint.storage`; a weight with one more axis than its scales is blocked)."""
+    *lead, n, k = w.shape
+    return jnp.swapaxes(w.reshape(*lead, n, k // BLOCK, BLOCK), -3, -2)
+
+
+def unblocked(w: jax.Array) -> jax.Array:
+    """`blocked`'s inverse: (..., K/128, N, 128) -> (..., N, K)."""
+    *lead, kb, n, _ = w.shape
+    return jnp.swapaxes(w, -3, -2).reshape(*lead, n, kb * BLOCK)
+
+
 def dequant(weight, scale, dtype, xp=jnp):
-    """FP8 weight (..., out, in) with 128x128 block scales -> `dtype` (product taken in float32).
+    """FP8 weight (..., out, in) (or `blocked`) with 128x128 block scales -> `dtype` (..., out, in)
+    (product taken in float32).
 
     The one dequantization routine of the project: `xp=numpy` (host, the converter) gives the
     same bits as the default jax.numpy."""
+    if weight.ndim == scale.ndim + 1:
+        weight = unblocked(weight)
     out_f, in_f = weight.shape[-2:]
     w = weight.astype(xp.float32) * expand_scale(scale.astype(xp.float32), out_f, in_f, xp)
     return w.astype(dtype)
@@ -131,6 +148,8 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
     """The release's FP8 linear: y = sum_b (x_q[:, b] . w_q[:, b]) * x_s[:, b] * w_s[n/128, b].
 
     x_q: (M, K) e4m3, x_s: (M, K/128) f32; w_q: (N, K) e4m3, w_s: (N/128, K/128) f32 -> (M, N) f32.
+    w_q may be held in float32 (the same values) and `blocked`, (K/128, N, 128): the host's
+    storage (`checkpoint.storage`), whose per-block dots need no transposed copy of w.
     The per-block products are dots of e4m3 operands with float32 accumulation (exact products;
     on an accelerator XLA feeds them to its FP8/bf16 GEMMs, on the CPU it widens per op): the sum
     `pallas_kernels.fp8_linear_reference` states, applied to groups of g K-blocks at once, g the
@@ -138,20 +157,35 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
     than that whatever M (decode: one step; prefill: a loop).
     """
     m, k = x_q.shape
-    n, nb = w_q.shape[0], k // BLOCK
+    n, nb = w_q.shape[-2], k // BLOCK
+    is_blocked = w_q.ndim == 3
     g = max([d for d in range(1, nb + 1) if nb % d == 0 and m * d * n * 4 <= budget] or [1])
 
     def group(i):  # K-blocks [i*g, (i+1)*g) -> (M, N) f32
         xb = jax.lax.dynamic_slice_in_dim(x_q, i * g * BLOCK, g * BLOCK, 1)  # (M, g*128)
-        wb = jax.lax.dynamic_slice_in_dim(w_q, i * g * BLOCK, g * BLOCK, 1)  # (N, g*128)
         xs = jax.lax.dynamic_slice_in_dim(x_s, i * g, g, 1)  # (M, g)
         ws = jax.lax.dynamic_slice_in_dim(w_s, i * g, g, 1)  # (N/128, g)
+        if is_blocked:
+            wb = jax.lax.dynamic_slice_in_dim(w_q, i * g, g, 0)  # (g, N, 128)
+            return blocked_sum(xb, xs, wb, ws)
+        wb = jax.lax.dynamic_slice_in_dim(w_q, i * g * BLOCK, g * BLOCK, 1)  # (N, g*128)
         return fp8_linear_reference(xb, xs, wb, ws)
 
     if g == nb:
         return group(0)
     return jax.lax.fori_loop(0, nb // g, lambda i, acc: acc + group(i),
                              jnp.zeros((m, n), jnp.float32))
+
+
+def blocked_sum(x_q, x_s, w_b, w_s):
+    """`fp8_linear_reference`'s sum with a `blocked` weight w_b (K/128, N, 128): the same
+    per-block dots (the weight operand already in their layout) and the same ordered sum."""
+    m, k = x_q.shape
+    kb, n, _ = w_b.shape
+    part = jnp.einsum("mbk,bnk->mbn", x_q.reshape(m, kb, BLOCK), w_b,
+                      preferred_element_type=jnp.float32)  # (M, K/128, N)
+    ws = jnp.repeat(w_s.astype(jnp.float32), BLOCK, axis=0)[:n].T  # (K/128, N)
+    return jnp.einsum("mbn,mb,bn->mn", part, x_s.astype(jnp.float32), ws, precision=HIGHEST)
 
 
 def sylvester(n: int) -> np.ndarray:
