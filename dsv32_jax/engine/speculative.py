@@ -43,7 +43,7 @@ import numpy as np
 
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_drafts, check_sampling
-from dsv32_jax.engine.generate import NONFINITE, nucleus_logits
+from dsv32_jax.engine.generate import NONFINITE, by_temperature, nucleus_logits
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
@@ -54,11 +54,14 @@ from sharding.mesh import on_mesh
 def probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """logits (V,) -> (V,) float32: the distribution `sample` draws a token from (one-hot on the
     argmax at temperature <= 0)."""
-    logits = logits.astype(jnp.float32)
-    order, nucleus = nucleus_logits(logits[None], temperature, top_p)
-    p = jnp.zeros_like(logits).at[order[0]].set(jax.nn.softmax(nucleus[0]))
-    greedy = jax.nn.one_hot(jnp.argmax(logits), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where(temperature <= 0, greedy, p)
+    def greedy(logits):
+        return jax.nn.one_hot(jnp.argmax(logits), logits.shape[-1], dtype=jnp.float32)
+
+    def nucleus(logits):
+        order, nucleus = nucleus_logits(logits[None], temperature, top_p)
+        return jnp.zeros_like(logits).at[order[0]].set(jax.nn.softmax(nucleus[0]))
+
+    return by_temperature(temperature, greedy, nucleus, logits.astype(jnp.float32))
 
 
 def draft(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array):
