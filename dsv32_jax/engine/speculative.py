@@ -68,8 +68,8 @@ def draft(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.
     """A draft token from the draft model's logits (V,) -> (token () int32, q (V,): the
     distribution it was drawn from, for `verify`)."""
     q = probs(logits, temperature, top_p)
-    token = jnp.where(temperature <= 0, jnp.argmax(q),
-                      jax.random.categorical(key, jnp.log(q))).astype(jnp.int32)
+    token = by_temperature(temperature, lambda q: jnp.argmax(q).astype(jnp.int32),
+                           lambda q: jax.random.categorical(key, jnp.log(q)).astype(jnp.int32), q)
     return token, q
 
 
@@ -88,11 +88,15 @@ def verify(logits: jax.Array, drafts: jax.Array, q: jax.Array, key: jax.Array,
     at = jnp.arange(k)
     ok = (u * q[at, drafts] < p[at, drafts]) & finite[:k]  # probability min(1, p/q)
     n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-    pn = p[n]
-    residual = jnp.maximum(pn - jnp.concatenate([q, jnp.zeros((1, vocab), q.dtype)])[n], 0.0)
-    residual = jnp.where(residual.sum() > 0, residual, pn)  # p == q: a rejection had probability 0
-    sampled = jax.random.categorical(kr, jnp.log(residual))
-    nxt = jnp.where(temperature <= 0, jnp.argmax(pn), sampled).astype(jnp.int32)
+    pn, qn = p[n], jnp.concatenate([q, jnp.zeros((1, vocab), q.dtype)])[n]
+
+    def correction(pn, qn):
+        residual = jnp.maximum(pn - qn, 0.0)
+        residual = jnp.where(residual.sum() > 0, residual, pn)  # p == q: a rejection had probability 0
+        return jax.random.categorical(kr, jnp.log(residual)).astype(jnp.int32)
+
+    nxt = by_temperature(temperature, lambda pn, qn: jnp.argmax(pn).astype(jnp.int32), correction,
+                         pn, qn)
     nxt = jnp.where(finite[n], nxt, NONFINITE)
     i = jnp.arange(k + 1)
     padded = jnp.concatenate([drafts.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])
