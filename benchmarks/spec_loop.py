@@ -6,8 +6,10 @@ trained demo model, timed side by side in one process, and optionally traced per
 
 Each loop is `engine.generate.decode_loop` / `engine.speculative.decode_loop` called directly on
 one prefilled batch (greedy, no stop token, max_new tokens per sequence), the caches rebuilt
-outside the timing; the median wall time of --reps calls after a compile call. Per step: ms per
-plain step, ms per speculative iteration (the loop's time / its iterations), and decode tokens/s.
+outside the timing; the fastest of --reps calls after a compile call, the loops' calls interleaved
+(the least disturbed figure on a shared machine). Per step: ms per plain step, ms per speculative
+iteration (the loop's time / its iterations; at batch > 1 the iterations of every sequence are
+counted, so only the batch-1 figure is per iteration), decode tokens/s and the ratio to plain.
 `--profile DIR` traces one call of each loop (XLA:CPU per-op events, `benchmarks.step_cost`)
 and prints the top ops and the time per named scope per step / iteration.
 """
@@ -22,6 +24,7 @@ import os
 import re
 import statistics
 import time
+from functools import partial
 
 if "--profile" in os.sys.argv:  # before jax initializes its CPU backend (`step_cost`)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -83,16 +86,20 @@ class Loops:
         return time.perf_counter() - t, int(iters), out
 
 
-def timed(run, reps: int, max_new: int) -> dict:
-    run()  # compile
-    times, steps = [], 0
+def timed(runs: dict, reps: int, max_new: int) -> dict:
+    """{name: run} -> {name: figures}: the runs interleaved, `reps` rounds after a compile call,
+    the fastest call of each (the least disturbed on a shared machine)."""
+    for run in runs.values():
+        run()  # compile
+    best = {name: (float("inf"), 0, None) for name in runs}
     for _ in range(reps):
-        s, steps, out = run()
-        times.append(s)
-    s = statistics.median(times)
-    b = out.shape[0]
-    return {"s": s, "steps": steps, "ms_per_step": 1e3 * s / steps, "tok_s": b * max_new / s,
-            "out": out}
+        for name, run in runs.items():
+            best[name] = min(best[name], run(), key=lambda r: r[0])
+    out = {}
+    for name, (s, steps, tokens) in best.items():
+        out[name] = {"s": s, "steps": steps, "ms_per_step": 1e3 * s / steps,
+                     "tok_s": tokens.shape[0] * max_new / s, "out": tokens}
+    return out
 
 
 def trace(run, trace_dir: str) -> dict:
@@ -187,16 +194,17 @@ def main(argv=None) -> int:
         print("one forward, ms (in a loop): " + json.dumps(result["forwards_ms"]), flush=True)
     for b in args.batch:
         loops = Loops(model, prompts[:b], args.max_new_tokens)
-        plain = timed(loops.plain, args.reps, args.max_new_tokens)
+        runs = {0: loops.plain, **{k: partial(loops.spec, k) for k in args.ks}}
+        r = timed(runs, args.reps, args.max_new_tokens)
+        plain = r.pop(0)
         row = {"batch": b, "plain_ms_step": round(plain["ms_per_step"], 3),
                "plain_tok_s": round(plain["tok_s"], 1), "spec": {}}
-        for k in args.ks:
-            r = timed(lambda: loops.spec(k), args.reps, args.max_new_tokens)
-            assert (r["out"][:, :args.max_new_tokens] == plain["out"][:, :args.max_new_tokens]
-                    ).all(), "greedy speculative output differs from plain"
-            row["spec"][k] = {"ms_iter": round(r["ms_per_step"], 3), "iters": r["steps"],
-                              "tok_s": round(r["tok_s"], 1),
-                              "ratio": round(r["tok_s"] / plain["tok_s"], 2)}
+        for k, v in r.items():
+            n = args.max_new_tokens
+            assert (v["out"][:, :n] == plain["out"][:, :n]).all(), "greedy speculative != plain"
+            row["spec"][k] = {"ms_iter": round(v["ms_per_step"], 3), "iters": v["steps"],
+                              "tok_s": round(v["tok_s"], 1),
+                              "ratio": round(v["tok_s"] / plain["tok_s"], 2)}
         result["rows"].append(row)
         print(f"batch {b}: plain {row['plain_ms_step']:.3f} ms/step {row['plain_tok_s']:.0f} tok/s;"
               + "".join(f" k={k} {v['ms_iter']:.3f} ms/iter ({v['iters']} iters) "
