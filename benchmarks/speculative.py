@@ -2,6 +2,7 @@
 and decode tokens/s with and without, measured side by side in one run.
 
     python -m benchmarks.speculative [--n 16] [--max-new-tokens 64] [--reps 3] [--json]
+                                     [--served-only]
 
 Prompts: held-out demo chats (`benchmarks.mtp_acceptance.held_out`), each continued for
 max_new_tokens greedy tokens with no stop token: the model finishes its reply and writes further
@@ -19,6 +20,11 @@ prompts and tokens for every k (greedy speculative output is the plain output, t
                speedup they predict: tokens per forward x t(1) / (t_main(k+1) + t_mtp(k+1) +
                (k-1) t_mtp(1)); against the measured ratio it says how much of an iteration's
                time lies outside the two models' forwards
+  served       the serving engine (`serve.Engine`, in this process: no HTTP) with k = 0..3, every
+               chat submitted at once, max_batch 1 and 8: output tokens/s from the first submit to
+               the last token (prefills included), after an untimed run of the same load (its
+               compiles); the ratio to k = 0; drafts accepted / drafted (`--served-only`: this
+               part alone)
 
 Numerics as `dsv32 demo` runs: bf16 compute, simulated FP8 activations.
 """
@@ -61,6 +67,43 @@ def decode_rate(model, prompts, max_new: int, k: int, batch: int) -> float:
         tokens += sum(map(len, out))
         seconds += st["decode_s"]
     return tokens / seconds
+
+
+def served(model, prompts, max_new: int, k: int, max_batch: int) -> dict:
+    """The chats through a serving engine with k drafts (0: off) -> output tok/s, drafts accepted."""
+    import threading
+
+    from dsv32_jax.serve import Engine, Sampling
+
+    eng = Engine(model, max_batch=max_batch, chunk=128, prefix_cache=False, speculative=k)
+    eng.start()
+
+    def run() -> float:
+        left, done = [len(prompts)], threading.Event()
+
+        def emit(new, finish):
+            if finish is not None:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        t = time.perf_counter()
+        for p in prompts:
+            eng.submit(p, Sampling(max_tokens=max_new, temperature=0.0), emit)
+        done.wait()
+        return time.perf_counter() - t
+
+    try:
+        run()  # compiles
+        before = eng.metrics()
+        wall = run()
+        m = eng.metrics()
+    finally:
+        eng.stop(drain=False)
+    drafted = m["draft_tokens"] - before["draft_tokens"]
+    return {"tok_s": round(len(prompts) * max_new / wall, 1),
+            "accepted": round((m["accepted_draft_tokens"] - before["accepted_draft_tokens"])
+                              / drafted, 3) if drafted else None}
 
 
 def _ms(f, *args, n: int = 30) -> float:
@@ -109,12 +152,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--served-only", action="store_true", help="only the serving engine's part")
     args = ap.parse_args(argv)
     tok = Tokenizer.load(args.model)
     model = load_model(args.model, mtp=True)
     prompts = [tok.encode(c) for c in held_out(args.n)]
     r = {"device": jax.devices()[0].device_kind, "prompts": args.n,
-         "max_new_tokens": args.max_new_tokens, "acceptance": {}, "speed": {}}
+         "max_new_tokens": args.max_new_tokens, "acceptance": {}, "speed": {}, "served": {}}
+    for batch in (1, 8):
+        got = {k: served(model, prompts, args.max_new_tokens, k, batch) for k in (0, *KS)}
+        r["served"][f"max_batch {batch}"] = {
+            f"k={k}": {**v, "ratio": round(v["tok_s"] / got[0]["tok_s"], 2)} for k, v in got.items()}
+    if args.served_only:
+        print(json.dumps(r["served"]))
+        return 0
     for t in (0.0, 1.0):
         for k in KS:
             r["acceptance"][f"T={t:g} k={k}"] = acceptance(model, prompts, args.max_new_tokens, t, k)
@@ -145,6 +196,11 @@ def main(argv=None) -> int:
     for name, s in r["speed"].items():
         print(f"  {name}: " + ", ".join(f"{k} {v['tok_s']:.0f} tok/s ({v['ratio']:.2f}x)"
                                         for k, v in s.items()))
+    for name, s in r["served"].items():
+        print(f"  served, {name}: " + ", ".join(
+            f"{k} {v['tok_s']:.0f} tok/s ({v['ratio']:.2f}x"
+            + (f", {v['accepted']:.2f} of drafts accepted)" if v["accepted"] is not None else ")")
+            for k, v in s.items()))
     c = r["costs_ms"]
     print("  one forward, ms: model " + " / ".join(f"S={s} {v}" for s, v in c["main"].items())
           + "; MTP layer " + " / ".join(f"S={s} {v}" for s, v in c["mtp"].items()))

@@ -287,11 +287,12 @@ def test_prometheus_text():
 
     m = dict(running=2, waiting=1, pages_used=5, pages_cached=2, pages_total=20, prompt_tokens=100,
              generation_tokens=40, prefix_hit_tokens=30, prefix_query_tokens=120, preemptions=0, steps=9,
-             generation_tokens_per_s=12.5)
+             draft_tokens=8, accepted_draft_tokens=6, generation_tokens_per_s=12.5)
     text = prometheus(m)
     values = dict(re.findall(r"^dsv32_(\w+) (\S+)$", text, re.M))
     assert values["requests_running"] == "2" and values["cache_usage_ratio"] == "0.25"
     assert values["prefix_cache_hit_rate"] == "0.25" and values["generation_tokens_per_second"] == "12.5"
+    assert values["spec_decode_accepted_tokens_total"] == "6"
     assert "# TYPE dsv32_generation_tokens_total counter" in text and text.endswith("\n")
 
 
@@ -308,6 +309,31 @@ def test_a_port_in_use_is_one_line_before_the_weights(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--ckpt", DEMO_DIR, "--port", "65536"])
     assert e.value.code == 2 and "expected a port in 0..65535" in capsys.readouterr().err
+
+
+def test_speculative_server_streams_the_same_reply(model, tok):
+    """`dsv32 serve --speculative 2`: a streamed and a whole greedy chat reply equal `Model.generate`'s, and
+    /metrics counts the drafts (most accepted: the demo model's MTP layer is trained)."""
+    msgs = [_user("My name is Alice."), _user("Tell me about the sea. Please answer.")]
+    want = [_greedy(model, tok, m, 24) for m in msgs]
+    s = Server("--speculative", "2", "--max-batch", "4", *EXACT)
+    try:
+        client = s.client()
+        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs[0], max_tokens=24, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want[0][0]["content"]
+        whole = client.chat.completions.create(model=MODEL, messages=msgs[1], max_tokens=24, temperature=0)
+        assert whole.choices[0].message.content == want[1][0]["content"]
+        assert whole.usage.completion_tokens == want[1][2]
+        m = s.metrics()
+        assert m["spec_decode_draft_tokens_total"] > 0
+        assert m["spec_decode_accepted_tokens_total"] > 0.5 * m["spec_decode_draft_tokens_total"], m
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- dsv32 serve's stderr:\n{''.join(s.lines)}") from None
+    finally:
+        s.kill()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -79,6 +79,31 @@ def _fake_steps(sched: Scheduler, rng, max_steps=10_000):
     raise AssertionError("the scheduler did not finish")
 
 
+def test_speculative_pages_cover_the_drafts_and_prefix_keys_the_next_token():
+    """With k drafts a decode step gets the pages of k more slots (up to the last slot the request
+    may still fill), and a page is shared only when the token after it matches too (the MTP
+    layer's key at a page's last slot reads it)."""
+    pages = Pages(1 + 8)
+    sched = Scheduler(pages, max_batch=2, chunk=64, max_prefill=1, max_len=512, ahead=3)
+    base = list(range(2, 2 + 2 * PAGE + 1))
+    sched.add(Seq(0, list(base), len(base), Sampling(max_tokens=PAGE), lambda *a: None))
+    while sched.running or sched.waiting:
+        batch = sched.plan()
+        for s in batch.seqs:
+            if batch.decode:  # the pending token's slot and 3 drafts', within the request's slots
+                need = min(s.computed + 3, s.n_prompt + s.sampling.max_tokens - 2) + 1
+                assert len(s.pages) * PAGE >= need
+        sched.commit(batch, np.full((batch.B, 4), 7), np.full(batch.B, 3) if batch.decode else None)
+    assert pages.cached >= 2
+    for tail, shared in ((base[2 * PAGE:], 2), ([1], 1)):  # the token after page 2 equal, or not
+        s = Seq(1 + shared, base[:2 * PAGE] + tail + [9, 9], 2 * PAGE + 3, Sampling(max_tokens=4),
+                lambda *a: None)
+        sched.add(s)
+        sched.plan()
+        assert s.computed == shared * PAGE
+        sched.remove(s.rid)
+
+
 def test_scheduler_preempts_newest_and_returns_every_page():
     pages = Pages(1 + 6)  # 6 usable pages; 4 requests of 2-3 pages each
     sched = Scheduler(pages, max_batch=4, chunk=32, max_prefill=2, max_len=512)
@@ -97,7 +122,7 @@ def test_scheduler_preempts_newest_and_returns_every_page():
 def demo():
     import dsv32_jax
 
-    model = dsv32_jax.load_model(DEMO, dtype="float32", fp8_activations=False)
+    model = dsv32_jax.load_model(DEMO, dtype="float32", fp8_activations=False, mtp=True)
     assert model.config.vocab_size == VOCAB
     return model
 
@@ -310,7 +335,7 @@ def test_warmup_shapes_are_the_shapes_steps_take():
     for max_batch, max_prefill in ((1, 4), (3, 2), (4, 4)):
         sched = Scheduler(Pages(40, True), max_batch, 32, max_prefill, 256)
         shapes = set(sched.shapes())
-        assert max(b for b, _, _ in shapes) == (1 << (max_batch - 1).bit_length())
+        assert max(b for b, _, _, _ in shapes) == (1 << (max_batch - 1).bit_length())
         rng = np.random.default_rng(max_batch)
         for rid in range(8):
             n = int(rng.integers(1, 120))
@@ -318,5 +343,59 @@ def test_warmup_shapes_are_the_shapes_steps_take():
                           lambda *a: None))
         while not sched.idle:
             batch = sched.plan()
-            assert (batch.B, batch.S, batch.P) in shapes
+            assert (batch.B, batch.S, batch.P, batch.decode) in shapes
             sched.commit(batch, np.full(batch.B, 7))
+
+
+# Speculative decoding in the engine (the demo model's trained MTP layer) -------------------------------
+
+
+def test_speculative_engine_equals_generate_and_accepts_the_trained_drafts():
+    """k = 2 on three held-out-like contexts of two chats each (3-4 pages with their replies, so
+    three running overflow the 8-page pool: preemption), one arriving mid-decode; then the next turn
+    of one (a prefix hit), and one request sampled alone and among others. Greedy tokens equal
+    `Model.generate`'s; drafts accepted > 70% (the first alone is at 0.95 here, as
+    benchmarks/mtp_acceptance measures it teacher-forced: the MTP layer's paged keys are the true
+    ones); the sampled request gets the same tokens alone or batched."""
+    from dsv32_jax.text.chat import ASSISTANT, THINK_END
+    from dsv32_jax.text.tokenizer import Tokenizer
+    from dsv32_jax.train import corpus
+
+    tok, turn = Tokenizer.load(DEMO), ASSISTANT + THINK_END
+    convs = corpus.conversations(6, 11)
+    ctx = [tok.encode(a + b[:b.rindex(turn) + len(turn)]) for a, b in zip(convs[::2], convs[1::2])]
+    assert all(2 * PAGE < len(c) + 32 <= 4 * PAGE for c in ctx), [len(c) for c in ctx]
+    want = demo().generate(ctx, 32, temperature=0, stop_tokens=[])
+    eng = Engine(demo(), max_batch=3, chunk=32, max_prefill=3, pages=1 + 8, speculative=2)
+    eng.start()
+    try:
+        got = Collect()
+        for i in (0, 1):
+            eng.submit(ctx[i], greedy(max_tokens=32), got.emit(i))
+        with got.lock:  # the third arrives while the first two decode
+            got.lock.wait_for(lambda: any(len(t) >= 2 for t in got.tokens.values()), 300)
+        eng.submit(ctx[2], greedy(max_tokens=32), got.emit(2))
+        got.wait(3)
+        m = eng.metrics()
+        assert [got.tokens[i] for i in range(3)] == want
+        assert m["preemptions"] > 0 and m["pages_used"] == 0
+        assert m["accepted_draft_tokens"] > 0.7 * m["draft_tokens"], m
+        # the next turn: its prompt holds the first context and its reply, so their full pages are
+        # shared (the token after each matches too)
+        nxt = ctx[0] + want[0] + ctx[1][-20:]
+        again = Collect()
+        eng.submit(nxt, greedy(), again.emit(0))
+        again.wait(1)
+        assert eng.metrics()["prefix_hit_tokens"] - m["prefix_hit_tokens"] == (len(ctx[0]) + 31) // PAGE * PAGE
+        assert again.tokens[0] == demo().generate([nxt], NEW, temperature=0, stop_tokens=[])[0]
+        hot = Sampling(max_tokens=12, temperature=0.9, top_p=0.9, seed=5)
+        alone, mixed = Collect(), Collect()
+        eng.submit(ctx[0], hot, alone.emit(0))
+        alone.wait(1)
+        for i in (1, 2):
+            eng.submit(ctx[i], greedy(), mixed.emit(i))
+        eng.submit(ctx[0], hot, mixed.emit(0))
+        mixed.wait(3)
+        assert mixed.tokens[0] == alone.tokens[0]
+    finally:
+        eng.stop(drain=False)

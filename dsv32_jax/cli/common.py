@@ -36,13 +36,17 @@ def run_options(p: argparse.ArgumentParser, max_new: int = 64) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
-    p.add_argument("--speculative", type=argtypes.checked(int, checks.check_drafts), default=0, metavar="K",
-                   help="speculative decoding: the checkpoint's MTP layer drafts K tokens (1-3) per forward of "
-                        "the model (the same greedy output, the same distribution); default 0: off")
+    speculative_option(p)
     p.add_argument("--show-special", action="store_true",
                    help="print special/reserved tokens in the output stream")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     compile_cache_option(p)
+
+
+def speculative_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", type=argtypes.checked(int, checks.check_drafts), default=0, metavar="K",
+                   help="speculative decoding: the checkpoint's MTP layer drafts K tokens (1-3) per forward of "
+                        "the model (the same greedy output, the same distribution); default 0: off")
 
 
 def checkpoint_options(p: argparse.ArgumentParser) -> None:

@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
     s.add_argument("--max-waiting", type=argtypes.positive_int, default=256, metavar="N",
                    help="most requests queued for admission; more get 429 (default 256)")
     s.add_argument("--no-prefix-cache", action="store_true", help="do not share cache pages of equal prefixes")
+    common.speculative_option(s)
     s.add_argument("--no-warmup", action="store_true",
                    help="do not compile every shape at start-up (each compiles on first use instead)")
     s.add_argument("--drain-timeout", type=argtypes.seconds, default=30.0, metavar="S",
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = common.load_weights(args.ckpt, args)
         engine = Engine(model, max_batch=args.max_batch, cache_gb=args.cache_gb, chunk=args.chunk,
-                        max_waiting=args.max_waiting, prefix_cache=not args.no_prefix_cache)
+                        max_waiting=args.max_waiting, prefix_cache=not args.no_prefix_cache,
+                        speculative=args.speculative)
         if not lead:
             engine.follow()
             return 0

@@ -351,8 +351,7 @@ def _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed
     with on_mesh(params):
         cache = init_cache(cfg, len(lengths), total)
     logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
-    jax.block_until_ready(logits)
-    stats.update(prefill_s=time.perf_counter() - t0, prefill_tokens=int(lengths.sum()),
+    stats.update(prefill_s=timed(logits) - t0, prefill_tokens=int(lengths.sum()),
                  decode_s=0.0, decode_steps=0)
     pos, key = lengths, jax.random.key(seed)
     done = np.zeros(len(lengths), bool)

@@ -89,6 +89,7 @@ class ChatSession:
         self._written = 0  # of _tokens, the first `_written` are in the cache
         self._cache = self._mtp_cache = None
         self._h = None  # speculative: the model's head input at position _written - 1 (1, D), or None
+        self._verified = None  # speculative: (the head input at base.. (1, k+1, D), base) of the last iteration
         self._capacity = 0
         self._params_key = None
 
@@ -130,7 +131,7 @@ class ChatSession:
             raise ValueError(f"cannot truncate a session of {len(self._tokens)} tokens to {n}")
         del self._tokens[n:]
         if n < self._written:
-            self._written, self._h = n, None
+            self._written, self._h, self._verified = n, None, None
 
     def prepare(self, context: Sequence[int]) -> list[int]:
         """Make the session a prefix of ``context`` (keeping the longest common prefix in the cache) and
@@ -237,7 +238,7 @@ class ChatSession:
             t0 = time.perf_counter()
             key, sub = jax.random.split(key)
             x, drafts, self._mtp_cache = exe(mtp, self._mtp_cache, logits, self._h, pos, sub, temp, topp)
-            tokens, base, end, hidden = to_host(x), self.length, self.length, None
+            tokens, end = to_host(x), self.length
         except BaseException:
             self._drop_cache()
             raise
@@ -250,8 +251,6 @@ class ChatSession:
                                               self._tokens[:prompt_end], produced, 0, [produced])
                 self._tokens.append(t)
                 self._written = min(len(self._tokens), end)
-                if hidden is not None:
-                    self._h = hidden[:, self._written - 1 - base]
                 stats["decode_steps"] += 1
                 left -= 1
                 yield t  # the cache holds every token yielded but the iteration's last one
@@ -275,10 +274,10 @@ class ChatSession:
                 stats["accepted"][j] += 1
             tokens, end = to_host(tokens)[0, :a + 1], base + a + 1  # keys written up to end - 1
             self._written = min(len(self._tokens), end)
-            self._h = hidden[:, self._written - 1 - base]
+            self._verified = (hidden, base)  # `_prefill` picks the head input at _written - 1
 
     def _drop_cache(self) -> None:
-        self._cache = self._mtp_cache = self._h = None
+        self._cache = self._mtp_cache = self._h = self._verified = None
         self._capacity = self._written = 0
 
     def _prefill(self, ids: list[int], needed: int, stats: dict):
@@ -287,6 +286,9 @@ class ChatSession:
         keys too, from the model's head input before the first written token (``_h``; unknown after a
         truncation: that token is written again)."""
         start = self._written
+        if self._verified is not None:  # after speculative iterations: the head input there
+            hidden, base = self._verified
+            self._h, self._verified = hidden[:, start - 1 - base], None
         if self.speculative and self._h is None and start:
             start -= 1
         pending = self._tokens[start:] + ids

@@ -115,10 +115,16 @@ class Drafts(NamedTuple):
     h: jax.Array
 
 
-def _drafts(logits, key, temperature, top_p):
-    """MTP logits (B,V) -> draft tokens (B,), their distributions (B,V): `draft` per row."""
-    keys = jax.random.split(key, logits.shape[0])
-    return jax.vmap(draft, (0, 0, None, None))(logits, keys, temperature, top_p)
+def drafts(logits, keys, temperature, top_p):
+    """MTP logits (B,V), a key, temperature and top_p per row (B,) -> draft tokens (B,), their
+    distributions (B,V): `draft` per row."""
+    return jax.vmap(draft)(logits, keys, temperature, top_p)
+
+
+def per_row(b: int, key, temperature, top_p):
+    """One key split into b per-row keys; temperature and top_p () broadcast to (b,)."""
+    return (jax.random.split(key, b), jnp.broadcast_to(temperature, (b,)),
+            jnp.broadcast_to(top_p, (b,)))
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("mtp_cache",))
@@ -131,36 +137,36 @@ def begin(mtp, mtp_cache, logits, h, pos, key, temperature, top_p, *, cfg: Confi
     safe = jnp.maximum(x, 0)
     logits, h1, mtp_cache = mtp_forward(mtp, cfg, h[:, None], safe[:, None], (pos - 1)[:, None],
                                         mtp_cache, 0, impl)
-    d, q = _drafts(logits[:, 0], k1, temperature, top_p)
+    d, q = drafts(logits[:, 0], *per_row(x.shape[0], k1, temperature, top_p))
     return x, Drafts(safe, pos, d, q, h1[:, 0]), mtp_cache
 
 
-def iteration(params, mtp, cache, mtp_cache, s: Drafts, key, temperature, top_p, *, cfg: Config,
-              impl: str, k: int):
-    """One speculative iteration (the module docstring's steps 1-3) -> (n (B,) drafts accepted,
-    tokens (B,k+1) (`verify`'s: the n drafts, then the next token, then -1), the main head's
-    input at pos..pos+k (B,k+1,D), Drafts, cache, mtp_cache)."""
-    b = s.x.shape[0]
-    rows, ahead = jnp.arange(b), jnp.arange(k + 1)
-    keys = jax.random.split(key, k + 1)
+def iteration(params, mtp, cache, mtp_cache, s: Drafts, keys, temperature, top_p, *,
+              cfg: Config, impl: str, k: int):
+    """One speculative iteration (the module docstring's steps 1-3), with a key, temperature and
+    top_p per row (B,) -> (n (B,) drafts accepted, tokens (B,k+1) (`verify`'s: the n drafts, then
+    the next token, then -1), the main head's input at pos..pos+k (B,k+1,D), Drafts, cache,
+    mtp_cache). The caches may be paged (`model.cache.PagedKVCache`, the serving engine's)."""
+    rows, ahead = jnp.arange(s.x.shape[0]), jnp.arange(k + 1)
+    keys = jax.vmap(lambda key: jax.random.split(key, k + 1), out_axes=1)(keys)  # (k+1, B)
     ds, qs, h = [s.d], [s.q], s.h
     for j in range(1, k):  # chain: the MTP layer on its own output
         logits, h, mtp_cache = mtp_forward(mtp, cfg, h[:, None], ds[-1][:, None],
                                            (s.pos + j - 1)[:, None], mtp_cache, 0, impl)
         h = h[:, 0]
-        d, q = _drafts(logits[:, 0], keys[j], temperature, top_p)
+        d, q = drafts(logits[:, 0], keys[j], temperature, top_p)
         ds.append(d)
         qs.append(q)
-    drafts, q = jnp.stack(ds, 1), jnp.stack(qs, 1)  # (B,k), (B,k,V)
+    chain, q = jnp.stack(ds, 1), jnp.stack(qs, 1)  # (B,k), (B,k,V)
     positions = s.pos[:, None] + ahead[None]  # (B,k+1)
     logits, cache, hidden = Transformer(cfg, impl).apply(
-        variables(params), jnp.concatenate([s.x[:, None], drafts], 1), positions, cache,
+        variables(params), jnp.concatenate([s.x[:, None], chain], 1), positions, cache,
         hidden=True)  # (B,k+1,V), (B,k+1,D)
-    n, tokens = jax.vmap(verify, (0, 0, 0, 0, None, None))(
-        logits, drafts, q, jax.random.split(keys[0], b), temperature, top_p)
+    n, tokens = jax.vmap(verify)(logits, chain, q, keys[0], temperature, top_p)
     after = jnp.where(tokens >= 0, tokens, 0)  # the token after each verified position
-    logits, h, mtp_cache = mtp_forward(mtp, cfg, hidden, after, positions, mtp_cache, 0, impl)
-    d, q = _drafts(logits[rows, n], keys[k], temperature, top_p)
+    logits, h, mtp_cache = mtp_forward(mtp, cfg, hidden, after, positions, mtp_cache, 0, impl,
+                                       last=n)
+    d, q = drafts(logits, keys[k], temperature, top_p)
     nxt = Drafts(jnp.maximum(tokens[rows, n], 0), s.pos + n + 1, d, q, h[rows, n])
     return n, tokens, hidden, nxt, cache, mtp_cache
 
@@ -168,9 +174,10 @@ def iteration(params, mtp, cache, mtp_cache, s: Drafts, key, temperature, top_p,
 @partial(jax.jit, static_argnames=("cfg", "impl", "k"), donate_argnames=("cache", "mtp_cache"))
 def step(params, mtp, cache, mtp_cache, s: Drafts, key, temperature, top_p, *, cfg: Config,
          impl: str, k: int):
-    """`iteration`, jitted with the caches donated: one call per iteration of a host loop."""
-    return iteration(params, mtp, cache, mtp_cache, s, key, temperature, top_p, cfg=cfg,
-                     impl=impl, k=k)
+    """`iteration` with one key, temperature and top_p () for the batch, jitted with the caches
+    donated: one call per iteration of a host loop."""
+    return iteration(params, mtp, cache, mtp_cache, s, *per_row(s.x.shape[0], key, temperature, top_p),
+                     cfg=cfg, impl=impl, k=k)
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl", "k", "n_out"),
@@ -192,8 +199,9 @@ def decode_loop(params, mtp, cache, mtp_cache, logits, h, pos, max_new, key, tem
     def body(state):
         s, cache, mtp_cache, out, count, done, accepted, iters, key = state
         key, sub = jax.random.split(key)
-        n, tokens, _, s, cache, mtp_cache = iteration(params, mtp, cache, mtp_cache, s, sub,
-                                                      temperature, top_p, cfg=cfg, impl=impl, k=k)
+        n, tokens, _, s, cache, mtp_cache = iteration(params, mtp, cache, mtp_cache, s,
+                                                      *per_row(b, sub, temperature, top_p), cfg=cfg,
+                                                      impl=impl, k=k)
         ends = (ahead[None] <= n[:, None]) & (jnp.isin(tokens, stop_ids) | (tokens == NONFINITE))
         m = jnp.minimum(n + 1, jnp.where(ends.any(1), jnp.argmax(ends, 1) + 1, k + 1))
         m = jnp.where(done, 0, jnp.minimum(m, max_new - count))  # tokens let out

@@ -32,16 +32,18 @@ from sharding.mesh import constrain
 
 
 class SharedHead(nn.Module):
-    """h (B,S,D), residual -> (float32 logits (B,S,V), the normed hidden (B,S,D))."""
+    """h (B,S,D), residual -> (float32 logits (B,S,V), or (B,V) at `last` (B,); the normed hidden
+    (B,S,D))."""
 
     cfg: Config
 
     @nn.compact
-    def __call__(self, h, residual):
+    def __call__(self, h, residual, last=None):
         cfg = self.cfg
         h, _ = RMSNorm(cfg.rms_norm_eps, "embed", name="norm")(h, residual)
         head = Linear(cfg, cfg.dim, cfg.vocab_size, ("vocab", "embed"), f32=True, name="head")
-        return head(h.astype(jnp.float32)), h
+        picked = h if last is None else h[jnp.arange(h.shape[0]), last]
+        return head(picked.astype(jnp.float32)), h
 
 
 def mtp_input(cfg: Config, h: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -63,14 +65,14 @@ class MTPLayer(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, carry, xs, positions, cos, sin):
+    def __call__(self, carry, xs, positions, cos, sin, last=None):
         cfg = self.cfg
         h, cache = carry
         depth, tokens = xs
         x = mtp_input(cfg, h, tokens)
         block = Block(cfg, True, self.impl, cfg.n_mtp_layers, name="block")
         (x, residual, cache), _ = block((x, jnp.zeros_like(x), cache), depth, positions, cos, sin)
-        logits, h = SharedHead(cfg, name="shared_head")(x, residual)
+        logits, h = SharedHead(cfg, name="shared_head")(x, residual, last)
         return (h, constrain_cache(cache)), logits
 
 
@@ -108,13 +110,14 @@ def _layer(params: dict, depth: int) -> dict:
 
 @partial(jax.jit, static_argnames=("cfg", "depth", "impl"))
 def mtp_forward(params: dict, cfg: Config, h: jax.Array, tokens: jax.Array, positions: jax.Array,
-                cache: KVCache, depth: int = 0, impl: str = "xla"):
+                cache: KVCache, depth: int = 0, impl: str = "xla", last: jax.Array | None = None):
     """One MTP layer. params: the stacked MTP tree (`abstract_params(cfg, mtp=True)["mtp"]`);
     h (B,S,D): the hidden state the main head read at `positions` (`Transformer(hidden=True)`, or
     this function's own output for a chained draft); tokens (B,S): the token after each position;
-    cache: `init_mtp_cache`. -> (float32 logits (B,S,V) for the token two after each position,
-    the new hidden state (B,S,D), the cache with this layer's keys written at `positions`)."""
+    cache: `init_mtp_cache` (or a paged pool). -> (float32 logits (B,S,V) for the token two after
+    each position, or (B,V) at `last` (B,) only; the new hidden state (B,S,D); the cache with this
+    layer's keys written at `positions`)."""
     cos, sin = rope_tables(cfg, positions)
     (h, cache), logits = MTPLayer(cfg, impl).apply(_layer(params, depth), (h, cache),
-                                                    (depth, tokens), positions, cos, sin)
+                                                    (jnp.int32(depth), tokens), positions, cos, sin, last)
     return logits, h, cache

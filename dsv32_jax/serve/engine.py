@@ -8,6 +8,11 @@ over the paged pool, tokens out through each request's `emit` callback.
     # runs, then once "stop" | "length" | "cancelled" | "error: ..."
     engine.cancel(rid); engine.metrics(); engine.stop(drain=True)
 
+Engine(model, speculative=k) decodes speculatively (`engine.speculative`): the model's MTP layer
+(load_model(mtp=True)) drafts k tokens per step, one forward verifies them; its own pool beside the
+model's, the same pages; each running sequence's draft state in a device slot. Greedy output is the
+same token for token, sampled output the same distribution.
+
 In a multi-process run every process builds the Engine (its pool spans the global mesh). Process 0
 schedules: before each step (warm-up steps too) it broadcasts the step's inputs, and each other
 process runs that step in `follow()` until process 0's engine ends. Only process 0 reads the tokens.
@@ -26,6 +31,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dsv32_jax.engine import speculative as spec
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
@@ -54,8 +60,10 @@ class EngineStopped(RuntimeError):
 class Engine:
     def __init__(self, model, *, max_batch: int = 32, pages: int | None = None,
                  cache_gb: float | None = None, chunk: int = 512, max_waiting: int = 256,
-                 prefix_cache: bool = True, max_prefill: int = 4):
+                 prefix_cache: bool = True, max_prefill: int = 4, speculative: int = 0):
         cfg = model.config
+        if speculative:
+            spec.check(speculative, model.mtp)
         for name, v in (("max_batch", max_batch), ("chunk", chunk), ("max_waiting", max_waiting),
                         ("max_prefill", max_prefill)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -71,10 +79,12 @@ class Engine:
         if mesh is not None and mesh.shape.get("data", 1) > 1:
             raise NotImplementedError("serving on a mesh with data > 1 is not implemented yet: the paged "
                                       "pool is not split over data (use --mesh 1,E,T)")
+        self.k = speculative
+        mtp = bool(speculative)
         if cache_gb is not None:
-            pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)))
+            pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)), mtp)
         elif pages is None:
-            pages = default_pages(cfg, max_batch, _free_bytes(model.params))
+            pages = default_pages(cfg, max_batch, _free_bytes(model.params), mtp)
         self._multi = jax.process_count() > 1
         if self._multi:  # one pool over the global mesh: the size every process can hold
             pages = int(multihost_utils.process_allgather(np.int32(pages)).min())
@@ -82,9 +92,11 @@ class Engine:
             raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
         self.max_waiting = max_waiting
-        self.sched = Scheduler(Pages(pages, prefix_cache), max_batch, chunk, max_prefill, self.max_len)
+        self.sched = Scheduler(Pages(pages, prefix_cache), max_batch, chunk, max_prefill, self.max_len,
+                               speculative)
         with on_mesh(model.params):
-            self._pools = st.pools(cfg, pages)
+            self._pools = st.pools(cfg, pages, mtp)
+            self._slots = st.draft_slots(cfg, max_batch + 1) if mtp else None
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._inbox: list[Seq] = []
@@ -132,10 +144,10 @@ class Engine:
         """Compile the step for every shape bucket (a step on padding only: it writes the scratch page)."""
         shapes = self.sched.shapes()
         t0 = time.perf_counter()
-        for i, (b, s, p) in enumerate(shapes):
+        for i, (b, s, p, decode) in enumerate(shapes):
             if progress:
                 progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")
-            to_host(self._run(Batch([], [], s, b, p).arrays()))  # padding lanes only
+            to_host(self._run(Batch([], [], s, b, p, bool(self.k), decode))[0])  # padding lanes only
         if progress:
             progress(f"compiled {len(shapes)} step shapes in {time.perf_counter() - t0:.1f} s")
 
@@ -164,29 +176,41 @@ class Engine:
     def follow(self) -> None:
         """A multi-process run's processes other than 0: run every step process 0 runs (it
         broadcasts each one's inputs) until its engine ends."""
-        while (a := _share(None)) is not None:
-            self._step(a)
+        while (got := _share(None, bool(self.k))) is not None:
+            self._step(*got)
 
-    def _run(self, a: dict):
-        """Process 0: one step (in a multi-process run, the others run it too: `follow`)."""
+    def _run(self, batch: Batch):
+        """Process 0: one step (in a multi-process run, the others run it too: `follow`) ->
+        (tokens (B,) or (B,k+1), accepted drafts (B,) or None), on the device."""
+        a = batch.arrays()
         if self._multi:
-            _share(a)
-        return self._step(a)
+            _share((a, batch.decode), bool(self.k))
+        return self._step(a, batch.decode)
 
-    def _step(self, a: dict):
-        with on_mesh(self.model.params):
-            token, self._pools = st.step(self.model.params, self._pools, a["table"], a["tokens"],
-                                         a["positions"], a["last"], a["seeds"], a["counters"],
-                                         a["temperature"], a["top_p"], cfg=self.config,
-                                         impl=self.model.attention_impl)
-        return token
+    def _step(self, a: dict, decode: bool):
+        m, kw = self.model, {"cfg": self.config, "impl": self.model.attention_impl}
+        sampling = (a["seeds"], a["counters"], a["temperature"], a["top_p"])
+        with on_mesh(m.params):
+            if not self.k:
+                token, self._pools = st.step(m.params, self._pools, a["table"], a["tokens"],
+                                             a["positions"], a["last"], *sampling, **kw)
+                return token, None
+            if decode:
+                n, tokens, self._pools, self._slots = st.spec_decode(
+                    m.params, m.mtp, self._pools, self._slots, a["table"], a["tokens"][:, 0],
+                    a["positions"][:, 0], a["slot"], *sampling, k=self.k, **kw)
+                return tokens, n
+            token, self._pools, self._slots = st.spec_prefill(
+                m.params, m.mtp, self._pools, self._slots, a["table"], a["tokens"], a["positions"],
+                a["last"], a["after"], a["ends"], a["slot"], *sampling, **kw)
+            return token, None
 
     def _loop(self) -> None:
         try:
             while self._turn():
                 pass
             if self._multi and not self.error:
-                _share(None)  # the others stop following
+                _share(None, bool(self.k))  # the others stop following
         except Exception as e:  # noqa: BLE001 - every open request hears of it, then the thread ends
             msg = f"engine failed: {type(e).__name__}: {e}"
             if self._multi:  # the run ends, the open requests told by `on_fatal` (a process lost
@@ -220,11 +244,11 @@ class Engine:
             return False
         if batch is None:
             return True
-        tokens = to_host(self._run(batch.arrays()))[:len(batch.seqs)]
+        tokens, accepted = (None if x is None else to_host(x) for x in self._run(batch))
         with self._cv:
             if self.error:  # failed meanwhile (`fail`, from a multi-process run's watch)
                 return False
-            events = self.sched.commit(batch, tokens)
+            events = self.sched.commit(batch, tokens[:len(batch.seqs)], accepted)
             self._rate.add(sum(len(new) for _, new, _ in events))
         _send(events)
         return True
@@ -251,14 +275,14 @@ class Engine:
 FREE_FRACTION = 0.8  # of a device's free memory the default pool may take (the rest: step buffers)
 
 
-def default_pages(cfg, max_batch: int, free: int | None) -> int:
+def default_pages(cfg, max_batch: int, free: int | None, mtp: bool = False) -> int:
     """The pool's default size: every running sequence at full length (+ the scratch page), cut to
     FREE_FRACTION of the device memory left after the weights when the device reports it (GPUs;
-    `free` None on a CPU)."""
+    `free` None on a CPU). mtp: the MTP layer's pool too."""
     full = max_batch * cdiv(cfg.max_seq_len, PAGE) + 1
     if free is None:
         return full
-    return min(full, st.pages_for_bytes(cfg, int(FREE_FRACTION * free)))
+    return min(full, st.pages_for_bytes(cfg, int(FREE_FRACTION * free), mtp))
 
 
 def _free_bytes(params) -> int | None:
@@ -272,14 +296,16 @@ def _free_bytes(params) -> int | None:
     return min(free) if free else None
 
 
-def _share(a: dict | None) -> dict | None:
-    """A multi-process run's next step: the inputs `a` process 0 gives (None: no more steps), on
-    every process (the others pass None)."""
-    shape = [0, 0, 0] if a is None else [*a["tokens"].shape, a["table"].shape[1]]
-    B, S, P = map(int, multihost_utils.broadcast_one_to_all(np.array(shape, np.int32)))
+def _share(step: tuple[dict, bool] | None, spec: bool) -> tuple[dict, bool] | None:
+    """A multi-process run's next step: the inputs and kind (decode or not) process 0 gives (None:
+    no more steps), on every process (the others pass None)."""
+    a, decode = step or (None, False)
+    shape = [0, 0, 0, 0] if a is None else [*a["tokens"].shape, a["table"].shape[1], decode]
+    B, S, P, decode = map(int, multihost_utils.broadcast_one_to_all(np.array(shape, np.int32)))
     if B == 0:
         return None
-    return multihost_utils.broadcast_one_to_all(Batch([], [], S, B, P).arrays() if a is None else a)
+    like = Batch([], [], S, B, P, spec, bool(decode)).arrays() if a is None else a
+    return multihost_utils.broadcast_one_to_all(like), bool(decode)
 
 
 def _send(events) -> None:

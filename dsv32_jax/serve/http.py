@@ -103,6 +103,9 @@ _METRICS = (
      lambda m: m["prefix_hit_tokens"] / m["prefix_query_tokens"] if m["prefix_query_tokens"] else 0.0),
     ("preemptions_total", "counter", "requests preempted (recomputed later) when the cache ran out", "preemptions"),
     ("engine_steps_total", "counter", "engine steps run", "steps"),
+    ("spec_decode_draft_tokens_total", "counter", "speculative decoding: tokens drafted", "draft_tokens"),
+    ("spec_decode_accepted_tokens_total", "counter", "speculative decoding: drafted tokens accepted",
+     "accepted_draft_tokens"),
     ("generation_tokens_per_second", "gauge", "tokens generated per second (over the last seconds)",
      "generation_tokens_per_s"),
 )

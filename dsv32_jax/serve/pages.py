@@ -17,14 +17,15 @@ import numpy as np
 from dsv32_jax.model.cache import PAGE
 
 
-def page_keys(tokens, n: int, parent: bytes = b"") -> list[bytes]:
+def page_keys(tokens, n: int, parent: bytes = b"", overlap: int = 0) -> list[bytes]:
     """The keys of the first n full pages of `tokens`: key k hashes key k-1 and page k's tokens, so
-    it names the whole prefix up to the page's end."""
+    it names the whole prefix up to the page's end, and `overlap` tokens past it (a page whose
+    content depends on them: the MTP layer's keys, `scheduler`)."""
     keys = []
     for k in range(n):
-        page = np.asarray(tokens[k * PAGE:(k + 1) * PAGE], np.int32)
-        if page.size != PAGE:
-            raise ValueError(f"page {k} is not full ({page.size} of {PAGE} tokens)")
+        page = np.asarray(tokens[k * PAGE:(k + 1) * PAGE + overlap], np.int32)
+        if page.size != PAGE + overlap:
+            raise ValueError(f"page {k} is not full ({page.size} of {PAGE} + {overlap} tokens)")
         parent = hashlib.blake2b(parent + page.tobytes(), digest_size=16).digest()
         keys.append(parent)
     return keys

@@ -12,6 +12,12 @@ prompt can be had, after the prefix cache lent its pages: those tokens are not p
 decode that crosses into a new page takes one; when none is left, the newest running sequence is
 preempted: its pages go back and it waits at the head of the queue to be recomputed (prompt and the
 tokens it already produced, which are not sent again).
+
+With speculative decoding (`ahead` = k drafts) a decode step verifies the pending token and k drafts
+at once: it needs the pages of k more slots (up to the last the sequence may use), and a sequence
+decodes once a run has left its draft state (`Seq.drafted`): a prefix hit that leaves one token to
+run is a prefill. Its runs may end with up to k + 1 tokens. The MTP layer's key at a slot depends on
+the token after it, so a page's prefix key covers that token too (`page_keys(overlap=1)`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class Seq:
     computed: int = 0
     pages: list[int] = dataclasses.field(default_factory=list)
     keys: list[bytes] = dataclasses.field(default_factory=list)  # of its first len(keys) pages
+    slot: int = 0  # its row of the engine's per-sequence device state (0: none)
+    drafted: bool = False  # speculative: its draft state for the pending token is in its slot
 
     @property
     def produced(self) -> int:
@@ -60,21 +68,29 @@ class Seq:
 @dataclasses.dataclass
 class Batch:
     """One step: seqs[i] feeds tokens[computed : computed + feed[i]] in a (B, S) run with page
-    tables of width P (all powers of two)."""
+    tables of width P (all powers of two). Speculative (`spec`): a prefill step also runs the MTP
+    layer, a decode step (`decode`) is a draft-verify iteration."""
     seqs: list[Seq]
     feed: list[int]
     S: int
     B: int
     P: int
+    spec: bool = False
+    decode: bool = False
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The step's inputs (`serve.step.step`): padding lanes write into the scratch page."""
+        """The step's inputs (`serve.step`'s programs): padding lanes write into the scratch page
+        (and the scratch slot 0)."""
         B, S, P = self.B, self.S, self.P
         out = {"table": np.zeros((B, P), np.int32), "tokens": np.zeros((B, S), np.int32),
                "positions": np.tile(np.arange(S, dtype=np.int32), (B, 1)),
                "last": np.zeros(B, np.int32), "seeds": np.zeros(B, np.uint32),
                "counters": np.zeros(B, np.int32), "temperature": np.zeros(B, np.float32),
                "top_p": np.ones(B, np.float32)}
+        if self.spec:
+            out["slot"] = np.zeros(B, np.int32)
+            if not self.decode:
+                out["after"], out["ends"] = np.zeros((B, S), np.int32), np.zeros(B, bool)
         for i, (s, n) in enumerate(zip(self.seqs, self.feed)):
             out["table"][i, :len(s.pages)] = s.pages
             out["tokens"][i, :n] = s.tokens[s.computed:s.computed + n]
@@ -84,6 +100,12 @@ class Batch:
             out["counters"][i] = s.produced
             out["temperature"][i] = s.sampling.temperature
             out["top_p"][i] = s.sampling.top_p
+            if self.spec:
+                out["slot"][i] = s.slot
+            if "after" in out:
+                nxt = s.tokens[s.computed + 1:s.computed + n + 1]
+                out["after"][i, :len(nxt)] = nxt
+                out["ends"][i] = s.computed + n == len(s.tokens)
         return out
 
 
@@ -99,25 +121,30 @@ def pow2_up_to(n: int) -> list[int]:
 
 
 class Scheduler:
-    def __init__(self, pages: Pages, max_batch: int, chunk: int, max_prefill: int, max_len: int):
+    def __init__(self, pages: Pages, max_batch: int, chunk: int, max_prefill: int, max_len: int,
+                 ahead: int = 0):
         self.pages = pages
         self.max_batch, self.chunk, self.max_prefill, self.max_len = max_batch, chunk, max_prefill, max_len
+        self.ahead = ahead  # speculative drafts per decode step (0: off)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.counts = {"prefix_hit_tokens": 0, "prefix_query_tokens": 0, "preemptions": 0,
-                       "generation_tokens": 0, "steps": 0}
+                       "generation_tokens": 0, "steps": 0, "draft_tokens": 0,
+                       "accepted_draft_tokens": 0}
         self._prefill_next = True
+        self._slots = list(range(max_batch, 0, -1))  # free rows of the per-sequence state
 
     # Shapes -----------------------------------------------------------------------------------------
 
     def page_buckets(self) -> list[int]:
         return pow2_up_to(bucket(cdiv(self.max_len, PAGE), 1))
 
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """Every (B, S, P) a step may have: what a warm-up compiles."""
-        out = [(b, 1, p) for b in pow2_up_to(bucket(self.max_batch, 1)) for p in self.page_buckets()]
+    def shapes(self) -> list[tuple[int, int, int, bool]]:
+        """Every (B, S, P, decode) a step may have: what a warm-up compiles."""
+        out = [(b, 1, p, True) for b in pow2_up_to(bucket(self.max_batch, 1))
+               for p in self.page_buckets()]
         prefill = min(self.max_prefill, self.max_batch)  # a prefill step runs running sequences
-        return out + [(b, s, p) for b in pow2_up_to(bucket(prefill, 1))
+        return out + [(b, s, p, False) for b in pow2_up_to(bucket(prefill, 1))
                       for s in seq_buckets(self.chunk) for p in self.page_buckets()]
 
     # Queue ------------------------------------------------------------------------------------------
@@ -141,10 +168,13 @@ class Scheduler:
 
     # One step ---------------------------------------------------------------------------------------
 
+    def _decodes(self, s: Seq) -> bool:
+        return s.pending == 1 and (s.drafted or not self.ahead)
+
     def plan(self) -> Batch | None:
         self._admit()
-        prefill = [s for s in self.running if s.pending > 1]
-        decode = [s for s in self.running if s.pending == 1]
+        decode = [s for s in self.running if self._decodes(s)]
+        prefill = [s for s in self.running if not self._decodes(s)]
         if not prefill and not decode:
             return None
         use_prefill = bool(prefill) and (self._prefill_next or not decode)
@@ -159,31 +189,43 @@ class Scheduler:
                 return None
             feed, S = [1] * len(seqs), 1
         P = bucket(max(len(s.pages) for s in seqs), 1)  # padding past the table: scratch
-        return Batch(seqs, feed, S, bucket(len(seqs), 1), P)
+        return Batch(seqs, feed, S, bucket(len(seqs), 1), P, bool(self.ahead), not use_prefill)
 
-    def commit(self, batch: Batch, sampled: np.ndarray) -> list[tuple[Seq, list[int], str | None]]:
-        """Take a step's sampled tokens -> (seq, new tokens, finish) per sequence that has news;
-        finished sequences leave with their pages released."""
+    def commit(self, batch: Batch, sampled: np.ndarray, accepted: np.ndarray | None = None
+               ) -> list[tuple[Seq, list[int], str | None]]:
+        """Take a step's tokens -> (seq, new tokens, finish) per sequence that has news; finished
+        sequences leave with their pages released. sampled (B,): the token sampled after each run;
+        or, a speculative decode step's, (B, k+1) with `accepted` (B,): row i's first accepted[i]
+        tokens are drafts whose keys the step wrote, then the next token."""
         self.counts["steps"] += 1
         events = []
-        for s, n, tok in zip(batch.seqs, batch.feed, sampled):
-            s.computed += n
-            self._register(s)
+        sampled = np.asarray(sampled).reshape(len(sampled), -1)
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.feed)):
+            a = 0 if accepted is None else int(accepted[i])
+            s.computed += n + a
+            if batch.spec:  # the step left the draft after tokens[computed] in the slot
+                s.drafted = True
+            if batch.decode and batch.spec:
+                self.counts["draft_tokens"] += self.ahead
+                self.counts["accepted_draft_tokens"] += a
             if s.computed < len(s.tokens):
+                self._register(s)
                 continue  # a prefill chunk short of the end: nothing sampled
-            tok = int(tok)
-            finish = None
-            if tok == NONFINITE:
-                finish = "error: the logits were not finite (NaN/Inf)"
-                new = []
-            else:
+            finish, new = None, []
+            for tok in map(int, sampled[i, :a + 1]):
+                if tok == NONFINITE:
+                    finish = "error: the logits were not finite (NaN/Inf)"
+                    break
                 s.tokens.append(tok)
                 self.counts["generation_tokens"] += 1
-                new = [tok]
+                new.append(tok)
                 if tok in s.sampling.stop_ids:
                     finish = "stop"
                 elif s.produced >= s.sampling.max_tokens:
                     finish = "length"
+                if finish:
+                    break
+            self._register(s)
             if finish is not None:
                 self.running.remove(s)
                 self._drop_pages(s)
@@ -195,7 +237,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
-            keys = page_keys(s.tokens, (len(s.tokens) - 1) // PAGE)  # one token is always run
+            # one token is always run
+            keys = page_keys(s.tokens, (len(s.tokens) - 1) // PAGE, overlap=self._overlap)
             shared = self.pages.lookup(keys)
             need = cdiv(len(s.tokens), PAGE) - len(shared)
             if need > self.pages.available:
@@ -204,23 +247,33 @@ class Scheduler:
             s.pages = shared + self.pages.allocate(need)
             s.keys = keys[:len(shared)]
             s.computed = len(shared) * PAGE
+            s.slot = self._slots.pop()
             self.counts["prefix_hit_tokens"] += s.computed
             self.counts["prefix_query_tokens"] += len(s.tokens)
             self.running.append(self.waiting.popleft())
 
+    @property
+    def _overlap(self) -> int:
+        return 1 if self.ahead else 0
+
+    def _slots_needed(self, s: Seq) -> int:
+        """The slots a decode step of s writes that matter: its pending token's, and with k drafts
+        k more, up to the last slot a token it may still produce is computed in."""
+        last = s.n_prompt + s.sampling.max_tokens - 2  # the final token is sent, never computed
+        return min(s.computed + self.ahead, max(last, s.computed)) + 1
+
     def _with_pages(self, seqs: list[Seq]) -> list[Seq]:
-        """Give each decoding sequence the page its next slot needs, preempting the newest running
+        """Give each decoding sequence the pages its next slots need, preempting the newest running
         sequences while none is left. -> the sequences still running, in order."""
         for s in list(seqs):
-            if s not in self.running or len(s.pages) * PAGE > s.computed:
-                continue
-            while not self.pages.available:
-                victim = max(self.running, key=lambda r: r.rid)  # the newest request
-                self._preempt(victim)
-                if victim is s:
-                    break
-            if s in self.running:
-                s.pages += self.pages.allocate(1)
+            while s in self.running and len(s.pages) * PAGE < self._slots_needed(s):
+                while not self.pages.available:
+                    victim = max(self.running, key=lambda r: r.rid)  # the newest request
+                    self._preempt(victim)
+                    if victim is s:
+                        break
+                if s in self.running:
+                    s.pages += self.pages.allocate(1)
         return [s for s in seqs if s in self.running]
 
     def _preempt(self, s: Seq) -> None:
@@ -231,11 +284,15 @@ class Scheduler:
 
     def _drop_pages(self, s: Seq) -> None:
         self.pages.release(s.pages)
-        s.pages, s.keys, s.computed = [], [], 0
+        if s.slot:
+            self._slots.append(s.slot)
+        s.pages, s.keys, s.computed, s.slot, s.drafted = [], [], 0, 0, False
 
     def _register(self, s: Seq) -> None:
         """Offer each page the sequence has filled to the prefix cache."""
-        for k in range(len(s.keys), s.computed // PAGE):
-            key = page_keys(s.tokens[k * PAGE:(k + 1) * PAGE], 1, s.keys[-1] if s.keys else b"")[0]
+        end = min(s.computed, len(s.tokens) - self._overlap) // PAGE
+        for k in range(len(s.keys), end):
+            key = page_keys(s.tokens[k * PAGE:(k + 1) * PAGE + self._overlap], 1,
+                            s.keys[-1] if s.keys else b"", self._overlap)[0]
             self.pages.register(s.pages[k], key)
             s.keys.append(key)

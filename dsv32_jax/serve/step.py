@@ -1,5 +1,6 @@
-"""The serving engine's one jitted program: a forward of a batch of token runs over the paged pool,
-then a sample per sequence.
+"""The serving engine's jitted programs: a forward of a batch of token runs over the paged pool,
+then a sample per sequence (`step`); with speculative decoding, the same with the MTP layer's pool
+and draft state (`spec_prefill`), and a draft-verify iteration (`spec_decode`).
 
 A run is S tokens of one sequence at consecutive positions: a prefill chunk (S up to the chunk) or a
 decode step (S = 1); padding tokens sit after the real ones (their keys land in the sequence's own
@@ -13,18 +14,50 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 
+from dsv32_jax.engine import speculative as spec
 from dsv32_jax.engine.generate import sample
 from dsv32_jax.model.cache import PagedKVCache
 from dsv32_jax.model.config import Config
+from dsv32_jax.model.mtp import mtp_forward
 from dsv32_jax.model.transformer import Transformer, constrain_cache, layer_counts, variables
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def pools(cfg: Config, n_pages: int, mtp: bool = False) -> dict[str, PagedKVCache]:
+    """Empty pools of n_pages pages for every layer group (and, with mtp, for the MTP layers:
+    "mtp", the same page ids)."""
+    counts = layer_counts(cfg) | ({"mtp": cfg.n_mtp_layers} if mtp else {})
+    return {g: constrain_cache(PagedKVCache.pool(cfg, n, n_pages)) for g, n in counts.items() if n}
+
+
 @partial(jax.jit, static_argnums=(0, 1))
-def pools(cfg: Config, n_pages: int) -> dict[str, PagedKVCache]:
-    """Empty pools of n_pages pages for every layer group."""
-    return {g: constrain_cache(PagedKVCache.pool(cfg, n, n_pages))
-            for g, n in layer_counts(cfg).items() if n}
+def draft_slots(cfg: Config, n: int) -> spec.Drafts:
+    """Each running sequence's speculative state between steps, in its slot (0: the padding lanes'
+    scratch slot): `speculative.Drafts`' d (n,), q (n,V), h (n,D) (x and pos: unused)."""
+    zero = jnp.zeros(n, jnp.int32)
+    return spec.Drafts(zero, zero, zero, jnp.zeros((n, cfg.vocab_size), jnp.float32),
+                       jnp.zeros((n, cfg.dim), cfg.dtype))
+
+
+def _split(pools):
+    """The layer groups' pools, the MTP pool."""
+    return {g: p for g, p in pools.items() if g != "mtp"}, pools["mtp"]
+
+
+def _keys(seeds, counters):
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+
+
+def _sample(logits, keys, temperature, top_p):
+    return jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t, p)[0])(logits, keys, temperature, top_p)
+
+
+def _keep(slots: spec.Drafts, slot, d: spec.Drafts) -> spec.Drafts:
+    """slots with rows `slot` (B,) set to d's d, q, h."""
+    return slots._replace(d=slots.d.at[slot].set(d.d), q=slots.q.at[slot].set(d.q),
+                          h=slots.h.at[slot].set(d.h.astype(slots.h.dtype)))
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("pools",))
@@ -36,19 +69,57 @@ def step(params, pools, table, tokens, positions, last, seeds, counters, tempera
     counter); `NONFINITE` where those logits were not finite), the pools."""
     cache = {g: p.with_pages(table) for g, p in pools.items()}
     logits, cache = Transformer(cfg, impl).apply(variables(params), tokens, positions, cache, last)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-    token = jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t, p)[0])(
-        logits, keys, temperature, top_p)
+    token = _sample(logits, _keys(seeds, counters), temperature, top_p)
     return token, {g: c.with_pages(None) for g, c in cache.items()}
 
 
-def pool_bytes(cfg: Config, n_pages: int) -> int:
-    """Device bytes of `pools(cfg, n_pages)`."""
-    shapes = jax.eval_shape(lambda: pools(cfg, n_pages))
+@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("pools", "slots"))
+def spec_prefill(params, mtp, pools, slots, table, tokens, positions, last, after, ends, slot,
+                 seeds, counters, temperature, top_p, *, cfg: Config, impl: str):
+    """`step`, and the MTP layer (params `mtp`, pool pools["mtp"]) at the same positions: at each
+    it reads the main head's input and the token after it, `after` (B,S) (the next prompt token),
+    save at `last` where `ends` (B,): the run reaches the end of the sequence's tokens, and the
+    token after is the one sampled here. Its keys are written; its logits at `last` give the
+    first draft after the sampled token, kept in `slots` at rows `slot` (B,).
+    -> (sampled token (B,), pools, slots)."""
+    cache, mtp_cache = _split({g: p.with_pages(table) for g, p in pools.items()})
+    logits, cache, hidden = Transformer(cfg, impl).apply(variables(params), tokens, positions,
+                                                         cache, last, hidden=True)
+    keys = _keys(seeds, counters)
+    token = _sample(logits, keys, temperature, top_p)
+    rows = jnp.arange(tokens.shape[0])
+    after = after.at[rows, last].set(jnp.where(ends, jnp.maximum(token, 0), after[rows, last]))
+    logits, h, mtp_cache = mtp_forward(mtp, cfg, hidden, after, positions, mtp_cache, 0, impl,
+                                       last=last)
+    d, q = spec.drafts(logits, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), temperature,
+                       top_p)
+    slots = _keep(slots, slot, spec.Drafts(token, last, d, q, h[rows, last]))
+    return token, {g: c.with_pages(None) for g, c in (cache | {"mtp": mtp_cache}).items()}, slots
+
+
+@partial(jax.jit, static_argnames=("cfg", "impl", "k"), donate_argnames=("pools", "slots"))
+def spec_decode(params, mtp, pools, slots, table, x, pos, slot, seeds, counters, temperature,
+                top_p, *, cfg: Config, impl: str, k: int):
+    """One speculative iteration (`speculative.iteration`: k drafts chained from the state in
+    `slots` at rows `slot` (B,), verified by one forward over x (B,) at pos (B,) and the drafts)
+    over the paged pools. -> (n (B,) drafts accepted, tokens (B,k+1): the n drafts, the next
+    token, then -1; pools, slots with the next iteration's state)."""
+    cache, mtp_cache = _split({g: p.with_pages(table) for g, p in pools.items()})
+    s = spec.Drafts(x, pos, slots.d[slot], slots.q[slot], slots.h[slot])
+    n, tokens, _, nxt, cache, mtp_cache = spec.iteration(
+        params, mtp, cache, mtp_cache, s, _keys(seeds, counters), temperature, top_p, cfg=cfg,
+        impl=impl, k=k)
+    slots = _keep(slots, slot, nxt)
+    return n, tokens, {g: c.with_pages(None) for g, c in (cache | {"mtp": mtp_cache}).items()}, slots
+
+
+def pool_bytes(cfg: Config, n_pages: int, mtp: bool = False) -> int:
+    """Device bytes of `pools(cfg, n_pages, mtp)`."""
+    shapes = jax.eval_shape(lambda: pools(cfg, n_pages, mtp))
     return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
-def pages_for_bytes(cfg: Config, budget: int) -> int:
+def pages_for_bytes(cfg: Config, budget: int, mtp: bool = False) -> int:
     """The most pages whose pools fit in `budget` bytes."""
-    per_page = pool_bytes(cfg, 2) - pool_bytes(cfg, 1)
-    return max(0, budget - pool_bytes(cfg, 1)) // per_page + 1
+    per_page = pool_bytes(cfg, 2, mtp) - pool_bytes(cfg, 1, mtp)
+    return max(0, budget - pool_bytes(cfg, 1, mtp)) // per_page + 1
