@@ -7,6 +7,9 @@
   operands; the only float32 dots at HIGHEST precision are the release's float32 linears
   (router, lm_head, indexer weights_proj), under the `fp32_by_spec` named scope. The CPU program
   widens bf16 dots to float32 (XLA:CPU lacks some bf16 x bf16 -> f32 dots).
+- Sampling: greedy decoding on the CPU skips the nucleus's vocabulary sort (a conditional); the
+  GPU program computes both and selects, as it did.
+- Few-row linears (a speculative verify): the CPU program takes them one row at a time.
 - FP8 dots in Triton kernels carry `maxNumImpreciseAcc = 128` (pallas_kernels/triton_fp8.py):
   what lets Triton emit Hopper's FP8 wgmma, promoted to float32 every 128 of K.
 """
@@ -17,12 +20,16 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
 from jax.experimental import pallas as pl
 
 import dsv32_jax
 from dsv32_jax.checkpoint.weights import abstract_params
-from dsv32_jax.engine.generate import forward
-from dsv32_jax.model.quant import FP32_BY_SPEC
+from dsv32_jax.engine.generate import forward, sample
+from dsv32_jax.engine.speculative import draft
+from dsv32_jax.model.quant import FP32_BY_SPEC, GEMV_ROWS, MATMUL, einsum
 from dsv32_jax.model.transformer import init_cache
 from pallas_kernels.common import compiler_params, lower_for_gpu
 from pallas_kernels.fp8_linear import fp8_linear
@@ -134,3 +141,64 @@ def test_bf16_gpu_program_has_no_f32_matmuls_but_the_specs():
     cpu_outside, _ = _f32_highest_dots(_forward_text(cfg, gpu=False))
     widened = [line for line in cpu_outside if _contraction(line) > SUM_MAX]
     assert widened, "the CPU program widens bf16 dots to float32: none found"
+
+
+def _unbranched(hlo: str) -> str:
+    """The instructions of a compiled HLO module that its ENTRY runs without entering a branch
+    of a `conditional` (the computations reached through calls, fusions, loops, reductions)."""
+    comps = {m.group(2): m.group(3) for m in re.finditer(
+        r"^(ENTRY )?%([\w.\-]+) .*?\{\n(.*?)^\}", hlo, re.M | re.S)}
+    entry = re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M).group(1)
+    seen, todo, out = {entry}, [entry], []
+    while todo:
+        for line in comps[todo.pop()].splitlines():
+            if " conditional(" in line:
+                continue
+            out.append(line)
+            for callee in re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", line):
+                if callee not in seen:
+                    seen.add(callee)
+                    todo.append(callee)
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("fn, logits", [
+    (sample, np.zeros((2, 64), np.float32)),  # a decode step's
+    (draft, np.zeros(64, np.float32)),  # a speculative draft's (its `probs`, verify's too)
+])
+def test_greedy_sampling_sorts_the_vocab_only_in_the_gpu_program(fn, logits):
+    """The nucleus's argsort of the vocabulary is what temperature > 0 needs: the CPU program
+    runs it only in the sampled branch of a conditional (XLA:CPU's sort costs more than a demo
+    decode step), the GPU program keeps computing both and selecting (no branch)."""
+    args = (logits, jax.random.key(0), np.float32(0), np.float32(0.9))
+    cpu = jax.jit(fn).lower(*args).compile().as_text()
+    assert " sort(" in cpu and " sort(" not in _unbranched(cpu)
+    gpu = lower_for_gpu(fn, *args)
+    assert "stablehlo.sort" in gpu and _value_branches(gpu) == []
+
+
+def _value_branches(stablehlo: str) -> list[str]:
+    """The `stablehlo.case` ops of a lowered program that branch on a computed value (a lax.cond),
+    not on a constant (the platform choices of `platform_dependent`, folded by XLA): those of
+    @main, where the sampling code lies inlined."""
+    stablehlo = re.search(r"func\.func public @main.*?\n  \}\n", stablehlo, re.S).group(0)
+    defs = dict(re.findall(r"(%[\w#]+)(?::\d+)? = \"?([\w.]+)", stablehlo))
+    return [sel for sel in re.findall(r'"stablehlo\.case"\((%[\w#]+)\)', stablehlo)
+            if defs.get(sel) not in ("stablehlo.constant", "stablehlo.case")]
+
+
+@pytest.mark.parametrize("rows", [2, 3, GEMV_ROWS])
+def test_cpu_matmul_of_few_rows_is_their_one_row_products(rows):
+    """Up to GEMV_ROWS rows, the CPU program takes a linear layer's product one row at a time
+    (XLA:CPU's matrix-vector product, a fraction of its matrix-matrix one's cost there): each
+    row has the bits of its own one-row product. The GPU program keeps one dot."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((1, rows, 384)).astype(np.float32)
+    w = rng.standard_normal((512, 384)).astype(ml_dtypes.bfloat16)
+    f = jax.jit(lambda x, w: einsum(MATMUL, x, w, jnp.bfloat16, jnp.float32))
+    y = np.asarray(f(x, w))
+    for i in range(rows):
+        np.testing.assert_array_equal(y[:, i], np.asarray(f(x[:, i:i + 1], w))[:, 0])
+    cpu = jax.jit(f).lower(x, w).as_text()
+    assert cpu.count("stablehlo.dot_general") == rows
+    assert lower_for_gpu(f, x, w).count("stablehlo.dot_general") == 1

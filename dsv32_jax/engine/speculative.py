@@ -43,7 +43,7 @@ import numpy as np
 
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_drafts, check_sampling
-from dsv32_jax.engine.generate import NONFINITE, nucleus_logits
+from dsv32_jax.engine.generate import NONFINITE, by_temperature, nucleus_logits
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
@@ -54,19 +54,22 @@ from sharding.mesh import on_mesh
 def probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """logits (V,) -> (V,) float32: the distribution `sample` draws a token from (one-hot on the
     argmax at temperature <= 0)."""
-    logits = logits.astype(jnp.float32)
-    order, nucleus = nucleus_logits(logits[None], temperature, top_p)
-    p = jnp.zeros_like(logits).at[order[0]].set(jax.nn.softmax(nucleus[0]))
-    greedy = jax.nn.one_hot(jnp.argmax(logits), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where(temperature <= 0, greedy, p)
+    def greedy(logits):
+        return jax.nn.one_hot(jnp.argmax(logits), logits.shape[-1], dtype=jnp.float32)
+
+    def nucleus(logits):
+        order, nucleus = nucleus_logits(logits[None], temperature, top_p)
+        return jnp.zeros_like(logits).at[order[0]].set(jax.nn.softmax(nucleus[0]))
+
+    return by_temperature(temperature, greedy, nucleus, logits.astype(jnp.float32))
 
 
 def draft(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array):
     """A draft token from the draft model's logits (V,) -> (token () int32, q (V,): the
     distribution it was drawn from, for `verify`)."""
     q = probs(logits, temperature, top_p)
-    token = jnp.where(temperature <= 0, jnp.argmax(q),
-                      jax.random.categorical(key, jnp.log(q))).astype(jnp.int32)
+    token = by_temperature(temperature, lambda q: jnp.argmax(q).astype(jnp.int32),
+                           lambda q: jax.random.categorical(key, jnp.log(q)).astype(jnp.int32), q)
     return token, q
 
 
@@ -85,11 +88,15 @@ def verify(logits: jax.Array, drafts: jax.Array, q: jax.Array, key: jax.Array,
     at = jnp.arange(k)
     ok = (u * q[at, drafts] < p[at, drafts]) & finite[:k]  # probability min(1, p/q)
     n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-    pn = p[n]
-    residual = jnp.maximum(pn - jnp.concatenate([q, jnp.zeros((1, vocab), q.dtype)])[n], 0.0)
-    residual = jnp.where(residual.sum() > 0, residual, pn)  # p == q: a rejection had probability 0
-    sampled = jax.random.categorical(kr, jnp.log(residual))
-    nxt = jnp.where(temperature <= 0, jnp.argmax(pn), sampled).astype(jnp.int32)
+    pn, qn = p[n], jnp.concatenate([q, jnp.zeros((1, vocab), q.dtype)])[n]
+
+    def correction(pn, qn):
+        residual = jnp.maximum(pn - qn, 0.0)
+        residual = jnp.where(residual.sum() > 0, residual, pn)  # p == q: a rejection had probability 0
+        return jax.random.categorical(kr, jnp.log(residual)).astype(jnp.int32)
+
+    nxt = by_temperature(temperature, lambda pn, qn: jnp.argmax(pn).astype(jnp.int32), correction,
+                         pn, qn)
     nxt = jnp.where(finite[n], nxt, NONFINITE)
     i = jnp.arange(k + 1)
     padded = jnp.concatenate([drafts.astype(jnp.int32), jnp.full((1,), -1, jnp.int32)])

@@ -24,6 +24,11 @@ HIGHEST = jax.lax.Precision.HIGHEST
 FP32_BY_SPEC = "fp32_by_spec"
 
 
+MATMUL = "...k,nk->...n"  # x (..., K) @ w (N, K)^T: every linear layer's product
+# Up to this many rows, `einsum` on the CPU takes a MATMUL one row at a time (`rows_dot`).
+GEMV_ROWS = 4
+
+
 def precision(dtype) -> jax.lax.Precision | None:
     """float32 operands at full float32 precision (no TF32 / bf16 passes); others as they are."""
     return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -40,16 +45,29 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.
     dots. float32 operands use full float32 precision."""
     dtype = jnp.dtype(dtype)
     a, b = a.astype(dtype), b.astype(dtype)
+    by_rows = spec == MATMUL and 1 < math.prod(a.shape[:-1]) <= GEMV_ROWS
 
     def dot(x, y):
         return jnp.einsum(spec, x, y, precision=precision(x.dtype), preferred_element_type=jnp.float32)
 
-    if dtype == jnp.bfloat16:
-        y = jax.lax.platform_dependent(
-            a, b, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)), default=dot)
+    def cpu(x, y):
+        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+        return rows_dot(dot, x, y) if by_rows else dot(x, y)
+
+    if dtype == jnp.bfloat16 or by_rows:
+        y = jax.lax.platform_dependent(a, b, cpu=cpu, default=dot)
     else:
         y = dot(a, b)
     return y.astype(dtype if out_dtype is None else out_dtype)
+
+
+def rows_dot(dot, x: jax.Array, w: jax.Array) -> jax.Array:
+    """dot(x, w) of the MATMUL spec, x (..., K) taken one row at a time: XLA:CPU's matrix-vector
+    product (a decode step's one-row dot) costs a fraction of its matrix-matrix product at 2 to
+    GEMV_ROWS rows (a speculative verify, a short chunk), and each row gets the bits its one-row
+    product gives."""
+    rows = x.reshape(-1, x.shape[-1])
+    return jnp.stack([dot(r, w) for r in rows]).reshape(*x.shape[:-1], w.shape[0])
 
 
 def pow2_ceil(s: jax.Array) -> jax.Array:
