@@ -22,7 +22,6 @@ import glob
 import json
 import os
 import re
-import statistics
 import time
 from functools import partial
 

@@ -115,16 +115,23 @@ class Drafts(NamedTuple):
     h: jax.Array
 
 
+def _rows(f, *args):
+    """f vmapped over rows: the arguments' leading axis, but temperature and top_p (the last two)
+    when they are () for the whole batch (then `by_temperature` stays a branch under vmap: a
+    greedy batch never runs the sampled one on the CPU)."""
+    sampling = (0 if jnp.ndim(args[-2]) else None, 0 if jnp.ndim(args[-1]) else None)
+    return jax.vmap(f, (0,) * (len(args) - 2) + sampling)(*args)
+
+
 def drafts(logits, keys, temperature, top_p):
-    """MTP logits (B,V), a key, temperature and top_p per row (B,) -> draft tokens (B,), their
-    distributions (B,V): `draft` per row."""
-    return jax.vmap(draft)(logits, keys, temperature, top_p)
+    """MTP logits (B,V), a key per row (B,), temperature and top_p per row (B,) or for all () ->
+    draft tokens (B,), their distributions (B,V): `draft` per row."""
+    return _rows(draft, logits, keys, temperature, top_p)
 
 
 def per_row(b: int, key, temperature, top_p):
-    """One key split into b per-row keys; temperature and top_p () broadcast to (b,)."""
-    return (jax.random.split(key, b), jnp.broadcast_to(temperature, (b,)),
-            jnp.broadcast_to(top_p, (b,)))
+    """One key split into b per-row keys; temperature and top_p as they are."""
+    return jax.random.split(key, b), temperature, top_p
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("mtp_cache",))
@@ -143,8 +150,8 @@ def begin(mtp, mtp_cache, logits, h, pos, key, temperature, top_p, *, cfg: Confi
 
 def iteration(params, mtp, cache, mtp_cache, s: Drafts, keys, temperature, top_p, *,
               cfg: Config, impl: str, k: int):
-    """One speculative iteration (the module docstring's steps 1-3), with a key, temperature and
-    top_p per row (B,) -> (n (B,) drafts accepted, tokens (B,k+1) (`verify`'s: the n drafts, then
+    """One speculative iteration (the module docstring's steps 1-3), with a key per row (B,),
+    temperature and top_p per row (B,) or for all () -> (n (B,) drafts accepted, tokens (B,k+1) (`verify`'s: the n drafts, then
     the next token, then -1), the main head's input at pos..pos+k (B,k+1,D), Drafts, cache,
     mtp_cache). The caches may be paged (`model.cache.PagedKVCache`, the serving engine's)."""
     rows, ahead = jnp.arange(s.x.shape[0]), jnp.arange(k + 1)
@@ -162,7 +169,7 @@ def iteration(params, mtp, cache, mtp_cache, s: Drafts, keys, temperature, top_p
     logits, cache, hidden = Transformer(cfg, impl).apply(
         variables(params), jnp.concatenate([s.x[:, None], chain], 1), positions, cache,
         hidden=True)  # (B,k+1,V), (B,k+1,D)
-    n, tokens = jax.vmap(verify)(logits, chain, q, keys[0], temperature, top_p)
+    n, tokens = _rows(verify, logits, chain, q, keys[0], temperature, top_p)
     after = jnp.where(tokens >= 0, tokens, 0)  # the token after each verified position
     logits, h, mtp_cache = mtp_forward(mtp, cfg, hidden, after, positions, mtp_cache, 0, impl,
                                        last=n)
