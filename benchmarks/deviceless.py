@@ -12,7 +12,8 @@ GpuTargetConfig: sm_90, 132 SMs, 228 KB shared memory per SM, 64K registers), gi
 "2x1x8")`; inputs are abstract (`ShapeDtypeStruct`s carrying shardings on the topology's devices):
 nothing is allocated, no GPU is touched.
 
-Per Pallas kernel case (released shapes, the kernels' DECODE / PREFILL presets): registers per
+Per Pallas kernel case (released shapes, the kernels' DECODE / PREFILL presets; the attention
+kernels also over the serving engine's paged pool, "... paged"): registers per
 thread, spill bytes and shared memory (a stand-in `ptxas` that runs the real one with `-v` and
 keeps PTX and cubin), threads, grid and dynamic shared memory (XLA's thunk sequence), blocks per
 SM, the tensor-core instruction class in the cubin (`nvdisasm`: QGMMA / HGMMA = Hopper's wgmma on
@@ -344,6 +345,11 @@ class KernelCase:
     quick: bool  # in the CI subset
 
 
+# (B, S) of the attention kernels' cases also compiled over a paged pool (the serving engine's
+# cache: its rows through a page table), -> in the CI subset
+PAGED = {(8, 1): True, (1, 512): False}
+
+
 def kernel_cases() -> list[KernelCase]:
     import jax.numpy as jnp
 
@@ -352,6 +358,10 @@ def kernel_cases() -> list[KernelCase]:
     from benchmarks.gemm import linear_cost
     from benchmarks.kernels import RELEASED as SH
     from benchmarks.kernels import indexer_cost, mla_cost, topk_cost
+    from pallas_kernels.common import PAGE
+
+    def pool_rows(b: int, t: int) -> int:  # a pool of b sequences of t slots, the scratch page
+        return (b * t // PAGE + 1) * PAGE
     # the modules (the package exports functions of the same names)
     fl, gf, ix, sm = (importlib.import_module(f"pallas_kernels.{m}")
                       for m in ("fp8_linear", "grouped_fp8", "indexer", "sparse_mla"))
@@ -370,6 +380,16 @@ def kernel_cases() -> list[KernelCase]:
             rows = min(blocks.block_q, 1 << (s.bit_length() - 1)) * SH.n
             out.append(KernelCase(f"index_logits/{preset}/B={b} S={s} T={t}", "index_logits",
                                   build, indexer_cost(SH, b, s, t), "fp8", rows, q))
+            if (b, s) in PAGED:  # the serving engine's pool: (N,d) rows through a page table
+                def build_paged(b=b, s=s, t=t, blocks=blocks):
+                    fn = lambda *a: pk.index_logits(*a[:5], None, a[5], blocks=blocks,  # noqa
+                                                    interpret=False)
+                    return fn, [((b, s, SH.n, SH.d), e4), ((b, s, SH.n), f32),
+                                ((pool_rows(b, t), SH.d), e4), ((pool_rows(b, t),), f32),
+                                ((b, s), i32), ((b, t // PAGE), i32)]
+                out.append(KernelCase(f"index_logits/{preset}/B={b} S={s} T={t} paged",
+                                      "index_logits", build_paged, indexer_cost(SH, b, s, t),
+                                      "fp8", rows, PAGED[b, s]))
     for r, t, q in ((1, 131072, True), (64, 32768, False), (512, 131072, True)):
         def build(r=r, t=t):
             return (lambda s, p: pk.topk(s, p, k=SH.topk, interpret=False),
@@ -390,6 +410,17 @@ def kernel_cases() -> list[KernelCase]:
                             ((b, t, SH.r), bf16)]
             out.append(KernelCase(f"sparse_mla/{preset}/B={b} S={s} T={t}", "sparse_mla", build,
                                   mla_cost(SH, b, s, t), "bf16", 0, q))
+            if (b, s) in PAGED:
+                def build_paged(b=b, s=s, t=t, blocks=blocks):
+                    n, k = pool_rows(b, t), min(SH.topk, t)
+                    fn = lambda *a: pk.sparse_mla(*a[:6], None, None, a[6], scale=0.1,  # noqa
+                                                  blocks=blocks, interpret=False)
+                    return fn, [((b, s, SH.heads, SH.c), bf16), ((b, s, SH.heads, SH.r), bf16),
+                                ((b, s, k), i32), ((n, SH.c), e4), ((n, SH.c // 128), f32),
+                                ((n, SH.r), bf16), ((b, t // PAGE), i32)]
+                out.append(KernelCase(f"sparse_mla/{preset}/B={b} S={s} T={t} paged",
+                                      "sparse_mla", build_paged, mla_cost(SH, b, s, t), "bf16", 0,
+                                      PAGED[b, s]))
     quick_linears = {"q_a 7168->1536", "wo 16384->7168"}
     for label, k, n in LINEARS:
         for preset, m in (("DECODE", 1), ("PREFILL", 512)):

@@ -9,7 +9,9 @@ TFLOPS and GB/s against the H100's 989 bf16 / 1979 FP8 TFLOPS and 3.35 TB/s.
 
 Rows: indexer logits (decode, prefill), radix top-k, indexer logits + top-k end to end (vs the
 production `index_topk`: key tiles + running top-k merge), sparse MLA (decode split-k, prefill)
-vs the XLA gathered `sparse_mla` and a dense absorbed MLA over every cached key. Times are medians
+vs the XLA gathered `sparse_mla` and a dense absorbed MLA over every cached key; the decode
+kernels over a paged pool too (variant "decode paged": the serving engine's cache, shuffled pages,
+vs XLA through the same page table). Times are medians
 of --repeats runs after a compile/warm-up run. In --quick mode the kernels are *interpreted* on
 CPU: the table shows the format only, its times are not performance figures.
 """
@@ -32,6 +34,7 @@ import numpy as np
 import pallas_kernels as pk
 from dsv32_jax.model import attention as xla
 from dsv32_jax.model.quant import act_dequant
+from pallas_kernels.common import PAGE, page_rows, unpage
 from pallas_kernels.sparse_mla import DECODE as MLA_DECODE
 from pallas_kernels.sparse_mla import PREFILL as MLA_PREFILL
 
@@ -122,6 +125,30 @@ def mla_inputs(sh: Shapes, b: int, s: int, t: int, seed=0, dtype=jnp.bfloat16):
     return q_c, q_pe, idx, c, cs, pe
 
 
+def to_pool(seed, arrays):
+    """(B,T,...) arrays -> the same slots in paged pools (N, ...) (page 0 the scratch page, the
+    others in shuffled order) and their page table (B, T/PAGE); T a multiple of PAGE."""
+    b, t = arrays[0].shape[:2]
+    n = b * t // PAGE
+    table = (1 + jax.random.permutation(jax.random.key(seed), n)).astype(jnp.int32)
+    table = table.reshape(b, t // PAGE)
+    rows = (table[:, :, None] * PAGE + jnp.arange(PAGE)).reshape(-1)
+    return [jnp.zeros(((n + 1) * PAGE, *a.shape[2:]), a.dtype).at[rows].set(
+        a.reshape(b * t, *a.shape[2:])) for a in arrays], table
+
+
+def paged_indexer_inputs(sh: Shapes, b: int, s: int, t: int, seed=0):
+    q, w, k, ks, pos = indexer_inputs(sh, b, s, t, seed)
+    (k, ks), table = to_pool(seed + 3, (k, ks))
+    return q, w, k, ks, pos, table
+
+
+def paged_mla_inputs(sh: Shapes, b: int, s: int, t: int, seed=0):
+    q_c, q_pe, idx, c, cs, pe = mla_inputs(sh, b, s, t, seed)
+    (c, cs, pe), table = to_pool(seed + 3, (c, cs, pe))
+    return q_c, q_pe, idx, c, cs, pe, table
+
+
 def _xla_index_topk(sh: Shapes):
     def f(q, w, k, ks, pos):
         b, s, t = q.shape[0], q.shape[1], k.shape[1]
@@ -132,7 +159,9 @@ def _xla_index_topk(sh: Shapes):
     return f
 
 
-def _xla_logits(q, w, k, ks, pos):
+def _xla_logits(q, w, k, ks, pos, *pages):
+    if pages:  # a pool read through its page table
+        k, ks = unpage(k, pages[0]), unpage(ks, pages[0])
     t = jnp.arange(k.shape[1])
     return jnp.where(t <= pos[..., None], xla.index_scores(q, w, k, ks), -jnp.inf)
 
@@ -142,13 +171,14 @@ def _xla_topk(sh: Shapes):
 
 
 def _xla_sparse(scale):
-    def f(q_c, q_pe, idx, c, cs, pe):
+    def f(q_c, q_pe, idx, c, cs, pe, *pages):  # pages: c, cs, pe a pool, its page table
         dtype = q_c.dtype
 
         def rows(i):
             b = jnp.arange(i.shape[0])[:, None, None]
             slot = jnp.maximum(i, 0)
-            return act_dequant(c[b, slot], cs[b, slot], dtype), pe[b, slot]
+            at = (page_rows(pages[0], b, slot),) if pages else (b, slot)
+            return act_dequant(c[at], cs[at], dtype), pe[at]
         return xla.sparse_mla(q_c, q_pe, idx, rows, scale, dtype)
     return f
 
@@ -193,9 +223,11 @@ TABLE_SHAPES = {  # (B, S, T) of each indexer / sparse_mla case, (rows, T) of ea
     "idx_pre": [(1, 512, 8192), (1, 512, 131072), (1, 4096, 4096)],
     "topk_rows": [(1, 131072), (64, 32768), (64, 131072), (512, 8192)],
     "mla_dec": [(1, 1, 32768), (1, 1, 131072), (16, 1, 32768), (64, 1, 8192), (64, 2, 32768)],
-    "mla_pre": [(1, 512, 8192), (1, 2048, 32768)]}
+    "mla_pre": [(1, 512, 8192), (1, 2048, 32768)],
+    "idx_paged": [(8, 1, 131072)], "mla_paged": [(8, 1, 131072)]}  # decode over a paged pool
 QUICK_SHAPES = {"idx_dec": [(2, 1, 64)], "idx_pre": [(1, 16, 64)], "topk_rows": [(4, 64)],
-                "mla_dec": [(2, 1, 64)], "mla_pre": [(1, 8, 64)]}
+                "mla_dec": [(2, 1, 64)], "mla_pre": [(1, 8, 64)], "idx_paged": [(2, 1, 128)],
+                "mla_paged": [(2, 1, 128)]}
 
 
 def cases(sh: Shapes, quick: bool, sizes: dict | None = None):
@@ -203,8 +235,9 @@ def cases(sh: Shapes, quick: bool, sizes: dict | None = None):
     over `sizes` (default: TABLE_SHAPES, or QUICK_SHAPES with quick)."""
     scale = 0.1
     sizes = sizes or (QUICK_SHAPES if quick else TABLE_SHAPES)
-    idx_dec, idx_pre, topk_rows, mla_dec, mla_pre = (
-        sizes.get(k, []) for k in ("idx_dec", "idx_pre", "topk_rows", "mla_dec", "mla_pre"))
+    idx_dec, idx_pre, topk_rows, mla_dec, mla_pre, idx_paged, mla_paged = (
+        sizes.get(k, []) for k in ("idx_dec", "idx_pre", "topk_rows", "mla_dec", "mla_pre",
+                                   "idx_paged", "mla_paged"))
     out = []
     for variant, shapes in (("decode", idx_dec), ("prefill", idx_pre)):
         for b, s, t in shapes:
@@ -215,6 +248,11 @@ def cases(sh: Shapes, quick: bool, sizes: dict | None = None):
             out.append(("index_logits+topk", variant, f"B={b} S={s} T={t}", mk,
                         lambda *a: pk.topk(pk.index_logits(*a), a[4], k=sh.topk),
                         {"xla index_topk": _xla_index_topk(sh)}, fl, by, "fp8"))
+    for b, s, t in idx_paged:
+        mk = lambda b=b, s=s, t=t: paged_indexer_inputs(sh, b, s, t)  # noqa: E731
+        out.append(("index_logits", "decode paged", f"B={b} S={s} T={t}", mk,
+                    lambda *a: pk.index_logits(*a[:5], None, a[5]), {"xla": _xla_logits},
+                    *indexer_cost(sh, b, s, t), "fp8"))
     for rows, t in topk_rows:
         def mk(rows=rows, t=t):
             s, = _rng_arrays(3, ((rows, t), jnp.float32))
@@ -232,6 +270,11 @@ def cases(sh: Shapes, quick: bool, sizes: dict | None = None):
             out.append(("sparse_mla", variant, f"B={b} S={s} T={t} k={k}",
                         lambda b=b, s=s, t=t: mla_inputs(sh, b, s, t),
                         lambda *a: pk.sparse_mla(*a, scale=scale), base, fl, by, "bf16"))
+    for b, s, t in mla_paged:
+        out.append(("sparse_mla", "decode paged", f"B={b} S={s} T={t} k={min(sh.topk, t)}",
+                    lambda b=b, s=s, t=t: paged_mla_inputs(sh, b, s, t),
+                    lambda *a: pk.sparse_mla(*a[:6], None, None, a[6], scale=scale),
+                    {"xla": _xla_sparse(scale)}, *mla_cost(sh, b, s, t), "bf16"))
     return out
 
 
@@ -322,10 +365,10 @@ def check_all(sh: Shapes, quick: bool = False) -> list[dict]:
         res[-1]["s"] = round(time.perf_counter() - t0, 1)
         print(f"check {name}: {'ok' if res[-1]['ok'] else 'FAIL'} {res[-1]['detail']}", flush=True)
 
-    def logits(b, s, t, causal):
-        a = indexer_inputs(sh, b, s, t, seed=5)
-        got = pk.index_logits(*a, causal=causal)
-        want = pk.index_logits_reference(*a[:4], a[4] if causal else None)
+    def logits(b, s, t, causal, paged=False):
+        a = (paged_indexer_inputs if paged else indexer_inputs)(sh, b, s, t, seed=5)
+        got = pk.index_logits(*a[:5], None, *a[5:], causal=causal)
+        want = pk.index_logits_reference(*a[:4], a[4] if causal else None, *a[5:])
         fin = jnp.isfinite(want)
         assert bool(jnp.all(jnp.isfinite(got) == fin)), "-inf pattern differs"
         err = float(jnp.max(jnp.where(fin, jnp.abs(got - want), 0)) / jnp.std(want[fin]))
@@ -341,11 +384,13 @@ def check_all(sh: Shapes, quick: bool = False) -> list[dict]:
         assert np.array_equal(got, want), f"{np.mean(np.any(got != want, -1)):.3f} rows differ"
         return "same sets"
 
-    def mla(b, s, t, blocks):
-        q_c, q_pe, idx, c, cs, pe = mla_inputs(sh, b, s, t, seed=9)
+    def mla(b, s, t, blocks, paged=False):
+        q_c, q_pe, idx, c, cs, pe, *pages = (paged_mla_inputs if paged else mla_inputs)(
+            sh, b, s, t, seed=9)
         idx = idx.at[:, :, ::7].set(-1)
-        got = pk.sparse_mla(q_c, q_pe, idx, c, cs, pe, scale=0.1, blocks=blocks)
-        want = pk.sparse_mla_reference(q_c, q_pe, idx, c, cs, pe, 0.1)
+        got = pk.sparse_mla(q_c, q_pe, idx, c, cs, pe, None, None, *pages, scale=0.1,
+                            blocks=blocks)
+        want = pk.sparse_mla_reference(q_c, q_pe, idx, c, cs, pe, 0.1, None, *pages)
         err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))
                     / jnp.std(want.astype(jnp.float32)))
         assert err < 5e-2, f"max err / std {err:.2e} (bf16 output)"
@@ -358,6 +403,8 @@ def check_all(sh: Shapes, quick: bool = False) -> list[dict]:
     record("topk 64 x 1500 (k > T)", lambda: topk_sets(n(64), n(1500) if quick else 1500))
     record("sparse_mla decode", lambda: mla(4, 1, n(8192), MLA_DECODE))
     record("sparse_mla prefill", lambda: mla(1, n(64), n(4096), MLA_PREFILL))
+    record("index_logits decode paged", lambda: logits(4, 1, n(8192), True, paged=True))
+    record("sparse_mla decode paged", lambda: mla(4, 1, n(8192), MLA_DECODE, paged=True))
     return res
 
 

@@ -55,7 +55,8 @@ SESSION_SHAPES = {"idx_dec": [(1, 1, 131072), (8, 1, 131072), (64, 1, 32768)],
                   "idx_pre": [(1, 512, 131072)],
                   "topk_rows": [(1, 131072), (64, 32768), (512, 131072)],
                   "mla_dec": [(1, 1, 131072), (8, 1, 131072), (64, 1, 32768)],
-                  "mla_pre": [(1, 512, 131072)]}
+                  "mla_pre": [(1, 512, 131072)],
+                  "idx_paged": [(8, 1, 131072)], "mla_paged": [(8, 1, 131072)]}
 LINEARS = ("q_b 1536->24576", "wo 16384->7168", "expert w1|w3 7168->2x2048", "head 7168->129280")
 
 
@@ -103,7 +104,7 @@ def _kernel_name(kernel: str, variant: str, label: str) -> str:
         return f"topk/rows/{label}"
     label = label.split(" k=")[0]
     s = int(label.split("S=")[1].split()[0])
-    return f"{kernel}/{_preset(s)}/{label}"
+    return f"{kernel}/{_preset(s)}/{label}" + (" paged" if variant.endswith("paged") else "")
 
 
 # ---- the rows ------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def check_rows(quick: bool) -> list[Row]:
         res = gemm.checks(quick)
         return {"ok": all(c["ok"] for c in res), "checks": res}
     e = ESTIMATE
-    return [Row("check/kernels", 7 * (e["kernel_compile"] + e["xla_compile"] + e["inputs"]),
+    return [Row("check/kernels", 9 * (e["kernel_compile"] + e["xla_compile"] + e["inputs"]),
                 run_kernels, True, "compile"),
             Row("check/gemm", 6 * (e["kernel_compile"] + e["inputs"]) + 15, run_gemm, True,
                 "compile")]

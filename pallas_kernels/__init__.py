@@ -7,7 +7,8 @@ DeepSeek Sparse Attention (`attention_impl="pallas"`):
 FP8 matmuls (`matmul_impl="pallas"`):
   fp8_linear          the block-scaled FP8 linear (per-128-K-block scale promotion, f32 accumulation)
   grouped_fp8_matmul  the routed experts over the sorted-window table, each expert read in place
-Each has a jnp `*_reference` and its block sizes in a frozen dataclass.
+Each has a jnp `*_reference` and its block sizes in a frozen dataclass. index_logits and sparse_mla
+read the layer-stacked contiguous cache or, with a page table (`pages=`), the serving engine's pool.
 """
 
 from pallas_kernels.fp8_linear import GemmBlocks, fp8_linear, fp8_linear_reference

@@ -1,6 +1,6 @@
 """What the kernels share: the backend choice (the Triton lowering of `pl.pallas_call` on CUDA,
 jax's interpreter running the same kernel elsewhere, chosen by the platform being lowered for),
-and argument checks that raise clear `ValueError`s."""
+argument checks that raise clear `ValueError`s, and the paged pool's addressing."""
 
 from __future__ import annotations
 
@@ -98,10 +98,38 @@ def layer_arg(x, layer, ndim: int, name: str):
     return x.shape, jnp.zeros((1,), jnp.int32)
 
 
-def lead(ref, ndim: int, layer, b) -> tuple:
-    """The leading index of sequence b in a cache ref of `ndim` dims a layer (and the layer,
-    when the ref is layer-stacked)."""
-    return (layer, b) if len(ref.shape) == ndim + 1 else (b,)
+def lead(ref, ndim: int, layer, *b) -> tuple:
+    """The leading index into a cache ref of `ndim` dims a layer: the layer when the ref is
+    layer-stacked, then b (sequence b of a contiguous cache; nothing for a paged pool)."""
+    return ((layer,) if len(ref.shape) == ndim + 1 else ()) + b
+
+
+# The paged pool (the serving engine's `PagedKVCache`): one (N, ...) pool of rows per layer,
+# N = pages x PAGE, and a page table pages (B, P) int32: logical slot t of sequence b lives in
+# pool row pages[b, t // PAGE] * PAGE + t % PAGE. A sequence sees T = P x PAGE logical slots.
+PAGE = 64  # slots per page
+
+
+def page_rows(pages_ref, b, slot):
+    """In a kernel: pool rows of sequence b's logical slots `slot` (in [0, P x PAGE)), one
+    lookup of its page-table row each."""
+    return pages_ref[b, slot // PAGE] * PAGE + slot % PAGE
+
+
+def unpage(pool, pages):
+    """jnp (the references): a pool (N, ...) read through a page table (B, P) -> the contiguous
+    layout (B, P x PAGE, ...)."""
+    rows = pages[:, :, None] * PAGE + jnp.arange(PAGE, dtype=pages.dtype)
+    return pool[rows.reshape(pages.shape[0], -1)]
+
+
+def check_pages(pages, bsz: int, n_rows: int) -> int:
+    """A page table (B, P) int32 over a pool of n_rows rows -> T = P x PAGE logical slots."""
+    check_shape("pages", pages, (bsz, None), (jnp.int32,))
+    check(pages.shape[1] >= 1, "pages must have at least one page per sequence")
+    check(n_rows % PAGE == 0 and n_rows >= PAGE,
+          f"a paged pool holds whole pages of {PAGE} rows, got {n_rows} rows")
+    return pages.shape[1] * PAGE
 
 
 H100 = "NVIDIA H100 80GB HBM3"

@@ -18,6 +18,10 @@ and spilled; with C/2 per program it fits, for twice the score dots and the rows
 (the second read from L2). The parts are combined by their log-sum-exp (`combine`): the
 decode split ("split-kv") that gives B*H/block_h*n_split programs when B*S is small. Prefill is the
 same kernel over B*S queries, usually with n_split = 1.
+
+Over a paged pool (`pages`: the serving engine's cache, see `common.PAGE`) c, c_scale and k_pe
+are the pool's rows (N, ...) and the selected slots are logical: each goes through the page table
+to its pool row before the gather (one more index lookup, no copy). Slots >= P x PAGE are invalid.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (FLOATS, HIGHEST, check, check_pow2, check_shape,
-                                   compiler_params, from_bits, pallas_call, layer_arg, lead,
-                                   pow2_floor, value_dtype)
+from pallas_kernels.common import (FLOATS, HIGHEST, check, check_pages, check_pow2,
+                                   check_shape, compiler_params, from_bits, pallas_call,
+                                   layer_arg, lead, page_rows, pow2_floor, unpage, value_dtype)
 
 QBLOCK = 128  # the latent's quantization block (one f32 scale per 128 values)
 
@@ -53,9 +57,12 @@ DECODE = SparseMLABlocks(block_h=64, block_k=32, n_split=8, c_split=2, num_warps
 PREFILL = SparseMLABlocks(block_h=64, block_k=32, n_split=1, c_split=2, num_warps=8)
 
 
-def sparse_mla_reference(q_c, q_pe, idx, c, c_scale, k_pe, scale: float, length=None):
+def sparse_mla_reference(q_c, q_pe, idx, c, c_scale, k_pe, scale: float, length=None,
+                         pages=None):
     """jnp: the same math on gathered rows (c, k_pe as values), f32 softmax; -> (B,S,H,C) in
-    q_c's dtype."""
+    q_c's dtype. With pages (B,P): c, c_scale, k_pe (N, ...) a pool, read through the table."""
+    if pages is not None:
+        c, c_scale, k_pe = (unpage(x, pages) for x in (c, c_scale, k_pe))
     bsz, t_len = c.shape[0], c.shape[1]
     dtype = q_c.dtype
     length = jnp.full((bsz,), t_len, jnp.int32) if length is None else length
@@ -76,20 +83,23 @@ def sparse_mla_reference(q_c, q_pe, idx, c, c_scale, k_pe, scale: float, length=
     return jnp.einsum("bshk,bskc->bshc", p, cs, precision=HIGHEST).astype(dtype)
 
 
-def _kernel(layer_ref, qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref, o_ref, lse_ref,
-            *, bh, bk, part, k, s_len, scale, dtype, n_o):
+def _kernel(layer_ref, qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref, *refs, bh, bk,
+            part, k, s_len, t_len, scale, dtype, n_o):
     # layer_ref (1,) i32 · qc_ref (B,S,H,C) · qpe_ref (B,S,H,R) · idx_ref (B,S,k) i32
     # len_ref (B,) i32 · c_ref ([L,]B,T,C) e4m3 / its uint8 bits / dtype
     # cs_ref ([L,]B,T,C/128) f32 · pe_ref ([L,]B,T,R) dtype / uint16 bf16 bits
+    # paged: c_ref, cs_ref, pe_ref ([L,]N,...) · refs[0] the page table (B,P) i32
     # o_ref (B,S,n_split,H,C) f32 · lse_ref (B,S,n_split,H) f32; whole arrays (ANY)
+    *pages_ref, o_ref, lse_ref = refs
     q, hb, sp, co = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     b, s = q // s_len, q % s_len
-    cl = lead(c_ref, 3, layer_ref[0], b)  # c, c_scale and k_pe share the leading axes
+    # c, c_scale and k_pe share the leading axes
+    cl = lead(c_ref, 2, layer_ref[0]) if pages_ref else lead(c_ref, 3, layer_ref[0], b)
     heads = pl.ds(hb * bh, bh)
     n_c = qc_ref.shape[3] // QBLOCK
     qc = [qc_ref[b, s, heads, pl.ds(j * QBLOCK, QBLOCK)] for j in range(n_c)]  # n_c x (bh, 128)
     qpe = qpe_ref[b, s, heads, :]  # (bh, R)
-    length = len_ref[b]
+    length = jnp.minimum(len_ref[b], t_len)
     lo = sp * part  # this program's slots of idx: [lo, min(lo + part, k))
     hi = jnp.minimum(lo + part, k)
 
@@ -99,6 +109,8 @@ def _kernel(layer_ref, qc_ref, qpe_ref, idx_ref, len_ref, c_ref, cs_ref, pe_ref,
         t = idx_ref[b, s, jnp.minimum(at, k - 1)]  # (bk,)
         valid = (at < hi) & (t >= 0) & (t < length)
         t = jnp.where(valid, t, 0)
+        if pages_ref:  # logical slots -> pool rows
+            t = page_rows(pages_ref[0], b, t)
         def rows_at(j):  # (bk, 128): the 128-wide latent block j of the rows, dequantized
             return (from_bits(c_ref[(*cl, t, pl.ds(j * QBLOCK, QBLOCK))]).astype(jnp.float32)
                     * cs_ref[(*cl, t, j)][:, None]).astype(dtype)
@@ -141,15 +153,19 @@ def combine(o, lse, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "blocks", "interpret"))
-def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, layer=None, *, scale: float,
-               blocks: SparseMLABlocks | None = None, interpret: bool | None = None):
+def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, layer=None, pages=None, *,
+               scale: float, blocks: SparseMLABlocks | None = None,
+               interpret: bool | None = None):
     """Absorbed sparse MLA -> (B,S,H,C) in q_c's dtype.
 
     q_c (B,S,H,C) and q_pe (B,S,H,R) in the compute dtype; idx (B,S,k) int32 slots; the cache of
     one layer: c (B,T,C) e4m3 (or its uint8 bits) or the compute dtype, c_scale (B,T,C/128) f32,
     k_pe (B,T,R) the compute dtype (bf16 also as uint16 bits); or all three layer-stacked
-    ((L,B,T,...)) with `layer` naming the one to read in place. length (B,) int32: slots >=
-    length[b] are invalid (default T). blocks: DECODE for S <= 2, else PREFILL, unless given.
+    ((L,B,T,...)) with `layer` naming the one to read in place. pages (B,P) int32: c, c_scale,
+    k_pe are a paged pool ((N, ...) or (L,N,...)), T = P x PAGE logical slots, slot t of
+    sequence b in row pages[b, t // PAGE] * PAGE + t % PAGE. length (B,) int32: slots >=
+    length[b] (or >= T) are invalid (default T). blocks: DECODE for S <= 2, else PREFILL, unless
+    given.
     """
     check(q_c.ndim == 4, f"q_c must be (B,S,H,C), got shape {tuple(q_c.shape)}")
     bsz, s_len, h, c_dim = q_c.shape
@@ -162,15 +178,22 @@ def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, layer=None, *, sca
     check(idx.ndim == 3, f"idx must be (B,S,k), got shape {tuple(idx.shape)}")
     k = idx.shape[2]
     check_shape("idx", idx, (bsz, s_len, k), (jnp.int32,))
-    c_shape, layer_a = layer_arg(c, layer, 3, "c")
-    t_len, stack = c_shape[1], tuple(c.shape[:-3])
-    check(tuple(c_shape) == (bsz, t_len, c_dim), f"c must be (B,T,C) = ({bsz}, T, {c_dim}) a "
-          f"layer, got {tuple(c.shape)}")
+    if pages is None:
+        c_shape, layer_a = layer_arg(c, layer, 3, "c")
+        t_len, rows = c_shape[1], (bsz, c_shape[1])
+        check(tuple(c_shape) == (bsz, t_len, c_dim), f"c must be (B,T,C) = ({bsz}, T, {c_dim}) "
+              f"a layer, got {tuple(c.shape)}")
+    else:
+        c_shape, layer_a = layer_arg(c, layer, 2, "c (a paged pool)")
+        check(tuple(c_shape) == (c_shape[0], c_dim), f"c (a paged pool) must be (N,C) = "
+              f"(N, {c_dim}) a layer, got {tuple(c.shape)}")
+        t_len, rows = check_pages(pages, bsz, c_shape[0]), (c_shape[0],)
+    stack = tuple(c.shape[:c.ndim - len(rows) - 1])
     check(value_dtype(c) in (dtype, jnp.dtype(jnp.float8_e4m3fn)),
           f"c must hold e4m3 or {dtype} values, got {c.dtype}")
     check(c_dim % QBLOCK == 0, f"the latent width C must be a multiple of {QBLOCK}, got {c_dim}")
-    check_shape("c_scale", c_scale, (*stack, bsz, t_len, c_dim // QBLOCK), (jnp.float32,))
-    check_shape("k_pe", k_pe, (*stack, bsz, t_len, r))
+    check_shape("c_scale", c_scale, (*stack, *rows, c_dim // QBLOCK), (jnp.float32,))
+    check_shape("k_pe", k_pe, (*stack, *rows, r))
     check(value_dtype(k_pe) == dtype, f"k_pe must hold {dtype} values, got {k_pe.dtype}")
     length = jnp.full((bsz,), t_len, jnp.int32) if length is None else length
     check_shape("length", length, (bsz,), (jnp.int32,))
@@ -189,14 +212,16 @@ def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, layer=None, *, sca
     check(blocks.c_split >= 1, f"c_split must be >= 1, got {blocks.c_split}")
     n_c = c_dim // QBLOCK
     c_split = math.gcd(blocks.c_split, n_c)  # parts of whole 128-wide blocks
-    kernel = functools.partial(_kernel, bh=bh, bk=bk, part=part, k=k, s_len=s_len,
+    kernel = functools.partial(_kernel, bh=bh, bk=bk, part=part, k=k, s_len=s_len, t_len=t_len,
                                scale=float(scale), dtype=dtype, n_o=n_c // c_split)
+    table = () if pages is None else (pages,)
     anyspec = pl.BlockSpec(memory_space=pl.ANY)
     o, lse = pallas_call(
         kernel, grid=(bsz * s_len, h // bh, n_split, c_split),
-        in_specs=[anyspec] * 8, out_specs=[anyspec, anyspec],
+        in_specs=[anyspec] * (8 + len(table)), out_specs=[anyspec, anyspec],
         out_shape=[jax.ShapeDtypeStruct((bsz, s_len, n_split, h, c_dim), jnp.float32),
                    jax.ShapeDtypeStruct((bsz, s_len, n_split, h), jnp.float32)],
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
-        interpret=interpret, name="sparse_mla")(layer_a, q_c, q_pe, idx, length, c, c_scale, k_pe)
+        interpret=interpret, name="sparse_mla")(layer_a, q_c, q_pe, idx, length, c, c_scale, k_pe,
+                                                *table)
     return combine(o, lse, dtype)

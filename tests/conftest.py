@@ -147,6 +147,17 @@ def topk_agreement(ours, gold) -> float:
     return float(np.mean(same))
 
 
+def page_table(rng, owned, p: int, n_pages: int) -> np.ndarray:
+    """A page table (B, p) int32 for the paged kernels: sequence i owns owned[i] distinct pages
+    of a pool of n_pages, drawn shuffled (not contiguous, not monotonic; page 0, the scratch page,
+    never), its other entries 0 (the scratch page)."""
+    table = np.zeros((len(owned), p), np.int32)
+    free = rng.permutation(np.arange(1, n_pages, dtype=np.int32))
+    for i, n in enumerate(owned):
+        table[i, :n], free = free[:n], free[n:]
+    return table
+
+
 def interrupt_step(monkeypatch, at: int) -> None:
     """Make the `at`-th compiled decode step of every ChatSession raise KeyboardInterrupt (as a
     Ctrl-C during the device call, whose cache was donated); other executables run as they are."""

@@ -18,7 +18,7 @@ def test_gpu_all_script_on_tiny_shapes(tmp_path):
     assert kernels.main(["--quick", "--gpu-all", "--repeats", "1", "--only", "topk",
                          "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "kernels.json").read_text())
-    assert len(res["checks"]) == 7 and all(c["ok"] for c in res["checks"])
+    assert len(res["checks"]) == 9 and all(c["ok"] for c in res["checks"])
     assert res["table"] and all(r["kernel"] == "topk" for r in res["table"])
     assert "Block sweep" in (tmp_path / "kernels.md").read_text()
 

@@ -251,6 +251,29 @@ def test_preemption_recomputes_and_stays_exact(engine):
         assert got.tokens[i] == ref[i], f"request {i}"
 
 
+def test_pallas_attention_over_the_pool_equals_generate():
+    """attention_impl="pallas" serves: its kernels (interpreted on CPU) read the pool through the
+    page table. Two requests of 4 pages each, far past index_topk (the indexer and top-k kernels
+    run, not the short-context skip), prefilled in one step and decoded together: greedy tokens
+    equal `Model.generate`'s (XLA attention)."""
+    import dsv32_jax
+
+    model = dsv32_jax.load_model(DEMO, dtype="float32", fp8_activations=False,
+                                 attention_impl="pallas")
+    ps = LONG[:2]
+    assert min(map(len, ps)) > 3 * PAGE and model.config.index_topk < 3 * PAGE
+    eng = Engine(model, max_batch=2, chunk=256, max_prefill=2, pages=1 + 8)
+    eng.start()
+    try:
+        got = Collect()
+        for i, p in enumerate(ps):
+            eng.submit(p, greedy(), got.emit(i))
+        got.wait(2)
+    finally:
+        eng.stop(drain=False)
+    assert [got.tokens[0], got.tokens[1]] == reference(ps)
+
+
 def test_bad_requests_queue_limit_and_stop():
     eng = Engine(demo(), max_batch=1, max_waiting=1)  # not started: requests wait
     with pytest.raises(ValueError, match="outside"):

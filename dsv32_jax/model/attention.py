@@ -9,7 +9,8 @@ one for one:
   sparse_mla    the k selected cache rows     -> (B,S,H,C)  absorbed MLA, query chunks
   dense_mla     masked MHA over all keys      -> (B,S,H,dv) reference / short sequences
 attention_impl="pallas" replaces index_topk by `index_logits` + `topk` and sparse_mla by the
-Pallas `sparse_mla` (interpreted off GPU: the same kernels, not a fallback).
+Pallas `sparse_mla` (interpreted off GPU: the same kernels, not a fallback); over the serving
+engine's `PagedKVCache` they read the pool through its page table.
 While every query sees at most index_topk keys (T <= index_topk, or all positions below it) the
 top-k is every visible key: `visible_slots` replaces the scores and the top-k (`MLA.select`).
 Every buffer is bounded by `BUDGET` bytes (a key tile of the indexer, a query chunk of the
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import pallas_kernels as pk
-from dsv32_jax.model.cache import KVCache, PagedKVCache
+from dsv32_jax.model.cache import KVCache
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.layers import LayerNorm, Linear, RMSNorm
 from dsv32_jax.model.quant import HIGHEST, act_quant, einsum, hadamard
@@ -294,12 +295,13 @@ class MLA(nn.Module):
         cfg = self.cfg
         b, s = positions.shape
         if self.impl == "pallas":  # raw scores when collecting (top-k masks causally itself)
-            # each device's own sequences (sharding.mesh.local); reads the stacked cache in place
-            scores = local(lambda q, w, k, ks, p, i: pk.index_logits(q, w, k, ks, p, i,
-                                                                     causal=not collect),
-                           (QUERY, QUERY[:3], KVCache.AXES["ik"], KVCache.AXES["ik_scale"],
-                            QUERY[:2], ()), SCORES)(iq, iw, cache.ik, cache.ik_scale, positions,
-                                                    layer)
+            # each device's own sequences (sharding.mesh.local); reads the stacked cache (or the
+            # paged pool through its table) in place
+            table, table_axes = cache.table()
+            scores = local(lambda q, w, k, ks, p, i, *pages: pk.index_logits(
+                q, w, k, ks, p, i, *pages, causal=not collect),
+                (QUERY, QUERY[:3], cache.AXES["ik"], cache.AXES["ik_scale"], QUERY[:2], (),
+                 *table_axes), SCORES)(iq, iw, cache.ik, cache.ik_scale, positions, layer, *table)
             idx = local(lambda sc, p: pk.topk(sc, p, k=cfg.index_topk), (SCORES, QUERY[:2]),
                         SCORES)(scores, positions)
             return idx, (scores if collect else None)
@@ -312,10 +314,6 @@ class MLA(nn.Module):
         cfg = self.cfg
         if self.impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl {self.impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.impl == "pallas" and isinstance(cache, PagedKVCache):
-            raise NotImplementedError("attention_impl='pallas' over the paged cache (dsv32 serve) is not "
-                                      "implemented yet: the kernels read the contiguous (L, B, T) cache; "
-                                      "use attention_impl='xla'")
         b, s, _ = x.shape
         h, dn, r, dv, c_dim = (cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                cfg.v_head_dim, cfg.kv_lora_rank)
@@ -352,11 +350,12 @@ class MLA(nn.Module):
         elif self.impl == "pallas":
             with jax.named_scope("sparse_attention"):
                 q_c = einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :dn], dtype)
-                o_c = local(lambda qc, qpe, i, c, cs, kpe, l: pk.sparse_mla(
-                    qc, qpe, i, c, cs, kpe, layer=l, scale=cfg.softmax_scale),
-                    (HEADS, HEADS, SCORES, KVCache.AXES["c"], KVCache.AXES["c_scale"],
-                     KVCache.AXES["k_pe"], ()), HEADS)(
-                    q_c, q_pe.astype(dtype), idx, cache.c, cache.c_scale, cache.k_pe, layer)
+                table, table_axes = cache.table()
+                o_c = local(lambda qc, qpe, i, c, cs, kpe, l, *pages: pk.sparse_mla(
+                    qc, qpe, i, c, cs, kpe, None, l, *pages, scale=cfg.softmax_scale),
+                    (HEADS, HEADS, SCORES, cache.AXES["c"], cache.AXES["c_scale"],
+                     cache.AXES["k_pe"], (), *table_axes), HEADS)(
+                    q_c, q_pe.astype(dtype), idx, cache.c, cache.c_scale, cache.k_pe, layer, *table)
                 o = einsum("bshc,hdc->bshd", o_c, wkv_b[:, dn:], dtype)
         else:
             with jax.named_scope("dense_attention"):

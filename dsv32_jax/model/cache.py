@@ -22,7 +22,8 @@ from flax import struct
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import FP8, act_dequant
-from pallas_kernels.common import FROM_BITS, from_bits  # stored bits -> e4m3 / bf16 values
+# stored bits -> e4m3 / bf16 values; PAGE: slots per page of the paged cache (the kernels' too)
+from pallas_kernels.common import FROM_BITS, PAGE, from_bits
 from sharding.mesh import local
 
 
@@ -104,8 +105,10 @@ class KVCache:
         c = act_dequant(from_bits(self.c[layer]), self.c_scale[layer], dtype)
         return c, from_bits(self.k_pe[layer])
 
-
-PAGE = 64  # slots per page of the paged cache
+    def table(self) -> tuple[tuple, tuple]:
+        """What the Pallas kernels read besides the fields (their `pages` argument), and its
+        logical axes: nothing for the contiguous cache."""
+        return (), ()
 
 
 @struct.dataclass
@@ -114,7 +117,8 @@ class PagedKVCache(KVCache):
     rows per layer, (L, N, ...) with N = pages x PAGE, shared by every sequence, and `pages` (B, P)
     is the page table: logical slot t of sequence b lives in row pages[b, t // PAGE] * PAGE + t % PAGE.
     The model sees logical slots only (a length of P x PAGE): the indexer's key tiles and the
-    attention's selected rows go through the table, one more index lookup, no copy. Page 0 is the
+    attention's selected rows go through the table, one more index lookup, no copy (in the Pallas
+    kernels too: `table()` is their `pages` argument). Page 0 is the
     pool's scratch page: table entries a sequence does not own point there, and slots past the
     table map there, so writes of padding land in it and nothing real ever reads it. Pools are
     replicated over the mesh (serving runs with data = 1). `pages` is None in a pool at rest; a
@@ -134,6 +138,9 @@ class PagedKVCache(KVCache):
 
     def with_pages(self, pages: jax.Array | None) -> "PagedKVCache":
         return self.replace(pages=pages)
+
+    def table(self) -> tuple[tuple, tuple]:
+        return (self.pages,), (self.axes().pages,)
 
     def axes(self) -> "PagedKVCache":
         """As `KVCache.axes`, and the page table's: each device's own sequences' rows."""

@@ -70,9 +70,6 @@ class Engine:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if pages is not None and cache_gb is not None:
             raise ValueError("give the pool's size as pages or as cache_gb, not both")
-        if model.attention_impl == "pallas":
-            raise NotImplementedError("serving with attention_impl='pallas' is not implemented yet: the "
-                                      "kernels read the contiguous cache, not the paged pool; use 'xla'")
         self.model, self.config = model, cfg
         self.max_len = cfg.max_seq_len
         mesh = getattr(jax.tree.leaves(model.params)[0].sharding, "mesh", None)
