@@ -321,11 +321,11 @@ def run_table(sh: Shapes, quick: bool, repeats: int, only=None) -> list[dict]:
 
 def _fmt_row(row: dict) -> str:
     if "error" in row:
-        return f"{row['kernel']:<18} {row['variant']:<8} {row['shape']:<28} ERROR {row['error']}"
+        return f"{row['kernel']:<18} {row['variant']:<12} {row['shape']:<28} ERROR {row['error']}"
     base = "  ".join(f"{k[:-3]} {v:.3f} ms ({row.get(k[:-3] + '/pallas', 0):.2f}x)"
                      if isinstance(v, float) else f"{k[:-3]} {v}"
                      for k, v in row.items() if k.endswith("_ms") and k != "pallas_ms")
-    return (f"{row['kernel']:<18} {row['variant']:<8} {row['shape']:<28} "
+    return (f"{row['kernel']:<18} {row['variant']:<12} {row['shape']:<28} "
             f"{row['pallas_ms']:9.3f} ms {row['tflops']:8.2f} TF/s ({row['pct_flops']:5.1f}%) "
             f"{row['gbs']:8.1f} GB/s ({row['pct_hbm']:5.1f}%)  {base}")
 
