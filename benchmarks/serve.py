@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=None, help="default: 4 x the most clients")
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, nargs="+", default=[1],
+                    help="the servers' --decode-steps: one continuous run per value (default 1)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--part", choices=("all", "throughput", "prefix"), default="all",
                     help="run parts 1-2 (throughput), part 3 (prefix) or both")
@@ -187,15 +189,18 @@ def main(argv=None) -> int:
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
               "continuous": [], "static": [], "prefix": {}}
     if args.part != "prefix":
-        server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
-                        "--no-prefix-cache", warmup=True)  # every step shape compiled before it serves
-        try:
-            drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
-            for n in args.clients:
-                report["continuous"].append(drive(server.url, "/v1/completions", bodies, n))
-                print(json.dumps(report["continuous"][-1]), flush=True)
-        finally:
-            server.close()
+        for steps in args.decode_steps:
+            server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
+                            "--decode-steps", str(steps), "--no-prefix-cache",
+                            warmup=True)  # every step shape compiled before it serves
+            try:
+                drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
+                for n in args.clients:
+                    report["continuous"].append(drive(server.url, "/v1/completions", bodies, n)
+                                                | {"decode_steps": steps})
+                    print(json.dumps(report["continuous"][-1]), flush=True)
+            finally:
+                server.close()
         model = dsv32_jax.load_model(args.ckpt)
         for n in args.clients:
             report["static"].append(static(model, tokenizer, bodies, n))
@@ -222,10 +227,13 @@ def main(argv=None) -> int:
 
 def print_table(r: dict) -> None:
     print(f"\n{r['requests']} requests, {r['machine']}\n")
-    print("| clients | continuous tok/s | static tok/s | ratio | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
-    print("|---|---|---|---|---|---|")
-    for c, s in zip(r["continuous"], r["static"]):  # empty with --part prefix
-        print(f"| {c['clients']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
+    print("| clients | decode steps | continuous tok/s | static tok/s | ratio | TTFT p50 / p99 (s) | "
+          "TPOT p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    static = {s["batch"]: s for s in r["static"]}  # empty with --part prefix
+    for c in r["continuous"] if static else ():
+        s = static[c["clients"]]
+        print(f"| {c['clients']} | {c['decode_steps']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
               f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
               f"{1e3 * c['tpot_p50_s']:.0f} / {1e3 * c['tpot_p99_s']:.0f} |")
     on, off = r["prefix"].get("on"), r["prefix"].get("off")

@@ -82,7 +82,12 @@ def test_fp32_prefill(case):
     g = z["prefill_logits"]
     err, cos = row_error(logits, g), row_cosine(logits, g)
     argmax = np.mean(np.asarray(logits).argmax(-1) == g.argmax(-1))
-    assert np.median(err) < 1e-4, np.median(err)
+    # End to end a flip reaches every later row of its sequence (the bulk check at float32
+    # rounding is `test_fp32_components`'). Seen on an AVX-512 CPU: a latent key at position 9
+    # of tiny-bf16's first sequence flips in layer 0; its later rows move by 1e-4 to 1e-3, three
+    # by ~0.1 (their top-k changed); median row 1.5e-4. Without the flip the median is 2e-6.
+    assert np.median(err) < 1e-3, np.median(err)
+    assert np.mean(err < 1e-2) >= 0.9, np.mean(err < 1e-2)
     assert np.median(cos) > 0.99999 and argmax >= 0.98, (np.median(cos), argmax)
     assert topk_agreement(inter["topk"], z["prefill_topk"]) >= 0.9
     assert np.mean(np.asarray(inter["gate_experts"]) == z["prefill_gate_experts"]) >= 0.95

@@ -178,7 +178,8 @@ def greedy(max_tokens=NEW, **kw):
 
 @pytest.fixture(scope="module")
 def engine():  # 8 pages: one request at full length, and preemption when two grow; few shapes to compile
-    eng = Engine(demo(), max_batch=2, chunk=16, max_prefill=2, pages=1 + 8)
+    # decode steps of up to 3 tokens (multi-step) whenever nothing waits or prefills
+    eng = Engine(demo(), max_batch=2, chunk=16, max_prefill=2, pages=1 + 8, decode_steps=3)
     eng.start()
     yield eng
     eng.stop(drain=False)
@@ -199,6 +200,7 @@ def test_mixed_lengths_and_arrivals_mid_decode_equal_generate(engine):
         assert got.finish[i] == "length"
         assert got.tokens[i] == ref[i], f"request {i} ({len(p)} prompt tokens)"
     assert engine.metrics()["pages_used"] == 0
+    assert engine.metrics()["multi_steps"] > 0  # the last ones decode 3 tokens a step
 
 
 def test_shared_prefix_is_not_prefilled_again(engine):
@@ -355,19 +357,22 @@ def test_default_pool_fits_the_device_memory():
 def test_warmup_shapes_are_the_shapes_steps_take():
     """Every step a scheduler plans has a shape its warm-up list holds, and the list has no batch
     wider than max_batch (a prefill step runs running sequences only)."""
-    for max_batch, max_prefill in ((1, 4), (3, 2), (4, 4)):
-        sched = Scheduler(Pages(40, True), max_batch, 32, max_prefill, 256)
+    for max_batch, max_prefill, steps in ((1, 4, 1), (3, 2, 4), (4, 4, 1)):
+        sched = Scheduler(Pages(40, True), max_batch, 32, max_prefill, 256, decode_steps=steps)
         shapes = set(sched.shapes())
-        assert max(b for b, _, _, _ in shapes) == (1 << (max_batch - 1).bit_length())
-        rng = np.random.default_rng(max_batch)
+        assert max(b for b, *_ in shapes) == (1 << (max_batch - 1).bit_length())
+        rng, seen = np.random.default_rng(max_batch), set()
         for rid in range(8):
             n = int(rng.integers(1, 120))
             sched.add(Seq(rid, list(rng.integers(0, 100, n)), n, Sampling(max_tokens=int(rng.integers(1, 40))),
                           lambda *a: None))
         while not sched.idle:
             batch = sched.plan()
-            assert (batch.B, batch.S, batch.P, batch.decode) in shapes
-            sched.commit(batch, np.full(batch.B, 7))
+            assert (batch.B, batch.S, batch.P, batch.decode, batch.steps) in shapes
+            assert batch.stops == 1
+            seen.add(batch.steps)
+            sched.commit(batch, np.full((batch.B, batch.steps), 7), np.full(batch.B, batch.steps - 1))
+        assert seen == {1, steps}
 
 
 # Speculative decoding in the engine (the demo model's trained MTP layer) -------------------------------

@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
                    help="most requests queued for admission; more get 429 (default 256)")
     s.add_argument("--no-prefix-cache", action="store_true", help="do not share cache pages of equal prefixes")
     common.speculative_option(s)
+    s.add_argument("--decode-steps", type=argtypes.positive_int, default=1, metavar="N",
+                   help="tokens a decode step may take in one program while no request waits or "
+                        "prefills (multi-step; a new request waits up to N tokens; default 1)")
     s.add_argument("--no-warmup", action="store_true",
                    help="do not compile every shape at start-up (each compiles on first use instead)")
     s.add_argument("--drain-timeout", type=argtypes.seconds, default=30.0, metavar="S",
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         model = common.load_weights(args.ckpt, args)
         engine = Engine(model, max_batch=args.max_batch, cache_gb=args.cache_gb, chunk=args.chunk,
                         max_waiting=args.max_waiting, prefix_cache=not args.no_prefix_cache,
-                        speculative=args.speculative)
+                        speculative=args.speculative, decode_steps=args.decode_steps)
         if not lead:
             engine.follow()
             return 0

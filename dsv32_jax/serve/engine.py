@@ -60,12 +60,13 @@ class EngineStopped(RuntimeError):
 class Engine:
     def __init__(self, model, *, max_batch: int = 32, pages: int | None = None,
                  cache_gb: float | None = None, chunk: int = 512, max_waiting: int = 256,
-                 prefix_cache: bool = True, max_prefill: int = 4, speculative: int = 0):
+                 prefix_cache: bool = True, max_prefill: int = 4, speculative: int = 0,
+                 decode_steps: int = 1):
         cfg = model.config
         if speculative:
             spec.check(speculative, model.mtp)
         for name, v in (("max_batch", max_batch), ("chunk", chunk), ("max_waiting", max_waiting),
-                        ("max_prefill", max_prefill)):
+                        ("max_prefill", max_prefill), ("decode_steps", decode_steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if pages is not None and cache_gb is not None:
@@ -90,7 +91,7 @@ class Engine:
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
         self.max_waiting = max_waiting
         self.sched = Scheduler(Pages(pages, prefix_cache), max_batch, chunk, max_prefill, self.max_len,
-                               speculative)
+                               speculative, decode_steps)
         with on_mesh(model.params):
             self._pools = st.pools(cfg, pages, mtp)
             self._slots = st.draft_slots(cfg, max_batch + 1) if mtp else None
@@ -141,10 +142,11 @@ class Engine:
         """Compile the step for every shape bucket (a step on padding only: it writes the scratch page)."""
         shapes = self.sched.shapes()
         t0 = time.perf_counter()
-        for i, (b, s, p, decode) in enumerate(shapes):
+        for i, (b, s, p, decode, n) in enumerate(shapes):
             if progress:
-                progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")
-            to_host(self._run(Batch([], [], s, b, p, bool(self.k), decode))[0])  # padding lanes only
+                progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p}"
+                         + (f", {n} steps)" if n > 1 else ")"))
+            to_host(self._run(Batch([], [], s, b, p, bool(self.k), decode, n))[0])  # padding only
         if progress:
             progress(f"compiled {len(shapes)} step shapes in {time.perf_counter() - t0:.1f} s")
 
@@ -174,20 +176,27 @@ class Engine:
         """A multi-process run's processes other than 0: run every step process 0 runs (it
         broadcasts each one's inputs) until its engine ends."""
         while (got := _share(None, bool(self.k))) is not None:
-            self._step(*got)
+            self._step(got)
 
     def _run(self, batch: Batch):
         """Process 0: one step (in a multi-process run, the others run it too: `follow`) ->
         (tokens (B,) or (B,k+1), accepted drafts (B,) or None), on the device."""
-        a = batch.arrays()
+        a = batch.arrays() | {"decode": batch.decode, "steps": batch.steps}
         if self._multi:
-            _share((a, batch.decode), bool(self.k))
-        return self._step(a, batch.decode)
+            _share(a, bool(self.k))
+        return self._step(a)
 
-    def _step(self, a: dict, decode: bool):
+    def _step(self, a: dict):
+        """One step's program on the arrays of `Batch.arrays()` and its KIND."""
         m, kw = self.model, {"cfg": self.config, "impl": self.model.attention_impl}
         sampling = (a["seeds"], a["counters"], a["temperature"], a["top_p"])
+        decode = a["decode"]
         with on_mesh(m.params):
+            if a["steps"] > 1:  # multi-step: the tokens after the first count as accepted
+                tokens, n, self._pools = st.decode_steps(
+                    m.params, self._pools, a["table"], a["tokens"][:, 0], a["positions"][:, 0],
+                    a["left"], a["stops"], *sampling, n=a["steps"], **kw)
+                return tokens, n
             if not self.k:
                 token, self._pools = st.step(m.params, self._pools, a["table"], a["tokens"],
                                              a["positions"], a["last"], *sampling, **kw)
@@ -269,6 +278,7 @@ class Engine:
         _send(events)
 
 
+KIND = ("decode", "steps")  # a step's kind beside its arrays: which program runs
 FREE_FRACTION = 0.8  # of a device's free memory the default pool may take (the rest: step buffers)
 
 
@@ -293,16 +303,20 @@ def _free_bytes(params) -> int | None:
     return min(free) if free else None
 
 
-def _share(step: tuple[dict, bool] | None, spec: bool) -> tuple[dict, bool] | None:
-    """A multi-process run's next step: the inputs and kind (decode or not) process 0 gives (None:
-    no more steps), on every process (the others pass None)."""
-    a, decode = step or (None, False)
-    shape = [0, 0, 0, 0] if a is None else [*a["tokens"].shape, a["table"].shape[1], decode]
-    B, S, P, decode = map(int, multihost_utils.broadcast_one_to_all(np.array(shape, np.int32)))
+def _share(a: dict | None, spec: bool) -> dict | None:
+    """A multi-process run's next step: the arrays and KIND process 0 gives (None: no more steps),
+    on every process (the others pass None)."""
+    head = [0] * 6
+    if a is not None:
+        head = [*a["tokens"].shape, a["table"].shape[1], a["decode"], a["steps"],
+                a["stops"].shape[1] if "stops" in a else 1]
+    B, S, P, decode, steps, stops = map(int, multihost_utils.broadcast_one_to_all(
+        np.array(head, np.int32)))
     if B == 0:
         return None
-    like = Batch([], [], S, B, P, spec, bool(decode)).arrays() if a is None else a
-    return multihost_utils.broadcast_one_to_all(like), bool(decode)
+    like = Batch([], [], S, B, P, spec, bool(decode), steps, stops).arrays() if a is None else {
+        k: v for k, v in a.items() if k not in KIND}
+    return multihost_utils.broadcast_one_to_all(like) | {"decode": bool(decode), "steps": steps}
 
 
 def _send(events) -> None:

@@ -103,6 +103,8 @@ _METRICS = (
      lambda m: m["prefix_hit_tokens"] / m["prefix_query_tokens"] if m["prefix_query_tokens"] else 0.0),
     ("preemptions_total", "counter", "requests preempted (recomputed later) when the cache ran out", "preemptions"),
     ("engine_steps_total", "counter", "engine steps run", "steps"),
+    ("engine_multi_steps_total", "counter", "engine steps that decoded several tokens (--decode-steps)",
+     "multi_steps"),
     ("spec_decode_draft_tokens_total", "counter", "speculative decoding: tokens drafted", "draft_tokens"),
     ("spec_decode_accepted_tokens_total", "counter", "speculative decoding: drafted tokens accepted",
      "accepted_draft_tokens"),

@@ -69,7 +69,9 @@ class Seq:
 class Batch:
     """One step: seqs[i] feeds tokens[computed : computed + feed[i]] in a (B, S) run with page
     tables of width P (all powers of two). Speculative (`spec`): a prefill step also runs the MTP
-    layer, a decode step (`decode`) is a draft-verify iteration."""
+    layer, a decode step (`decode`) is a draft-verify iteration. A decode step of `steps` > 1
+    decodes up to that many tokens per sequence in one program (`serve.step.decode_steps`), each
+    sequence's stop ids in a row of width `stops`."""
     seqs: list[Seq]
     feed: list[int]
     S: int
@@ -77,6 +79,8 @@ class Batch:
     P: int
     spec: bool = False
     decode: bool = False
+    steps: int = 1
+    stops: int = 1
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The step's inputs (`serve.step`'s programs): padding lanes write into the scratch page
@@ -91,6 +95,8 @@ class Batch:
             out["slot"] = np.zeros(B, np.int32)
             if not self.decode:
                 out["after"], out["ends"] = np.zeros((B, S), np.int32), np.zeros(B, bool)
+        if self.steps > 1:
+            out["left"], out["stops"] = np.zeros(B, np.int32), np.full((B, self.stops), -1, np.int32)
         for i, (s, n) in enumerate(zip(self.seqs, self.feed)):
             out["table"][i, :len(s.pages)] = s.pages
             out["tokens"][i, :n] = s.tokens[s.computed:s.computed + n]
@@ -102,6 +108,9 @@ class Batch:
             out["top_p"][i] = s.sampling.top_p
             if self.spec:
                 out["slot"][i] = s.slot
+            if "left" in out:
+                out["left"][i] = s.sampling.max_tokens - s.produced
+                out["stops"][i, :len(s.sampling.stop_ids)] = s.sampling.stop_ids
             if "after" in out:
                 nxt = s.tokens[s.computed + 1:s.computed + n + 1]
                 out["after"][i, :len(nxt)] = nxt
@@ -122,15 +131,18 @@ def pow2_up_to(n: int) -> list[int]:
 
 class Scheduler:
     def __init__(self, pages: Pages, max_batch: int, chunk: int, max_prefill: int, max_len: int,
-                 ahead: int = 0):
+                 ahead: int = 0, decode_steps: int = 1):
         self.pages = pages
         self.max_batch, self.chunk, self.max_prefill, self.max_len = max_batch, chunk, max_prefill, max_len
         self.ahead = ahead  # speculative drafts per decode step (0: off)
+        if ahead and decode_steps > 1:
+            raise ValueError("decode_steps > 1 and speculative decoding do not combine")
+        self.decode_steps = decode_steps  # the most tokens a decode step may take (multi-step)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.counts = {"prefix_hit_tokens": 0, "prefix_query_tokens": 0, "preemptions": 0,
-                       "generation_tokens": 0, "steps": 0, "draft_tokens": 0,
-                       "accepted_draft_tokens": 0}
+                       "generation_tokens": 0, "steps": 0, "multi_steps": 0,
+                       "draft_tokens": 0, "accepted_draft_tokens": 0}
         self._prefill_next = True
         self._slots = list(range(max_batch, 0, -1))  # free rows of the per-sequence state
 
@@ -139,12 +151,14 @@ class Scheduler:
     def page_buckets(self) -> list[int]:
         return pow2_up_to(bucket(cdiv(self.max_len, PAGE), 1))
 
-    def shapes(self) -> list[tuple[int, int, int, bool]]:
-        """Every (B, S, P, decode) a step may have: what a warm-up compiles."""
-        out = [(b, 1, p, True) for b in pow2_up_to(bucket(self.max_batch, 1))
-               for p in self.page_buckets()]
+    def shapes(self) -> list[tuple[int, int, int, bool, int]]:
+        """Every (B, S, P, decode, steps) a step may have (with one stop id per sequence): what a
+        warm-up compiles."""
+        steps = sorted({1, self.decode_steps})
+        out = [(b, 1, p, True, n) for b in pow2_up_to(bucket(self.max_batch, 1))
+               for p in self.page_buckets() for n in steps]
         prefill = min(self.max_prefill, self.max_batch)  # a prefill step runs running sequences
-        return out + [(b, s, p, False) for b in pow2_up_to(bucket(prefill, 1))
+        return out + [(b, s, p, False, 1) for b in pow2_up_to(bucket(prefill, 1))
                       for s in seq_buckets(self.chunk) for p in self.page_buckets()]
 
     # Queue ------------------------------------------------------------------------------------------
@@ -179,25 +193,41 @@ class Scheduler:
             return None
         use_prefill = bool(prefill) and (self._prefill_next or not decode)
         self._prefill_next = not use_prefill
+        steps = 1
         if use_prefill:
             seqs = prefill[:self.max_prefill]
             feed = [min(s.pending, self.chunk) for s in seqs]
             S = min(bucket(max(feed)), self.chunk)
         else:
-            seqs = self._with_pages(decode)
+            steps = self._steps(decode, bool(prefill))
+            seqs = self._with_pages(decode, self.ahead or steps - 1)
             if not seqs:
                 return None
             feed, S = [1] * len(seqs), 1
         P = bucket(max(len(s.pages) for s in seqs), 1)  # padding past the table: scratch
-        return Batch(seqs, feed, S, bucket(len(seqs), 1), P, bool(self.ahead), not use_prefill)
+        stops = bucket(max(1, *(len(s.sampling.stop_ids) for s in seqs)), 1) if steps > 1 else 1
+        return Batch(seqs, feed, S, bucket(len(seqs), 1), P, bool(self.ahead), not use_prefill,
+                     steps, stops)
+
+    def _steps(self, decode: list[Seq], prefilling: bool) -> int:
+        """How many tokens the decode step of `decode` may take: `decode_steps` while no sequence
+        waits or prefills (a new request waits for one step) and the free pages cover them
+        without preempting anyone, else 1."""
+        n = self.decode_steps
+        if n == 1 or prefilling or self.waiting:
+            return 1
+        short = sum(max(0, cdiv(self._slots_needed(s, n - 1), PAGE) - len(s.pages)) for s in decode)
+        return n if short <= self.pages.available else 1
 
     def commit(self, batch: Batch, sampled: np.ndarray, accepted: np.ndarray | None = None
                ) -> list[tuple[Seq, list[int], str | None]]:
         """Take a step's tokens -> (seq, new tokens, finish) per sequence that has news; finished
         sequences leave with their pages released. sampled (B,): the token sampled after each run;
-        or, a speculative decode step's, (B, k+1) with `accepted` (B,): row i's first accepted[i]
-        tokens are drafts whose keys the step wrote, then the next token."""
+        or, a speculative or multi-step decode step's, (B, k+1) with `accepted` (B,): row i's
+        first accepted[i] tokens are drafts (or tokens) whose keys the step wrote, then the next
+        token."""
         self.counts["steps"] += 1
+        self.counts["multi_steps"] += batch.steps > 1
         events = []
         sampled = np.asarray(sampled).reshape(len(sampled), -1)
         for i, (s, n) in enumerate(zip(batch.seqs, batch.feed)):
@@ -208,11 +238,9 @@ class Scheduler:
             if batch.decode and batch.spec:
                 self.counts["draft_tokens"] += self.ahead
                 self.counts["accepted_draft_tokens"] += a
-            if s.computed < len(s.tokens):
-                self._register(s)
-                continue  # a prefill chunk short of the end: nothing sampled
+            ends = s.computed >= len(s.tokens)  # else a prefill chunk short of it: no token
             finish, new = None, []
-            for tok in map(int, sampled[i, :a + 1]):
+            for tok in map(int, sampled[i, :a + 1] if ends else ()):
                 if tok == NONFINITE:
                     finish = "error: the logits were not finite (NaN/Inf)"
                     break
@@ -229,7 +257,8 @@ class Scheduler:
             if finish is not None:
                 self.running.remove(s)
                 self._drop_pages(s)
-            events.append((s, new, finish))
+            if ends:
+                events.append((s, new, finish))
         return events
 
     # Pages ------------------------------------------------------------------------------------------
@@ -256,17 +285,18 @@ class Scheduler:
     def _overlap(self) -> int:
         return 1 if self.ahead else 0
 
-    def _slots_needed(self, s: Seq) -> int:
-        """The slots a decode step of s writes that matter: its pending token's, and with k drafts
-        k more, up to the last slot a token it may still produce is computed in."""
+    def _slots_needed(self, s: Seq, ahead: int) -> int:
+        """The slots a decode step of s writes that matter: its pending token's, and `ahead` more
+        (k drafts, or the tokens of a multi-step), up to the last slot a token it may still
+        produce is computed in."""
         last = s.n_prompt + s.sampling.max_tokens - 2  # the final token is sent, never computed
-        return min(s.computed + self.ahead, max(last, s.computed)) + 1
+        return min(s.computed + ahead, max(last, s.computed)) + 1
 
-    def _with_pages(self, seqs: list[Seq]) -> list[Seq]:
+    def _with_pages(self, seqs: list[Seq], ahead: int) -> list[Seq]:
         """Give each decoding sequence the pages its next slots need, preempting the newest running
         sequences while none is left. -> the sequences still running, in order."""
         for s in list(seqs):
-            while s in self.running and len(s.pages) * PAGE < self._slots_needed(s):
+            while s in self.running and len(s.pages) * PAGE < self._slots_needed(s, ahead):
                 while not self.pages.available:
                     victim = max(self.running, key=lambda r: r.rid)  # the newest request
                     self._preempt(victim)

@@ -4,7 +4,8 @@ and draft state (`spec_prefill`), and a draft-verify iteration (`spec_decode`).
 
 A run is S tokens of one sequence at consecutive positions: a prefill chunk (S up to the chunk) or a
 decode step (S = 1); padding tokens sit after the real ones (their keys land in the sequence's own
-unused slots or in the scratch page, and no real query sees them). Shapes are bucketed (batch, S and
+unused slots or in the scratch page, and no real query sees them). `decode_steps` runs several decode steps in one
+program, feeding each sampled token back (multi-step scheduling). Shapes are bucketed (batch, S and
 the page-table width P, each a power of two), so a server compiles a fixed set of programs. The pools
 are donated: every step writes them in place.
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv32_jax.engine import speculative as spec
-from dsv32_jax.engine.generate import sample
+from dsv32_jax.engine.generate import NONFINITE, sample
 from dsv32_jax.model.cache import PagedKVCache
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.mtp import mtp_forward
@@ -41,9 +42,19 @@ def draft_slots(cfg: Config, n: int) -> spec.Drafts:
                        jnp.zeros((n, cfg.dim), cfg.dtype))
 
 
-def _split(pools):
-    """The layer groups' pools, the MTP pool."""
-    return {g: p for g, p in pools.items() if g != "mtp"}, pools["mtp"]
+def _open(pools, table):
+    """The pools as the caches of the sequences whose page tables are `table` (B,P)."""
+    return {g: p.with_pages(table) for g, p in pools.items()}
+
+
+def _close(caches):
+    """The caches back as pools at rest (no page table)."""
+    return {g: c.with_pages(None) for g, c in caches.items()}
+
+
+def _split(caches):
+    """The layer groups' caches, the MTP layer's."""
+    return {g: c for g, c in caches.items() if g != "mtp"}, caches["mtp"]
 
 
 def _keys(seeds, counters):
@@ -54,10 +65,11 @@ def _sample(logits, keys, temperature, top_p):
     return jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t, p)[0])(logits, keys, temperature, top_p)
 
 
-def _keep(slots: spec.Drafts, slot, d: spec.Drafts) -> spec.Drafts:
-    """slots with rows `slot` (B,) set to d's d, q, h."""
-    return slots._replace(d=slots.d.at[slot].set(d.d), q=slots.q.at[slot].set(d.q),
-                          h=slots.h.at[slot].set(d.h.astype(slots.h.dtype)))
+def _keep(slots: spec.Drafts, slot, d, q, h) -> spec.Drafts:
+    """slots with rows `slot` (B,) set to the drafts d (B,), their distributions q (B,V) and the
+    MTP hidden states h (B,D)."""
+    return slots._replace(d=slots.d.at[slot].set(d), q=slots.q.at[slot].set(q),
+                          h=slots.h.at[slot].set(h.astype(slots.h.dtype)))
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("pools",))
@@ -67,10 +79,44 @@ def step(params, pools, table, tokens, positions, last, seeds, counters, tempera
     (B,) the index of each run's last real token. -> (next token per sequence (B,) int32, sampled
     from the logits at `last` with its own temperature/top_p (B,) and key fold_in(key(seed),
     counter); `NONFINITE` where those logits were not finite), the pools."""
-    cache = {g: p.with_pages(table) for g, p in pools.items()}
+    token, cache = _forward(params, _open(pools, table), tokens, positions, last,
+                            _keys(seeds, counters), temperature, top_p, cfg, impl)
+    return token, _close(cache)
+
+
+def _forward(params, cache, tokens, positions, last, keys, temperature, top_p, cfg, impl):
     logits, cache = Transformer(cfg, impl).apply(variables(params), tokens, positions, cache, last)
-    token = _sample(logits, _keys(seeds, counters), temperature, top_p)
-    return token, {g: c.with_pages(None) for g, c in cache.items()}
+    return _sample(logits, keys, temperature, top_p), cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "impl", "n"), donate_argnames=("pools",))
+def decode_steps(params, pools, table, x, pos, left, stops, seeds, counters, temperature, top_p,
+                 *, cfg: Config, impl: str, n: int):
+    """Up to n decode steps in one program (multi-step scheduling): each sequence's pending token
+    x (B,) at pos (B,), then the token sampled after it, and so on, each step as `step` computes
+    it (the key of its k-th token fold_in(key(seed), counter + k)). A row stops after a token in
+    its `stops` (B,K) (-1: none), a non-finite row (`NONFINITE`), or its `left` (B,) tokens; the
+    loop ends when every row has (padding rows: left 0). Its page table must hold the slots up to
+    pos + min(n, left) - 1. -> (tokens (B,n): each row's, then -1; how many of a row's tokens
+    had their keys written, besides the pending token's (B,); the pools)."""
+    b = x.shape[0]
+
+    def more(state):
+        i, _, _, live, _, _ = state
+        return (i < n) & jnp.any(live)
+
+    def body(state):
+        i, x, pos, live, out, cache = state
+        tok, cache = _forward(params, cache, x[:, None], pos[:, None], jnp.zeros(b, jnp.int32),
+                              _keys(seeds, counters + i), temperature, top_p, cfg, impl)
+        tok = jnp.where(live, tok, -1)
+        out = out.at[:, i].set(tok)
+        live = live & (i + 1 < left) & (tok != NONFINITE) & ~jnp.any(tok[:, None] == stops, -1)
+        return i + 1, jnp.maximum(tok, 0), pos + 1, live, out, cache
+
+    state = (jnp.int32(0), x, pos, left > 0, jnp.full((b, n), -1, jnp.int32), _open(pools, table))
+    out, cache = jax.lax.while_loop(more, body, state)[4:]
+    return out, jnp.maximum(jnp.sum(out != -1, axis=1) - 1, 0), _close(cache)
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("pools", "slots"))
@@ -82,7 +128,7 @@ def spec_prefill(params, mtp, pools, slots, table, tokens, positions, last, afte
     token after is the one sampled here. Its keys are written; its logits at `last` give the
     first draft after the sampled token, kept in `slots` at rows `slot` (B,).
     -> (sampled token (B,), pools, slots)."""
-    cache, mtp_cache = _split({g: p.with_pages(table) for g, p in pools.items()})
+    cache, mtp_cache = _split(_open(pools, table))
     logits, cache, hidden = Transformer(cfg, impl).apply(variables(params), tokens, positions,
                                                          cache, last, hidden=True)
     keys = _keys(seeds, counters)
@@ -93,8 +139,8 @@ def spec_prefill(params, mtp, pools, slots, table, tokens, positions, last, afte
                                        last=last)
     d, q = spec.drafts(logits, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), temperature,
                        top_p)
-    slots = _keep(slots, slot, spec.Drafts(token, last, d, q, h[rows, last]))
-    return token, {g: c.with_pages(None) for g, c in (cache | {"mtp": mtp_cache}).items()}, slots
+    slots = _keep(slots, slot, d, q, h[rows, last])
+    return token, _close(cache | {"mtp": mtp_cache}), slots
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl", "k"), donate_argnames=("pools", "slots"))
@@ -104,13 +150,13 @@ def spec_decode(params, mtp, pools, slots, table, x, pos, slot, seeds, counters,
     `slots` at rows `slot` (B,), verified by one forward over x (B,) at pos (B,) and the drafts)
     over the paged pools. -> (n (B,) drafts accepted, tokens (B,k+1): the n drafts, the next
     token, then -1; pools, slots with the next iteration's state)."""
-    cache, mtp_cache = _split({g: p.with_pages(table) for g, p in pools.items()})
+    cache, mtp_cache = _split(_open(pools, table))
     s = spec.Drafts(x, pos, slots.d[slot], slots.q[slot], slots.h[slot])
     n, tokens, _, nxt, cache, mtp_cache = spec.iteration(
         params, mtp, cache, mtp_cache, s, _keys(seeds, counters), temperature, top_p, cfg=cfg,
         impl=impl, k=k)
-    slots = _keep(slots, slot, nxt)
-    return n, tokens, {g: c.with_pages(None) for g, c in (cache | {"mtp": mtp_cache}).items()}, slots
+    slots = _keep(slots, slot, nxt.d, nxt.q, nxt.h)
+    return n, tokens, _close(cache | {"mtp": mtp_cache}), slots
 
 
 def pool_bytes(cfg: Config, n_pages: int, mtp: bool = False) -> int:
