@@ -32,6 +32,12 @@ def weights_option(p: argparse.ArgumentParser) -> None:
                         "memory), the checkpoint's dtypes on accelerators; narrow / f32 force one")
 
 
+def attention_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", default="xla", choices=["xla", "pallas"],
+                   help="sparse attention and the indexer: xla (default) or pallas (the Pallas GPU kernels; "
+                        "off a GPU they run interpreted, for checking only: slow)")
+
+
 def run_options(p: argparse.ArgumentParser, max_new: int = 64) -> None:
     """The options of a command that runs the model: sampling, numerics, output, --debug, the compile cache."""
     p.add_argument("--max-new-tokens", type=argtypes.checked(int, checks.check_max_new_tokens), default=max_new,
@@ -44,6 +50,7 @@ def run_options(p: argparse.ArgumentParser, max_new: int = 64) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
     weights_option(p)
+    attention_option(p)
     speculative_option(p)
     p.add_argument("--show-special", action="store_true",
                    help="print special/reserved tokens in the output stream")
@@ -266,7 +273,7 @@ def load_weights(path: str, args: argparse.Namespace):
     say(f"loading {path}{where} ...")
     model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
                                  progress=not quiet, weights=args.weights,
-                                 mtp=getattr(args, "speculative", 0) > 0)
+                                 attention_impl=args.attention, mtp=getattr(args, "speculative", 0) > 0)
     say(f"loaded in {time.perf_counter() - t:.1f}s")
     if mesh is not None and model.config.n_moe_layers:
         from sharding.rules import expert_layout

@@ -53,6 +53,7 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     s.add_argument("--no-fp8", action="store_true", help="do not simulate FP8 activations")
     common.weights_option(s)
+    common.attention_option(s)
     s.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.compile_cache_option(s)
     common.mesh_options(s)
