@@ -142,11 +142,11 @@ class Engine:
         """Compile the step for every shape bucket (a step on padding only: it writes the scratch page)."""
         shapes = self.sched.shapes()
         t0 = time.perf_counter()
-        for i, (b, s, p, decode, n) in enumerate(shapes):
+        for i, (b, s, p, decode) in enumerate(shapes):
             if progress:
-                progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p}"
-                         + (f", {n} steps)" if n > 1 else ")"))
-            to_host(self._run(Batch([], [], s, b, p, bool(self.k), decode, n))[0])  # padding only
+                progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")
+            width = self.sched.decode_steps if decode else 1
+            to_host(self._run(Batch([], [], s, b, p, bool(self.k), decode, 1, width))[0])  # padding only
         if progress:
             progress(f"compiled {len(shapes)} step shapes in {time.perf_counter() - t0:.1f} s")
 
@@ -181,7 +181,7 @@ class Engine:
     def _run(self, batch: Batch):
         """Process 0: one step (in a multi-process run, the others run it too: `follow`) ->
         (tokens (B,) or (B,k+1), accepted drafts (B,) or None), on the device."""
-        a = batch.arrays() | {"decode": batch.decode, "steps": batch.steps}
+        a = batch.arrays() | {"decode": batch.decode, "steps": batch.steps, "width": batch.width}
         if self._multi:
             _share(a, bool(self.k))
         return self._step(a)
@@ -192,10 +192,10 @@ class Engine:
         sampling = (a["seeds"], a["counters"], a["temperature"], a["top_p"])
         decode = a["decode"]
         with on_mesh(m.params):
-            if a["steps"] > 1:  # multi-step: the tokens after the first count as accepted
+            if "left" in a:  # multi-step: the tokens after the first count as accepted
                 tokens, n, self._pools = st.decode_steps(
                     m.params, self._pools, a["table"], a["tokens"][:, 0], a["positions"][:, 0],
-                    a["left"], a["stops"], *sampling, n=a["steps"], **kw)
+                    np.int32(a["steps"]), a["left"], a["stops"], *sampling, width=a["width"], **kw)
                 return tokens, n
             if not self.k:
                 token, self._pools = st.step(m.params, self._pools, a["table"], a["tokens"],
@@ -278,7 +278,7 @@ class Engine:
         _send(events)
 
 
-KIND = ("decode", "steps")  # a step's kind beside its arrays: which program runs
+KIND = ("decode", "steps", "width")  # a step's kind beside its arrays: which program, how far
 FREE_FRACTION = 0.8  # of a device's free memory the default pool may take (the rest: step buffers)
 
 
@@ -306,17 +306,18 @@ def _free_bytes(params) -> int | None:
 def _share(a: dict | None, spec: bool) -> dict | None:
     """A multi-process run's next step: the arrays and KIND process 0 gives (None: no more steps),
     on every process (the others pass None)."""
-    head = [0] * 6
+    head = [0] * 7
     if a is not None:
-        head = [*a["tokens"].shape, a["table"].shape[1], a["decode"], a["steps"],
+        head = [*a["tokens"].shape, a["table"].shape[1], *(a[k] for k in KIND),
                 a["stops"].shape[1] if "stops" in a else 1]
-    B, S, P, decode, steps, stops = map(int, multihost_utils.broadcast_one_to_all(
+    B, S, P, decode, steps, width, stops = map(int, multihost_utils.broadcast_one_to_all(
         np.array(head, np.int32)))
     if B == 0:
         return None
-    like = Batch([], [], S, B, P, spec, bool(decode), steps, stops).arrays() if a is None else {
-        k: v for k, v in a.items() if k not in KIND}
-    return multihost_utils.broadcast_one_to_all(like) | {"decode": bool(decode), "steps": steps}
+    like = Batch([], [], S, B, P, spec, bool(decode), steps, width, stops).arrays() if a is None \
+        else {k: v for k, v in a.items() if k not in KIND}
+    return multihost_utils.broadcast_one_to_all(like) | {"decode": bool(decode), "steps": steps,
+                                                          "width": width}
 
 
 def _send(events) -> None:

@@ -69,9 +69,9 @@ class Seq:
 class Batch:
     """One step: seqs[i] feeds tokens[computed : computed + feed[i]] in a (B, S) run with page
     tables of width P (all powers of two). Speculative (`spec`): a prefill step also runs the MTP
-    layer, a decode step (`decode`) is a draft-verify iteration. A decode step of `steps` > 1
-    decodes up to that many tokens per sequence in one program (`serve.step.decode_steps`), each
-    sequence's stop ids in a row of width `stops`."""
+    layer, a decode step (`decode`) is a draft-verify iteration. With multi-step scheduling
+    (`width` > 1: the scheduler's decode_steps) a decode step is `serve.step.decode_steps`: up to
+    `steps` tokens per sequence, each sequence's stop ids in a row of `stops` entries."""
     seqs: list[Seq]
     feed: list[int]
     S: int
@@ -80,6 +80,7 @@ class Batch:
     spec: bool = False
     decode: bool = False
     steps: int = 1
+    width: int = 1
     stops: int = 1
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -95,7 +96,7 @@ class Batch:
             out["slot"] = np.zeros(B, np.int32)
             if not self.decode:
                 out["after"], out["ends"] = np.zeros((B, S), np.int32), np.zeros(B, bool)
-        if self.steps > 1:
+        if self.width > 1:
             out["left"], out["stops"] = np.zeros(B, np.int32), np.full((B, self.stops), -1, np.int32)
         for i, (s, n) in enumerate(zip(self.seqs, self.feed)):
             out["table"][i, :len(s.pages)] = s.pages
@@ -151,14 +152,13 @@ class Scheduler:
     def page_buckets(self) -> list[int]:
         return pow2_up_to(bucket(cdiv(self.max_len, PAGE), 1))
 
-    def shapes(self) -> list[tuple[int, int, int, bool, int]]:
-        """Every (B, S, P, decode, steps) a step may have (with one stop id per sequence): what a
-        warm-up compiles."""
-        steps = sorted({1, self.decode_steps})
-        out = [(b, 1, p, True, n) for b in pow2_up_to(bucket(self.max_batch, 1))
-               for p in self.page_buckets() for n in steps]
+    def shapes(self) -> list[tuple[int, int, int, bool]]:
+        """Every (B, S, P, decode) a step may have (with one stop id per sequence): what a warm-up
+        compiles. A multi-step decode takes its step count as an argument: one program."""
+        out = [(b, 1, p, True) for b in pow2_up_to(bucket(self.max_batch, 1))
+               for p in self.page_buckets()]
         prefill = min(self.max_prefill, self.max_batch)  # a prefill step runs running sequences
-        return out + [(b, s, p, False, 1) for b in pow2_up_to(bucket(prefill, 1))
+        return out + [(b, s, p, False) for b in pow2_up_to(bucket(prefill, 1))
                       for s in seq_buckets(self.chunk) for p in self.page_buckets()]
 
     # Queue ------------------------------------------------------------------------------------------
@@ -193,21 +193,21 @@ class Scheduler:
             return None
         use_prefill = bool(prefill) and (self._prefill_next or not decode)
         self._prefill_next = not use_prefill
-        steps = 1
+        steps, width = 1, 1
         if use_prefill:
             seqs = prefill[:self.max_prefill]
             feed = [min(s.pending, self.chunk) for s in seqs]
             S = min(bucket(max(feed)), self.chunk)
         else:
-            steps = self._steps(decode, bool(prefill))
+            steps, width = self._steps(decode, bool(prefill)), self.decode_steps
             seqs = self._with_pages(decode, self.ahead or steps - 1)
             if not seqs:
                 return None
             feed, S = [1] * len(seqs), 1
         P = bucket(max(len(s.pages) for s in seqs), 1)  # padding past the table: scratch
-        stops = bucket(max(1, *(len(s.sampling.stop_ids) for s in seqs)), 1) if steps > 1 else 1
+        stops = bucket(max(1, *(len(s.sampling.stop_ids) for s in seqs)), 1) if width > 1 else 1
         return Batch(seqs, feed, S, bucket(len(seqs), 1), P, bool(self.ahead), not use_prefill,
-                     steps, stops)
+                     steps, width, stops)
 
     def _steps(self, decode: list[Seq], prefilling: bool) -> int:
         """How many tokens the decode step of `decode` may take: `decode_steps` while no sequence

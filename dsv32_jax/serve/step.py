@@ -4,10 +4,10 @@ and draft state (`spec_prefill`), and a draft-verify iteration (`spec_decode`).
 
 A run is S tokens of one sequence at consecutive positions: a prefill chunk (S up to the chunk) or a
 decode step (S = 1); padding tokens sit after the real ones (their keys land in the sequence's own
-unused slots or in the scratch page, and no real query sees them). `decode_steps` runs several decode steps in one
-program, feeding each sampled token back (multi-step scheduling). Shapes are bucketed (batch, S and
-the page-table width P, each a power of two), so a server compiles a fixed set of programs. The pools
-are donated: every step writes them in place.
+unused slots or in the scratch page, and no real query sees them). With multi-step scheduling a
+decode step is `decode_steps`: up to n tokens per sequence, each sampled token fed back on the
+device. Shapes are bucketed (batch, S and the page-table width P, each a power of two), so a server
+compiles a fixed set of programs. The pools are donated: every step writes them in place.
 """
 
 from __future__ import annotations
@@ -89,16 +89,17 @@ def _forward(params, cache, tokens, positions, last, keys, temperature, top_p, c
     return _sample(logits, keys, temperature, top_p), cache
 
 
-@partial(jax.jit, static_argnames=("cfg", "impl", "n"), donate_argnames=("pools",))
-def decode_steps(params, pools, table, x, pos, left, stops, seeds, counters, temperature, top_p,
-                 *, cfg: Config, impl: str, n: int):
-    """Up to n decode steps in one program (multi-step scheduling): each sequence's pending token
-    x (B,) at pos (B,), then the token sampled after it, and so on, each step as `step` computes
-    it (the key of its k-th token fold_in(key(seed), counter + k)). A row stops after a token in
-    its `stops` (B,K) (-1: none), a non-finite row (`NONFINITE`), or its `left` (B,) tokens; the
-    loop ends when every row has (padding rows: left 0). Its page table must hold the slots up to
-    pos + min(n, left) - 1. -> (tokens (B,n): each row's, then -1; how many of a row's tokens
-    had their keys written, besides the pending token's (B,); the pools)."""
+@partial(jax.jit, static_argnames=("cfg", "impl", "width"), donate_argnames=("pools",))
+def decode_steps(params, pools, table, x, pos, n, left, stops, seeds, counters, temperature,
+                 top_p, *, cfg: Config, impl: str, width: int):
+    """Up to n <= width decode steps in one program (multi-step scheduling; n is an argument, so
+    one program serves every n): each sequence's pending token x (B,) at pos (B,), then the token
+    sampled after it, and so on, each step as `step` computes it (the key of its k-th token
+    fold_in(key(seed), counter + k)). A row stops after a token in its `stops` (B,K) (-1: none),
+    a non-finite row (`NONFINITE`) or its `left` (B,) tokens; the loop ends when every row has
+    (padding rows: left 0). The page table must hold the slots up to pos + min(n, left) - 1.
+    -> (tokens (B,width): each row's, then -1; how many of a row's tokens had their keys written,
+    besides the pending token's (B,); the pools)."""
     b = x.shape[0]
 
     def more(state):
@@ -114,7 +115,8 @@ def decode_steps(params, pools, table, x, pos, left, stops, seeds, counters, tem
         live = live & (i + 1 < left) & (tok != NONFINITE) & ~jnp.any(tok[:, None] == stops, -1)
         return i + 1, jnp.maximum(tok, 0), pos + 1, live, out, cache
 
-    state = (jnp.int32(0), x, pos, left > 0, jnp.full((b, n), -1, jnp.int32), _open(pools, table))
+    state = (jnp.int32(0), x, pos, left > 0, jnp.full((b, width), -1, jnp.int32),
+             _open(pools, table))
     out, cache = jax.lax.while_loop(more, body, state)[4:]
     return out, jnp.maximum(jnp.sum(out != -1, axis=1) - 1, 0), _close(cache)
 
