@@ -344,6 +344,25 @@ def test_engine_on_an_expert_tensor_mesh_equals_one_device():
     assert r["pool"] in ("P()", "PartitionSpec()")
 
 
+def test_compiles_stop_short_of_the_memory_map_limit(monkeypatch):
+    """XLA:CPU maps ~760 pages per step program and Linux ends a process past vm.max_map_count:
+    a warm-up stops compiling at WARM_MAPS of it (the rest compile on first use), and a step of a
+    new shape past MAX_MAPS is one clear error, not a crash in the compiler."""
+    from dsv32_jax.serve import engine as eng_mod
+    from dsv32_jax.serve.scheduler import Batch
+
+    maps, limit = eng_mod.memory_maps()  # this Linux's
+    assert 0 < maps < limit
+    eng = Engine(demo(), max_batch=1, chunk=16, max_prefill=1, pages=1 + 8)
+    lines = []
+    monkeypatch.setattr(eng_mod, "memory_maps", lambda: (61, 100))  # past WARM_MAPS: nothing compiled
+    eng.warmup(lines.append)
+    assert len(lines) == 1 and lines[0].startswith(f"compiled 0 of {len(eng.sched.shapes())} step shapes")
+    monkeypatch.setattr(eng_mod, "memory_maps", lambda: (96, 100))
+    with pytest.raises(MemoryError, match="vm.max_map_count"):
+        eng._run(Batch([], [], 1, 1, 1))
+
+
 def test_default_pool_fits_the_device_memory():
     cfg = demo().config
     full = default_pages(cfg, 4, None)

@@ -96,6 +96,7 @@ class Engine:
             self._pools = st.pools(cfg, pages, mtp)
             self._slots = st.draft_slots(cfg, max_batch + 1) if mtp else None
         self._ids = itertools.count()
+        self._compiled: set[tuple] = set()  # the step shapes run so far
         self._cv = threading.Condition()
         self._inbox: list[Seq] = []
         self._cancels: list[int] = []
@@ -139,10 +140,19 @@ class Engine:
                     "generation_tokens_per_s": self._rate.value()}
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile the step for every shape bucket (a step on padding only: it writes the scratch page)."""
+        """Compile the step for every shape bucket (a step on padding only: it writes the scratch
+        page), or for as many as leave room in the process's memory mappings (`memory_maps`):
+        the others compile on first use."""
         shapes = self.sched.shapes()
         t0 = time.perf_counter()
         for i, (b, s, p, decode) in enumerate(shapes):
+            maps = memory_maps()
+            if maps and maps[0] > WARM_MAPS * maps[1]:
+                if progress:
+                    progress(f"compiled {i} of {len(shapes)} step shapes: this process holds {maps[0]} "
+                             f"memory mappings, the kernel allows {maps[1]} (vm.max_map_count); the "
+                             "others compile on first use")
+                return
             if progress:
                 progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")
             width = self.sched.decode_steps if decode else 1
@@ -188,6 +198,10 @@ class Engine:
 
     def _step(self, a: dict):
         """One step's program on the arrays of `Batch.arrays()` and its KIND."""
+        shape = (a["decode"], a["width"], *((k, v.shape) for k, v in sorted(a.items()) if k not in KIND))
+        if shape not in self._compiled:  # its first step compiles it
+            _check_maps()
+            self._compiled.add(shape)
         m, kw = self.model, {"cfg": self.config, "impl": self.model.attention_impl}
         sampling = (a["seeds"], a["counters"], a["temperature"], a["top_p"])
         decode = a["decode"]
@@ -276,6 +290,34 @@ class Engine:
             self._inbox.clear()
             events = [(s, [], f"error: {self.error}") for s in self._open()]
         _send(events)
+
+
+# XLA:CPU maps a few pages for each kernel it compiles: a step program of the demo model holds
+# ~760 memory mappings (measured), and Linux ends a process that asks for more than
+# vm.max_map_count (65530 by default) inside the compiler (a segfault). So a warm-up stops at
+# WARM_MAPS of the limit, and a step of a new shape is refused past MAX_MAPS, in one error.
+WARM_MAPS, MAX_MAPS = 0.6, 0.95
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """This process's memory mappings and the kernel's limit on them, where the kernel says (Linux)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return None
+
+
+def _check_maps() -> None:
+    maps = memory_maps()
+    if maps and maps[0] > MAX_MAPS * maps[1]:
+        raise MemoryError(
+            f"this process holds {maps[0]} memory mappings and the kernel allows {maps[1]} "
+            "(vm.max_map_count): compiling another step shape could end it (XLA:CPU maps ~700 per "
+            "step program). Serve fewer shapes (a smaller --max-batch or --chunk) or raise the limit "
+            "(sysctl -w vm.max_map_count=262144)")
 
 
 KIND = ("decode", "steps", "width")  # a step's kind beside its arrays: which program, how far
