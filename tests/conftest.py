@@ -193,20 +193,17 @@ def components(model, z: dict) -> list[dict]:
         cache = KVCache.zeros(cfg, 1, b, s)
         return MLA(cfg).apply({"params": p}, x, pos, cos, sin, cache, 0, mutable=["intermediates"])
 
-    listed = isinstance(model.params["moe_layers"], list)  # stored per layer (storage.per_layer)
-
     @jax.jit
-    def moe(p, x, layer):  # p: one layer's params; stacked, its experts come from the stack of all
+    def moe(p, x, layer):  # p: one layer's params; its experts come from the stack of all
         v = variables({"moe_layers": {"ffn": p}})
-        own = v[EXPERTS]["moe_layers"]["ffn"]["experts"] if listed else experts
-        v = {"params": v["params"]["moe_layers"]["ffn"], EXPERTS: {"experts": own}}
+        v = {"params": v["params"]["moe_layers"]["ffn"], EXPERTS: {"experts": experts}}
         return MoE(cfg).apply(v, x, layer, mutable=["intermediates"])
 
     @jax.jit
     def ffn(p, x):
         return FFN(cfg, cfg.inter_dim).apply({"params": p}, x)
 
-    experts = None if listed else model.params["moe_layers"]["ffn"]["experts"]
+    experts = model.params["moe_layers"]["ffn"]["experts"]
     out = []
     for layer in range(cfg.n_layers):
         is_moe, p = layer_params(cfg, model.params, layer)

@@ -178,9 +178,8 @@ def test_nonfinite_logits_stop_the_sequence_and_name_the_layer():
     assert [s[1] for s in steps] == [None] * 3 and all(s[0] is not None for s in steps)
     with pytest.raises(gen.NonFiniteLogits, match="layer 0's attention"):
         list(model.chat_session().stream([4, 5, 7], 3, temperature=0))
-    first, *rest = params["moe_layers"]  # stored per layer (checkpoint.storage.per_layer)
-    moe_norm = first["ffn_norm"]["weight"]
-    model.params = {**params, "moe_layers": [
-        {**first, "ffn_norm": {"weight": moe_norm.at[5].set(jnp.nan)}}, *rest]}
+    moe_norm = params["moe_layers"]["ffn_norm"]["weight"]
+    model.params = {**params, "moe_layers": {**params["moe_layers"],
+                                             "ffn_norm": {"weight": moe_norm.at[0, 5].set(jnp.nan)}}}
     with pytest.raises(gen.NonFiniteLogits, match="sequence 0: .*layer 1's MoE"):
         model.generate([[1, 2, 3], [4, 5, 6]], 3, temperature=0, stop_tokens=[])

@@ -16,11 +16,6 @@ transposed copy of it (placed on a mesh it keeps its (..., N, K) shape, which it
     "narrow" the checkpoint's dtypes (a CPU host with a checkpoint too large for 4x)
     "f32"    float32 wherever the params are
 
-The float32 storage also keeps each decoder layer's weights as arrays of their own (`per_layer`)
-when not on a mesh: XLA:CPU copies a slice of a stacked weight before each dot reading it (the
-layer scan's, and the routed experts' out of their stack), so the decoder runs over per-layer
-trees instead (`model.transformer`, `model.moe.routed_rows`).
-
 The Pallas FP8 kernels (`Config.matmul_impl="pallas"`) read e4m3 bytes: with them "auto" is narrow
 and "f32" an error.
 
@@ -34,7 +29,6 @@ import jax.numpy as jnp
 
 from dsv32_jax.model.config import BLOCK
 from dsv32_jax.model.quant import FP8, blocked
-from dsv32_jax.model.transformer import GROUPS
 
 STORAGES = ("auto", "narrow", "f32")
 NARROW = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.bfloat16))
@@ -64,20 +58,6 @@ def widths(storage: str, params, pallas: bool = False) -> str:
     return storage
 
 
-def per_layer(params: dict) -> dict:
-    """params with each stacked layer group (`transformer.GROUPS`, (L, ...) leaves) as a list of
-    L per-layer trees, and in each MoE layer the routed experts' (E, ...) leaves as lists of E
-    arrays. Other entries (embedding, head, the MTP layers) as they are."""
-    def layer(tree, i):
-        out = jax.tree.map(lambda a: a[i], tree)
-        if "experts" in out.get("ffn", {}):
-            out["ffn"]["experts"] = {k: list(a) for k, a in out["ffn"]["experts"].items()}
-        return out
-
-    return {k: [layer(v, i) for i in range(jax.tree.leaves(v)[0].shape[0])]
-            if k in GROUPS else v for k, v in params.items()}
-
-
 def widen(params: dict) -> dict:
     """params with every e4m3 / bf16 leaf but the embedding tables as float32 (the same values),
     each on its own sharding, one leaf at a time; e4m3 ones not on a mesh `quant.blocked`."""
@@ -96,9 +76,4 @@ def widen(params: dict) -> dict:
 
 def store(params: dict, storage: str = "auto", pallas: bool = False) -> dict:
     """params in the storage `storage` (see the module docstring)."""
-    if widths(storage, params, pallas) == "narrow":
-        return params
-    wide = widen(params)
-    single = all(isinstance(a.sharding, jax.sharding.SingleDeviceSharding)
-                 for a in jax.tree.leaves(wide))
-    return per_layer(wide) if single else wide
+    return widen(params) if widths(storage, params, pallas) == "f32" else params

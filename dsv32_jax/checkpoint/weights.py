@@ -203,12 +203,9 @@ def mtp_tensor_specs(cfg: Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 def layer_params(cfg: Config, params: dict, layer: int) -> tuple[bool, dict]:
-    """(is_moe, the Block params of decoder layer `layer`) sliced out of the stacked tree, or
-    taken from a tree stored per layer (`storage.per_layer`: its routed experts as lists)."""
+    """(is_moe, the Block params of decoder layer `layer`) sliced out of the stacked tree."""
     if not 0 <= layer < cfg.n_layers:
         raise IndexError(f"layer {layer} is out of range [0, {cfg.n_layers})")
     moe = layer >= cfg.n_dense_layers
     group, i = ("moe_layers", layer - cfg.n_dense_layers) if moe else ("dense_layers", layer)
-    if isinstance(params[group], list):
-        return moe, params[group][i]
     return moe, jax.tree.map(lambda a: a[i], params[group])

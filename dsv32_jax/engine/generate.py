@@ -23,7 +23,7 @@ from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sa
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.model.mtp import mtp_forward
-from dsv32_jax.model.transformer import Transformer, init_cache, stacked_layers, variables
+from dsv32_jax.model.transformer import Transformer, init_cache, variables
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
 
@@ -94,7 +94,7 @@ def _apply(params, tokens, positions, cache, last, cfg: Config, impl: str, colle
     if collect:
         (logits, cache), state = module.apply(v, tokens, positions, cache, last,
                                               mutable=["intermediates"])
-        return logits, cache, stacked_layers(state["intermediates"])
+        return logits, cache, state["intermediates"]
     logits, cache = module.apply(v, tokens, positions, cache, last)
     return logits, cache, None
 

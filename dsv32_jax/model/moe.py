@@ -4,8 +4,6 @@ the work is O(tokens * top_k) and only routed experts' weights are read."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -132,30 +130,24 @@ def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, s
     """Rows x[src] (R,) through their experts `ids` (R,) (an id >= E, the stack's expert count:
     no expert, the row's output is 0) of MoE layer `layer` -> (R, D) in the compute dtype.
 
-    w / s: the stacked weights (L, E, out, in) / block scales by projection name, or this layer's
-    experts as lists (tuples) of E arrays (out, in) (the CPU host's float32 storage,
-    `checkpoint.storage.per_layer`; `layer` unused). The rows are sorted by expert and cut into
-    windows of one expert (`expert_window`, sized for `expected` rows with an expert); a loop
-    over windows reads that expert and runs its SwiGLU on the window's rows: stacked, at
-    [layer, e] (a dynamic slice: XLA:CPU copies it before the dots), listed, through a
-    `lax.switch` with one branch per expert whose dots read its arrays in place. An expert gets
-    at most len(x) rows (each token picks it once).
+    w / s: the stacked weights (L, E, out, in) / block scales by projection name. The rows are
+    sorted by expert and cut into windows of one expert (`expert_window`, sized for `expected`
+    rows with an expert); a loop over windows reads that expert at [layer, e] and runs its
+    SwiGLU on the window's rows. An expert gets at most len(x) rows (each token picks it once).
     """
     if cfg.matmul_impl == "pallas" and s:
         return routed_rows_pallas(cfg, w, s, layer, x, src, ids, expected)
-    listed = isinstance(w["w1"], (list, tuple))
-    r, n_exp = ids.shape[0], len(w["w1"]) if listed else w["w1"].shape[1]
-    order, window, plan = sorted_windows(ids, x.shape[0], expected, n_exp)
+    r = ids.shape[0]
+    order, window, plan = sorted_windows(ids, x.shape[0], expected, w["w1"].shape[1])
     xs = jnp.pad(x[src[order]], ((0, window), (0, 0)))  # (R + window, D), pad rows unused
 
     def linear(name, e, rows):
-        at = e if listed else (layer, e)
-        return expert_linear(cfg, w[name][at], s[name][at] if s else None, rows)
+        return expert_linear(cfg, w[name][layer, e], s[name][layer, e] if s else None, rows)
 
     def run(i, y):
         e, start, rows = plan[0][i], plan[1][i], plan[2][i]
 
-        def swiglu(e, y):
+        def swiglu(y):
             xw = jax.lax.dynamic_slice_in_dim(xs, start, window, 0)
             h = (jax.nn.silu(linear("w1", e, xw).astype(jnp.float32))
                  * linear("w3", e, xw).astype(jnp.float32))
@@ -164,10 +156,7 @@ def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, s
             cur = jax.lax.dynamic_slice_in_dim(y, start, window, 0)
             return jax.lax.dynamic_update_slice_in_dim(y, cur + out, start, 0)
 
-        if listed:
-            return jax.lax.switch(jnp.where(rows > 0, e, n_exp),
-                                  [*(partial(swiglu, j) for j in range(n_exp)), lambda y: y], y)
-        return jax.lax.cond(rows > 0, partial(swiglu, e), lambda y: y, y)
+        return jax.lax.cond(rows > 0, swiglu, lambda y: y, y)
 
     y = jax.lax.fori_loop(0, plan[0].shape[0], run,
                           jnp.zeros((r + window, x.shape[-1]), cfg.dtype))

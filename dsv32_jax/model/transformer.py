@@ -3,11 +3,6 @@
 Each group of identical layers is one `nn.scan`, so a 61-layer model compiles two block bodies,
 not 61 copies. Params are stacked with a leading 'layers' axis, and so is each group's cache,
 which rides in the scan's carry and is updated in place.
-
-A group whose params come as a list of per-layer trees (the CPU host's float32 storage,
-`checkpoint.storage.per_layer`) runs as that many blocks in turn instead: the scan's body slices
-each layer's weights out of the stacks, and XLA:CPU copies such a slice before every dot reading
-it. The storage decides: stacked params (any accelerator, narrow weights, a mesh) keep the scan.
 """
 
 from __future__ import annotations
@@ -66,28 +61,8 @@ def _stack(cfg: Config, moe: bool, n: int, impl: str, name: str):
     return scanned(cfg, moe, impl, name=name)
 
 
-GROUPS = ("dense_layers", "moe_layers")
-
-
 def layer_counts(cfg: Config) -> dict[str, int]:
-    return dict(zip(GROUPS, (cfg.n_dense_layers, cfg.n_moe_layers)))
-
-
-def layer_name(group: str, i: int) -> str:
-    """The module name of layer i of a group stored per layer."""
-    return f"{group}_{i}"
-
-
-def stacked_layers(tree: dict) -> dict:
-    """A collection sown by groups run per layer (`layer_name` entries) as the layer scan sows
-    it: each group's values stacked over its layers under the group's name."""
-    out = {k: v for k, v in tree.items()
-           if not any(k.startswith(g + "_") for g in GROUPS)}
-    for g in GROUPS:
-        per = [tree[layer_name(g, i)] for i in range(len(tree)) if layer_name(g, i) in tree]
-        if per:
-            out[g] = jax.tree.map(lambda *a: jnp.stack(a), *per)
-    return out
+    return {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers}
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -128,19 +103,11 @@ class Transformer(nn.Module):
         h = constrain(Embed(cfg, name="embed")(tokens), ACT)
         h, residual = h, jnp.zeros_like(h)  # residual 0: the first fused add is exact (h + 0 = h)
         new_cache = {}
-        stored = self.variables.get("params", {})
         for group, n in layer_counts(cfg).items():
-            if not n:
-                continue
-            carry, moe = (h, residual, cache[group]), group == "moe_layers"
-            if layer_name(group, 0) in stored:  # per-layer params: the blocks in turn
-                for i in range(n):
-                    carry, _ = Block(cfg, moe, self.impl, name=layer_name(group, i))(
-                        carry, jnp.int32(i), positions, cos, sin)
-            else:
-                carry, _ = _stack(cfg, moe, n, self.impl, group)(
-                    carry, jnp.arange(n), positions, cos, sin)
-            h, residual, new_cache[group] = carry
+            if n:
+                stack = _stack(cfg, group == "moe_layers", n, self.impl, group)
+                (h, residual, new_cache[group]), _ = stack(
+                    (h, residual, cache[group]), jnp.arange(n), positions, cos, sin)
         norm = RMSNorm(cfg.rms_norm_eps, "embed", name="norm")
         normed = norm(h, residual)[0] if hidden else None  # every position: the MTP layer reads it
         if last is not None:
@@ -158,10 +125,7 @@ def _is_expert_path(path: tuple[str, ...]) -> bool:
 
 def variables(params: dict) -> dict:
     """The one params tree users see -> Flax variables: routed-expert weights (paths
-    moe_layers/ffn/experts/*) go to the EXPERTS collection, everything else to 'params'. A group
-    stored per layer (a list of trees) becomes one module per layer (`layer_name`)."""
-    params = {layer_name(k, i) if isinstance(v, list) else k: t for k, v in params.items()
-              for i, t in (enumerate(v) if isinstance(v, list) else [(None, v)])}
+    moe_layers/ffn/experts/*) go to the EXPERTS collection, everything else to 'params'."""
     def split(tree, path, want):
         out = {}
         for k, v in tree.items():
