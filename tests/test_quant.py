@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsv32_jax.model.quant import (act_quant, blockwise_matmul, dequant, hadamard, hadamard_matrix,
-                             pow2_ceil, quant_dequant)
+                             pow2_ceil, quant_dequant, to_f32)
 
 E4M3 = ml_dtypes.float8_e4m3fn
 
@@ -119,3 +119,18 @@ def test_hadamard_sylvester_orthonormal():
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
     with pytest.raises(ValueError, match="power of two"):
         hadamard_matrix(96)
+
+
+def test_e4m3_widening_by_bits_is_the_convert():
+    """`quant.to_f32` (integer ops on e4m3 bits, the CPU's indexer-key widening) gives every one
+    of the 256 e4m3 values as the convert does: normals, subnormals, signed zeros, NaN; and its
+    gradient is the convert's."""
+    import jax
+
+    x = jnp.arange(256, dtype=jnp.uint8).view(E4M3)
+    want = np.asarray(x.astype(jnp.float32))
+    got = np.asarray(jax.jit(to_f32)(x))
+    np.testing.assert_array_equal(got, want)  # NaN matches NaN
+    assert np.array_equal(np.signbit(got), np.signbit(want))
+    np.testing.assert_array_equal(jax.grad(lambda v: to_f32(v).sum())(jnp.ones(3, x.dtype)),
+                                  np.ones(3, np.float32))

@@ -89,9 +89,20 @@ def index_scores(q: jax.Array, w: jax.Array, k: jax.Array, k_s: jax.Array) -> ja
 
     q: (B,S,n,d), w: (B,S,n), k: (B,T,d), k_s: (B,T) -> (B,S,T). No causal mask. The q.k products
     take the stored operands as they are (e4m3 with FP8 simulation), accumulated in float32.
+    Lowered for the CPU the dots are laid out key-major, (B,S,T,n): head-major, XLA:CPU copies
+    each key tile transposed first (most of a long-context decode step). The same products; the
+    float32 sums may round differently (another summation order).
     """
-    dots = einsum("bshd,btd->bsht", q, k, q.dtype, jnp.float32)
-    return jnp.einsum("bsht,bsh->bst", jax.nn.relu(dots), w, precision=HIGHEST) * k_s[:, None, :]
+    def head_major(q, w, k):
+        dots = einsum("bshd,btd->bsht", q, k, q.dtype, jnp.float32)
+        return jnp.einsum("bsht,bsh->bst", jax.nn.relu(dots), w, precision=HIGHEST)
+
+    def key_major(q, w, k):
+        dots = einsum("bshd,btd->bsth", q, k, q.dtype, jnp.float32)
+        return jnp.einsum("bsth,bsh->bst", jax.nn.relu(dots), w, precision=HIGHEST)
+
+    scores = jax.lax.platform_dependent(q, w, k, cpu=key_major, default=head_major)
+    return scores * k_s[:, None, :]
 
 
 KEY_TILE_MAX = 16384  # keys per indexer tile at most (decode: 8 tiles at 128K)

@@ -42,7 +42,8 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.
     bf16 x bf16 -> f32 dots, so there they are widened to float32 per op (the same math: bf16
     products are exact in float32). The choice is `jax.lax.platform_dependent`, made for the
     platform the program is lowered for, so an H100 program compiled on a CPU host holds the bf16
-    dots. float32 operands use full float32 precision."""
+    dots. e4m3 operands are widened on the CPU too (`to_f32`). float32 operands use full float32
+    precision."""
     dtype = jnp.dtype(dtype)
     a, b = a.astype(dtype), b.astype(dtype)
     by_rows = spec == MATMUL and 1 < math.prod(a.shape[:-1]) <= GEMV_ROWS
@@ -51,14 +52,37 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.
         return jnp.einsum(spec, x, y, precision=precision(x.dtype), preferred_element_type=jnp.float32)
 
     def cpu(x, y):
-        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+        x, y = to_f32(x), to_f32(y)
         return rows_dot(dot, x, y) if by_rows else dot(x, y)
 
-    if dtype == jnp.bfloat16 or by_rows:
+    if dtype in (jnp.bfloat16, FP8) or by_rows:
         y = jax.lax.platform_dependent(a, b, cpu=cpu, default=dot)
     else:
         y = dot(a, b)
     return y.astype(dtype if out_dtype is None else out_dtype)
+
+
+def to_f32(x: jax.Array) -> jax.Array:
+    """x as float32, the same values; e4m3 through `e4m3_to_f32`."""
+    return e4m3_to_f32(x) if x.dtype == FP8 else x.astype(jnp.float32)
+
+
+@jax.custom_jvp
+def e4m3_to_f32(x: jax.Array) -> jax.Array:
+    """e4m3 x as float32 by integer ops on its bits: XLA:CPU converts e4m3 in software, value by
+    value, at several times the cost (an indexer key tile per layer per step). Normal values
+    (exponent field E > 0): the 7 low bits moved up to float32's exponent/mantissa fields give
+    the value times 2**-120; subnormal (E = 0): mantissa * 2**-9; 0x7F: NaN. Differentiates as
+    a convert."""
+    b = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.int32)
+    mag = b & 0x7F
+    normal = jax.lax.bitcast_convert_type(mag << 20, jnp.float32) * jnp.float32(2.0**120)
+    v = jnp.where(mag >= 8, normal, (b & 7).astype(jnp.float32) * jnp.float32(2.0**-9))
+    v = jnp.where(mag == 0x7F, jnp.nan, v)
+    return jnp.where(b >= 0x80, -v, v)
+
+
+e4m3_to_f32.defjvp(lambda x, t: (e4m3_to_f32(x[0]), t[0].astype(jnp.float32)))
 
 
 def rows_dot(dot, x: jax.Array, w: jax.Array) -> jax.Array:
