@@ -20,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -278,6 +279,8 @@ def test_pallas_attention_over_the_pool_equals_generate():
 
 def test_bad_requests_queue_limit_and_stop():
     eng = Engine(demo(), max_batch=1, max_waiting=1)  # not started: requests wait
+    # its pools committed to the device, as every step returns them: one compile per step shape
+    assert all(a.committed for a in jax.tree.leaves(eng._pools))
     with pytest.raises(ValueError, match="outside"):
         eng.submit([5, 99999], greedy(), lambda *a: None)
     with pytest.raises(ValueError, match="exceeds the context"):
