@@ -283,8 +283,11 @@ def check_sharded_equals_unsharded(case: str, meshes=MESHES, greedy_on=None) -> 
 
 def test_sharded_equals_unsharded_fp8():
     """All six meshes; greedy decoding (a cache laid out on the mesh, prefill and decode steps) on
-    the three whose caches differ: whole (1,8,1), split over data (2,2,2), heads over tensor 4."""
-    res = check_sharded_equals_unsharded("tiny-fp8", greedy_on=[[1, 8, 1], [2, 2, 2], [1, 2, 4]])
+    two whose caches differ: whole (1,8,1), heads over tensor 4 (1,2,4). The third, the cache split
+    over data on (2,2,2), decodes greedily in tests/test_multiprocess.py::
+    test_two_processes_equal_the_reference (this checkpoint, exact numerics, mesh 2,2,2 over two
+    processes: the golden greedy tokens) and tests/test_sharding_bf16.py (one process, bf16 weights)."""
+    res = check_sharded_equals_unsharded("tiny-fp8", greedy_on=[[1, 8, 1], [1, 2, 4]])
     # tiny-bf16: tests/test_sharding_bf16.py
     assert res["meshes"]["(8, 1, 1)"]["cache_spec"] == str(PartitionSpec())  # batch 2 on 8: whole
     assert res["meshes"]["(1, 8, 1)"]["cache_spec"] == str(PartitionSpec())

@@ -93,8 +93,10 @@ class Engine:
         self.sched = Scheduler(Pages(pages, prefix_cache), max_batch, chunk, max_prefill, self.max_len,
                                speculative, decode_steps)
         with on_mesh(model.params):
-            self._pools = st.pools(cfg, pages, mtp)
-            self._slots = st.draft_slots(cfg, max_batch + 1) if mtp else None
+            # committed to their devices, as every step returns them: else the first step compiles
+            # its shape for uncommitted pools and the next step of that shape compiles it again
+            self._pools, self._slots = jax.tree.map(_committed, (
+                st.pools(cfg, pages, mtp), st.draft_slots(cfg, max_batch + 1) if mtp else None))
         self._ids = itertools.count()
         self._compiled: set[tuple] = set()  # the step shapes run so far
         self._cv = threading.Condition()
@@ -332,6 +334,10 @@ def default_pages(cfg, max_batch: int, free: int | None, mtp: bool = False) -> i
     if free is None:
         return full
     return min(full, st.pages_for_bytes(cfg, int(FREE_FRACTION * free), mtp))
+
+
+def _committed(a: jax.Array) -> jax.Array:
+    return a if a.committed or not a.is_fully_addressable else jax.device_put(a, a.sharding)
 
 
 def _free_bytes(params) -> int | None:
