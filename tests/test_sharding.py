@@ -158,7 +158,8 @@ SCRIPT = textwrap.dedent("""
         from dsv32_jax.cli import common
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            args = argparse.Namespace(mesh=(2, 2, 2), dtype="float32", no_fp8=True, weights="auto")
+            args = argparse.Namespace(mesh=(2, 2, 2), dtype="float32", no_fp8=True, weights="auto",
+                                      attention="xla")
             common.load_weights(path, args)
         out["layout_line"] = err.getvalue().splitlines()[-1]
 
