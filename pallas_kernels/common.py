@@ -123,6 +123,24 @@ def unpage(pool, pages):
     return pool[rows.reshape(pages.shape[0], -1)]
 
 
+def cache_arg(x, layer, pages, bsz: int, width: int, name: str, axis: str):
+    """A cache array a kernel reads in place: one layer's (B,T,width), or with `pages` a paged
+    pool's (N,width); either one layer-stacked, with `layer`. -> (T, the row axes' sizes, the
+    stack's, the layer as the kernel's (1,) int32 argument)."""
+    if pages is None:
+        shape, layer_a = layer_arg(x, layer, 3, name)
+        t_len, rows = shape[1], (bsz, shape[1])
+        check(tuple(shape) == (bsz, t_len, width), f"{name} must be (B,T,{axis}) = ({bsz}, T, "
+              f"{width}) a layer, got {tuple(x.shape)}")
+    else:
+        name = f"{name} (a paged pool)"
+        shape, layer_a = layer_arg(x, layer, 2, name)
+        check(tuple(shape) == (shape[0], width), f"{name} must be (N,{axis}) = (N, {width}) a "
+              f"layer, got {tuple(x.shape)}")
+        t_len, rows = check_pages(pages, bsz, shape[0]), (shape[0],)
+    return t_len, rows, tuple(x.shape[:x.ndim - len(rows) - 1]), layer_a
+
+
 def check_pages(pages, bsz: int, n_rows: int) -> int:
     """A page table (B, P) int32 over a pool of n_rows rows -> T = P x PAGE logical slots."""
     check_shape("pages", pages, (bsz, None), (jnp.int32,))

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (FLOATS, HIGHEST, check, check_pages, check_pow2,
-                                   check_shape, compiler_params, from_bits, pallas_call,
-                                   layer_arg, lead, page_rows, pow2_floor, unpage, value_dtype)
+from pallas_kernels.common import (FLOATS, HIGHEST, cache_arg, check, check_pow2, check_shape,
+                                   compiler_params, from_bits, pallas_call, lead, page_rows,
+                                   pow2_floor, unpage, value_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,17 +117,7 @@ def index_logits(q, w, k, k_s, pos, layer=None, pages=None, *, causal: bool = Tr
     bsz, s_len, n, d = q.shape
     check(q.dtype in tuple(jnp.dtype(f) for f in FLOATS), f"q dtype {q.dtype} is not a float type")
     check_shape("w", w, (bsz, s_len, n), (jnp.float32,))
-    if pages is None:
-        k_shape, layer_a = layer_arg(k, layer, 3, "k")
-        t_len, rows = k_shape[1], (bsz, k_shape[1])
-        check(tuple(k_shape) == (bsz, t_len, d), f"k must be (B,T,d) = ({bsz}, T, {d}) a "
-              f"layer, got {tuple(k.shape)}")
-    else:
-        k_shape, layer_a = layer_arg(k, layer, 2, "k (a paged pool)")
-        check(tuple(k_shape) == (k_shape[0], d), f"k (a paged pool) must be (N,d) = (N, {d}) a "
-              f"layer, got {tuple(k.shape)}")
-        t_len, rows = check_pages(pages, bsz, k_shape[0]), (k_shape[0],)
-    stack = tuple(k.shape[:k.ndim - len(rows) - 1])
+    t_len, rows, stack, layer_a = cache_arg(k, layer, pages, bsz, d, "k", "d")
     check(value_dtype(k) == q.dtype, f"k holds {value_dtype(k)} values but q is {q.dtype}")
     check_shape("k_s", k_s, (*stack, *rows), (jnp.float32,))
     check_shape("pos", pos, (bsz, s_len), (jnp.int32,))

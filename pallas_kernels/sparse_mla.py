@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (FLOATS, HIGHEST, check, check_pages, check_pow2,
-                                   check_shape, compiler_params, from_bits, pallas_call,
-                                   layer_arg, lead, page_rows, pow2_floor, unpage, value_dtype)
+from pallas_kernels.common import (FLOATS, HIGHEST, cache_arg, check, check_pow2, check_shape,
+                                   compiler_params, from_bits, pallas_call, lead, page_rows,
+                                   pow2_floor, unpage, value_dtype)
 
 QBLOCK = 128  # the latent's quantization block (one f32 scale per 128 values)
 
@@ -178,17 +178,7 @@ def sparse_mla(q_c, q_pe, idx, c, c_scale, k_pe, length=None, layer=None, pages=
     check(idx.ndim == 3, f"idx must be (B,S,k), got shape {tuple(idx.shape)}")
     k = idx.shape[2]
     check_shape("idx", idx, (bsz, s_len, k), (jnp.int32,))
-    if pages is None:
-        c_shape, layer_a = layer_arg(c, layer, 3, "c")
-        t_len, rows = c_shape[1], (bsz, c_shape[1])
-        check(tuple(c_shape) == (bsz, t_len, c_dim), f"c must be (B,T,C) = ({bsz}, T, {c_dim}) "
-              f"a layer, got {tuple(c.shape)}")
-    else:
-        c_shape, layer_a = layer_arg(c, layer, 2, "c (a paged pool)")
-        check(tuple(c_shape) == (c_shape[0], c_dim), f"c (a paged pool) must be (N,C) = "
-              f"(N, {c_dim}) a layer, got {tuple(c.shape)}")
-        t_len, rows = check_pages(pages, bsz, c_shape[0]), (c_shape[0],)
-    stack = tuple(c.shape[:c.ndim - len(rows) - 1])
+    t_len, rows, stack, layer_a = cache_arg(c, layer, pages, bsz, c_dim, "c", "C")
     check(value_dtype(c) in (dtype, jnp.dtype(jnp.float8_e4m3fn)),
           f"c must hold e4m3 or {dtype} values, got {c.dtype}")
     check(c_dim % QBLOCK == 0, f"the latent width C must be a multiple of {QBLOCK}, got {c_dim}")
