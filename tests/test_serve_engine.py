@@ -229,7 +229,7 @@ def test_cancel_frees_pages(engine):
 
 def test_sampling_is_the_same_alone_or_batched(engine):
     p, others = prompts((12,), seed=6)[0], prompts((30, 50), seed=7)
-    hot = Sampling(max_tokens=NEW, temperature=0.9, top_p=0.9, seed=11)
+    hot = Sampling(max_tokens=NEW, temperature=1.5, top_p=1.0, seed=11)  # flat: the keys matter
     alone = Collect()
     engine.submit(p, hot, alone.emit(0))
     alone.wait(1)
@@ -239,6 +239,15 @@ def test_sampling_is_the_same_alone_or_batched(engine):
     engine.submit(p, hot, mixed.emit(0))
     mixed.wait(3)
     assert mixed.tokens[0] == alone.tokens[0]
+    single = Engine(demo(), max_batch=2, chunk=16, max_prefill=2, pages=1 + 8)  # one token a step
+    single.start()
+    try:
+        one = Collect()
+        single.submit(p, hot, one.emit(0))
+        one.wait(1)
+    finally:
+        single.stop(drain=False)
+    assert one.tokens[0] == alone.tokens[0]  # multi-step: each token's key as a step of its own
 
 
 def test_preemption_recomputes_and_stays_exact(engine):
