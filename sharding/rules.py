@@ -45,6 +45,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("moe_mlp", None),
     # activations and caches
     ("batch", "data"),
+    ("pool", "data"),  # the paged pool's rows: each data group holds its own sequences' pages
     ("seq", None),  # query positions / cache slots
     ("heads", "tensor"),  # per-head activations (B, S, H, ...)
 )

@@ -72,8 +72,13 @@ def _fake_steps(sched: Scheduler, rng, max_steps=10_000):
             assert sched.idle
             return sent, peak
         peak = max(peak, sched.pages.used)
-        for s, n in zip(batch.seqs, batch.feed):  # every real token's slot is in a page it owns
+        rows = batch.B // sched.shards
+        assert sorted(set(batch.rows)) == sorted(batch.rows)
+        for s, n, r, t in zip(batch.seqs, batch.feed, batch.rows, batch.tables):
+            # every real token's slot is in a page it owns, of its shard, in a row of its shard
             assert len(s.pages) * PAGE >= s.computed + n and batch.P >= len(s.pages)
+            assert {sched.pages.shard_of(p) for p in s.pages} == {s.shard} and r // rows == s.shard
+            assert list(t) == [p - s.shard * sched.pages.per for p in s.pages] and 0 not in t
         events = sched.commit(batch, rng.integers(2, 50, batch.B))
         for s, new, _ in events:
             sent.setdefault(s.rid, []).extend(new)
@@ -114,6 +119,52 @@ def test_scheduler_preempts_newest_and_returns_every_page():
     assert {k: len(v) for k, v in sent.items()} == {0: 80, 1: 80, 2: 80, 3: 80}  # nothing lost or sent twice
     assert sched.counts["preemptions"] > 0 and peak <= 6
     assert pages.used == 0 and pages.available == 6
+
+
+def test_decodes_ride_in_the_free_rows_of_a_prefill_step():
+    """A prefill step of 3 sequences has a 4th row: a decoding sequence takes its next token there
+    (one token fed), and the step's shape is the prefill's own."""
+    sched = Scheduler(Pages(40), max_batch=4, chunk=32, max_prefill=3, max_len=256)
+    sched.add(Seq(0, [5] * 10, 10, Sampling(max_tokens=20), lambda *a: None))
+    sched.commit(sched.plan(), np.full(1, 7))  # its prompt: it decodes now
+    for rid in (1, 2, 3):
+        sched.add(Seq(rid, [rid] * 100, 100, Sampling(max_tokens=4), lambda *a: None))
+    decode = sched.plan()  # prefill and decode steps alternate
+    assert decode.decode and decode.seqs[0].rid == 0
+    sched.commit(decode, np.full(1, 7))
+    batch = sched.plan()
+    assert not batch.decode and (batch.B, batch.S) == (4, 32)
+    assert [(s.rid, n) for s, n in zip(batch.seqs, batch.feed)] == [(1, 32), (2, 32), (3, 32), (0, 1)]
+    before = len(batch.seqs[3].tokens)
+    sched.commit(batch, np.full(4, 7))
+    assert len(batch.seqs[3].tokens) == before + 1 and sched.counts["riding_decodes"] == 1
+
+
+def test_sharded_pool_keeps_each_sequence_in_its_data_group():
+    """A pool split in 2 (a mesh with data = 2): each sequence's pages and batch row in one shard,
+    a shard out of pages preempts its own newest sequence, a prefix is shared within a shard, and
+    admission spreads sequences over the shards."""
+    pages = Pages(2 * (1 + 5), shards=2)  # 5 usable pages per shard
+    assert pages.usable == 10 and pages.per == 6
+    sched = Scheduler(pages, max_batch=4, chunk=32, max_prefill=3, max_len=512)
+    assert {b for b, *_ in sched.shapes()} == {2, 4}  # 2 rows per shard at most
+    for rid, n in enumerate((70, 60, 100, 50, 130)):
+        sched.add(Seq(rid, list(range(n)), n, Sampling(max_tokens=80), lambda *a: None))
+    sched.plan()
+    assert sorted(s.shard for s in sched.running) == [0, 0, 1, 1]
+    sent, peak = _fake_steps(sched, np.random.default_rng(1))
+    assert {k: len(v) for k, v in sent.items()} == {k: 80 for k in range(5)}
+    assert sched.counts["preemptions"] > 0 and pages.used == 0 and pages.available == 10
+    # a prompt that starts like a finished one goes to the shard that caches its first page, though
+    # that shard runs a sequence and the other none
+    base, hit = list(range(2, 2 + PAGE + 5)), sched.counts["prefix_hit_tokens"]
+    sched.add(Seq(10, base, len(base), Sampling(max_tokens=2), lambda *a: None))
+    _fake_steps(sched, np.random.default_rng(10))
+    for rid, prompt in ((11, [7] * 9), (12, base)):
+        sched.add(Seq(rid, prompt, len(prompt), Sampling(max_tokens=2), lambda *a: None))
+    _fake_steps(sched, np.random.default_rng(11))
+    cached = {s for s in range(2) if pages.hits(page_keys(base, 1), s)[0]}
+    assert len(cached) == 1 and sched.counts["prefix_hit_tokens"] - hit == PAGE
 
 
 # The engine on the demo model ------------------------------------------------------------------------
@@ -310,50 +361,46 @@ def test_bad_requests_queue_limit_and_stop():
 
 MESH_SCRIPT = """
 import json, sys, threading
-import numpy as np
 import dsv32_jax
 from dsv32_jax.serve import Engine, Sampling
 from sharding.mesh import make_mesh
 
 path, prompts = sys.argv[1], json.loads(sys.argv[2])
-load = lambda mesh=None: dsv32_jax.load_model(path, dtype="float32", fp8_activations=False, mesh=mesh)
-import contextlib, io
-from dsv32_jax.cli import main
-err = io.StringIO()
-with contextlib.redirect_stderr(err):
-    rc = main(["serve", "--ckpt", path, "--port", "0", "--mesh", "2,1,2", "--no-warmup", "--dtype",
-               "float32", "--no-fp8", "--no-compile-cache"])
-refused = [rc, [line for line in err.getvalue().splitlines() if "error" in line]]
-eng = Engine(load(make_mesh(1, 2, 2)), max_batch=2, chunk=16, max_prefill=2)
+model = dsv32_jax.load_model(path, dtype="float32", fp8_activations=False, mesh=make_mesh(2, 1, 2))
+eng = Engine(model, max_batch=4, chunk=16, max_prefill=2, pages=1 + 8, decode_steps=2)
 eng.start()
-out, done = {}, threading.Semaphore(0)
+out, done, shards = {}, threading.Semaphore(0), set()
 for i, p in enumerate(prompts):
     def emit(new, finish, i=i):
         out.setdefault(i, []).extend(new)
+        shards.update(s.shard for s in eng.sched.running)
         if finish:
             done.release()
     eng.submit(p, Sampling(max_tokens=8, temperature=0), emit)
 for _ in prompts:
     done.acquire()
 eng.stop(drain=False)
-print(json.dumps({"tokens": [out[i] for i in range(len(prompts))], "refused": refused,
-                  "pool": str(eng._pools["moe_layers"].c.sharding.spec)}))
+print(json.dumps({"tokens": [out[i] for i in range(len(prompts))], "shards": sorted(shards),
+                  "counts": eng.metrics(), "pool": list(eng._pools["moe_layers"].c.sharding.spec)}))
 """
 
 
-def test_engine_on_an_expert_tensor_mesh_equals_one_device():
-    """(1,2,2) on 4 simulated devices: the pools replicated, greedy tokens equal to the unsharded
-    `Model.generate` (this module's references, computed here on one device: the subprocess
-    compiles only the mesh's programs); `dsv32 serve` on a mesh with data > 1 is refused in one
-    line (exit 1)."""
-    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(DEMO), json.dumps(FIRST)],
+def test_engine_on_a_data_tensor_mesh_equals_one_device():
+    """(2,1,2) on 4 simulated devices: the pool split over data (8 usable pages a group), 8
+    requests on 4 running slots (2 a group: admissions mid-decode, both groups busy), two sharing
+    their first 2 pages, multi-step decodes, decodes riding in a prefill step's free rows: greedy
+    tokens equal to the unsharded `Model.generate`
+    (this module's references, computed here on one device: the subprocess compiles only the
+    mesh's programs)."""
+    every = FIRST + LATER + [BASE, TWIN]
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(DEMO), json.dumps(every)],
                           capture_output=True, text=True, env=xla_env(4), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["tokens"] == reference(FIRST)
-    rc, errors = r["refused"]
-    assert rc == 1 and len(errors) == 1 and "data > 1 is not implemented" in errors[0], r["refused"]
-    assert r["pool"] in ("P()", "PartitionSpec()")
+    assert r["tokens"] == reference(every)
+    assert r["shards"] == [0, 1] and r["pool"] == [None, "data"], r
+    c = r["counts"]
+    assert c["multi_steps"] > 0 and c["riding_decodes"] > 0 and c["pages_total"] == 16, c
 
 
 def test_compiles_stop_short_of_the_memory_map_limit(monkeypatch):

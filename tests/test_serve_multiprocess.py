@@ -1,4 +1,4 @@
-"""`dsv32 serve` as 2 processes x 1 CPU device (experts over the two processes): process 0
+"""`dsv32 serve` as 2 processes x 1 CPU device (data, or experts, over the two processes): process 0
 serves HTTP and broadcasts each step, process 1 runs it. Greedy replies equal `Model.generate` of one
 device (exact numerics), SIGTERM drains and both exit 0; a process lost ends the other in one line, process
 0's open request hearing why."""
@@ -107,15 +107,17 @@ def _stream(url: str, body: dict):
 
 
 def test_two_process_server_equals_generate_and_drains_on_sigterm(ckpt):
-    """Three requests of mixed lengths on two running slots (batches of two; the one left waiting is
-    admitted mid-decode, its prefill beside a decode) give `Model.generate`'s greedy tokens; SIGTERM
+    """On a (2,1,1) mesh (data over the processes), three requests of mixed lengths on two running
+    slots (one per data group; the one left waiting is admitted mid-decode, its prefill beside a
+    decode) give `Model.generate`'s greedy tokens; SIGTERM
     with the third streaming lets it finish, then both processes exit 0 and process 1 printed
     nothing. Speculative (k = 1, the synthetic checkpoint's MTP layer): each step's kind goes out with
     its inputs (the other test runs plain steps)."""
     import dsv32_jax
     from dsv32_jax.text.tokenizer import Tokenizer
 
-    run = Run(ckpt, "--max-batch", "2", "--chunk", "16", "--speculative", "1")  # few step shapes
+    # each process a data group: the pool split over the processes, one running slot each
+    run = Run(ckpt, "--max-batch", "2", "--chunk", "16", "--speculative", "1", "--mesh", "2,1,1")
     try:
         rng = np.random.default_rng(0)
         prompts, ns = [rng.integers(3, 2000, n).tolist() for n in (5, 12, 16)], [4, 8, 8]

@@ -19,7 +19,7 @@ from dsv32_jax.train import cli as train
 
 # User errors: the project's error types are ValueError subclasses (ConfigError, CheckpointError,
 # SafetensorsError, TokenizerError, ChatFormatError, ConvertError, OrbaxCheckpointError); files are OSError;
-# a path not built yet says so with NotImplementedError (e.g. serving on a mesh with data > 1).
+# a path not built yet says so with NotImplementedError (e.g. the Pallas FP8 matmul on a mesh).
 USER_ERRORS = (ValueError, OSError, NotImplementedError)
 
 

@@ -120,15 +120,20 @@ class PagedKVCache(KVCache):
     attention's selected rows go through the table, one more index lookup, no copy (in the Pallas
     kernels too: `table()` is their `pages` argument). Page 0 is the
     pool's scratch page: table entries a sequence does not own point there, and slots past the
-    table map there, so writes of padding land in it and nothing real ever reads it. Pools are
-    replicated over the mesh (serving runs with data = 1). `pages` is None in a pool at rest; a
-    step sets it (`with_pages`)."""
+    table map there, so writes of padding land in it and nothing real ever reads it.
 
-    pages: jax.Array | None = None  # (B, P) int32 page ids
+    Under a mesh the pool's rows are split over "data" as the sequences are ("pool"): each data
+    group's block is a pool of its own, with its own scratch page 0, and its sequences' tables hold
+    page ids within it. So every read and write runs on each device's own block
+    (`sharding.mesh.local`), as the contiguous cache's do. `pages` is None in a pool at rest; a step
+    sets it (`with_pages`)."""
 
-    AXES: ClassVar[dict] = {"c": ("layers", None, "kv_lora"), "c_scale": ("layers", None, None),
-                            "k_pe": ("layers", None, None), "ik": ("layers", None, "index_dim"),
-                            "ik_scale": ("layers", None)}
+    pages: jax.Array | None = None  # (B, P) int32 page ids (within the sequence's data group)
+
+    AXES: ClassVar[dict] = {"c": ("layers", "pool", "kv_lora"), "c_scale": ("layers", "pool", None),
+                            "k_pe": ("layers", "pool", None), "ik": ("layers", "pool", "index_dim"),
+                            "ik_scale": ("layers", "pool")}
+    TABLE: ClassVar[tuple] = ("batch", None)
 
     @classmethod
     def pool(cls, cfg: Config, layers: int, n_pages: int) -> "PagedKVCache":
@@ -140,39 +145,55 @@ class PagedKVCache(KVCache):
         return self.replace(pages=pages)
 
     def table(self) -> tuple[tuple, tuple]:
-        return (self.pages,), (self.axes().pages,)
+        return (self.pages,), (self.TABLE,)
 
     def axes(self) -> "PagedKVCache":
         """As `KVCache.axes`, and the page table's: each device's own sequences' rows."""
-        return super().axes().replace(pages=("batch", None))
+        return super().axes().replace(pages=self.TABLE)
 
     @property
     def length(self) -> int:
         return self.pages.shape[1] * PAGE
 
-    def rows(self, slots: jax.Array) -> jax.Array:
-        """Logical slots (B, ...) -> pool rows (B, ...); slots outside the table (negative, or
-        past its P pages: a run's padding) map into the scratch page."""
+    @staticmethod
+    def rows(pages: jax.Array, slots: jax.Array) -> jax.Array:
+        """Logical slots (B, ...) of the sequences whose tables are `pages` (B, P) -> pool rows
+        (B, ...); slots outside the table (negative, or past its P pages: a run's padding) map
+        into the scratch page."""
         b = jnp.arange(slots.shape[0]).reshape(-1, *([1] * (slots.ndim - 1)))
-        n = self.pages.shape[1]
+        n = pages.shape[1]
         inside = (slots >= 0) & (slots < n * PAGE)
-        page = jnp.where(inside, self.pages[b, jnp.clip(slots // PAGE, 0, n - 1)], 0)
+        page = jnp.where(inside, pages[b, jnp.clip(slots // PAGE, 0, n - 1)], 0)
         return page * PAGE + jnp.maximum(slots, 0) % PAGE
 
+    def _pick(self, field: str, layer, slots: jax.Array, lead: tuple) -> jax.Array:
+        """The pool rows of `field` at logical `slots` (B, ...) of `layer`, (B, ..., W), read on each
+        device's own sequences and pool block; lead: the slots' logical axes."""
+        width = self.AXES[field][2:]
+        return local(lambda a, p, layer, s: a[layer, self.rows(p, s)],
+                     (self.AXES[field], self.TABLE, (), lead), lead + width)(
+            getattr(self, field), self.pages, layer, slots)
+
     def write(self, layer: jax.Array, positions: jax.Array, **new: jax.Array) -> "PagedKVCache":
-        r = self.rows(positions)
-        return self.replace(**{k: getattr(self, k).at[layer, r].set(_store(v, getattr(self, k)))
-                               for k, v in new.items()})
+        def put(a, p, layer, s, v):  # a (L, N, ...), p (B, P), s (B, S), v (B, S, ...)
+            return a.at[layer, self.rows(p, s)].set(v)
+
+        return self.replace(**{
+            k: local(put, (self.AXES[k], self.TABLE, (), ("batch", "seq"), ("batch", "seq") +
+                           self.AXES[k][2:]), self.AXES[k])(
+                getattr(self, k), self.pages, layer, positions, _store(v, getattr(self, k)))
+            for k, v in new.items()})
 
     def gather(self, layer: jax.Array, idx: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-        r = self.rows(idx)
-        c = act_dequant(from_bits(self.c[layer, r]), self.c_scale[layer, r], dtype)
-        return c, from_bits(self.k_pe[layer, r])
+        lead = ("batch",) + (None,) * (idx.ndim - 1)
+        c = act_dequant(from_bits(self._pick("c", layer, idx, lead)),
+                        self._pick("c_scale", layer, idx, lead), dtype)
+        return c, from_bits(self._pick("k_pe", layer, idx, lead))
 
     def key_tile(self, layer: jax.Array, start: jax.Array, size: int):
         slots = jnp.broadcast_to(start + jnp.arange(size), (self.pages.shape[0], size))
-        r = self.rows(slots)
-        return from_bits(self.ik[layer, r]), self.ik_scale[layer, r]
+        lead = ("batch", None)
+        return from_bits(self._pick("ik", layer, slots, lead)), self._pick("ik_scale", layer, slots, lead)
 
     def layer_latent(self, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         return self.gather(layer, jnp.broadcast_to(jnp.arange(self.length),

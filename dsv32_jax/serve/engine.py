@@ -13,6 +13,9 @@ Engine(model, speculative=k) decodes speculatively (`engine.speculative`): the m
 model's, the same pages; each running sequence's draft state in a device slot. Greedy output is the
 same token for token, sampled output the same distribution.
 
+On a mesh with data > 1 the pool is split over data: each data group holds `pages` pages (of
+`cache_gb` GiB: the size per device) and runs its own sequences (`scheduler`).
+
 In a multi-process run every process builds the Engine (its pool spans the global mesh). Process 0
 schedules: before each step (warm-up steps too) it broadcasts the step's inputs, and each other
 process runs that step in `follow()` until process 0's engine ends. Only process 0 reads the tokens.
@@ -40,7 +43,7 @@ from dsv32_jax.serve.pages import Pages
 from dsv32_jax.serve.scheduler import Batch, Sampling, Scheduler, Seq
 from sharding import distributed
 from sharding.distributed import to_host
-from sharding.mesh import on_mesh
+from sharding.mesh import on_mesh, params_mesh
 
 Emit = Callable[[list[int], "str | None"], object]
 
@@ -73,16 +76,14 @@ class Engine:
             raise ValueError("give the pool's size as pages or as cache_gb, not both")
         self.model, self.config = model, cfg
         self.max_len = cfg.max_seq_len
-        mesh = getattr(jax.tree.leaves(model.params)[0].sharding, "mesh", None)
-        if mesh is not None and mesh.shape.get("data", 1) > 1:
-            raise NotImplementedError("serving on a mesh with data > 1 is not implemented yet: the paged "
-                                      "pool is not split over data (use --mesh 1,E,T)")
+        mesh = params_mesh(model.params)
+        shards = 1 if mesh is None else mesh.shape["data"]  # the pool is split over data
         self.k = speculative
         mtp = bool(speculative)
         if cache_gb is not None:
             pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)), mtp)
         elif pages is None:
-            pages = default_pages(cfg, max_batch, _free_bytes(model.params), mtp)
+            pages = default_pages(cfg, cdiv(max_batch, shards), _free_bytes(model.params), mtp)
         self._multi = jax.process_count() > 1
         if self._multi:  # one pool over the global mesh: the size every process can hold
             pages = int(multihost_utils.process_allgather(np.int32(pages)).min())
@@ -90,13 +91,13 @@ class Engine:
             raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
         self.max_waiting = max_waiting
-        self.sched = Scheduler(Pages(pages, prefix_cache), max_batch, chunk, max_prefill, self.max_len,
-                               speculative, decode_steps)
+        self.sched = Scheduler(Pages(shards * pages, prefix_cache, shards), max_batch, chunk,
+                               max_prefill, self.max_len, speculative, decode_steps)
         with on_mesh(model.params):
             # committed to their devices, as every step returns them: else the first step compiles
             # its shape for uncommitted pools and the next step of that shape compiles it again
             self._pools, self._slots = jax.tree.map(_committed, (
-                st.pools(cfg, pages, mtp), st.draft_slots(cfg, max_batch + 1) if mtp else None))
+                st.pools(cfg, shards * pages, mtp), st.draft_slots(cfg, max_batch + 1) if mtp else None))
         self._ids = itertools.count()
         self._compiled: set[tuple] = set()  # the step shapes run so far
         self._cv = threading.Condition()
@@ -137,7 +138,7 @@ class Engine:
         with self._cv:
             s, p = self.sched, self.sched.pages
             return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox),
-                    "pages_used": p.used, "pages_cached": p.cached, "pages_total": p.n_pages - 1,
+                    "pages_used": p.used, "pages_cached": p.cached, "pages_total": p.usable,
                     "prompt_tokens": self._prompt_tokens, **s.counts,
                     "generation_tokens_per_s": self._rate.value()}
 
@@ -270,7 +271,7 @@ class Engine:
         with self._cv:
             if self.error:  # failed meanwhile (`fail`, from a multi-process run's watch)
                 return False
-            events = self.sched.commit(batch, tokens[:len(batch.seqs)], accepted)
+            events = self.sched.commit(batch, tokens, accepted)
             self._rate.add(sum(len(new) for _, new, _ in events))
         _send(events)
         return True

@@ -105,6 +105,8 @@ _METRICS = (
     ("engine_steps_total", "counter", "engine steps run", "steps"),
     ("engine_multi_steps_total", "counter", "engine steps that decoded several tokens (--decode-steps)",
      "multi_steps"),
+    ("engine_riding_decodes_total", "counter", "decode tokens taken in the free rows of a prefill step",
+     "riding_decodes"),
     ("spec_decode_draft_tokens_total", "counter", "speculative decoding: tokens drafted", "draft_tokens"),
     ("spec_decode_accepted_tokens_total", "counter", "speculative decoding: drafted tokens accepted",
      "accepted_draft_tokens"),

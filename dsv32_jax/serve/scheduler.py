@@ -5,7 +5,8 @@ in the cache (`computed`). Its next run feeds the tokens not yet computed, at mo
 several while it prefills, one (the token sampled last) while it decodes. A run that reaches the end
 of the tokens samples the next one. So prefill and decode are one kind of step with other shapes;
 the scheduler alternates prefill steps (up to `max_prefill` sequences) and decode steps (every
-decoding sequence) while both have work.
+decoding sequence) while both have work; decoding sequences also take their next token in the rows
+a prefill step's batch bucket leaves empty (`_riders`).
 
 Admission (first come, first served) happens when a running slot is free and the pages for the whole
 prompt can be had, after the prefix cache lent its pages: those tokens are not prefilled again. A
@@ -18,6 +19,11 @@ at once: it needs the pages of k more slots (up to the last the sequence may use
 decodes once a run has left its draft state (`Seq.drafted`): a prefix hit that leaves one token to
 run is a prefill. Its runs may end with up to k + 1 tokens. The MTP layer's key at a slot depends on
 the token after it, so a page's prefix key covers that token too (`page_keys(overlap=1)`).
+
+On a mesh with data > 1 the pool is split over data (`Pages` with shards): each sequence runs in
+one shard, on the batch rows of that shard's block (rows [d * B/D, (d + 1) * B/D) of a step of B
+rows), with pages of that shard only. Admission picks the shard with the longest prefix hit, then
+the fewest running sequences; a shard short of pages preempts its own newest sequence.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Seq:
     pages: list[int] = dataclasses.field(default_factory=list)
     keys: list[bytes] = dataclasses.field(default_factory=list)  # of its first len(keys) pages
     slot: int = 0  # its row of the engine's per-sequence device state (0: none)
+    shard: int = 0  # the pool shard (data group) it runs in while it holds pages
     drafted: bool = False  # speculative: its draft state for the pending token is in its slot
 
     @property
@@ -67,8 +74,9 @@ class Seq:
 
 @dataclasses.dataclass
 class Batch:
-    """One step: seqs[i] feeds tokens[computed : computed + feed[i]] in a (B, S) run with page
-    tables of width P (all powers of two). Speculative (`spec`): a prefill step also runs the MTP
+    """One step: seqs[i] feeds tokens[computed : computed + feed[i]] in row rows[i] of a (B, S) run
+    with page tables of width P (all powers of two), tables[i] its page table (ids within its
+    shard). Speculative (`spec`): a prefill step also runs the MTP
     layer, a decode step (`decode`) is a draft-verify iteration. With multi-step scheduling
     (`width` > 1: the scheduler's decode_steps) a decode step is `serve.step.decode_steps`: up to
     `steps` tokens per sequence, each sequence's stop ids in a row of `stops` entries."""
@@ -82,6 +90,8 @@ class Batch:
     steps: int = 1
     width: int = 1
     stops: int = 1
+    rows: list[int] = dataclasses.field(default_factory=list)
+    tables: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The step's inputs (`serve.step`'s programs): padding lanes write into the scratch page
@@ -98,8 +108,8 @@ class Batch:
                 out["after"], out["ends"] = np.zeros((B, S), np.int32), np.zeros(B, bool)
         if self.width > 1:
             out["left"], out["stops"] = np.zeros(B, np.int32), np.full((B, self.stops), -1, np.int32)
-        for i, (s, n) in enumerate(zip(self.seqs, self.feed)):
-            out["table"][i, :len(s.pages)] = s.pages
+        for i, s, n, t in zip(self.rows, self.seqs, self.feed, self.tables):
+            out["table"][i, :len(t)] = t
             out["tokens"][i, :n] = s.tokens[s.computed:s.computed + n]
             out["positions"][i] += s.computed
             out["last"][i] = n - 1
@@ -134,6 +144,8 @@ class Scheduler:
     def __init__(self, pages: Pages, max_batch: int, chunk: int, max_prefill: int, max_len: int,
                  ahead: int = 0, decode_steps: int = 1):
         self.pages = pages
+        self.shards = pages.shards
+        self.cap = cdiv(max_batch, self.shards)  # running sequences per shard
         self.max_batch, self.chunk, self.max_prefill, self.max_len = max_batch, chunk, max_prefill, max_len
         self.ahead = ahead  # speculative drafts per decode step (0: off)
         if ahead and decode_steps > 1:
@@ -142,7 +154,7 @@ class Scheduler:
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.counts = {"prefix_hit_tokens": 0, "prefix_query_tokens": 0, "preemptions": 0,
-                       "generation_tokens": 0, "steps": 0, "multi_steps": 0,
+                       "generation_tokens": 0, "steps": 0, "multi_steps": 0, "riding_decodes": 0,
                        "draft_tokens": 0, "accepted_draft_tokens": 0}
         self._prefill_next = True
         self._slots = list(range(max_batch, 0, -1))  # free rows of the per-sequence state
@@ -155,10 +167,11 @@ class Scheduler:
     def shapes(self) -> list[tuple[int, int, int, bool]]:
         """Every (B, S, P, decode) a step may have (with one stop id per sequence): what a warm-up
         compiles. A multi-step decode takes its step count as an argument: one program."""
-        out = [(b, 1, p, True) for b in pow2_up_to(bucket(self.max_batch, 1))
+        d = self.shards
+        out = [(d * b, 1, p, True) for b in pow2_up_to(bucket(self.cap, 1))
                for p in self.page_buckets()]
-        prefill = min(self.max_prefill, self.max_batch)  # a prefill step runs running sequences
-        return out + [(b, s, p, False) for b in pow2_up_to(bucket(prefill, 1))
+        prefill = min(self.max_prefill, self.cap)  # a prefill step runs running sequences
+        return out + [(d * b, s, p, False) for b in pow2_up_to(bucket(prefill, 1))
                       for s in seq_buckets(self.chunk) for p in self.page_buckets()]
 
     # Queue ------------------------------------------------------------------------------------------
@@ -196,7 +209,10 @@ class Scheduler:
         steps, width = 1, 1
         if use_prefill:
             seqs = prefill[:self.max_prefill]
-            feed = [min(s.pending, self.chunk) for s in seqs]
+            riders = self._riders(seqs, decode)
+            self.counts["riding_decodes"] += len(riders)
+            seqs += riders
+            feed = [1 if self._decodes(s) else min(s.pending, self.chunk) for s in seqs]
             S = min(bucket(max(feed)), self.chunk)
         else:
             steps, width = self._steps(decode, bool(prefill)), self.decode_steps
@@ -206,8 +222,33 @@ class Scheduler:
             feed, S = [1] * len(seqs), 1
         P = bucket(max(len(s.pages) for s in seqs), 1)  # padding past the table: scratch
         stops = bucket(max(1, *(len(s.sampling.stop_ids) for s in seqs)), 1) if width > 1 else 1
-        return Batch(seqs, feed, S, bucket(len(seqs), 1), P, bool(self.ahead), not use_prefill,
-                     steps, width, stops)
+        each = bucket(max(self._per_shard(seqs)), 1)  # rows per shard
+        rows, taken = [], [0] * self.shards
+        for s in seqs:
+            rows.append(s.shard * each + taken[s.shard])
+            taken[s.shard] += 1
+        return Batch(seqs, feed, S, self.shards * each, P, bool(self.ahead), not use_prefill,
+                     steps, width, stops, rows, [self.pages.local_ids(s.pages) for s in seqs])
+
+    def _riders(self, prefill: list[Seq], decode: list[Seq]) -> list[Seq]:
+        """Decoding sequences that take their next token in a prefill step, in the rows its batch
+        bucket leaves empty in their shard, if their tables are no wider than the prefill's and
+        their pending slot has its page: the step's shape and cost stay, a decode step's work is
+        done. (Alternate steps would otherwise leave them waiting for the next decode step.)"""
+        n = self._per_shard(prefill)
+        room = bucket(max(n), 1) - n
+        width = bucket(max(len(s.pages) for s in prefill), 1)
+        out = []
+        for s in decode:
+            if room[s.shard] and len(s.pages) <= width and \
+                    len(s.pages) * PAGE >= self._slots_needed(s, 0):
+                room[s.shard] -= 1
+                out.append(s)
+        return out
+
+    def _per_shard(self, seqs: list[Seq]) -> np.ndarray:
+        """How many of `seqs` run in each shard."""
+        return np.bincount(np.array([s.shard for s in seqs], int), minlength=self.shards)
 
     def _steps(self, decode: list[Seq], prefilling: bool) -> int:
         """How many tokens the decode step of `decode` may take: `decode_steps` while no sequence
@@ -216,21 +257,23 @@ class Scheduler:
         n = self.decode_steps
         if n == 1 or prefilling or self.waiting:
             return 1
-        short = sum(max(0, cdiv(self._slots_needed(s, n - 1), PAGE) - len(s.pages)) for s in decode)
-        return n if short <= self.pages.available else 1
+        short = [0] * self.shards
+        for s in decode:
+            short[s.shard] += max(0, cdiv(self._slots_needed(s, n - 1), PAGE) - len(s.pages))
+        return n if all(k <= self.pages.free_in(d) for d, k in enumerate(short)) else 1
 
     def commit(self, batch: Batch, sampled: np.ndarray, accepted: np.ndarray | None = None
                ) -> list[tuple[Seq, list[int], str | None]]:
         """Take a step's tokens -> (seq, new tokens, finish) per sequence that has news; finished
         sequences leave with their pages released. sampled (B,): the token sampled after each run;
-        or, a speculative or multi-step decode step's, (B, k+1) with `accepted` (B,): row i's
-        first accepted[i] tokens are drafts (or tokens) whose keys the step wrote, then the next
-        token."""
+        or, a speculative or multi-step decode step's, (B, k+1) with `accepted` (B,): row r's
+        first accepted[r] tokens are drafts (or tokens) whose keys the step wrote, then the next
+        token. Sequence i's are in row batch.rows[i]."""
         self.counts["steps"] += 1
         self.counts["multi_steps"] += batch.steps > 1
         events = []
         sampled = np.asarray(sampled).reshape(len(sampled), -1)
-        for i, (s, n) in enumerate(zip(batch.seqs, batch.feed)):
+        for i, s, n in zip(batch.rows, batch.seqs, batch.feed):
             a = 0 if accepted is None else int(accepted[i])
             s.computed += n + a
             if batch.spec:  # the step left the draft after tokens[computed] in the slot
@@ -268,12 +311,18 @@ class Scheduler:
             s = self.waiting[0]
             # one token is always run
             keys = page_keys(s.tokens, (len(s.tokens) - 1) // PAGE, overlap=self._overlap)
-            shared = self.pages.lookup(keys)
-            need = cdiv(len(s.tokens), PAGE) - len(shared)
-            if need > self.pages.available:
-                self.pages.release(shared)
+            running = self._per_shard(self.running)
+            fits = []  # (prefix pages, -running, shard) of the shards that can take it now
+            for d in range(self.shards):
+                hit, idle = self.pages.hits(keys, d)
+                need = cdiv(len(s.tokens), PAGE) - hit
+                if running[d] < self.cap and need <= self.pages.free_in(d) - idle:
+                    fits.append((hit, -running[d], -d))
+            if not fits:
                 return
-            s.pages = shared + self.pages.allocate(need)
+            s.shard = d = -max(fits)[2]
+            shared = self.pages.lookup(keys, d)
+            s.pages = shared + self.pages.allocate(cdiv(len(s.tokens), PAGE) - len(shared), d)
             s.keys = keys[:len(shared)]
             s.computed = len(shared) * PAGE
             s.slot = self._slots.pop()
@@ -297,13 +346,13 @@ class Scheduler:
         sequences while none is left. -> the sequences still running, in order."""
         for s in list(seqs):
             while s in self.running and len(s.pages) * PAGE < self._slots_needed(s, ahead):
-                while not self.pages.available:
-                    victim = max(self.running, key=lambda r: r.rid)  # the newest request
+                while not self.pages.free_in(s.shard):  # the newest request of its shard
+                    victim = max((r for r in self.running if r.shard == s.shard), key=lambda r: r.rid)
                     self._preempt(victim)
                     if victim is s:
                         break
                 if s in self.running:
-                    s.pages += self.pages.allocate(1)
+                    s.pages += self.pages.allocate(1, s.shard)
         return [s for s in seqs if s in self.running]
 
     def _preempt(self, s: Seq) -> None:

@@ -23,6 +23,7 @@ from dsv32_jax.model.cache import PagedKVCache
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.mtp import mtp_forward
 from dsv32_jax.model.transformer import Transformer, constrain_cache, layer_counts, variables
+from sharding.mesh import constrain
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -57,6 +58,12 @@ def _split(caches):
     return {g: c for g, c in caches.items() if g != "mtp"}, caches["mtp"]
 
 
+def _whole(*xs):
+    """The tokens a step returns, on every device: in a multi-process run with data > 1 process 0
+    reads them all (the others follow without reading)."""
+    return tuple(constrain(x, (None,) * x.ndim) for x in xs)
+
+
 def _keys(seeds, counters):
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
 
@@ -81,7 +88,7 @@ def step(params, pools, table, tokens, positions, last, seeds, counters, tempera
     counter); `NONFINITE` where those logits were not finite), the pools."""
     token, cache = _forward(params, _open(pools, table), tokens, positions, last,
                             _keys(seeds, counters), temperature, top_p, cfg, impl)
-    return token, _close(cache)
+    return *_whole(token), _close(cache)
 
 
 def _forward(params, cache, tokens, positions, last, keys, temperature, top_p, cfg, impl):
@@ -118,7 +125,7 @@ def decode_steps(params, pools, table, x, pos, n, left, stops, seeds, counters, 
     state = (jnp.int32(0), x, pos, left > 0, jnp.full((b, width), -1, jnp.int32),
              _open(pools, table))
     out, cache = jax.lax.while_loop(more, body, state)[4:]
-    return out, jnp.maximum(jnp.sum(out != -1, axis=1) - 1, 0), _close(cache)
+    return *_whole(out, jnp.maximum(jnp.sum(out != -1, axis=1) - 1, 0)), _close(cache)
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("pools", "slots"))
@@ -142,7 +149,7 @@ def spec_prefill(params, mtp, pools, slots, table, tokens, positions, last, afte
     d, q = spec.drafts(logits, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), temperature,
                        top_p)
     slots = _keep(slots, slot, d, q, h[rows, last])
-    return token, _close(cache | {"mtp": mtp_cache}), slots
+    return *_whole(token), _close(cache | {"mtp": mtp_cache}), slots
 
 
 @partial(jax.jit, static_argnames=("cfg", "impl", "k"), donate_argnames=("pools", "slots"))
@@ -158,7 +165,7 @@ def spec_decode(params, mtp, pools, slots, table, x, pos, slot, seeds, counters,
         params, mtp, cache, mtp_cache, s, _keys(seeds, counters), temperature, top_p, cfg=cfg,
         impl=impl, k=k)
     slots = _keep(slots, slot, nxt.d, nxt.q, nxt.h)
-    return n, tokens, _close(cache | {"mtp": mtp_cache}), slots
+    return *_whole(n, tokens), _close(cache | {"mtp": mtp_cache}), slots
 
 
 def pool_bytes(cfg: Config, n_pages: int, mtp: bool = False) -> int:
