@@ -206,14 +206,18 @@ SCRIPT = textwrap.dedent("""
     if "paged" in checks:  # the serving engine's paged pools on a mesh, exact numerics
         from dsv32_jax.model.transformer import Transformer, variables
         from dsv32_jax.serve.step import pools
+        from sharding.mesh import params_mesh
         b = len(tokens)
-        table = np.zeros((b, 4), np.int32)  # 4 pages: 256 logical slots > index_topk
-        table[:, :2] = 1 + np.arange(2 * b).reshape(b, 2)
 
         def paged(model):  # 10 tokens (all positions < index_topk: the skip), then 30 (indexer)
             cfg, logits = model.config, []
+            # the pool split over data: each group's sequences own pages 1, 2, ... of its block
+            mesh = params_mesh(model.params)
+            d = 1 if mesh is None else mesh.shape["data"]
+            table = np.zeros((b, 4), np.int32)  # 4 pages: 256 logical slots > index_topk
+            table[:, :2] = 1 + (np.arange(2 * b) % (2 * b // d)).reshape(b, 2)
             with on_mesh(model.params):
-                pool = pools(cfg, 2 * b + 1)
+                pool = pools(cfg, d * (2 * b // d + 1))
                 f = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply(variables(p), t, pos, c))
                 for lo, hi in ((0, 10), (10, 40)):
                     pos = np.broadcast_to(np.arange(lo, hi, dtype=np.int32), (b, hi - lo))

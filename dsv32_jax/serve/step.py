@@ -23,13 +23,18 @@ from dsv32_jax.model.cache import PagedKVCache
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.mtp import mtp_forward
 from dsv32_jax.model.transformer import Transformer, constrain_cache, layer_counts, variables
-from sharding.mesh import constrain
+from sharding.mesh import constrain, context_mesh
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def pools(cfg: Config, n_pages: int, mtp: bool = False) -> dict[str, PagedKVCache]:
     """Empty pools of n_pages pages for every layer group (and, with mtp, for the MTP layers:
-    "mtp", the same page ids)."""
+    "mtp", the same page ids). Under a mesh with data > 1 they are split over data into pools of
+    n_pages / data pages, one per data group (`model.cache.PagedKVCache`)."""
+    mesh = context_mesh()
+    if mesh is not None and n_pages % mesh.shape["data"]:
+        raise ValueError(f"a pool of {n_pages} pages does not split over data = {mesh.shape['data']} "
+                         "groups of whole pages")
     counts = layer_counts(cfg) | ({"mtp": cfg.n_mtp_layers} if mtp else {})
     return {g: constrain_cache(PagedKVCache.pool(cfg, n, n_pages)) for g, n in counts.items() if n}
 
