@@ -74,6 +74,28 @@ def by_temperature(temperature: jax.Array, greedy, sampled, *args):
     return jax.lax.platform_dependent(*args, cpu=branch, default=pick)
 
 
+def over_rows(f, *args):
+    """f vmapped over rows: the arguments' leading axis, but temperature and top_p (the last two)
+    when they are () for the whole batch (then `by_temperature` stays a branch under vmap: a
+    greedy batch never runs the sampled one on the CPU)."""
+    sampling = (0 if jnp.ndim(args[-2]) else None, 0 if jnp.ndim(args[-1]) else None)
+    return jax.vmap(f, (0,) * (len(args) - 2) + sampling)(*args)
+
+
+def all_greedy_or(f, *args):
+    """`over_rows(f, *args)`, where temperature and top_p (the last two) may be per row (B,).
+    Batched, a temperature makes `by_temperature` compute both paths for every row (on XLA:CPU
+    the nucleus sort of the vocabulary, ~0.2 ms a row: more than half a 32-sequence decode step of
+    the demo model). So where every row is greedy, f runs with temperature () 0 and top_p () 1
+    instead (a branch on the CPU, `by_temperature`): the same values, no sampled path."""
+    *rest, temperature, top_p = args
+    if not jnp.ndim(temperature):
+        return over_rows(f, *args)
+    return by_temperature(jnp.max(temperature),
+                          lambda: over_rows(f, *rest, jnp.float32(0), jnp.float32(1)),
+                          lambda: over_rows(f, *args))
+
+
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """logits (B,V) f32 -> tokens (B,) int32. temperature <= 0: greedy; else nucleus sampling.
     A row holding NaN/Inf gives NONFINITE instead of a token (the cheap check of every step)."""

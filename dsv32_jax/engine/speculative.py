@@ -43,7 +43,7 @@ import numpy as np
 
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_drafts, check_sampling
-from dsv32_jax.engine.generate import NONFINITE, by_temperature, nucleus_logits
+from dsv32_jax.engine.generate import NONFINITE, all_greedy_or, by_temperature, nucleus_logits
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
@@ -115,18 +115,10 @@ class Drafts(NamedTuple):
     h: jax.Array
 
 
-def _rows(f, *args):
-    """f vmapped over rows: the arguments' leading axis, but temperature and top_p (the last two)
-    when they are () for the whole batch (then `by_temperature` stays a branch under vmap: a
-    greedy batch never runs the sampled one on the CPU)."""
-    sampling = (0 if jnp.ndim(args[-2]) else None, 0 if jnp.ndim(args[-1]) else None)
-    return jax.vmap(f, (0,) * (len(args) - 2) + sampling)(*args)
-
-
 def drafts(logits, keys, temperature, top_p):
     """MTP logits (B,V), a key per row (B,), temperature and top_p per row (B,) or for all () ->
     draft tokens (B,), their distributions (B,V): `draft` per row."""
-    return _rows(draft, logits, keys, temperature, top_p)
+    return all_greedy_or(draft, logits, keys, temperature, top_p)
 
 
 def per_row(b: int, key, temperature, top_p):
@@ -169,7 +161,7 @@ def iteration(params, mtp, cache, mtp_cache, s: Drafts, keys, temperature, top_p
     logits, cache, hidden = Transformer(cfg, impl).apply(
         variables(params), jnp.concatenate([s.x[:, None], chain], 1), positions, cache,
         hidden=True)  # (B,k+1,V), (B,k+1,D)
-    n, tokens = _rows(verify, logits, chain, q, keys[0], temperature, top_p)
+    n, tokens = all_greedy_or(verify, logits, chain, q, keys[0], temperature, top_p)
     after = jnp.where(tokens >= 0, tokens, 0)  # the token after each verified position
     logits, h, mtp_cache = mtp_forward(mtp, cfg, hidden, after, positions, mtp_cache, 0, impl,
                                        last=n)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv32_jax.engine import speculative as spec
-from dsv32_jax.engine.generate import NONFINITE, sample
+from dsv32_jax.engine.generate import NONFINITE, all_greedy_or, sample
 from dsv32_jax.model.cache import PagedKVCache
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.mtp import mtp_forward
@@ -74,7 +74,9 @@ def _keys(seeds, counters):
 
 
 def _sample(logits, keys, temperature, top_p):
-    return jax.vmap(lambda lg, k, t, p: sample(lg[None], k, t, p)[0])(logits, keys, temperature, top_p)
+    """A token per row (B,) from logits (B,V), each row with its key and sampling values (B,)."""
+    return all_greedy_or(lambda lg, k, t, p: sample(lg[None], k, t, p)[0], logits, keys, temperature,
+                         top_p)
 
 
 def _keep(slots: spec.Drafts, slot, d, q, h) -> spec.Drafts:
