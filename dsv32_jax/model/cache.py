@@ -166,34 +166,41 @@ class PagedKVCache(KVCache):
         page = jnp.where(inside, pages[b, jnp.clip(slots // PAGE, 0, n - 1)], 0)
         return page * PAGE + jnp.maximum(slots, 0) % PAGE
 
-    def _pick(self, field: str, layer, slots: jax.Array, lead: tuple) -> jax.Array:
-        """The pool rows of `field` at logical `slots` (B, ...) of `layer`, (B, ..., W), read on each
-        device's own sequences and pool block; lead: the slots' logical axes."""
-        width = self.AXES[field][2:]
-        return local(lambda a, p, layer, s: a[layer, self.rows(p, s)],
-                     (self.AXES[field], self.TABLE, (), lead), lead + width)(
-            getattr(self, field), self.pages, layer, slots)
+    def _pick(self, fields: tuple[str, ...], layer, slots: jax.Array, lead: tuple) -> tuple:
+        """The pool rows of each of `fields` at logical `slots` (B, ...) of `layer`, each
+        (B, ..., W), read on each device's own sequences and pool block (the rows looked up once);
+        lead: the slots' logical axes."""
+        def pick(pools, p, layer, s):
+            r = self.rows(p, s)
+            return tuple(pools[k][layer, r] for k in fields)
+
+        return local(pick, ({k: self.AXES[k] for k in fields}, self.TABLE, (), lead),
+                     tuple(lead + self.AXES[k][2:] for k in fields))(
+            {k: getattr(self, k) for k in fields}, self.pages, layer, slots)
 
     def write(self, layer: jax.Array, positions: jax.Array, **new: jax.Array) -> "PagedKVCache":
-        def put(a, p, layer, s, v):  # a (L, N, ...), p (B, P), s (B, S), v (B, S, ...)
-            return a.at[layer, self.rows(p, s)].set(v)
+        fields = tuple(new)  # (dicts come back from `local` in sorted key order)
 
-        return self.replace(**{
-            k: local(put, (self.AXES[k], self.TABLE, (), ("batch", "seq"), ("batch", "seq") +
-                           self.AXES[k][2:]), self.AXES[k])(
-                getattr(self, k), self.pages, layer, positions, _store(v, getattr(self, k)))
-            for k, v in new.items()})
+        def put(pools, p, layer, s, vals):  # pools (L, N, ...), p (B, P), s (B, S), vals (B, S, ...)
+            r = self.rows(p, s)
+            return tuple(pools[k].at[layer, r].set(vals[k]) for k in fields)
+
+        out = local(put, ({k: self.AXES[k] for k in fields}, self.TABLE, (), ("batch", "seq"),
+                          {k: ("batch", "seq") + self.AXES[k][2:] for k in fields}),
+                    tuple(self.AXES[k] for k in fields))(
+            {k: getattr(self, k) for k in fields}, self.pages, layer, positions,
+            {k: _store(v, getattr(self, k)) for k, v in new.items()})
+        return self.replace(**dict(zip(fields, out)))
 
     def gather(self, layer: jax.Array, idx: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-        lead = ("batch",) + (None,) * (idx.ndim - 1)
-        c = act_dequant(from_bits(self._pick("c", layer, idx, lead)),
-                        self._pick("c_scale", layer, idx, lead), dtype)
-        return c, from_bits(self._pick("k_pe", layer, idx, lead))
+        c, c_s, k_pe = self._pick(("c", "c_scale", "k_pe"), layer, idx,
+                                  ("batch",) + (None,) * (idx.ndim - 1))
+        return act_dequant(from_bits(c), c_s, dtype), from_bits(k_pe)
 
     def key_tile(self, layer: jax.Array, start: jax.Array, size: int):
         slots = jnp.broadcast_to(start + jnp.arange(size), (self.pages.shape[0], size))
-        lead = ("batch", None)
-        return from_bits(self._pick("ik", layer, slots, lead)), self._pick("ik_scale", layer, slots, lead)
+        k, k_s = self._pick(("ik", "ik_scale"), layer, slots, ("batch", None))
+        return from_bits(k), k_s
 
     def layer_latent(self, layer: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         return self.gather(layer, jnp.broadcast_to(jnp.arange(self.length),
