@@ -10,8 +10,9 @@
    time to first token and time per output token (TPOT) p50/p99.
 2. The same requests through `Model.generate` in static batches of N (each batch waits for its
    longest request, no stop token; tokens past a request's max_tokens are not counted): output
-   tokens/s, and the
-   ratio continuous / static.
+   tokens/s, and the ratio continuous / static. `Model.generate` runs on the same engine core
+   (`engine.batch`: a batch's prompts prefilled together, then decode steps of up to 16 tokens
+   per program), so the two differ in the batching policy and in the server around the engine.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
 Every server compiles its step shapes before it serves (its warm-up; the later servers run the same

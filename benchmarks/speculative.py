@@ -12,7 +12,7 @@ prompts and tokens for every k (greedy speculative output is the plain output, t
   acceptance   k = 1, 2, 3 at T = 0 and T = 1 (top-p 1): per draft position j, the fraction of
                iterations whose drafts 1..j were all accepted; tokens per forward of the model
                (1 + the mean accepted drafts)
-  speed        decode tokens/s (`Model.generate`'s decode_s: the on-device loop after the prefill)
+  speed        decode tokens/s (`Model.generate`'s decode_s: the engine's decode steps)
                at batch 1 and 8, k = 0 (plain) .. 3, T = 0; repetitions interleaved, median; the
                ratio to k = 0 of the same batch
   costs        one forward of the model over 1..4 tokens and one of the MTP layer, each jitted

@@ -159,26 +159,20 @@ def page_table(rng, owned, p: int, n_pages: int) -> np.ndarray:
 
 
 def interrupt_step(monkeypatch, at: int) -> None:
-    """Make the `at`-th compiled decode step of every ChatSession raise KeyboardInterrupt (as a
-    Ctrl-C during the device call, whose cache was donated); other executables run as they are."""
-    from dsv32_jax.engine.session import ChatSession
+    """Make the `at`-th decode step of every engine (a ChatSession's too) raise KeyboardInterrupt,
+    as a Ctrl-C during the device call, whose pools were donated; other steps run as they are."""
+    from dsv32_jax.serve.engine import Engine
 
-    real, calls = ChatSession._executable, []
+    real, calls = Engine._program, []
 
-    def patched(self, label, key, stats, lower):
-        exe = real(self, label, key, stats, lower)
-        if key[0] != "step":
-            return exe
-
-        def step(*args):
+    def patched(self, a):
+        if a["decode"]:
             calls.append(1)
             if len(calls) == at:
                 raise KeyboardInterrupt
-            return exe(*args)
+        return real(self, a)
 
-        return step
-
-    monkeypatch.setattr(ChatSession, "_executable", patched)
+    monkeypatch.setattr(Engine, "_program", patched)
 
 
 def components(model, z: dict) -> list[dict]:

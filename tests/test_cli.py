@@ -20,6 +20,7 @@ from dsv32_jax.checkpoint.synthetic import write_checkpoint
 from dsv32_jax.cli import main
 from dsv32_jax.cli.chat import Conversation
 from dsv32_jax.engine import session as session_mod
+from dsv32_jax.serve import engine as engine_mod
 from dsv32_jax.text import chat as chat_format
 from dsv32_jax.text.tokenizer import Tokenizer
 
@@ -63,7 +64,7 @@ def test_demo_trained_model_speaks(capsys):
 
 
 def test_demo_runs_and_caches(tmp_path, capsys):
-    session_mod._EXECUTABLES.clear()  # so that this run compiles and reports it
+    engine_mod._SEEN.clear()  # so that this run compiles and reports it
     args = ["demo", "--random", "--cache-dir", str(tmp_path), "--max-new-tokens", "8"]
     assert main(args) == 0
     cap = capsys.readouterr()
@@ -73,9 +74,11 @@ def test_demo_runs_and_caches(tmp_path, capsys):
     m = re.search(RATES, out)
     assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0 and 1 <= int(m.group(3)) <= 8
     # compiles are announced on stderr as they start, and timed apart from the steady-state speeds
-    assert re.search(r"^compiling prefill for bucket 16 \(cache 128\) \.\.\. [0-9.]+s$", cap.err, re.M)
-    assert re.search(r"^compiling decode step \(cache 128\) \.\.\. [0-9.]+s$", cap.err, re.M)
-    assert re.search(r"; compile [0-9.]+s apart \(prefill for bucket 16 \(cache 128\), decode step", out)
+    prefill, decode = (re.escape(f"{kind} step (1 sequences{size}, 1-page tables)")
+                       for kind, size in (("prefill", " x 16 tokens"), ("decode", "")))
+    assert re.search(rf"^compiling {prefill} \.\.\. [0-9.]+s$", cap.err, re.M)
+    assert re.search(rf"^compiling {decode} \.\.\. [0-9.]+s$", cap.err, re.M)
+    assert re.search(rf"; compile [0-9.]+s apart \({prefill}, {decode}", out)
     assert re.search(r"cache: \d+ B/token/layer MLA \+ \d+ B indexer keys", out)
     m = re.search(r"attended (\d+) of the (\d+) keys available \(index_topk=16\)", out)
     assert m and int(m.group(1)) == min(16, int(m.group(2)))
@@ -130,8 +133,9 @@ def test_chat_continues_from_the_cache(ckpt, tok, capsys, monkeypatch):
     prefills = [int(n) for n in re.findall(r"prefill (\d+) tokens", capsys.readouterr().err)]
     second = tok.encode(chat_format.encode_messages([{"role": "user", "content": "how are you"}], "chat",
                                                     add_default_bos_token=False))
-    # only the new message (after the EOS that closes the cut-off first reply) is prefilled
-    assert prefills[1] == len(second) + 1 and prefills[1] < prefills[0] + 3 + len(second)
+    # only the reply's last token (sampled, its keys not written yet), the EOS that closes the
+    # cut-off reply and the new message are prefilled
+    assert prefills[1] == 1 + 1 + len(second) and prefills[1] < prefills[0] + 3 + len(second)
 
 
 def test_chat_survives_ctrl_c_during_a_reply(ckpt, tok, capsys, monkeypatch):
@@ -221,7 +225,7 @@ def test_bad_input_never_ends_a_run_and_the_next_process_reads_the_compile_cache
     assert len(re.findall(r"^prefill \d+ tokens", err, re.M)) == 2  # the first and the last message
     again = dict(re.findall(r"^compiling (.*) \.\.\. [0-9.]+s(.*)$", err, re.M))
     shared = set(again) & set(compiled)
-    assert "decode step (cache 128)" in shared
+    assert "decode step (1 sequences, 1-page tables)" in shared
     assert all(again[label] == " (from the compile cache)" for label in shared), again
 
 

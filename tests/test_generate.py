@@ -14,6 +14,7 @@ from conftest import CASES, fixture_model, golden, row_cosine, topk_agreement
 from dsv32_jax.model.cache import bytes_per_token
 from dsv32_jax.model.config import Config
 from dsv32_jax.engine import generate as gen
+from dsv32_jax.serve import step as st
 from dsv32_jax.model.transformer import init_cache
 
 
@@ -52,6 +53,18 @@ def test_exact_decode_parity(case):
     greedy = model.generate([list(r[:p]) for r in z["tokens"]], z["greedy_tokens"].shape[1],
                             temperature=0, stop_tokens=[])
     np.testing.assert_array_equal(np.array(greedy), z["greedy_tokens"])
+
+
+def test_generate_is_the_argmax_chain_of_the_contiguous_forward():
+    """`Model.generate` runs on the serving engine (paged pool, the prompts prefilled together,
+    multi-step decodes of up to 16 tokens): teacher-forced on its own output, the contiguous
+    forward of `Model.logits` gives each token as the argmax after the ones before it."""
+    model, z = fixture_model("tiny-fp8", "exact"), golden("tiny-fp8", "exact")
+    prompts = [list(z["tokens"][0, :9]), list(z["tokens"][1, :23]), list(z["tokens"][0, 3:40])]
+    out = model.generate(prompts, 20, temperature=0, stop_tokens=[])
+    for p, o in zip(prompts, out):
+        logits = np.asarray(model.logits(np.array([p + o[:-1]])))[0, len(p) - 1:]
+        np.testing.assert_array_equal(logits.argmax(-1), o)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -97,17 +110,17 @@ def test_stop_tokens_per_sequence_and_compile_once():
     model, z = fixture_model("tiny-fp8", "exact"), golden("tiny-fp8", "exact")
     prompts = [list(z["tokens"][0, :20]), list(z["tokens"][1, :17])]
     free = model.generate(prompts, 8, temperature=0, stop_tokens=[])
-    loop = gen.decode_loop
-    compiled = loop._cache_size()
+    programs = (st.step, st.decode_steps)  # the engine's prefill and multi-step decode programs
+    compiled = [f._cache_size() for f in programs]
     stop = free[0][2]
     assert stop not in free[1][:8] or free[1].index(stop) > 2
     stopped = model.generate(prompts, 8, temperature=0, stop_tokens=[stop])
     assert stopped[0] == free[0][:3]  # stops after emitting the stop token (included)
     expect1 = free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
     assert stopped[1] == expect1
-    # other prompt lengths / token counts in the same buckets reuse the compiled loop
+    # other prompt lengths / token counts in the same buckets reuse the compiled programs
     model.generate([p[:-3] for p in prompts], 5, temperature=0.7, top_p=0.9, seed=3)
-    assert loop._cache_size() == compiled
+    assert [f._cache_size() for f in programs] == compiled
 
 
 def test_sampling_seeds_top_p_and_streaming():

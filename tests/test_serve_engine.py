@@ -121,6 +121,58 @@ def test_scheduler_preempts_newest_and_returns_every_page():
     assert pages.used == 0 and pages.available == 6
 
 
+def _run_out(sched, token=7):
+    """Fake steps (every sampled token `token`, every draft accepted) until nothing runs."""
+    while sched.running or sched.waiting:
+        batch = sched.plan()
+        if batch.decode and batch.spec:
+            sched.commit(batch, np.full((batch.B, sched.ahead + 1), token),
+                         np.full(batch.B, sched.ahead))
+        else:
+            sched.commit(batch, np.full(batch.B, token))
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_a_kept_sequence_parks_with_its_pages_and_resumes(ahead):
+    """A `keep` request (a chat session's) parks when it ends: its pages stay, and a resumed longer
+    context runs only the tokens after its computed keys; an edit keeps the whole pages before it
+    (with drafts: before the token ahead of it too, which the MTP keys read); a context no longer
+    than its keys still runs its last token; release and cancel give every page back."""
+    pages = Pages(1 + 8)
+    sched = Scheduler(pages, max_batch=2, chunk=64, max_prefill=1, max_len=512, ahead=ahead)
+    prompt = list(range(2, 2 + PAGE + 30))
+    s = Seq(0, list(prompt), len(prompt), Sampling(max_tokens=5), lambda *a: None, keep=True)
+    sched.add(s)
+    _run_out(sched)
+    assert sched.parked == {0: s} and len(s.tokens) == len(prompt) + 5
+    assert s.computed == len(s.tokens) - 1 and pages.used == len(s.pages) == 2 and s.slot == 0
+    held = list(s.pages)
+
+    def resume(context, max_tokens=3):
+        sched.resume(0, context, Sampling(max_tokens=max_tokens), lambda *a: None)
+        batch = sched.plan()
+        return batch.seqs[0], batch.feed[0]
+
+    more = s.tokens + [1, 1, 1]
+    got, fed = resume(more)
+    assert got is s and s.pages[:2] == held and fed == 4 and s.n_prompt == len(more)
+    _run_out(sched)
+    edit = PAGE + 10  # a change inside the second page: the first stays
+    got, fed = resume(s.tokens[:edit] + [9, 9])
+    assert s.pages[0] == held[0] and s.computed == PAGE and fed == edit - PAGE + 2
+    _run_out(sched)
+    edit = PAGE  # a change at the first token of the second page
+    got, fed = resume(s.tokens[:edit] + [9, 9])
+    assert s.computed == (PAGE if not ahead else 0)
+    _run_out(sched)
+    got, fed = resume(s.tokens[:PAGE])  # a prefix of its keys, a page long: its last token runs
+    assert s.computed == 0 and fed == PAGE
+    sched.remove(0)
+    assert sched.parked == {0: s}  # cancelled: parked too
+    sched.release(0)
+    assert not sched.parked and pages.used == 0 and pages.available == 8
+
+
 def test_decodes_ride_in_the_free_rows_of_a_prefill_step():
     """A prefill step of 3 sequences has a 4th row: a decoding sequence takes its next token there
     (one token fed), and the step's shape is the prefill's own."""

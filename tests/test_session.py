@@ -1,9 +1,9 @@
-"""dsv32_jax.engine.session.ChatSession: a chat continued from the kept cache gives the tokens of re-prefilling
-the whole history; compile time apart; argument checks; interrupted calls; cache growth."""
+"""dsv32_jax.engine.session.ChatSession (on the serving engine): a chat continued turn by turn gives the tokens
+of re-prefilling the whole history, prefilling only the last partial page of it; compile time apart; argument
+checks; interrupted calls; pool growth."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,7 +13,8 @@ import dsv32_jax
 from dsv32_jax.checkpoint.synthetic import write_checkpoint
 from dsv32_jax.engine import session as session_mod
 from dsv32_jax.engine.session import ChatSession
-from dsv32_jax.model.transformer import init_cache
+from dsv32_jax.model.cache import PAGE
+from dsv32_jax.serve import engine as engine_mod
 
 TURNS = ([0, 2, 40, 41, 42, 3, 5], [1, 2, 50, 51, 3, 5], [2, 60, 61, 62, 63, 3])  # BOS/EOS/USER/... + text
 REPLIES = (6, 5, 7)
@@ -43,13 +44,14 @@ def _reprefilled_greedy(model, history: list[int]) -> np.ndarray:
 
 
 def test_multi_turn_from_the_cache_equals_reprefilling_the_history(model):
-    session_mod._EXECUTABLES.clear()  # so that this process compiles the shapes here
+    engine_mod._SEEN.clear()  # so that this process compiles the shapes here
     notices = []
     session = ChatSession(model, on_compile=lambda label, s: notices.append((label, s)))
     stats = {}
     history, generated = _chat(session, turns=TURNS[:1], replies=REPLIES[:1], stats=stats)
     # Compile time is reported apart, with a notice before each compile starts.
-    assert stats["compiled"] == ["prefill for bucket 16 (cache 128)", "decode step (cache 128)"]
+    assert stats["compiled"] == ["prefill step (1 sequences x 16 tokens, 1-page tables)",
+                                 "decode step (1 sequences, 1-page tables)"]
     assert [label for label, s in notices] == [label for label in stats["compiled"] for _ in (0, 1)]
     assert [s is None for label, s in notices] == [True, False, True, False]
     assert stats["compile_s"] == pytest.approx(sum(s for _, s in notices if s is not None))
@@ -109,32 +111,34 @@ def test_sampling_is_seeded(model):
 
 def test_interrupted_call_keeps_the_conversation(model, monkeypatch):
     reference = ChatSession(model)
-    want, _ = _chat(reference, turns=TURNS[:2], replies=(2, 4))
+    want, _ = _chat(reference, turns=TURNS[:2], replies=(3, 4))
 
     session = ChatSession(model)
-    interrupt_step(monkeypatch, at=3)  # Ctrl-C while the third step runs
+    interrupt_step(monkeypatch, at=3)  # Ctrl-C while the third decode step runs
     got = []
     with pytest.raises(KeyboardInterrupt):
         for t in session.stream(TURNS[0], 6, temperature=0, stop_tokens=[]):
             got.append(t)
-    assert session.tokens == TURNS[0] + got and len(got) == 2
+    assert session.tokens == TURNS[0] + got and len(got) == 3  # the prefill's token, two decodes
     assert session.capacity == 0  # the cache is gone: the next call rebuilds it from the tokens
     monkeypatch.undo()
     stats = {}
     list(session.stream(TURNS[1], 4, temperature=0, stop_tokens=[], stats=stats))
     assert session.tokens == want
-    assert stats["prefill_tokens"] == len(TURNS[0]) + 2 + len(TURNS[1])  # re-prefilled
+    assert stats["prefill_tokens"] == len(TURNS[0]) + 3 + len(TURNS[1])  # re-prefilled
 
 
 def test_closing_the_iteration_early_keeps_the_cache(model):
     session = ChatSession(model)
-    it = session.stream(TURNS[0], 8, temperature=0, stop_tokens=[])
+    prompt = list(range(1, PAGE + 10))
+    it = session.stream(prompt, 8, temperature=0, stop_tokens=[])
     first = [next(it), next(it)]
     it.close()
-    assert session.tokens == TURNS[0] + first and session.capacity > 0
+    assert session.tokens == prompt + first and session.capacity > 0
     stats = {}
     list(session.stream([5], 1, temperature=0, stats=stats))
-    assert stats["prefill_tokens"] == 1  # continued from the cache, nothing re-prefilled
+    # continued from its parked sequence: the last yielded token (its keys not written yet) and [5]
+    assert stats["prefill_tokens"] == 2
 
 
 def test_arguments_are_checked_before_any_work(model):
@@ -176,28 +180,14 @@ def test_a_full_session_refuses_more_and_stays_usable(model):
     assert len(list(session.stream([5], 117, temperature=0, stop_tokens=[]))) == 117 and session.room == 0
 
 
-def test_growing_the_cache_keeps_the_filled_slots(model, monkeypatch):
+def test_growing_the_pool_keeps_the_conversation(model, monkeypatch):
+    """A pool of 16 positions at first: a turn that needs more builds a larger engine (64), which
+    prefills the conversation again; its replies are those of a session that never grew."""
+    want, _ = _chat(ChatSession(model))
     monkeypatch.setattr(session_mod, "MIN_CAPACITY", 16)
-    cfg = model.config
     session = ChatSession(model)
-    session._reserve(10, {"prefill_s": 0.0})
+    list(session.stream(TURNS[0], 2, temperature=0, stop_tokens=[]))
     assert session.capacity == 16
-    rng = np.random.default_rng(0)
-    filled = jax.tree.map(lambda x: np.asarray(rng.integers(1, 100, x.shape)).astype(x.dtype), session._cache)
-    session._cache, session._tokens = filled, list(range(12))
-    session._reserve(40, {"prefill_s": 0.0})
-    assert session.capacity == 64
-    fresh = init_cache(cfg, 1, 64)
-    for new, old, empty in zip(jax.tree.leaves(session._cache), jax.tree.leaves(filled), jax.tree.leaves(fresh)):
-        new, old, empty = (np.asarray(a).view(np.uint8) for a in (new, old, empty))
-        assert new.shape == empty.shape
-        seq = [i for i, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b]
-        assert len(seq) == 1
-        head = [slice(None)] * new.ndim
-        head[seq[0]] = slice(0, old.shape[seq[0]])
-        tail = list(head)
-        tail[seq[0]] = slice(old.shape[seq[0]], None)
-        np.testing.assert_array_equal(new[tuple(head)], old)
-        np.testing.assert_array_equal(new[tuple(tail)], empty[tuple(tail)])
-    session._reserve(30, {"prefill_s": 0.0})
-    assert session.capacity == 64  # enough already
+    session.truncate(0)
+    got, _ = _chat(session)  # 13, then 24, then 37 positions
+    assert got == want and session.capacity == 64

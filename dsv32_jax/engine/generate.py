@@ -1,25 +1,22 @@
-"""Cached generation: chunked prefill at any start position, then an on-device decode loop.
+"""Sampling (`sample`: greedy or nucleus, per row) and the model's forward over a contiguous cache
+(`forward`, chunked `prefill` at any start position, `forward_mtp` with the MTP layer; `step`: a
+sample and one decode step, for the chat session).
 
-All jitted functions are module-level, over explicit params with the config static (no jitted
-method pins a model object). Shapes are bucketed (batch as given; prompt length to a power of two;
-cache length to prompt bucket + new-token bucket), so each function compiles once per bucket, not
-per token or per prompt length. Temperature, top-p, seeds and stop tokens are traced values (no
-recompilation). Caches are donated: every step updates them in place.
-Each decode step's attention reads only the indexer's top-k cache slots; the indexer reads all
-slots of the bucket.
+Generation itself runs on the serving engine's core (`serve.Engine`, `engine.batch`): these are
+the pieces it shares, and the teacher-forced forward of `Model.logits`. All jitted functions are
+module-level, over explicit params with the config static (no jitted method pins a model object).
+Temperature, top-p and seeds are traced values (no recompilation). Caches are donated: every step
+updates them in place.
 """
 
 from __future__ import annotations
 
-import time
 from functools import partial
-from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.model.mtp import mtp_forward
@@ -27,7 +24,6 @@ from dsv32_jax.model.transformer import Transformer, init_cache, variables
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
 
-MAX_STOP_TOKENS = 8
 PREFILL_CHUNK = 512
 NONFINITE = -2  # `sample`'s answer for a logits row holding NaN/Inf
 INTERMEDIATES = ("attn_in", "attn_out", "ffn_in", "ffn_out", "index_scores", "topk", "gate_experts")
@@ -140,41 +136,6 @@ def step(params, cache, pos, key, temperature, top_p, logits, *, cfg: Config, im
     return token, logits, cache
 
 
-@partial(jax.jit, static_argnames=("cfg", "impl", "n_out"), donate_argnames=("cache",))
-def decode_loop(params, cache, logits, pos, max_new, key, temperature, top_p, stop_ids, *,
-                cfg: Config, impl: str = "xla", n_out: int):
-    """On-device loop: up to max_new (<= n_out) tokens per sequence, stopping each on a stop
-    token or on non-finite logits. -> (tokens (B, n_out), -1 after a sequence stopped, NONFINITE
-    where its logits were not finite; cache)."""
-    b = logits.shape[0]
-
-    def cond(state):
-        i, _, _, _, done, _, _ = state
-        return (i < max_new) & ~jnp.all(done)
-
-    def body(state):
-        i, logits, cache, pos, done, out, key = state
-        key, sub = jax.random.split(key)
-        token = sample(logits, sub, temperature, top_p)
-        out = out.at[:, i].set(jnp.where(done, -1, token))
-        done = done | jnp.isin(token, stop_ids) | (token == NONFINITE)
-
-        def run(args):
-            cache, pos = args
-            logits, cache, _ = _apply(params, token[:, None], pos[:, None], cache,
-                                      jnp.zeros_like(pos), cfg, impl, False)
-            return logits, cache
-
-        logits, cache = jax.lax.cond((i + 1 < max_new) & ~jnp.all(done), run,
-                                     lambda args: (logits, args[0]), (cache, pos))
-        return i + 1, logits, cache, pos + 1, done, out, key
-
-    state = (jnp.int32(0), logits, cache, pos, jnp.zeros(b, bool),
-             jnp.full((b, n_out), -1, jnp.int32), key)
-    _, _, cache, _, _, out, _ = jax.lax.while_loop(cond, body, state)
-    return out, cache
-
-
 @partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "mtp_cache"))
 def forward_mtp(params, mtp, tokens, positions, cache, mtp_cache, h_prev, last, *, cfg: Config,
                 impl: str = "xla"):
@@ -285,125 +246,6 @@ def _find(node, name):
     return None
 
 
-def setup(cfg: Config, prompts, max_new_tokens: int, stop_tokens, chunk: int = PREFILL_CHUNK):
-    """Validate a generation request and pad it into buckets -> (tokens (B, P_bucket), lengths,
-    n_out, cache length, stop ids (MAX_STOP_TOKENS,))."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    max_new_tokens = check_max_new_tokens(max_new_tokens)
-    for p in prompts:
-        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside [0, {cfg.vocab_size})")
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    p_bucket = bucket(int(lengths.max()))
-    if p_bucket > chunk:
-        p_bucket = cdiv(p_bucket, chunk) * chunk
-    n_out = bucket(max_new_tokens)
-    check_budget(int(lengths.max()), max_new_tokens, cfg.max_seq_len)
-    total = min(p_bucket + n_out, cfg.max_seq_len)
-    tokens = np.zeros((len(prompts), p_bucket), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    stops = [cfg.eos_token_id] if stop_tokens is None else list(stop_tokens)
-    if len(stops) > MAX_STOP_TOKENS:
-        raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
-    stop_ids = np.full(MAX_STOP_TOKENS, -2, np.int32)
-    stop_ids[:len(stops)] = stops
-    return tokens, lengths, n_out, total, stop_ids
-
-
-def generate(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-             stop_tokens: Sequence[int] | None = None, stats: dict | None = None
-             ) -> list[list[int]]:
-    """`stats` (a dict) receives prefill_s and decode_s (compile time included on a first call)."""
-    temperature, top_p = check_sampling(temperature, top_p)
-    tokens, lengths, n_out, total, stop_ids = setup(cfg, prompts, max_new_tokens, stop_tokens)
-    t0 = time.perf_counter()
-    with on_mesh(params):
-        cache = init_cache(cfg, len(prompts), total)
-    logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
-    t1 = timed(logits)
-    with on_mesh(params):
-        out, _ = decode_loop(params, cache, logits, lengths, np.int32(max_new_tokens),
-                             jax.random.key(seed), np.float32(temperature), np.float32(top_p),
-                             stop_ids, cfg=cfg, impl=impl, n_out=n_out)
-    out = to_host(out)
-    if stats is not None:
-        stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
-    return finish(params, cfg, impl, prompts, out, max_new_tokens, stop_ids)
-
-
-def timed(x) -> float:
-    """time.perf_counter() once x is computed."""
-    jax.block_until_ready(x)
-    return time.perf_counter()
-
-
-def finish(params, cfg: Config, impl: str, prompts, out: np.ndarray, max_new_tokens: int,
-           stop_ids: np.ndarray) -> list[list[int]]:
-    """A decode loop's tokens (B, n_out) -> each sequence's output, or the NonFiniteLogits error
-    of the first sequence whose logits went non-finite."""
-    rows = out[:, :max_new_tokens]
-    outputs = [_trim(row, max_new_tokens, stop_ids) for row in rows]
-    failed = [i for i, row in enumerate(rows) if (row == NONFINITE).any()]
-    if failed:
-        i = failed[0]
-        raise nonfinite_error(params, cfg, impl, list(prompts[i]), outputs[i], i, outputs)
-    return outputs
-
-
-def stream(params, cfg: Config, impl: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-           stop_tokens: Sequence[int] | None = None, stats: dict | None = None
-           ) -> Iterator[list[int | None]]:
-    """An iterator yielding, per step, the new token of each sequence (None once it has stopped).
-    `stats` (a dict) receives prefill_s, prefill_tokens, decode_s, decode_steps. The request is
-    validated here, before the first token is asked for."""
-    temperature, top_p = check_sampling(temperature, top_p)
-    request = setup(cfg, prompts, max_new_tokens, stop_tokens)
-    return _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed,
-                   {} if stats is None else stats)
-
-
-def _stream(params, cfg, impl, request, max_new_tokens, temperature, top_p, seed, stats):
-    tokens, lengths, _, total, stop_ids = request
-    t0 = time.perf_counter()
-    with on_mesh(params):
-        cache = init_cache(cfg, len(lengths), total)
-    logits, cache, _ = prefill(params, cfg, impl, tokens, lengths, cache)
-    stats.update(prefill_s=timed(logits) - t0, prefill_tokens=int(lengths.sum()),
-                 decode_s=0.0, decode_steps=0)
-    pos, key = lengths, jax.random.key(seed)
-    done = np.zeros(len(lengths), bool)
-    outputs: list[list[int]] = [[] for _ in lengths]
-    failed = []
-    for _ in range(max_new_tokens):
-        t0 = time.perf_counter()
-        key, sub = jax.random.split(key)
-        with on_mesh(params):
-            token, logits, cache = step(params, cache, pos, sub, np.float32(temperature),
-                                        np.float32(top_p), logits, cfg=cfg, impl=impl)
-        pos = pos + 1
-        tok = to_host(token)
-        stats["decode_s"] += time.perf_counter() - t0
-        stats["decode_steps"] += 1
-        failed += [i for i, (t, d) in enumerate(zip(tok, done)) if t == NONFINITE and not d]
-        done |= tok == NONFINITE
-        for i, (t, d) in enumerate(zip(tok, done)):
-            if not d:
-                outputs[i].append(int(t))
-        yield [None if d else int(t) for t, d in zip(tok, done)]
-        done |= np.isin(tok, stop_ids)
-        if done.all():
-            break
-    if failed:  # the other sequences ran to their end first
-        i = failed[0]
-        prompt = [int(t) for t in tokens[i, :lengths[i]]]
-        raise nonfinite_error(params, cfg, impl, prompt, outputs[i], i, outputs)
-
-
 def nonfinite_error(params, cfg: Config, impl: str, prompt: list[int], produced: list[int],
                     sequence: int, outputs: list[list[int]]) -> NonFiniteLogits:
     """The error for sequence `sequence`, whose logits after prompt + produced were not finite,
@@ -440,14 +282,3 @@ def locate_nonfinite(params, cfg: Config, impl: str, tokens: list[int]) -> str:
     if not to_host(jnp.isfinite(logits).all()):
         return "every layer's output is finite: the final norm or the output head overflows"
     return "a full forward over the same tokens stays finite (the layer could not be found)"
-
-
-def _trim(row: np.ndarray, max_new: int, stop_ids: np.ndarray) -> list[int]:
-    out = []
-    for t in row[:max_new]:
-        if t < 0:
-            break
-        out.append(int(t))
-        if t in stop_ids:
-            break
-    return out

@@ -12,6 +12,7 @@ import numpy as np
 from dsv32_jax.checkpoint import storage
 from dsv32_jax.checkpoint.hf import has_mtp_layer, is_hf_dir, load_mtp_params, load_params
 from dsv32_jax.checkpoint.weights import abstract_params
+from dsv32_jax.engine import batch
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.model.attention import ATTENTION_IMPLS
 from dsv32_jax.model.config import DTYPES, Config
@@ -76,28 +77,25 @@ class Model:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 0.95, seed: int = 0, stop_tokens: list[int] | None = None,
                  speculative: int = 0, stats: dict | None = None) -> list[list[int]]:
-        """Continue each prompt (token ids) by up to max_new_tokens tokens. temperature=0 is
-        greedy; sampling is nucleus (top_p). Each sequence stops after emitting a stop token
-        (default: EOS), which is included in its output. speculative=k (1..3): k tokens drafted
-        by the MTP layer (load_model(mtp=True)) per forward of the model (`engine.speculative`:
-        the same greedy tokens, the same distribution). `stats` (a dict) receives prefill_s and
-        decode_s, and with speculative the acceptance counts."""
-        if speculative:
-            from dsv32_jax.engine import speculative as spec
-
-            return spec.generate(self.params, self.mtp, self.config, self.attention_impl, prompts,
-                                 max_new_tokens, speculative, temperature, top_p, seed,
-                                 stop_tokens, stats)
-        return gen.generate(self.params, self.config, self.attention_impl, prompts,
-                            max_new_tokens, temperature, top_p, seed, stop_tokens, stats)
+        """Continue each prompt (token ids) by up to max_new_tokens tokens, on the serving
+        engine's core (`engine.batch`: each prompt a request, sequence i seeded seed + i).
+        temperature=0 is greedy; sampling is nucleus (top_p). Each sequence stops after emitting
+        a stop token (default: EOS), which is included in its output. speculative=k (1..3): k
+        tokens drafted by the MTP layer (load_model(mtp=True)) per forward of the model
+        (`engine.speculative`: the same greedy tokens, the same distribution). `stats` (a dict)
+        receives prefill_s, decode_s (the engine's prefill and decode steps, compiles included),
+        prefill_tokens, and with speculative iterations (per sequence) and accepted (k,): how
+        many of them accepted their j-th draft."""
+        return batch.generate(self, prompts, max_new_tokens, temperature, top_p, seed,
+                              stop_tokens, speculative, stats)
 
     def generate_stream(self, prompts: list[list[int]], max_new_tokens: int,
                         temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
                         stop_tokens: list[int] | None = None, stats: dict | None = None):
-        """Like generate, but yields each step's new tokens (None for finished sequences).
-        `stats`, if given, receives prefill/decode timings."""
-        return gen.stream(self.params, self.config, self.attention_impl, prompts, max_new_tokens,
-                          temperature, top_p, seed, stop_tokens, stats)
+        """Like generate, but yields, token by token, each sequence's next new token (None once
+        it has ended). `stats`, if given, receives generate's and decode_steps at the end."""
+        return batch.stream(self, prompts, max_new_tokens, temperature, top_p, seed, stop_tokens,
+                            stats)
 
     def chat_session(self, max_len: int | None = None, on_compile=None, speculative: int = 0):
         """A `ChatSession`: multi-turn generation that continues from its own cache

@@ -13,7 +13,8 @@ the correction is that argmax, so greedy output equals plain greedy decoding tok
 `draft` and `verify` are for one sequence; `iteration` vmaps them over a batch (each row accepts
 its own number of drafts) around the models: the release's MTP layer (`model.mtp`) drafts, chained
 on its own hidden state for k > 1, and one forward of the main model over the newest token and the
-k drafts verifies them. `generate` runs the iterations in an on-device loop.
+k drafts verifies them. The serving engine runs an iteration per decode step (`serve.step.spec_decode`,
+over its paged pools; `Model.generate` too), the chat session one per call of `step`.
 
 Per sequence, between iterations (`Drafts`): the newest token x at position pos (not yet in the main
 cache), the MTP layer's first draft d after it (from the main head's input at pos-1 and x), the
@@ -33,22 +34,18 @@ Per iteration: one main forward of k+1 tokens, one MTP forward of k+1 tokens, k-
 
 from __future__ import annotations
 
-import time
 from functools import partial
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsv32_jax.engine import generate as gen
-from dsv32_jax.engine.checks import check_drafts, check_sampling
+from dsv32_jax.engine.checks import check_drafts
 from dsv32_jax.engine.generate import NONFINITE, all_greedy_or, by_temperature, nucleus_logits
 from dsv32_jax.model.config import Config
-from dsv32_jax.model.mtp import init_mtp_cache, mtp_forward
-from dsv32_jax.model.transformer import Transformer, init_cache, variables
-from sharding.distributed import to_host
-from sharding.mesh import on_mesh
+from dsv32_jax.model.mtp import mtp_forward
+from dsv32_jax.model.transformer import Transformer, variables
 
 
 def probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -179,47 +176,6 @@ def step(params, mtp, cache, mtp_cache, s: Drafts, key, temperature, top_p, *, c
                      cfg=cfg, impl=impl, k=k)
 
 
-@partial(jax.jit, static_argnames=("cfg", "impl", "k", "n_out"),
-         donate_argnames=("cache", "mtp_cache"))
-def decode_loop(params, mtp, cache, mtp_cache, logits, h, pos, max_new, key, temperature, top_p,
-                stop_ids, *, cfg: Config, impl: str, k: int, n_out: int):
-    """`generate.decode_loop` with k drafts an iteration: from the prefill's logits (B,V) and head
-    input h (B,D) at pos-1. -> (tokens (B, n_out) as decode_loop's, accepted (k,): in how many
-    iterations of a running sequence draft j was accepted, iterations: their count, cache,
-    mtp_cache)."""
-    b = logits.shape[0]
-    rows, ahead = jnp.arange(b), jnp.arange(k + 1)
-    key, sub = jax.random.split(key)
-    x, s, mtp_cache = begin(mtp, mtp_cache, logits, h, pos, sub, temperature, top_p, cfg=cfg,
-                            impl=impl)
-    out = jnp.full((b, n_out), -1, jnp.int32).at[:, 0].set(x)
-    done = jnp.isin(x, stop_ids) | (x == NONFINITE) | (max_new <= 1)
-
-    def body(state):
-        s, cache, mtp_cache, out, count, done, accepted, iters, key = state
-        key, sub = jax.random.split(key)
-        n, tokens, _, s, cache, mtp_cache = iteration(params, mtp, cache, mtp_cache, s,
-                                                      *per_row(b, sub, temperature, top_p), cfg=cfg,
-                                                      impl=impl, k=k)
-        ends = (ahead[None] <= n[:, None]) & (jnp.isin(tokens, stop_ids) | (tokens == NONFINITE))
-        m = jnp.minimum(n + 1, jnp.where(ends.any(1), jnp.argmax(ends, 1) + 1, k + 1))
-        m = jnp.where(done, 0, jnp.minimum(m, max_new - count))  # tokens let out
-        at = jnp.where(ahead[None] < m[:, None], count[:, None] + ahead[None], n_out)
-        out = out.at[rows[:, None], at].set(tokens, mode="drop")
-        running = ~done
-        accepted = accepted + ((n[:, None] > ahead[None, :k]) & running[:, None]).sum(0)
-        iters = iters + running.sum()
-        count = count + m
-        done = done | (ends & (ahead[None] < m[:, None])).any(1) | (count >= max_new)
-        return s, cache, mtp_cache, out, count, done, accepted, iters, key
-
-    state = (s, cache, mtp_cache, out, jnp.ones(b, jnp.int32), done, jnp.zeros(k, jnp.int32),
-             jnp.int32(0), key)
-    state = jax.lax.while_loop(lambda st: ~jnp.all(st[5]), body, state)
-    _, cache, mtp_cache, out, _, _, accepted, iters, _ = state
-    return out, accepted, iters, cache, mtp_cache
-
-
 def check(k, mtp) -> None:
     """ValueError unless k is a number of drafts in [1, MAX_DRAFTS] and the MTP params are there."""
     if not check_drafts(k):
@@ -227,34 +183,3 @@ def check(k, mtp) -> None:
     if mtp is None:
         raise ValueError("speculative decoding needs the checkpoint's MTP layer (load_model(..., "
                          "mtp=True)); this model was loaded without one")
-
-
-def generate(params, mtp, cfg: Config, impl: str, prompts: Sequence[Sequence[int]],
-             max_new_tokens: int, k: int, temperature: float = 1.0, top_p: float = 0.95,
-             seed: int = 0, stop_tokens: Sequence[int] | None = None,
-             stats: dict | None = None) -> list[list[int]]:
-    """`generate.generate` with speculative decoding: k (1..MAX_DRAFTS) tokens drafted by the MTP
-    layer (params `mtp`: `runner.load_mtp`) per main forward. The same tokens at temperature 0,
-    the same distribution otherwise. `stats` (a dict) receives prefill_s, decode_s (as
-    `generate.generate`'s), accepted (k,) and iterations (`decode_loop`'s)."""
-    check(k, mtp)
-    temperature, top_p = check_sampling(temperature, top_p)
-    tokens, lengths, n_out, total, stop_ids = gen.setup(cfg, prompts, max_new_tokens, stop_tokens)
-    t0 = time.perf_counter()
-    with on_mesh(params):
-        cache, mtp_cache = init_cache(cfg, len(prompts), total), init_mtp_cache(cfg, len(prompts),
-                                                                                 total)
-    before = jnp.zeros((len(prompts), cfg.dim), cfg.dtype)  # at position -1: not written
-    logits, cache, (mtp_cache, h) = gen.prefill(params, cfg, impl, tokens, lengths, cache,
-                                                mtp=(mtp, mtp_cache, before))
-    t1 = gen.timed(logits)
-    with on_mesh(params):
-        out, accepted, iters, _, _ = decode_loop(
-            params, mtp, cache, mtp_cache, logits, h, lengths, np.int32(max_new_tokens),
-            jax.random.key(seed), np.float32(temperature), np.float32(top_p), stop_ids, cfg=cfg,
-            impl=impl, k=int(k), n_out=n_out)
-    out = to_host(out)
-    if stats is not None:
-        stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1,
-                     accepted=to_host(accepted).tolist(), iterations=int(to_host(iters)))
-    return gen.finish(params, cfg, impl, prompts, out, max_new_tokens, stop_ids)

@@ -16,7 +16,12 @@ same token for token, sampled output the same distribution.
 On a mesh with data > 1 the pool is split over data: each data group holds `pages` pages (of
 `cache_gb` GiB: the size per device) and runs its own sequences (`scheduler`).
 
-In a multi-process run every process builds the Engine (its pool spans the global mesh). Process 0
+`run()` drives the engine from the caller's thread instead of its own (not started): one step per
+iteration until every submitted request has ended. `Model.generate` does so (`engine.batch`).
+
+In a multi-process run every process builds the Engine (its pool spans the global mesh). With
+lockstep=True (`Model.generate`'s SPMD callers) every process submits the same requests and runs
+the same schedule: nothing is broadcast. Otherwise process 0
 schedules: before each step (warm-up steps too) it broadcasts the step's inputs, and each other
 process runs that step in `follow()` until process 0's engine ends. Only process 0 reads the tokens.
 An engine failure there ends the whole run (`sharding.distributed.fatal`): the others cannot go on;
@@ -64,7 +69,8 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 32, pages: int | None = None,
                  cache_gb: float | None = None, chunk: int = 512, max_waiting: int = 256,
                  prefix_cache: bool = True, max_prefill: int = 4, speculative: int = 0,
-                 decode_steps: int = 1):
+                 decode_steps: int = 1, max_len: int | None = None, lockstep: bool = False,
+                 on_compile: Callable[[str, float | None], None] | None = None):
         cfg = model.config
         if speculative:
             spec.check(speculative, model.mtp)
@@ -75,7 +81,8 @@ class Engine:
         if pages is not None and cache_gb is not None:
             raise ValueError("give the pool's size as pages or as cache_gb, not both")
         self.model, self.config = model, cfg
-        self.max_len = cfg.max_seq_len
+        # the most positions a request may use (prompt + new tokens); the pool must hold one
+        self.max_len = cfg.max_seq_len if max_len is None else min(int(max_len), cfg.max_seq_len)
         mesh = params_mesh(model.params)
         shards = 1 if mesh is None else mesh.shape["data"]  # the pool is split over data
         self.k = speculative
@@ -84,8 +91,9 @@ class Engine:
             pages = st.pages_for_bytes(cfg, int(cache_gb * (1 << 30)), mtp)
         elif pages is None:
             pages = default_pages(cfg, cdiv(max_batch, shards), _free_bytes(model.params), mtp)
-        self._multi = jax.process_count() > 1
-        if self._multi:  # one pool over the global mesh: the size every process can hold
+        # process 0 broadcasts each step (lockstep: every process schedules the same requests)
+        self._multi = jax.process_count() > 1 and not lockstep
+        if jax.process_count() > 1:  # one pool over the global mesh: the size every process can hold
             pages = int(multihost_utils.process_allgather(np.int32(pages)).min())
         if pages - 1 < cdiv(self.max_len, PAGE):
             raise ValueError(f"a pool of {pages} pages ({pages - 1} usable) cannot hold one request of "
@@ -100,6 +108,11 @@ class Engine:
                 st.pools(cfg, shards * pages, mtp), st.draft_slots(cfg, max_batch + 1) if mtp else None))
         self._ids = itertools.count()
         self._compiled: set[tuple] = set()  # the step shapes run so far
+        # what a step program's compile depends on besides the step's shape (`_SEEN`)
+        self._programs = (cfg, model.attention_impl, self.k, _leaf_key((model.params, model.mtp)),
+                          _leaf_key((self._pools, self._slots)))
+        self.on_compile = on_compile
+        self.compiled: list[str] = []  # the labels of the programs this engine compiled
         self._cv = threading.Condition()
         self._inbox: list[Seq] = []
         self._cancels: list[int] = []
@@ -108,26 +121,57 @@ class Engine:
         self.error: str | None = None
         self._prompt_tokens = 0
         self._rate = _Rate()
+        # seconds spent in prefill steps, in decode steps, and in the first run of a step program
+        # this process compiled (`compile`: compile + one step; not counted in the others)
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "compile": 0.0}
 
     # Client side (any thread) -----------------------------------------------------------------------
 
-    def submit(self, prompt, sampling: Sampling, emit: Emit) -> int:
+    def submit(self, prompt, sampling: Sampling, emit: Emit, keep: bool = False) -> int:
+        """Queue a request -> its id. keep=True: when it ends it parks with its pages, for
+        `resume` to continue (a chat's next turn) or `release` to free."""
+        prompt = self._checked(prompt, sampling)
+        with self._cv:
+            self._admissible()
+            seq = Seq(next(self._ids), prompt, len(prompt), sampling, emit, keep=keep)
+            self._inbox.append(seq)
+            self._prompt_tokens += len(prompt)
+            self._cv.notify()
+        return seq.rid
+
+    def resume(self, rid: int, prompt, sampling: Sampling, emit: Emit) -> None:
+        """Continue the parked request rid (submitted with keep, ended) as a new request for
+        `prompt`, its whole context: the keys it computed are kept up to the first token that
+        differs (in whole pages), only the rest runs. KeyError if rid is not parked."""
+        prompt = self._checked(prompt, sampling)
+        with self._cv:
+            self._admissible()
+            if rid not in self.sched.parked:
+                raise KeyError(f"request {rid} is not parked")
+            self._prompt_tokens += len(prompt)
+            self.sched.resume(rid, prompt, sampling, emit)
+            self._cv.notify()
+
+    def release(self, rid: int) -> None:
+        """Free a parked request's pages."""
+        with self._cv:
+            self.sched.release(rid)
+
+    def _checked(self, prompt, sampling: Sampling) -> list[int]:
         prompt = [int(t) for t in prompt]
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt: token ids {bad[:5]} are outside [0, {self.config.vocab_size})")
         check_budget(len(prompt), sampling.max_tokens, self.max_len)
         check_sampling(sampling.temperature, sampling.top_p)
-        with self._cv:
-            if self._stopping or self.error:
-                raise EngineStopped(self.error or "the engine is shutting down")
-            if len(self.sched.waiting) + len(self._inbox) >= self.max_waiting:
-                raise QueueFull(f"{self.max_waiting} requests are waiting already", retry_after=1.0)
-            seq = Seq(next(self._ids), prompt, len(prompt), sampling, emit)
-            self._inbox.append(seq)
-            self._prompt_tokens += len(prompt)
-            self._cv.notify()
-        return seq.rid
+        return prompt
+
+    def _admissible(self) -> None:
+        """Under the lock: raise if the engine takes no request now."""
+        if self._stopping or self.error:
+            raise EngineStopped(self.error or "the engine is shutting down")
+        if len(self.sched.waiting) + len(self._inbox) >= self.max_waiting:
+            raise QueueFull(f"{self.max_waiting} requests are waiting already", retry_after=1.0)
 
     def cancel(self, rid: int) -> None:
         with self._cv:
@@ -183,6 +227,17 @@ class Engine:
                     self._cv.notify()
                 self._thread.join()
 
+    def run(self):
+        """Drive the engine from the caller's thread (it must not be started): yields after each
+        step (and once for a turn that only delivered events) until every request submitted so
+        far has ended; the requests hear of their tokens through their `emit` as usual. A
+        failing step raises here (the engine is then unusable)."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.run drives an engine that was not started")
+        while self._inbox or not self.sched.idle:
+            self._turn()
+            yield
+
     # The engine thread ------------------------------------------------------------------------------
 
     def follow(self) -> None:
@@ -200,11 +255,30 @@ class Engine:
         return self._step(a)
 
     def _step(self, a: dict):
-        """One step's program on the arrays of `Batch.arrays()` and its KIND."""
+        """One step's program on the arrays of `Batch.arrays()` and its KIND. A program this
+        process has not run yet compiles first: `on_compile(label, None)` before, `(label,
+        seconds)` after (the compile and this first step)."""
         shape = (a["decode"], a["width"], *((k, v.shape) for k, v in sorted(a.items()) if k not in KIND))
         if shape not in self._compiled:  # its first step compiles it
             _check_maps()
             self._compiled.add(shape)
+        key = (shape, self._programs)
+        if key in _SEEN:
+            return self._program(a)
+        label = _label(a, self.k)
+        if self.on_compile is not None:
+            self.on_compile(label, None)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(self._program(a))
+        dt = time.perf_counter() - t0
+        _SEEN.add(key)
+        self.seconds["compile"] += dt
+        self.compiled.append(label)
+        if self.on_compile is not None:
+            self.on_compile(label, dt)
+        return out
+
+    def _program(self, a: dict):
         m, kw = self.model, {"cfg": self.config, "impl": self.model.attention_impl}
         sampling = (a["seeds"], a["counters"], a["temperature"], a["top_p"])
         decode = a["decode"]
@@ -267,7 +341,10 @@ class Engine:
             return False
         if batch is None:
             return True
+        t0, compiling = time.perf_counter(), self.seconds["compile"]
         tokens, accepted = (None if x is None else to_host(x) for x in self._run(batch))
+        self.seconds["decode" if batch.decode else "prefill"] += \
+            time.perf_counter() - t0 - (self.seconds["compile"] - compiling)
         with self._cv:
             if self.error:  # failed meanwhile (`fail`, from a multi-process run's watch)
                 return False
@@ -324,6 +401,24 @@ def _check_maps() -> None:
 
 
 KIND = ("decode", "steps", "width")  # a step's kind beside its arrays: which program, how far
+
+# The step programs this process has run, as (the step's shape, `Engine._programs`): jit's cache
+# holds the programs themselves; this mirrors its keys so that a compile is announced before it
+# starts (`on_compile`), in whichever engine it happens.
+_SEEN: set[tuple] = set()
+
+
+def _leaf_key(tree) -> tuple:
+    return tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(tree))
+
+
+def _label(a: dict, k: int) -> str:
+    """A step program's name for a compile notice."""
+    (b, s), p = a["tokens"].shape, a["table"].shape[1]
+    kind = ("speculative " if k else "") + ("decode" if a["decode"] else "prefill")
+    size = f"{b} sequences" + ("" if a["decode"] else f" x {s} tokens")
+    more = f", up to {a['width']} tokens" if a["width"] > 1 else ""
+    return f"{kind} step ({size}, {p}-page tables{more})"
 FREE_FRACTION = 0.8  # of a device's free memory the default pool may take (the rest: step buffers)
 
 

@@ -20,6 +20,11 @@ decodes once a run has left its draft state (`Seq.drafted`): a prefix hit that l
 run is a prefill. Its runs may end with up to k + 1 tokens. The MTP layer's key at a slot depends on
 the token after it, so a page's prefix key covers that token too (`page_keys(overlap=1)`).
 
+A sequence submitted with `keep` (a chat session's) parks when it ends (stop, length, or cancelled):
+it keeps its pages and computed keys in `parked` until `resume` continues it with a longer context
+(only the tokens after its computed ones run; an edited context keeps the whole pages before the
+first change) or `release` lets them go.
+
 On a mesh with data > 1 the pool is split over data (`Pages` with shards): each sequence runs in
 one shard, on the batch rows of that shard's block (rows [d * B/D, (d + 1) * B/D) of a step of B
 rows), with pages of that shard only. Admission picks the shard with the longest prefix hit, then
@@ -38,6 +43,9 @@ from dsv32_jax.engine.generate import NONFINITE, bucket
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
 from dsv32_jax.serve.pages import Pages, page_keys
+
+
+NONFINITE_FINISH = "error: the logits were not finite (NaN/Inf)"  # a sequence sampled NONFINITE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Seq:
     slot: int = 0  # its row of the engine's per-sequence device state (0: none)
     shard: int = 0  # the pool shard (data group) it runs in while it holds pages
     drafted: bool = False  # speculative: its draft state for the pending token is in its slot
+    keep: bool = False  # when it ends, it parks with its pages (`Scheduler.parked`) to be resumed
 
     @property
     def produced(self) -> int:
@@ -153,9 +162,11 @@ class Scheduler:
         self.decode_steps = decode_steps  # the most tokens a decode step may take (multi-step)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
+        self.parked: dict[int, Seq] = {}  # rid -> an ended `keep` sequence holding its pages
         self.counts = {"prefix_hit_tokens": 0, "prefix_query_tokens": 0, "preemptions": 0,
                        "generation_tokens": 0, "steps": 0, "multi_steps": 0, "riding_decodes": 0,
                        "draft_tokens": 0, "accepted_draft_tokens": 0}
+        self.accepted_at = [0] * ahead  # decode steps whose j-th draft was accepted, per j
         self._prefill_next = True
         self._slots = list(range(max_batch, 0, -1))  # free rows of the per-sequence state
 
@@ -180,14 +191,39 @@ class Scheduler:
         self.waiting.append(seq)
 
     def remove(self, rid: int) -> Seq | None:
-        """Take request rid out (cancelled): its pages go back. None if it is not here."""
+        """Take request rid out (cancelled): its pages go back (a `keep` sequence parks with
+        them). None if it is not here."""
         for group in (self.waiting, self.running):
             for s in group:
                 if s.rid == rid:
                     group.remove(s)
-                    self._drop_pages(s)
+                    self._end(s)
                     return s
         return None
+
+    def resume(self, rid: int, tokens: list[int], sampling: Sampling, emit) -> Seq:
+        """The parked sequence rid continued as a new request for `tokens` (its context: what it
+        has computed, cut at the first token that differs, then the rest) -> it, queued."""
+        s = self.parked.pop(rid)
+        same = 0
+        for a, b in zip(s.tokens, tokens[:-1]):  # the last token always runs: it gives the logits
+            if a != b:
+                break
+            same += 1
+        lag = self._overlap  # speculative: a slot's MTP key depends on the token after it too
+        if same < s.computed + lag:  # an edit: the whole pages before it stay (a page that may be
+            keep = max(same - lag, 0) // PAGE  # in the prefix cache is never written again)
+            self.pages.release(s.pages[keep:])
+            s.pages, s.keys, s.computed = s.pages[:keep], s.keys[:keep], keep * PAGE
+        s.tokens, s.n_prompt, s.sampling, s.emit, s.drafted = list(tokens), len(tokens), sampling, emit, False
+        self.waiting.append(s)
+        return s
+
+    def release(self, rid: int) -> None:
+        """A parked sequence's pages go back."""
+        s = self.parked.pop(rid, None)
+        if s is not None:
+            self._drop_pages(s)
 
     @property
     def idle(self) -> bool:
@@ -281,11 +317,13 @@ class Scheduler:
             if batch.decode and batch.spec:
                 self.counts["draft_tokens"] += self.ahead
                 self.counts["accepted_draft_tokens"] += a
+                for j in range(a):
+                    self.accepted_at[j] += 1
             ends = s.computed >= len(s.tokens)  # else a prefill chunk short of it: no token
             finish, new = None, []
             for tok in map(int, sampled[i, :a + 1] if ends else ()):
                 if tok == NONFINITE:
-                    finish = "error: the logits were not finite (NaN/Inf)"
+                    finish = NONFINITE_FINISH
                     break
                 s.tokens.append(tok)
                 self.counts["generation_tokens"] += 1
@@ -299,7 +337,7 @@ class Scheduler:
             self._register(s)
             if finish is not None:
                 self.running.remove(s)
-                self._drop_pages(s)
+                self._end(s)
             if ends:
                 events.append((s, new, finish))
         return events
@@ -309,6 +347,17 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
+            if s.pages:  # resumed: its own pages, and the ones its new tokens need
+                more = cdiv(len(s.tokens), PAGE) - len(s.pages)
+                if self._per_shard(self.running)[s.shard] >= self.cap or \
+                        more > self.pages.free_in(s.shard):
+                    return
+                s.pages += self.pages.allocate(max(more, 0), s.shard)
+                s.slot = self._slots.pop()
+                self.counts["prefix_hit_tokens"] += s.computed
+                self.counts["prefix_query_tokens"] += len(s.tokens)
+                self.running.append(self.waiting.popleft())
+                continue
             # one token is always run
             keys = page_keys(s.tokens, (len(s.tokens) - 1) // PAGE, overlap=self._overlap)
             running = self._per_shard(self.running)
@@ -354,6 +403,19 @@ class Scheduler:
                 if s in self.running:
                     s.pages += self.pages.allocate(1, s.shard)
         return [s for s in seqs if s in self.running]
+
+    def _end(self, s: Seq) -> None:
+        """A sequence that ended (or was cancelled): it parks (`keep`) or its pages go back."""
+        if not s.keep:
+            self._drop_pages(s)
+            return
+        if s.slot:
+            self._slots.append(s.slot)
+        # a step cut at max_tokens may have written the keys of drafts it did not emit: those of
+        # its tokens stand (the last one's MTP key read such a draft: it runs again)
+        s.computed = min(s.computed, len(s.tokens) - 1)
+        s.slot, s.drafted = 0, False
+        self.parked[s.rid] = s
 
     def _preempt(self, s: Seq) -> None:
         self.running.remove(s)
