@@ -1,6 +1,5 @@
 """Sampling (`sample`: greedy or nucleus, per row) and the model's forward over a contiguous cache
-(`forward`, chunked `prefill` at any start position, `forward_mtp` with the MTP layer; `step`: a
-sample and one decode step, for the chat session).
+(`forward`, chunked `prefill` at any start position).
 
 Generation itself runs on the serving engine's core (`serve.Engine`, `engine.batch`): these are
 the pieces it shares, and the teacher-forced forward of `Model.logits`. All jitted functions are
@@ -19,7 +18,6 @@ import numpy as np
 
 from dsv32_jax.model.config import Config
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.model.mtp import mtp_forward
 from dsv32_jax.model.transformer import Transformer, init_cache, variables
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh
@@ -126,81 +124,35 @@ def forward(params, tokens, positions, cache, last=None, *, cfg: Config, impl: s
     return _apply(params, tokens, positions, cache, last, cfg, impl, collect)
 
 
-@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def step(params, cache, pos, key, temperature, top_p, logits, *, cfg: Config, impl: str = "xla"):
-    """Sample from `logits` (B,V), then run the sampled tokens at `pos` (B,) -> (token, logits,
-    cache)."""
-    token = sample(logits, key, temperature, top_p)
-    logits, cache, _ = _apply(params, token[:, None], pos[:, None], cache, jnp.zeros_like(pos),
-                              cfg, impl, False)
-    return token, logits, cache
-
-
-@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache", "mtp_cache"))
-def forward_mtp(params, mtp, tokens, positions, cache, mtp_cache, h_prev, last, *, cfg: Config,
-                impl: str = "xla"):
-    """`forward` at `last` (B,), and the MTP layer (`model.mtp`, params `mtp`) one position behind:
-    at position p-1 it reads the main head's input there and the token at p, so the chunk's tokens
-    (B,S) at positions (B,S) give MTP keys at positions-1, h_prev (B,D) being the head's input
-    before the chunk (at positions[:,0]-1; None: unknown, that position is not written, nor is
-    position -1). Both caches are donated. -> (logits (B,V), the head's input at `last` (B,D) and
-    at the chunk's end (B,D), cache, mtp_cache)."""
-    logits, cache, h = Transformer(cfg, impl).apply(variables(params), tokens, positions, cache,
-                                                    last, hidden=True)
-    at = jnp.where(positions > 0, positions - 1, mtp_cache.length)  # out of range: not written
-    if h_prev is None:
-        h_prev, at = jnp.zeros_like(h[:, 0]), at.at[:, 0].set(mtp_cache.length)
-    behind = jnp.concatenate([h_prev[:, None].astype(h.dtype), h[:, :-1]], axis=1)
-    _, _, mtp_cache = mtp_forward(mtp, cfg, behind, tokens, at, mtp_cache, 0, impl)
-    return logits, h[jnp.arange(h.shape[0]), last], h[:, -1], cache, mtp_cache
-
-
 def prefill(params, cfg: Config, impl: str, tokens: np.ndarray, lengths: np.ndarray, cache,
             start=None, chunk: int = PREFILL_CHUNK, all_logits: bool = False,
-            collect: bool = False, mtp: tuple | None = None):
+            collect: bool = False):
     """Write a padded prompt batch (B, P) into `cache` at positions start+0..P-1 (start (B,) int,
     default 0), `chunk` tokens at a time (P must be a multiple of min(chunk, P)).
 
     Returns (logits, cache, intermediates): logits at each sequence's last prompt token (B, V),
     or at every position (B, P, V) with all_logits; intermediates (with collect) are the per-chunk
     values joined along the query axis (see `join_intermediates`), else None.
-    mtp = (MTP params, MTP cache, the head's input at start-1 (B,D), or None: unknown): the MTP
-    layer's keys are written too (`forward_mtp`: positions start-1..start+P-2), and the third
-    result is (MTP cache, the head's input at each sequence's last prompt token (B,D)).
     """
     b, p = tokens.shape
     start = np.zeros(b, np.int32) if start is None else np.asarray(start, np.int32)
     chunk = min(chunk, p)
     if p % chunk:
         raise ValueError(f"padded prompt length {p} is not a multiple of the chunk {chunk}")
-    if mtp is not None and (all_logits or collect):
-        raise ValueError("prefill with mtp gives the last prompt token's logits only")
-    if mtp is not None:
-        mtp_params, mtp_cache, h_prev = mtp
-    outs, parts, last_logits, last_h = [], [], None, None
+    outs, parts, last_logits = [], [], None
     for i in range(0, p, chunk):
         pos = start[:, None] + i + np.arange(chunk, dtype=np.int32)[None]
         in_chunk = None if all_logits else np.clip(lengths - 1 - i, 0, chunk - 1).astype(np.int32)
         with on_mesh(params):
-            if mtp is None:
-                logits, cache, inter = forward(params, tokens[:, i:i + chunk], pos.astype(np.int32),
-                                               cache, in_chunk, cfg=cfg, impl=impl, collect=collect)
-            else:
-                logits, h, h_prev, cache, mtp_cache = forward_mtp(
-                    params, mtp_params, tokens[:, i:i + chunk], pos.astype(np.int32), cache,
-                    mtp_cache, h_prev, in_chunk, cfg=cfg, impl=impl)
-                inter = None
+            logits, cache, inter = forward(params, tokens[:, i:i + chunk], pos.astype(np.int32),
+                                           cache, in_chunk, cfg=cfg, impl=impl, collect=collect)
         parts.append(inter)
         if all_logits:
             outs.append(logits)
             continue
         hit = ((lengths - 1 >= i) & (lengths - 1 < i + chunk))[:, None]
         last_logits = logits if last_logits is None else _pick(hit, logits, last_logits)
-        if mtp is not None:
-            last_h = h if last_h is None else _pick(hit, h, last_h)
     logits = jnp.concatenate(outs, axis=1) if all_logits else last_logits
-    if mtp is not None:
-        return logits, cache, (mtp_cache, last_h)
     return logits, cache, (join_intermediates(parts) if collect else None)
 
 

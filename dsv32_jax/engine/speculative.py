@@ -14,7 +14,7 @@ the correction is that argmax, so greedy output equals plain greedy decoding tok
 its own number of drafts) around the models: the release's MTP layer (`model.mtp`) drafts, chained
 on its own hidden state for k > 1, and one forward of the main model over the newest token and the
 k drafts verifies them. The serving engine runs an iteration per decode step (`serve.step.spec_decode`,
-over its paged pools; `Model.generate` too), the chat session one per call of `step`.
+over its paged pools), for the server, `Model.generate` and the chat session alike.
 
 Per sequence, between iterations (`Drafts`): the newest token x at position pos (not yet in the main
 cache), the MTP layer's first draft d after it (from the main head's input at pos-1 and x), the
@@ -34,13 +34,11 @@ Per iteration: one main forward of k+1 tokens, one MTP forward of k+1 tokens, k-
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_drafts
 from dsv32_jax.engine.generate import NONFINITE, all_greedy_or, by_temperature, nucleus_logits
 from dsv32_jax.model.config import Config
@@ -118,25 +116,6 @@ def drafts(logits, keys, temperature, top_p):
     return all_greedy_or(draft, logits, keys, temperature, top_p)
 
 
-def per_row(b: int, key, temperature, top_p):
-    """One key split into b per-row keys; temperature and top_p as they are."""
-    return jax.random.split(key, b), temperature, top_p
-
-
-@partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("mtp_cache",))
-def begin(mtp, mtp_cache, logits, h, pos, key, temperature, top_p, *, cfg: Config, impl: str):
-    """After a prefill: sample the token x (B,) at pos (B,) from the logits (B,V) there, and draft
-    after it from the main head's input h (B,D) at pos-1 -> (x: `generate.sample`'s, NONFINITE
-    included; Drafts; mtp_cache with the keys of pos-1)."""
-    k0, k1 = jax.random.split(key)
-    x = gen.sample(logits, k0, temperature, top_p)
-    safe = jnp.maximum(x, 0)
-    logits, h1, mtp_cache = mtp_forward(mtp, cfg, h[:, None], safe[:, None], (pos - 1)[:, None],
-                                        mtp_cache, 0, impl)
-    d, q = drafts(logits[:, 0], *per_row(x.shape[0], k1, temperature, top_p))
-    return x, Drafts(safe, pos, d, q, h1[:, 0]), mtp_cache
-
-
 def iteration(params, mtp, cache, mtp_cache, s: Drafts, keys, temperature, top_p, *,
               cfg: Config, impl: str, k: int):
     """One speculative iteration (the module docstring's steps 1-3), with a key per row (B,),
@@ -165,15 +144,6 @@ def iteration(params, mtp, cache, mtp_cache, s: Drafts, keys, temperature, top_p
     d, q = drafts(logits, keys[k], temperature, top_p)
     nxt = Drafts(jnp.maximum(tokens[rows, n], 0), s.pos + n + 1, d, q, h[rows, n])
     return n, tokens, hidden, nxt, cache, mtp_cache
-
-
-@partial(jax.jit, static_argnames=("cfg", "impl", "k"), donate_argnames=("cache", "mtp_cache"))
-def step(params, mtp, cache, mtp_cache, s: Drafts, key, temperature, top_p, *, cfg: Config,
-         impl: str, k: int):
-    """`iteration` with one key, temperature and top_p () for the batch, jitted with the caches
-    donated: one call per iteration of a host loop."""
-    return iteration(params, mtp, cache, mtp_cache, s, *per_row(s.x.shape[0], key, temperature, top_p),
-                     cfg=cfg, impl=impl, k=k)
 
 
 def check(k, mtp) -> None:
