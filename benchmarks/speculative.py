@@ -20,7 +20,7 @@ prompts and tokens for every k (greedy speculative output is the plain output, t
                speedup they predict: tokens per forward x t(1) / (t_main(k+1) + t_mtp(k+1) +
                (k-1) t_mtp(1)); against the measured ratio it says how much of an iteration's
                time lies outside the two models' forwards
-  served       the serving engine (`serve.Engine`, in this process: no HTTP) with k = 0..3, every
+  served       the serving engine (`engine.core.Engine`, in this process: no HTTP) with k = 0..3, every
                chat submitted at once, max_batch 1 and 8: output tokens/s from the first submit to
                the last token (prefills included), after an untimed run of the same load (its
                compiles); the ratio to k = 0; drafts accepted / drafted (`--served-only`: this
@@ -73,7 +73,8 @@ def served(model, prompts, max_new: int, k: int, max_batch: int) -> dict:
     """The chats through a serving engine with k drafts (0: off) -> output tok/s, drafts accepted."""
     import threading
 
-    from dsv32_jax.serve import Engine, Sampling
+    from dsv32_jax.engine.core import Engine
+    from dsv32_jax.engine.scheduler import Sampling
 
     eng = Engine(model, max_batch=max_batch, chunk=128, prefix_cache=False, speculative=k)
     eng.start()

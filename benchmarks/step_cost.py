@@ -10,7 +10,7 @@ dense inter 2048, 8 indexer heads, index_topk 256, vocab 32768: 127M parameters 
 block scales not counted). bf16
 compute with FP8 weights and FP8 activation simulation (the default numerics), random weights.
 One decode step: `engine.generate.forward` of a (1,1) token at the last slot of a cache of each
-length, the cache donated; `--serve` also times `serve.step.step` over a paged pool (batch 1).
+length, the cache donated; `--serve` also times `engine.step.step` over a paged pool (batch 1).
 Median wall ms per step of --repeats after a warm-up, and the process CPU ms per step (both
 threads). `--weights`: the weight storages timed side by side in this process at each length
 (`checkpoint.storage`: "narrow" = the checkpoint's e4m3/bf16, "f32" = the float32 copies
@@ -116,9 +116,9 @@ def decode_step(params, cfg, length: int):
 
 
 def serve_step(params, cfg, length: int):
-    """One `serve.step.step` of a batch of 1 decoding at slot length-1 over a paged pool."""
+    """One `engine.step.step` of a batch of 1 decoding at slot length-1 over a paged pool."""
     from dsv32_jax.model.cache import PAGE
-    from dsv32_jax.serve.step import pools, step
+    from dsv32_jax.engine.step import pools, step
 
     n = length // PAGE
     state = {"pools": pools(cfg, n + 1)}
@@ -189,7 +189,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--serve", action="store_true", help="also time serve.step.step (paged)")
+    ap.add_argument("--serve", action="store_true", help="also time engine.step.step (paged)")
     ap.add_argument("--weights", nargs="+", choices=["narrow", "f32"], default=["narrow", "f32"],
                     help="weight storages to time side by side (checkpoint.storage)")
     ap.add_argument("--demo", type=int, metavar="N", default=0,

@@ -161,7 +161,7 @@ def page_table(rng, owned, p: int, n_pages: int) -> np.ndarray:
 def interrupt_step(monkeypatch, at: int) -> None:
     """Make the `at`-th decode step of every engine (a ChatSession's too) raise KeyboardInterrupt,
     as a Ctrl-C during the device call, whose pools were donated; other steps run as they are."""
-    from dsv32_jax.serve.engine import Engine
+    from dsv32_jax.engine.core import Engine
 
     real, calls = Engine._program, []
 

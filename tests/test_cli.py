@@ -20,7 +20,7 @@ from dsv32_jax.checkpoint.synthetic import write_checkpoint
 from dsv32_jax.cli import main
 from dsv32_jax.cli.chat import Conversation
 from dsv32_jax.engine import session as session_mod
-from dsv32_jax.serve import engine as engine_mod
+from dsv32_jax.engine import core as engine_mod
 from dsv32_jax.text import chat as chat_format
 from dsv32_jax.text.tokenizer import Tokenizer
 

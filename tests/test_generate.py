@@ -14,7 +14,7 @@ from conftest import CASES, fixture_model, golden, row_cosine, topk_agreement
 from dsv32_jax.model.cache import bytes_per_token
 from dsv32_jax.model.config import Config
 from dsv32_jax.engine import generate as gen
-from dsv32_jax.serve import step as st
+from dsv32_jax.engine import step as st
 from dsv32_jax.model.transformer import init_cache
 
 

@@ -25,11 +25,12 @@ import numpy as np
 import pytest
 
 from dsv32_jax.model.cache import PAGE
-from dsv32_jax.serve import Engine, EngineStopped, QueueFull, Sampling
-from dsv32_jax.serve.engine import default_pages
-from dsv32_jax.serve.step import pool_bytes
-from dsv32_jax.serve.pages import Pages, page_keys
-from dsv32_jax.serve.scheduler import Scheduler, Seq
+from dsv32_jax.engine.core import Engine, EngineStopped, QueueFull
+from dsv32_jax.engine.scheduler import Sampling
+from dsv32_jax.engine.core import default_pages
+from dsv32_jax.engine.step import pool_bytes
+from dsv32_jax.engine.pages import Pages, page_keys
+from dsv32_jax.engine.scheduler import Scheduler, Seq
 from conftest import xla_env
 
 DEMO = Path(__file__).resolve().parents[1] / "dsv32_jax" / "demo_model"
@@ -414,7 +415,8 @@ def test_bad_requests_queue_limit_and_stop():
 MESH_SCRIPT = """
 import json, sys, threading
 import dsv32_jax
-from dsv32_jax.serve import Engine, Sampling
+from dsv32_jax.engine.core import Engine
+from dsv32_jax.engine.scheduler import Sampling
 from sharding.mesh import make_mesh
 
 path, prompts = sys.argv[1], json.loads(sys.argv[2])
@@ -459,8 +461,8 @@ def test_compiles_stop_short_of_the_memory_map_limit(monkeypatch):
     """XLA:CPU maps ~760 pages per step program and Linux ends a process past vm.max_map_count:
     a warm-up stops compiling at WARM_MAPS of it (the rest compile on first use), and a step of a
     new shape past MAX_MAPS is one clear error, not a crash in the compiler."""
-    from dsv32_jax.serve import engine as eng_mod
-    from dsv32_jax.serve.scheduler import Batch
+    from dsv32_jax.engine import core as eng_mod
+    from dsv32_jax.engine.scheduler import Batch
 
     maps, limit = eng_mod.memory_maps()  # this Linux's
     assert 0 < maps < limit

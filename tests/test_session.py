@@ -14,7 +14,7 @@ from dsv32_jax.checkpoint.synthetic import write_checkpoint
 from dsv32_jax.engine import session as session_mod
 from dsv32_jax.engine.session import ChatSession
 from dsv32_jax.model.cache import PAGE
-from dsv32_jax.serve import engine as engine_mod
+from dsv32_jax.engine import core as engine_mod
 
 TURNS = ([0, 2, 40, 41, 42, 3, 5], [1, 2, 50, 51, 3, 5], [2, 60, 61, 62, 63, 3])  # BOS/EOS/USER/... + text
 REPLIES = (6, 5, 7)

@@ -205,7 +205,7 @@ SCRIPT = textwrap.dedent("""
 
     if "paged" in checks:  # the serving engine's paged pools on a mesh, exact numerics
         from dsv32_jax.model.transformer import Transformer, variables
-        from dsv32_jax.serve.step import pools
+        from dsv32_jax.engine.step import pools
         from sharding.mesh import params_mesh
         b = len(tokens)
 

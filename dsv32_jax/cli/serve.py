@@ -1,5 +1,5 @@
 """`dsv32 serve`: the OpenAI-compatible HTTP server (`dsv32_jax.serve.http`) over the continuous-batching
-engine (`dsv32_jax.serve.Engine`), run by uvicorn.
+engine (`dsv32_jax.engine.core.Engine`), run by uvicorn.
 
 The port is bound before the weights are read (a port in use fails at once); one line on stderr says when
 the server is ready. SIGTERM or SIGINT: no new connection is accepted and new requests get 503; the requests
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         from dsv32_jax.serve.http import make_app
     except ImportError as e:
         raise OSError(f"dsv32 serve needs FastAPI and uvicorn: pip install 'dsv32-jax[serve]' ({e})") from None
-    from dsv32_jax.serve import Engine
+    from dsv32_jax.engine.core import Engine
 
     common.join(args)
     import jax

@@ -1,4 +1,4 @@
-"""A batch of prompts generated on the engine core (`serve.Engine`): what `Model.generate` and
+"""A batch of prompts generated on the engine core (`engine.core.Engine`): what `Model.generate` and
 `Model.generate_stream` run. There is one generation loop in the project, the server's.
 
 Each prompt is one request of an engine built for the call and driven from the caller's thread
@@ -23,8 +23,8 @@ from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.serve.engine import Engine
-from dsv32_jax.serve.scheduler import NONFINITE_FINISH, Sampling
+from dsv32_jax.engine.core import Engine
+from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
 from sharding.mesh import params_mesh
 
 PREFILL_CHUNK = gen.PREFILL_CHUNK

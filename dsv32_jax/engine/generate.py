@@ -1,7 +1,7 @@
 """Sampling (`sample`: greedy or nucleus, per row) and the model's forward over a contiguous cache
 (`forward`, chunked `prefill` at any start position).
 
-Generation itself runs on the serving engine's core (`serve.Engine`, `engine.batch`): these are
+Generation itself runs on the serving engine's core (`engine.core.Engine`, `engine.batch`): these are
 the pieces it shares, and the teacher-forced forward of `Model.logits`. All jitted functions are
 module-level, over explicit params with the config static (no jitted method pins a model object).
 Temperature, top-p and seeds are traced values (no recompilation). Caches are donated: every step

@@ -1,6 +1,6 @@
 """A chat session: one conversation continued turn after turn on the serving engine's core.
 
-``ChatSession(model, max_len)`` keeps the conversation's tokens and an engine (``serve.Engine``, one
+``ChatSession(model, max_len)`` keeps the conversation's tokens and an engine (``engine.core.Engine``, one
 sequence, driven from the caller's thread) whose pool outlives the turns. ``stream(new_ids, ...)``
 submits the conversation plus ``new_ids`` as one request and yields its tokens as the engine samples
 them. The engine's prefix cache keeps every full page (``PAGE`` = 64 positions) of the conversation
@@ -33,8 +33,8 @@ from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.engine.generate import bucket
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.serve.engine import Engine
-from dsv32_jax.serve.scheduler import NONFINITE_FINISH, Sampling
+from dsv32_jax.engine.core import Engine
+from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
 
 MIN_CAPACITY = 1024
 PIECE = 512  # prefill at most this many tokens per step

@@ -13,7 +13,7 @@ the correction is that argmax, so greedy output equals plain greedy decoding tok
 `draft` and `verify` are for one sequence; `iteration` vmaps them over a batch (each row accepts
 its own number of drafts) around the models: the release's MTP layer (`model.mtp`) drafts, chained
 on its own hidden state for k > 1, and one forward of the main model over the newest token and the
-k drafts verifies them. The serving engine runs an iteration per decode step (`serve.step.spec_decode`,
+k drafts verifies them. The serving engine runs an iteration per decode step (`engine.step.spec_decode`,
 over its paged pools), for the server, `Model.generate` and the chat session alike.
 
 Per sequence, between iterations (`Drafts`): the newest token x at position pos (not yet in the main

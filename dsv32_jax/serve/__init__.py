@@ -1,7 +1,2 @@
-"""Serving: continuous batching over a paged FP8 cache (`Engine`), behind an OpenAI-compatible HTTP
-server (`dsv32 serve`)."""
-
-from dsv32_jax.serve.engine import Engine, EngineStopped, QueueFull
-from dsv32_jax.serve.scheduler import Sampling
-
-__all__ = ["Engine", "EngineStopped", "QueueFull", "Sampling"]
+"""Serving over HTTP: OpenAI requests read into prompt ids and replies into deltas (`protocol`), and
+the FastAPI app over the engine core (`http`, `dsv32_jax.engine.core.Engine`; `dsv32 serve`)."""

@@ -19,7 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from dsv32_jax.serve import EngineStopped, QueueFull, Sampling
+from dsv32_jax.engine.core import EngineStopped, QueueFull
+from dsv32_jax.engine.scheduler import Sampling
 from dsv32_jax.serve import protocol as p
 
 DISCONNECT_POLL_S = 0.25  # how often a request awaiting a whole reply checks that its client is still there
@@ -125,7 +126,7 @@ def prometheus(m: dict) -> str:
 
 
 def make_app(engine, tokenizer, model_name: str) -> FastAPI:
-    """The API over a started `engine` (``serve.Engine``). ``app.state.closing = True`` (set on shutdown)
+    """The API over a started `engine` (``engine.core.Engine``). ``app.state.closing = True`` (set on shutdown)
     turns new completions away with 503 and /health to 503."""
     app = FastAPI(title="dsv32 serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.closing = False

@@ -42,7 +42,7 @@ import numpy as np
 from dsv32_jax.engine.generate import NONFINITE, bucket
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.serve.pages import Pages, page_keys
+from dsv32_jax.engine.pages import Pages, page_keys
 
 
 NONFINITE_FINISH = "error: the logits were not finite (NaN/Inf)"  # a sequence sampled NONFINITE
@@ -87,7 +87,7 @@ class Batch:
     with page tables of width P (all powers of two), tables[i] its page table (ids within its
     shard). Speculative (`spec`): a prefill step also runs the MTP
     layer, a decode step (`decode`) is a draft-verify iteration. With multi-step scheduling
-    (`width` > 1: the scheduler's decode_steps) a decode step is `serve.step.decode_steps`: up to
+    (`width` > 1: the scheduler's decode_steps) a decode step is `engine.step.decode_steps`: up to
     `steps` tokens per sequence, each sequence's stop ids in a row of `stops` entries."""
     seqs: list[Seq]
     feed: list[int]
@@ -103,7 +103,7 @@ class Batch:
     tables: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The step's inputs (`serve.step`'s programs): padding lanes write into the scratch page
+        """The step's inputs (`engine.step`'s programs): padding lanes write into the scratch page
         (and the scratch slot 0)."""
         B, S, P = self.B, self.S, self.P
         out = {"table": np.zeros((B, P), np.int32), "tokens": np.zeros((B, S), np.int32),

@@ -43,9 +43,9 @@ from dsv32_jax.engine import speculative as spec
 from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.serve import step as st
-from dsv32_jax.serve.pages import Pages
-from dsv32_jax.serve.scheduler import Batch, Sampling, Scheduler, Seq
+from dsv32_jax.engine import step as st
+from dsv32_jax.engine.pages import Pages
+from dsv32_jax.engine.scheduler import Batch, Sampling, Scheduler, Seq
 from sharding import distributed
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh, params_mesh
