@@ -21,10 +21,10 @@ from typing import Iterator, Sequence
 
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
-from dsv32_jax.model.cache import PAGE
-from dsv32_jax.model.config import cdiv
 from dsv32_jax.engine.core import Engine
 from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
+from dsv32_jax.model.cache import PAGE
+from dsv32_jax.model.config import cdiv
 from sharding.mesh import params_mesh
 
 PREFILL_CHUNK = gen.PREFILL_CHUNK

@@ -1,5 +1,6 @@
-"""The serving engine: requests in from any thread, one engine thread running the scheduler's steps
-over the paged pool, tokens out through each request's `emit` callback.
+"""The engine core, which the server, `Model.generate` and the chat session all run: requests in
+from any thread, one engine thread running the scheduler's steps over the paged pool, tokens out
+through each request's `emit` callback.
 
     engine = Engine(model, max_batch=32)         # model: engine.runner.Model
     engine.start()
@@ -40,12 +41,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dsv32_jax.engine import speculative as spec
-from dsv32_jax.engine.checks import check_budget, check_sampling
-from dsv32_jax.model.cache import PAGE
-from dsv32_jax.model.config import cdiv
 from dsv32_jax.engine import step as st
+from dsv32_jax.engine.checks import check_budget, check_sampling
 from dsv32_jax.engine.pages import Pages
 from dsv32_jax.engine.scheduler import Batch, Sampling, Scheduler, Seq
+from dsv32_jax.model.cache import PAGE
+from dsv32_jax.model.config import cdiv
 from sharding import distributed
 from sharding.distributed import to_host
 from sharding.mesh import on_mesh, params_mesh

@@ -40,9 +40,9 @@ from typing import Any, Callable
 import numpy as np
 
 from dsv32_jax.engine.generate import NONFINITE, bucket
+from dsv32_jax.engine.pages import Pages, page_keys
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.engine.pages import Pages, page_keys
 
 
 NONFINITE_FINISH = "error: the logits were not finite (NaN/Inf)"  # a sequence sampled NONFINITE

@@ -30,11 +30,11 @@ import numpy as np
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine import speculative as spec
 from dsv32_jax.engine.checks import check_budget, check_sampling
+from dsv32_jax.engine.core import Engine
 from dsv32_jax.engine.generate import bucket
+from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
 from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
-from dsv32_jax.engine.core import Engine
-from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
 
 MIN_CAPACITY = 1024
 PIECE = 512  # prefill at most this many tokens per step
