@@ -75,7 +75,7 @@ def test_bf16_decode_statistical(case):
     cos = np.median(row_cosine(logits, g))
     argmax = np.mean(logits.argmax(-1) == g.argmax(-1))
     print(f"{case} bf16 decode: median cosine {cos:.6f}, argmax agreement {argmax:.4f}")
-    # measured: cosine 0.99936 / 0.99998, argmax 0.875 / 0.906 (tiny-fp8 / tiny-bf16; 32 rows)
+    # measured: cosine 0.99929 / 0.99998, argmax 0.938 / 0.906 (tiny-fp8 / tiny-bf16; 32 rows)
     assert cos >= 0.999 and argmax >= 0.85, (cos, argmax)
 
 

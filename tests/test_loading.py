@@ -305,27 +305,37 @@ def _logits(model, tokens) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("which, numerics",
-                         [("tiny-fp8", {}), ("tiny-fp8", LOAD), ("demo-bf16", {})],
-                         ids=["tiny-fp8-bf16+fp8", "tiny-fp8-f32", "demo-bf16-bf16+fp8"])
+                         [("tiny-fp8", {}), ("tiny-fp8", LOAD),
+                          ("tiny-fp8", dict(dtype="float32", fp8_activations=True)),
+                          ("demo-bf16", {})],
+                         ids=["tiny-fp8-bf16+fp8", "tiny-fp8-f32", "tiny-fp8-f32+fp8",
+                              "demo-bf16-bf16+fp8"])
 def test_widened_weights_give_bit_equal_logits(base, which, numerics):
-    """On the CPU, load_model's default storage keeps float32 copies of the e4m3 / bf16 weights
-    (`checkpoint.storage`; the FP8 ones `quant.blocked`); prefill and decode logits are bit-equal to the narrow weights' in the
-    deployment numerics (bf16 + FP8 simulation) and in float32 (the FP8 weights dequantized)."""
-    from dsv32_jax.model.quant import unblocked
+    """On the CPU, load_model's default storage keeps float32 copies of the bf16 weights and the
+    FP8 ones dequantized, without their scales (`checkpoint.storage`); prefill and decode logits
+    are bit-equal to the narrow weights' in the deployment numerics (bf16 + FP8 simulation) and in
+    float32. With float32 FP8 linears (the blockwise order) the FP8 weights keep their e4m3
+    values and their scales (`storage.dequantize_for`)."""
+    from dsv32_jax.checkpoint.storage import dequantize_for, scale_name
+    from dsv32_jax.model.quant import dequant
     from dsv32_jax.train.demo import DEMO_DIR
 
     path = base if which == "tiny-fp8" else DEMO_DIR
     narrow = load_model(path, weights="narrow", **numerics)
     wide = load_model(path, **numerics)
+    deq = dequantize_for(wide.config)
+    assert deq == (numerics != dict(dtype="float32", fp8_activations=True))
     flat_n, flat_w = flatten(narrow.params), flatten(wide.params)
-    widened = [p for p in flat_n if flat_w[p].dtype != flat_n[p].dtype]
+    scale = {p: (*p[:-1], scale_name(p[-1])) for p in flat_n if flat_n[p].dtype == FP8}
+    assert set(flat_w) == set(flat_n) - (set(scale.values()) if deq else set())
+    widened = [p for p in flat_w if flat_w[p].dtype != flat_n[p].dtype]
     for p in widened:
         w = flat_w[p]
-        assert w.dtype == np.float32, p
-        if flat_n[p].dtype == FP8:  # in the per-block dots' layout (K/128, N, 128)
-            assert w.ndim == flat_n[p].ndim + 1, p
-            w = unblocked(w)
-        assert np.array_equal(np.asarray(w), np.asarray(flat_n[p]).astype(np.float32)), p
+        assert w.dtype == np.float32 and w.shape == flat_n[p].shape, p
+        want = np.asarray(flat_n[p]).astype(np.float32)
+        if p in scale and deq:  # times its block scales
+            want = dequant(want, np.asarray(flat_n[scale[p]]), np.float32, np)
+        assert np.array_equal(np.asarray(w), want), p
     assert {flat_n[p].dtype for p in widened} == ({FP8, BF16} if which == "tiny-fp8"
                                                    else {BF16})
     assert flat_w["embed", "weight"].dtype == BF16  # read by rows: kept narrow

@@ -10,6 +10,8 @@
 - Sampling: greedy decoding on the CPU skips the nucleus's vocabulary sort (a conditional); the
   GPU program computes both and selects, as it did.
 - Few-row linears (a speculative verify): the CPU program takes them one row at a time.
+- FP8 linears with a bf16 result: the CPU program is one float32 product of the dequantized
+  weight; the GPU program keeps the release's per-block e4m3 dots.
 - FP8 dots in Triton kernels carry `maxNumImpreciseAcc = 128` (pallas_kernels/triton_fp8.py):
   what lets Triton emit Hopper's FP8 wgmma, promoted to float32 every 128 of K.
 """
@@ -29,6 +31,7 @@ import dsv32_jax
 from dsv32_jax.checkpoint.weights import abstract_params
 from dsv32_jax.engine.generate import forward, sample
 from dsv32_jax.engine.speculative import draft
+from dsv32_jax.model import layers
 from dsv32_jax.model.quant import FP32_BY_SPEC, GEMV_ROWS, MATMUL, einsum
 from dsv32_jax.model.transformer import init_cache
 from pallas_kernels.common import compiler_params, lower_for_gpu
@@ -202,3 +205,19 @@ def test_cpu_matmul_of_few_rows_is_their_one_row_products(rows):
     cpu = jax.jit(f).lower(x, w).as_text()
     assert cpu.count("stablehlo.dot_general") == rows
     assert lower_for_gpu(f, x, w).count("stablehlo.dot_general") == 1
+
+
+def test_bf16_fp8_linear_is_one_f32_product_only_in_the_cpu_program():
+    """An FP8 linear (impl "xla") with a bf16 result lowered for the CPU is one float32 dot over
+    all of K (`quant.dequant_matmul` of the weight dequantized in the step); lowered for a GPU it
+    is the release's blockwise sum, its per-block dots of e4m3 operands (`quant.blockwise_matmul`)."""
+    f = lambda x, w, s: layers.fp8_linear(x, w, s, "ue8m0", jnp.bfloat16)  # noqa: E731
+    args = (S((8, 256), jnp.bfloat16), S((384, 256), E4M3), S((3, 2), jnp.float32))
+
+    def dots(text):
+        return [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+
+    cpu = dots(jax.jit(f).lower(*args).as_text())
+    assert len(cpu) == 1 and "xf32>, tensor<384x256xf32>" in cpu[0] and _contraction(cpu[0]) == 256
+    gpu = dots(lower_for_gpu(f, *args))
+    assert [_contraction(d) for d in gpu if "f8E4M3FN" in d] == [128], gpu

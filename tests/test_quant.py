@@ -1,5 +1,6 @@
 """FP8 numerics: act_quant (ue8m0, 1e-4 floor, round-to-nearest-even, clamp), weight dequant with
-partial edge blocks, the blockwise-sum matmul, the Hadamard rotation."""
+partial edge blocks, the blockwise-sum matmul and the CPU's product of the dequantized weight, the
+Hadamard rotation."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv32_jax.model.quant import (act_quant, blockwise_matmul, dequant, hadamard, hadamard_matrix,
-                             pow2_ceil, quant_dequant, to_f32)
+from dsv32_jax.model import quant
+from dsv32_jax.model.layers import fp8_linear
+from dsv32_jax.model.quant import (act_quant, blockwise_matmul, dequant, dequant_matmul, hadamard,
+                                   hadamard_matrix, pow2_ceil, quant_dequant, to_f32)
 
 E4M3 = ml_dtypes.float8_e4m3fn
 
@@ -88,20 +91,77 @@ def test_dequant_partial_edge_blocks(shape):
 
 @pytest.mark.parametrize("budget", [1, 200 * 5 * 4, 1 << 30])  # a group per block, 1, all at once
 def test_blockwise_matmul_is_the_blockwise_sum(budget):
+    xq, xs, wq, ws = _fp8_operands(5)
+    got = np.asarray(blockwise_matmul(*map(jnp.asarray, (xq, xs, wq, ws)), budget))
+    want = _blockwise_sum(xq, xs, wq, ws)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _fp8_operands(m: int, n: int = 200, k: int = 384):
+    """act_quant-like x (m, k) e4m3 + (m, k/128) scales, an FP8 weight (n, k) (a partial last row
+    block) + (ceil(n/128), k/128) scales, the scales in [0.1, 1)."""
     rng = np.random.default_rng(3)
-    m, n, k = 5, 200, 384
     xq = rng.standard_normal((m, k)).astype(E4M3)
     xs = rng.uniform(0.1, 1, (m, k // 128)).astype(np.float32)
     wq = rng.standard_normal((n, k)).astype(E4M3)
     ws = rng.uniform(0.1, 1, (-(-n // 128), k // 128)).astype(np.float32)
-    got = np.asarray(blockwise_matmul(jnp.asarray(xq), jnp.asarray(xs), jnp.asarray(wq),
-                                      jnp.asarray(ws), budget))
+    return xq, xs, wq, ws
+
+
+def _blockwise_sum(xq, xs, wq, ws) -> np.ndarray:
+    """The release's sum over K-blocks of scaled per-block products, in float64 (m, n)."""
+    (m, k), n = xq.shape, wq.shape[0]
     xf, wf = xq.astype(np.float64), wq.astype(np.float64)
     want = np.zeros((m, n))
     for b in range(k // 128):
         part = xf[:, b * 128:(b + 1) * 128] @ wf[:, b * 128:(b + 1) * 128].T
         want += part * xs[:, b:b + 1] * np.repeat(ws[:, b], 128)[:n][None]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    return want
+
+
+@pytest.mark.parametrize("m", [1, 5])  # a decode row (one row at a time on the CPU), a matrix
+def test_dequant_matmul_is_the_blockwise_sum(m):
+    """The CPU's FP8 linear, one float32 product of the dequantized activations and weight: the
+    release's blockwise sum to float32 rounding."""
+    xq, xs, wq, ws = _fp8_operands(m)
+    w = dequant(jnp.asarray(wq), jnp.asarray(ws), jnp.float32)
+    got = np.asarray(dequant_matmul(jnp.asarray(xq), jnp.asarray(xs), w))
+    want = _blockwise_sum(xq, xs, wq, ws)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_dequant_matmul_by_blocks_of_rows(monkeypatch, m):
+    """Over DEQUANT_ROWS rows (here 256: 712 rows are two blocks and a 200-row tail) the weight is
+    taken a block of rows at a time: e4m3 + scales (dequantized per block) and the stored
+    dequantized weight give the same bits, the blockwise sum to float32 rounding."""
+    monkeypatch.setattr(quant, "DEQUANT_ROWS", 256)
+    xq, xs, wq, ws = map(jnp.asarray, _fp8_operands(m, n=712))
+    got = np.asarray(dequant_matmul(xq, xs, wq, ws))
+    stored = np.asarray(dequant_matmul(xq, xs, dequant(wq, ws, jnp.float32)))
+    np.testing.assert_array_equal(got.view(np.uint32), stored.view(np.uint32))
+    want = _blockwise_sum(*map(np.asarray, (xq, xs, wq, ws)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_fp8_linear_on_the_cpu():
+    """On the CPU a bf16 result is the dequantized weight's one product, with the same bits
+    whether the weight comes as e4m3 + scales or stored dequantized (`checkpoint.storage`); a
+    float32 result keeps the blockwise order, bit for bit."""
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 384)).astype(np.float32))
+    _, _, wq, ws = map(jnp.asarray, _fp8_operands(1))
+    xq, xs = act_quant(x.reshape(6, 384), "ue8m0")
+    w = dequant(wq, ws, jnp.float32)
+    bf16 = np.asarray(fp8_linear(x, wq, ws, "ue8m0", jnp.bfloat16)).view(np.uint16)
+    want = dequant_matmul(xq, xs, w).astype(jnp.bfloat16).reshape(2, 3, 200)
+    np.testing.assert_array_equal(bf16, np.asarray(want).view(np.uint16))
+    np.testing.assert_array_equal(
+        bf16, np.asarray(fp8_linear(x, w, None, "ue8m0", jnp.bfloat16)).view(np.uint16))
+    np.testing.assert_array_equal(
+        np.asarray(fp8_linear(x, wq, ws, "ue8m0", jnp.float32)).view(np.uint32),
+        np.asarray(blockwise_matmul(xq, xs, wq, ws)).view(np.uint32).reshape(2, 3, 200))
+    with pytest.raises(ValueError, match="Pallas FP8 kernel reads e4m3"):
+        fp8_linear(x, w, None, "ue8m0", jnp.bfloat16, impl="pallas")
 
 
 def test_hadamard_sylvester_orthonormal():

@@ -3,13 +3,17 @@
 XLA:CPU has no e4m3 or bf16 dot: it widens a narrow weight to float32 (in software for e4m3, then
 a transposed copy for the blockwise FP8 dots) inside every step that reads it, so a decode step
 spends most of its time re-widening the same weights. On a CPU host the loader can instead keep a
-float32 copy of each narrow weight, made once: e4m3 and bf16 values are exactly float32 values, so
-every dot computes the same numbers (the model code takes either: an FP8 weight is its e4m3 values
-times its block scales whatever the dtype holding them; a widened bf16 weight is rounded where the
-narrow one would be). The cost is memory: 4x for e4m3 weights, 2x for bf16 ones (and while loading,
-the narrow and the float32 params both). An FP8 weight not placed on a mesh is also stored
-`quant.blocked`, (..., K/128, N, 128), the layout of its per-block dots, so no step makes a
-transposed copy of it (placed on a mesh it keeps its (..., N, K) shape, which its sharding names).
+float32 copy of each narrow weight, made once: a bf16 weight widened (its values are float32
+values; the model rounds where the narrow one would be), an FP8 weight dequantized, its e4m3
+values times its block scales in float32 (`quant.dequant`), (..., N, K), its scales dropped. Every
+product computes the same numbers as with the narrow weights: the FP8 linears of the bf16
+numerics are, on the CPU, one float32 product of the dequantized weight whatever the storage
+(`layers.fp8_linear`, `quant.dequant_matmul`), and a dequantized weight in the compute dtype is
+the same either way (`layers.Linear.dense_weight`). FP8 linears with float32 results keep the
+release's blockwise order, which needs the e4m3 values and their scales: for such a config
+(`dequantize_for`) the FP8 weights are kept as their e4m3 values in float32, with their scales.
+The cost is memory: 4x for e4m3 weights, 2x for bf16 ones (and while loading, the narrow and the
+float32 params both).
 
     "auto"   float32 when every param lives on CPU devices (the placement `load_model` chose),
              else narrow: accelerators keep the checkpoint's widths and their programs are unchanged
@@ -27,8 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv32_jax.model.config import BLOCK
-from dsv32_jax.model.quant import FP8, blocked
+from dsv32_jax.model.quant import FP8, dequant
 
 STORAGES = ("auto", "narrow", "f32")
 NARROW = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.bfloat16))
@@ -58,22 +61,44 @@ def widths(storage: str, params, pallas: bool = False) -> str:
     return storage
 
 
-def widen(params: dict) -> dict:
-    """params with every e4m3 / bf16 leaf but the embedding tables as float32 (the same values),
-    each on its own sharding, one leaf at a time; e4m3 ones not on a mesh `quant.blocked`."""
-    def leaf(path, a):
-        keys = [getattr(k, "key", None) for k in path]
-        if jnp.dtype(a.dtype) not in NARROW or any(k in GATHERED for k in keys):
-            return a
-        wide = a.astype(jnp.float32)
-        single = isinstance(a.sharding, jax.sharding.SingleDeviceSharding)
-        if a.dtype == FP8 and a.shape[-1] % BLOCK == 0 and single:
-            return jax.jit(blocked)(wide)
-        return wide
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
+def scale_name(weight: str) -> str:
+    """The block scales' name beside an FP8 weight: `weight` -> `scale`, `w1_weight` -> `w1_scale`."""
+    return weight.removesuffix("weight") + "scale"
 
 
-def store(params: dict, storage: str = "auto", pallas: bool = False) -> dict:
-    """params in the storage `storage` (see the module docstring)."""
-    return widen(params) if widths(storage, params, pallas) == "f32" else params
+def widen(params: dict, dequantize: bool = True) -> dict:
+    """params with every bf16 leaf but the embedding tables as float32 (the same values) and every
+    FP8 weight dequantized to float32, the scales beside it dropped, each on its own sharding,
+    one leaf at a time. dequantize=False: the FP8 weights' e4m3 values as float32, scales kept."""
+    def tree(t: dict, path: tuple) -> dict:
+        out = {}
+        for k, a in t.items():
+            if isinstance(a, dict):
+                out[k] = tree(a, (*path, k))
+            elif dequantize and jnp.dtype(a.dtype) == FP8:
+                out[k] = jax.jit(lambda w, s: dequant(w, s, jnp.float32),
+                                 out_shardings=a.sharding)(a, t[scale_name(k)])
+            elif dequantize and any(jnp.dtype(t[w].dtype) == FP8 for w in t
+                                    if w != k and scale_name(w) == k):
+                continue  # applied to its weight
+            elif jnp.dtype(a.dtype) in NARROW and not any(g in path for g in GATHERED):
+                out[k] = a.astype(jnp.float32)
+            else:
+                out[k] = a
+        return out
+
+    return tree(params, ())
+
+
+def dequantize_for(cfg) -> bool:
+    """Whether the float32 storage may hold cfg's FP8 weights dequantized: not when its FP8
+    linears give float32 results (dtype float32 with fp8_activations; `layers.fp8_linear` keeps
+    the blockwise order there, which reads the e4m3 values and their scales)."""
+    return not (cfg.fp8_activations and jnp.dtype(cfg.dtype) == jnp.float32)
+
+
+def store(params: dict, storage: str = "auto", pallas: bool = False,
+          dequantize: bool = True) -> dict:
+    """params in the storage `storage` (see the module docstring); dequantize: `widen`'s
+    (`dequantize_for` the config)."""
+    return widen(params, dequantize) if widths(storage, params, pallas) == "f32" else params

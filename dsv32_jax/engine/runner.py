@@ -144,11 +144,12 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     grouped routed-expert Pallas kernels of `pallas_kernels`; interpreted off GPU): FP8
     checkpoints with fp8_activations only (`Config.matmul_impl`). mtp: also load the checkpoint's
     MTP layer (`load_mtp`; one error if it has none) as `Model.mtp`, for speculative decoding.
-    weights: how the loaded weights are stored (`checkpoint.storage`): "auto" (default) keeps
-    float32 copies of the e4m3 / bf16 weights, made once, when the params live on CPU devices
-    (the same values, so the same logits; XLA:CPU would widen them in every step; 4x the FP8
-    weights' memory), the checkpoint's dtypes on accelerators and for the Pallas kernels;
-    "narrow" or "f32" force one.
+    weights: how the loaded weights are stored (`checkpoint.storage`): "auto" (default), when the
+    params live on CPU devices, keeps the bf16 weights widened to float32 and the FP8 ones
+    dequantized to float32 (e4m3 value x block scale, scales dropped; with dtype float32 and
+    fp8_activations their e4m3 values in float32 and the scales), made once (the same logits as
+    the narrow weights; XLA:CPU would widen them in every step; 4x the FP8 weights' memory), the
+    checkpoint's dtypes on accelerators and for the Pallas kernels; "narrow" or "f32" force one.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -186,8 +187,9 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
         params = orbax_layout.restore_params(path, cfg, shardings, progress=progress)
     else:
         params = load_params(path, cfg, shardings, progress=progress)
-    params = storage.store(params, weights, pallas)
-    mtp_params = storage.store(load_mtp(path, cfg, mesh), weights, pallas) if mtp else None
+    deq = storage.dequantize_for(cfg)
+    params = storage.store(params, weights, pallas, deq)
+    mtp_params = storage.store(load_mtp(path, cfg, mesh), weights, pallas, deq) if mtp else None
     return Model(cfg, params, attention_impl, mtp_params)
 
 

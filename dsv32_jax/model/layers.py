@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
 from dsv32_jax.model.quant import (FP32_BY_SPEC, FP8, HIGHEST, act_quant, blockwise_matmul,
-                                   dequant, einsum)
+                                   dequant, dequant_matmul, einsum)
 from pallas_kernels.fp8_linear import fp8_linear as pallas_fp8_linear
 
 Axes = tuple[str, ...]
@@ -47,10 +47,11 @@ def pick_sum(rows: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """y = x @ W^T with W (out, in). FP8 W (`quantized`) keeps e4m3 weight + 128x128 `scale`.
+    """y = x @ W^T with W (out, in). FP8 W (`quantized`) keeps e4m3 weight + 128x128 `scale`, or
+    (a CPU host's float32 storage, `checkpoint.storage`) the float32 W * scale and no `scale`.
 
     With cfg.fp8_activations the input is quantized per 128-block and the product is the
-    blockwise sum of the release; otherwise W is dequantized to the compute dtype.
+    blockwise sum of the release (`fp8_linear`); otherwise W is dequantized to the compute dtype.
     `f32=True` computes in float32 whatever the compute dtype (router, indexer weights, head).
     """
 
@@ -63,15 +64,19 @@ class Linear(nn.Module):
 
     def setup(self):
         n, k = self.features, self.in_features
-        if self.quantized:  # (out, in) e4m3, or the host's float32 copy `quant.blocked`
-            blocked = (self.has_variable("params", "weight")
-                       and nn.unbox(self.get_variable("params", "weight")).ndim == 3)
-            shape = (k // BLOCK, n, BLOCK) if blocked else (n, k)
-            self.weight = param(self, "weight", shape, FP8, self.axes, fp8_init)
+        if self.quantized and self.dequantized():  # the host's float32 W * scale (out, in)
+            self.weight = param(self, "weight", (n, k), jnp.float32, self.axes, fp8_init)
+            self.scale = None
+        elif self.quantized:  # (out, in) e4m3
+            self.weight = param(self, "weight", (n, k), FP8, self.axes, fp8_init)
             self.scale = param(self, "scale", (cdiv(n, BLOCK), cdiv(k, BLOCK)), jnp.float32,
                                self.axes, const_init(k**-0.5))  # (out/128, in/128) f32
         else:
             self.weight = param(self, "weight", (n, k), jnp.bfloat16, self.axes, normal_init(k**-0.5))
+
+    def dequantized(self) -> bool:
+        """Whether the FP8 weight is stored dequantized (`checkpoint.storage`): a weight, no scale."""
+        return self.has_variable("params", "weight") and not self.has_variable("params", "scale")
 
     @property
     def dtype(self):
@@ -79,7 +84,7 @@ class Linear(nn.Module):
 
     def dense_weight(self) -> jax.Array:
         """W (out, in) in the compute dtype (dequantized if FP8)."""
-        if self.quantized:
+        if self.quantized and self.scale is not None:
             return dequant(self.weight, self.scale, self.dtype)
         return self.weight.astype(self.dtype)
 
@@ -103,19 +108,33 @@ def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return einsum("...k,nk->...n", x, w, dtype)
 
 
-def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, scale_fmt, dtype,
+def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array | None, scale_fmt, dtype,
                impl: str = "xla") -> jax.Array:
     """act_quant(x) (..., K) times FP8 w (N, K) with block scales s (N/128, K/128), blockwise:
-    `quant.blockwise_matmul` (impl "xla") or the Pallas kernel `pallas_kernels.fp8_linear`."""
-    n, k = w.shape[-2], x.shape[-1]  # w (N, K) or `quant.blocked` (K/128, N, 128)
+    `quant.blockwise_matmul` (impl "xla") or the Pallas kernel `pallas_kernels.fp8_linear`.
+
+    Lowered for the CPU with a bf16 result, impl "xla" is `quant.dequant_matmul`, w dequantized in
+    the step a block of rows at a time (`jax.lax.platform_dependent`): the same sum in another
+    float32 order, rounded to bf16 after. A float32 result keeps the blockwise order everywhere (an e4m3 re-quantization
+    downstream would carry its last-bit differences: tests/test_parity.py's float32 checks).
+    s None: w is stored dequantized in float32 (`checkpoint.storage`, a bf16 result only) and goes
+    to `quant.dequant_matmul`."""
+    n, k = w.shape[0], x.shape[-1]
     lead = x.shape[:-1]
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"fp8_linear: unknown impl {impl!r} (xla, pallas)")
+    if s is None and impl == "pallas":
+        raise ValueError("fp8_linear: the Pallas FP8 kernel reads e4m3 weights, not a dequantized "
+                         "float32 one")
     xq, xs = act_quant(x.reshape(-1, k), scale_fmt)
-    if impl == "pallas":
+    if s is None:
+        y = dequant_matmul(xq, xs, w)
+    elif impl == "pallas":
         y = pallas_fp8_linear(xq, xs, w, s)
-    elif impl == "xla":
+    elif jnp.dtype(dtype) == jnp.float32:  # the release's order: see the docstring
         y = blockwise_matmul(xq, xs, w, s)
     else:
-        raise ValueError(f"fp8_linear: unknown impl {impl!r} (xla, pallas)")
+        y = jax.lax.platform_dependent(xq, xs, w, s, default=blockwise_matmul, cpu=dequant_matmul)
     return y.reshape(*lead, n).astype(dtype)
 
 

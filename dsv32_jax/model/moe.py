@@ -56,7 +56,8 @@ EXPERTS = "experts"  # the variable collection of the stacked routed-expert weig
 
 
 class Experts(nn.Module):
-    """E stacked experts, weights (E, out, in) (+ (E, out/128, in/128) scales when FP8).
+    """E stacked experts, weights (E, out, in) (+ (E, out/128, in/128) scales when FP8, unless
+    stored dequantized in float32: `checkpoint.storage`).
 
     Only routed experts are touched. The picks are sorted by expert and cut into windows of at
     most `window` rows of one expert; a loop over windows reads that expert's weights (one expert
@@ -83,14 +84,18 @@ class Experts(nn.Module):
                 "w2": ("layers", "experts", "embed", "moe_mlp")}
         w, s = {}, {}
         for name, (n, k) in shapes.items():
-            if cfg.quantized:
+            if cfg.quantized and self.has_variable(EXPERTS, f"{name}_weight") and not \
+                    self.has_variable(EXPERTS, f"{name}_scale"):  # the host's float32 W * scale
+                w[name] = self._stacked(f"{name}_weight", (lay, e, n, k), jnp.float32, axes[name],
+                                        fp8_init)
+            elif cfg.quantized:
                 w[name] = self._stacked(f"{name}_weight", (lay, e, n, k), FP8, axes[name], fp8_init)
                 s[name] = self._stacked(f"{name}_scale", (lay, e, cdiv(n, BLOCK), cdiv(k, BLOCK)),
                                         jnp.float32, axes[name], const_init(k**-0.5))
             else:
                 w[name] = self._stacked(f"{name}_weight", (lay, e, n, k), jnp.bfloat16, axes[name],
                                         normal_init(k**-0.5))
-        self.w, self.s = w, s  # (L, E, out, in) e4m3 | bf16;  (L, E, out/128, in/128) f32
+        self.w, self.s = w, s  # (L, E, out, in) e4m3 | f32 | bf16;  (L, E, out/128, in/128) f32
 
     def _stacked(self, name, shape, dtype, axes, init):
         # a broadcast variable's init must not depend on the scan step, so not on the split
@@ -130,7 +135,8 @@ def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, s
     """Rows x[src] (R,) through their experts `ids` (R,) (an id >= E, the stack's expert count:
     no expert, the row's output is 0) of MoE layer `layer` -> (R, D) in the compute dtype.
 
-    w / s: the stacked weights (L, E, out, in) / block scales by projection name. The rows are
+    w / s: the stacked weights (L, E, out, in) / block scales by projection name (s empty: bf16
+    weights, or FP8 ones stored dequantized in float32, `checkpoint.storage`). The rows are
     sorted by expert and cut into windows of one expert (`expert_window`, sized for `expected`
     rows with an expert); a loop over windows reads that expert at [layer, e] and runs its
     SwiGLU on the window's rows. An expert gets at most len(x) rows (each token picks it once).
@@ -198,14 +204,14 @@ def routed_rows_pallas(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.A
 
 
 def expert_linear(cfg: Config, w: jax.Array, s: jax.Array | None, x: jax.Array) -> jax.Array:
-    """One expert's projection: rows x (C, K), weight w (N, K) (+ block scales s when FP8) ->
-    (C, N) in the compute dtype."""
+    """One expert's projection: rows x (C, K), weight w (N, K) (+ block scales s when FP8; none
+    when stored dequantized, `checkpoint.storage`) -> (C, N) in the compute dtype."""
     dtype = jnp.dtype(cfg.dtype)
-    if s is None:
+    if not cfg.quantized:
         return matmul(x, w, dtype)
     if cfg.fp8_activations:
         return fp8_linear(x, w, s, cfg.scale_fmt, dtype)
-    return matmul(x, dequant(w, s, dtype), dtype)
+    return matmul(x, w.astype(dtype) if s is None else dequant(w, s, dtype), dtype)
 
 
 WINDOW_ROWS = 64  # the most rows one expert window multiplies at once

@@ -140,28 +140,12 @@ def expand_scale(scale, out_features: int, in_features: int, xp=jnp):
     return s[..., :out_features, :in_features]
 
 
-def blocked(w: jax.Array) -> jax.Array:
-    """An FP8 weight (..., N, K) as its K/128 column blocks (..., K/128, N, 128): the operand
-    layout of the per-block dots of `blockwise_matmul` (the host's float32 copies are stored so,
-    `checkpoint.storage`; a weight with one more axis than its scales is blocked)."""
-    *lead, n, k = w.shape
-    return jnp.swapaxes(w.reshape(*lead, n, k // BLOCK, BLOCK), -3, -2)
-
-
-def unblocked(w: jax.Array) -> jax.Array:
-    """`blocked`'s inverse: (..., K/128, N, 128) -> (..., N, K)."""
-    *lead, kb, n, _ = w.shape
-    return jnp.swapaxes(w, -3, -2).reshape(*lead, n, kb * BLOCK)
-
-
 def dequant(weight, scale, dtype, xp=jnp):
-    """FP8 weight (..., out, in) (or `blocked`) with 128x128 block scales -> `dtype` (..., out, in)
-    (product taken in float32).
+    """FP8 weight (..., out, in) with 128x128 block scales -> `dtype` (..., out, in) (product
+    taken in float32).
 
     The one dequantization routine of the project: `xp=numpy` (host, the converter) gives the
     same bits as the default jax.numpy."""
-    if weight.ndim == scale.ndim + 1:
-        weight = unblocked(weight)
     out_f, in_f = weight.shape[-2:]
     w = weight.astype(xp.float32) * expand_scale(scale.astype(xp.float32), out_f, in_f, xp)
     return w.astype(dtype)
@@ -190,8 +174,8 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
     """The release's FP8 linear: y = sum_b (x_q[:, b] . w_q[:, b]) * x_s[:, b] * w_s[n/128, b].
 
     x_q: (M, K) e4m3, x_s: (M, K/128) f32; w_q: (N, K) e4m3, w_s: (N/128, K/128) f32 -> (M, N) f32.
-    w_q may be held in float32 (the same values) and `blocked`, (K/128, N, 128): the host's
-    storage (`checkpoint.storage`), whose per-block dots need no transposed copy of w.
+    w_q may be held in float32 (the same values: the host's storage for float32 FP8 linears,
+    `checkpoint.storage`).
     The per-block products are dots of e4m3 operands with float32 accumulation (exact products;
     on an accelerator XLA feeds them to its FP8/bf16 GEMMs, on the CPU it widens per op): the sum
     `pallas_kernels.fp8_linear_reference` states, applied to groups of g K-blocks at once, g the
@@ -199,17 +183,13 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
     than that whatever M (decode: one step; prefill: a loop).
     """
     m, k = x_q.shape
-    n, nb = w_q.shape[-2], k // BLOCK
-    is_blocked = w_q.ndim == 3
+    n, nb = w_q.shape[0], k // BLOCK
     g = max([d for d in range(1, nb + 1) if nb % d == 0 and m * d * n * 4 <= budget] or [1])
 
     def group(i):  # K-blocks [i*g, (i+1)*g) -> (M, N) f32
         xb = jax.lax.dynamic_slice_in_dim(x_q, i * g * BLOCK, g * BLOCK, 1)  # (M, g*128)
         xs = jax.lax.dynamic_slice_in_dim(x_s, i * g, g, 1)  # (M, g)
         ws = jax.lax.dynamic_slice_in_dim(w_s, i * g, g, 1)  # (N/128, g)
-        if is_blocked:
-            wb = jax.lax.dynamic_slice_in_dim(w_q, i * g, g, 0)  # (g, N, 128)
-            return blocked_sum(xb, xs, wb, ws)
         wb = jax.lax.dynamic_slice_in_dim(w_q, i * g * BLOCK, g * BLOCK, 1)  # (N, g*128)
         return fp8_linear_reference(xb, xs, wb, ws)
 
@@ -219,15 +199,47 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
                              jnp.zeros((m, n), jnp.float32))
 
 
-def blocked_sum(x_q, x_s, w_b, w_s):
-    """`fp8_linear_reference`'s sum with a `blocked` weight w_b (K/128, N, 128): the same
-    per-block dots (the weight operand already in their layout) and the same ordered sum."""
+# FP8 weight rows `dequant_matmul` dequantizes at once (18432 x 7168 at the released widths: the
+# whole weight 528 MB in float32, 2048 rows 151 MB); a multiple of BLOCK.
+DEQUANT_ROWS = 2048
+
+
+def dequant_matmul(x_q: jax.Array, x_s: jax.Array, w: jax.Array,
+                   w_s: jax.Array | None = None) -> jax.Array:
+    """The FP8 linear on the CPU: act_quant's x_q (M, K) e4m3 with scales x_s (M, K/128) times the
+    dequantized weight -> (M, N) f32, one float32 product (x_q * x_s) . w over all of K.
+
+    w: (N, K) float32 already dequantized (`dequant`; the host's storage, `checkpoint.storage`),
+    or e4m3 with its block scales w_s (N/128, K/128), dequantized here. Over DEQUANT_ROWS rows, w
+    is taken DEQUANT_ROWS rows at a time, each block of rows one product (no float32 copy of a
+    whole e4m3 weight), either way: XLA:CPU's sums depend on a product's shape, and so both give
+    the same bits (a stored weight's blocks are copied out first).
+    The same real sum as `blockwise_matmul` in another float32 order (its K/128 per-block dots
+    and their scaled sum cost XLA:CPU ~1.6x one matrix-vector product); x_q * x_s is exact with
+    ue8m0 (power-of-two) scales."""
     m, k = x_q.shape
-    kb, n, _ = w_b.shape
-    part = jnp.einsum("mbk,bnk->mbn", x_q.reshape(m, kb, BLOCK), w_b,
-                      preferred_element_type=jnp.float32)  # (M, K/128, N)
-    ws = jnp.repeat(w_s.astype(jnp.float32), BLOCK, axis=0)[:n].T  # (K/128, N)
-    return jnp.einsum("mbn,mb,bn->mn", part, x_s.astype(jnp.float32), ws, precision=HIGHEST)
+    x = (to_f32(x_q).reshape(m, k // BLOCK, BLOCK) * x_s[..., None]).reshape(m, k)  # (M, K) f32
+
+    def product(w, s):  # rows (R, K) of the weight (+ their block scales) -> (M, R) f32
+        return einsum(MATMUL, x, w if s is None else dequant(to_f32(w), s, jnp.float32),
+                      jnp.float32)
+
+    n, r = w.shape[0], DEQUANT_ROWS
+    if n <= r:
+        return product(w, w_s)
+
+    def rows(i, out):  # rows [i*r, (i+1)*r)
+        wr = jax.lax.dynamic_slice_in_dim(w, i * r, r, 0)  # (r, K)
+        sr = None if w_s is None else jax.lax.dynamic_slice_in_dim(
+            w_s, i * (r // BLOCK), r // BLOCK, 0)  # (r/128, K/128)
+        return jax.lax.dynamic_update_slice_in_dim(out, product(wr, sr), i * r, 1)
+
+    full = n // r * r
+    out = jax.lax.fori_loop(0, n // r, rows, jnp.zeros((m, full), jnp.float32))  # (M, full)
+    if full == n:
+        return out
+    tail = product(w[full:], None if w_s is None else w_s[full // BLOCK:])  # (M, N - full)
+    return jnp.concatenate([out, tail], axis=1)
 
 
 def sylvester(n: int) -> np.ndarray:
