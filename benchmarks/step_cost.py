@@ -16,7 +16,8 @@ threads). `--weights`: the weight storages timed side by side in this process at
 (`checkpoint.storage`: "narrow" = the checkpoint's e4m3/bf16, "f32" = the float32 copies
 `load_model` keeps on a CPU host; default: both), with the ratio narrow / f32; each row prints
 the 1-minute load average before it. `--demo N`: also the demo model's (`dsv32 demo`) greedy
-decode tokens/s over N new tokens after a 64-token prompt (`Model.generate`'s decode_s), loaded
+decode tokens/s over N new tokens after a 64-token prompt (`Model.generate`'s decode_s: the
+engine's decode steps, which give all but the first token), loaded
 with each storage, alternated over 5 rounds, the median. `--profile DIR` traces a few steps per
 length and storage (XLA:CPU per-op events) and prints the time per named scope
 (attn/indexer/index_topk/...).
@@ -98,7 +99,7 @@ def demo_tok_s(storages, new_tokens: int, rounds: int = 5) -> dict[str, float]:
             out = model.generate(prompt, new_tokens, temperature=0.0, stop_tokens=[],
                                  stats=stats)
             if r:
-                rates[w].append(len(out[0]) / stats["decode_s"])
+                rates[w].append((len(out[0]) - 1) / stats["decode_s"])  # the 1st: prefill's
     return {w: statistics.median(v) for w, v in rates.items()}
 
 

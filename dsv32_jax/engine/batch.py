@@ -3,7 +3,8 @@
 
 Each prompt is one request of an engine built for the call and driven from the caller's thread
 (`Engine.run`). Its pool holds every sequence at full length (no preemption; the page count per
-data group rounded up to a power of two, so calls of similar sizes reuse the compiled steps);
+data group rounded up to a power of two, at least MIN_PAGES, so calls of similar sizes reuse the
+compiled steps);
 every prompt prefills in the same steps (chunks of PREFILL_CHUNK); decode steps take up to
 DECODE_STEPS tokens per sequence in one program (multi-step; `generate_stream` takes one, so each
 token comes as soon as it is sampled; speculative decoding, one draft-verify iteration).
@@ -29,6 +30,7 @@ from sharding.mesh import params_mesh
 
 PREFILL_CHUNK = gen.PREFILL_CHUNK
 DECODE_STEPS = 16
+MIN_PAGES = 64  # of 64 slots: 4096 positions (the released model: 190 MB of cache per group)
 
 
 class _Batch:
@@ -93,7 +95,8 @@ def _engine(model, prompts: list[list[int]], n_new: int, speculative: int,
     shards = 1 if mesh is None else mesh.shape["data"]
     n = gen.bucket(len(prompts), 1)
     longest = max(len(p) for p in prompts) + n_new
-    pages = gen.bucket(cdiv(n, shards) * cdiv(longest, PAGE) + 1, 1)  # per data group
+    # per data group; at least MIN_PAGES: small calls share one pool shape, so one set of programs
+    pages = gen.bucket(cdiv(n, shards) * cdiv(longest, PAGE) + 1, MIN_PAGES)
     return Engine(model, max_batch=n, pages=pages, chunk=PREFILL_CHUNK, max_waiting=len(prompts),
                   max_prefill=n, speculative=speculative,
                   decode_steps=1 if speculative else decode_steps, max_len=longest, lockstep=True)

@@ -345,22 +345,22 @@ class Scheduler:
     # Pages ------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
+        running = self._per_shard(self.running)  # per shard, kept up to date below
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
             if s.pages:  # resumed: its own pages, and the ones its new tokens need
                 more = cdiv(len(s.tokens), PAGE) - len(s.pages)
-                if self._per_shard(self.running)[s.shard] >= self.cap or \
-                        more > self.pages.free_in(s.shard):
+                if running[s.shard] >= self.cap or more > self.pages.free_in(s.shard):
                     return
                 s.pages += self.pages.allocate(max(more, 0), s.shard)
                 s.slot = self._slots.pop()
                 self.counts["prefix_hit_tokens"] += s.computed
                 self.counts["prefix_query_tokens"] += len(s.tokens)
                 self.running.append(self.waiting.popleft())
+                running[s.shard] += 1
                 continue
             # one token is always run
             keys = page_keys(s.tokens, (len(s.tokens) - 1) // PAGE, overlap=self._overlap)
-            running = self._per_shard(self.running)
             fits = []  # (prefix pages, -running, shard) of the shards that can take it now
             for d in range(self.shards):
                 hit, idle = self.pages.hits(keys, d)
@@ -378,6 +378,7 @@ class Scheduler:
             self.counts["prefix_hit_tokens"] += s.computed
             self.counts["prefix_query_tokens"] += len(s.tokens)
             self.running.append(self.waiting.popleft())
+            running[d] += 1
 
     @property
     def _overlap(self) -> int:
@@ -393,8 +394,8 @@ class Scheduler:
     def _with_pages(self, seqs: list[Seq], ahead: int) -> list[Seq]:
         """Give each decoding sequence the pages its next slots need, preempting the newest running
         sequences while none is left. -> the sequences still running, in order."""
-        for s in list(seqs):
-            while s in self.running and len(s.pages) * PAGE < self._slots_needed(s, ahead):
+        for s in list(seqs):  # (the page check first: `in` scans the running list)
+            while len(s.pages) * PAGE < self._slots_needed(s, ahead) and s in self.running:
                 while not self.pages.free_in(s.shard):  # the newest request of its shard
                     victim = max((r for r in self.running if r.shard == s.shard), key=lambda r: r.rid)
                     self._preempt(victim)
@@ -402,7 +403,8 @@ class Scheduler:
                         break
                 if s in self.running:
                     s.pages += self.pages.allocate(1, s.shard)
-        return [s for s in seqs if s in self.running]
+        running = set(map(id, self.running))
+        return [s for s in seqs if id(s) in running]
 
     def _end(self, s: Seq) -> None:
         """A sequence that ended (or was cancelled): it parks (`keep`) or its pages go back."""
