@@ -74,7 +74,7 @@ def test_demo_runs_and_caches(tmp_path, capsys):
     m = re.search(RATES, out)
     assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0 and 1 <= int(m.group(3)) <= 8
     # compiles are announced on stderr as they start, and timed apart from the steady-state speeds
-    prefill, decode = (re.escape(f"{kind} step (1 sequences{size}, 1-page tables)")
+    prefill, decode = (re.escape(f"{kind} step (1 sequences{size}, 2-page tables)")
                        for kind, size in (("prefill", " x 16 tokens"), ("decode", "")))
     assert re.search(rf"^compiling {prefill} \.\.\. [0-9.]+s$", cap.err, re.M)
     assert re.search(rf"^compiling {decode} \.\.\. [0-9.]+s$", cap.err, re.M)
@@ -225,7 +225,7 @@ def test_bad_input_never_ends_a_run_and_the_next_process_reads_the_compile_cache
     assert len(re.findall(r"^prefill \d+ tokens", err, re.M)) == 2  # the first and the last message
     again = dict(re.findall(r"^compiling (.*) \.\.\. [0-9.]+s(.*)$", err, re.M))
     shared = set(again) & set(compiled)
-    assert "decode step (1 sequences, 1-page tables)" in shared
+    assert "decode step (1 sequences, 2-page tables)" in shared
     assert all(again[label] == " (from the compile cache)" for label in shared), again
 
 

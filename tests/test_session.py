@@ -50,8 +50,8 @@ def test_multi_turn_from_the_cache_equals_reprefilling_the_history(model):
     stats = {}
     history, generated = _chat(session, turns=TURNS[:1], replies=REPLIES[:1], stats=stats)
     # Compile time is reported apart, with a notice before each compile starts.
-    assert stats["compiled"] == ["prefill step (1 sequences x 16 tokens, 1-page tables)",
-                                 "decode step (1 sequences, 1-page tables)"]
+    assert stats["compiled"] == ["prefill step (1 sequences x 16 tokens, 2-page tables)",
+                                 "decode step (1 sequences, 2-page tables)"]
     assert [label for label, s in notices] == [label for label in stats["compiled"] for _ in (0, 1)]
     assert [s is None for label, s in notices] == [True, False, True, False]
     assert stats["compile_s"] == pytest.approx(sum(s for _, s in notices if s is not None))

@@ -100,6 +100,7 @@ def cache_dir() -> str:
 
 
 _open_line = False  # a "compiling ..." line on stderr waits for its time
+_reply_open = False  # a reply is being printed on stdout, its line not ended
 quiet = False  # a multi-process run's processes other than 0 print nothing
 _joined = False  # this process is part of a multi-process run
 
@@ -122,6 +123,8 @@ def _compile_notice(label: str, seconds: float | None) -> None:
     global _open_line
     if seconds is None:
         _cache_hits[1] = _cache_hits[0]
+        if _reply_open and sys.stderr.isatty() and sys.stdout.isatty():  # not inside a reply's line
+            print(file=sys.stderr)
         say(f"compiling {label} ...", end="")
     else:
         _open_line = False
@@ -300,11 +303,14 @@ def stream_reply(session, tok, new_ids: list[int], max_new: int, args, out=None)
     dec = tok.stream(skip_special_tokens=not args.show_special)
     new: list[int] = []
     steps = session.stream(new_ids, max_new, args.temperature, args.top_p, args.seed, [tok.eos_id], stats)
+    global _reply_open
+    _reply_open = True
     try:
         for token in steps:
             new.append(token)
             print(dec.push(token), end="", file=out, flush=True)
     finally:
+        _reply_open = False
         print(dec.flush(), file=out, flush=True)
     return new, stats
 

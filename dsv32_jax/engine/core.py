@@ -71,7 +71,7 @@ class Engine:
                  cache_gb: float | None = None, chunk: int = 512, max_waiting: int = 256,
                  prefix_cache: bool = True, max_prefill: int = 4, speculative: int = 0,
                  decode_steps: int = 1, max_len: int | None = None, lockstep: bool = False,
-                 on_compile: Callable[[str, float | None], None] | None = None):
+                 on_compile: Callable[[str, float | None], None] | None = None, table: int = 1):
         cfg = model.config
         if speculative:
             spec.check(speculative, model.mtp)
@@ -101,7 +101,7 @@ class Engine:
                              f"{self.max_len} tokens ({cdiv(self.max_len, PAGE)} pages of {PAGE})")
         self.max_waiting = max_waiting
         self.sched = Scheduler(Pages(shards * pages, prefix_cache, shards), max_batch, chunk,
-                               max_prefill, self.max_len, speculative, decode_steps)
+                               max_prefill, self.max_len, speculative, decode_steps, table)
         with on_mesh(model.params):
             # committed to their devices, as every step returns them: else the first step compiles
             # its shape for uncommitted pools and the next step of that shape compiles it again

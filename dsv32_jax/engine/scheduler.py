@@ -151,7 +151,7 @@ def pow2_up_to(n: int) -> list[int]:
 
 class Scheduler:
     def __init__(self, pages: Pages, max_batch: int, chunk: int, max_prefill: int, max_len: int,
-                 ahead: int = 0, decode_steps: int = 1):
+                 ahead: int = 0, decode_steps: int = 1, table: int = 1):
         self.pages = pages
         self.shards = pages.shards
         self.cap = cdiv(max_batch, self.shards)  # running sequences per shard
@@ -160,6 +160,7 @@ class Scheduler:
         if ahead and decode_steps > 1:
             raise ValueError("decode_steps > 1 and speculative decoding do not combine")
         self.decode_steps = decode_steps  # the most tokens a decode step may take (multi-step)
+        self.table = table  # the least page-table width of a step (fewer shapes, longer tables)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.parked: dict[int, Seq] = {}  # rid -> an ended `keep` sequence holding its pages
@@ -173,7 +174,8 @@ class Scheduler:
     # Shapes -----------------------------------------------------------------------------------------
 
     def page_buckets(self) -> list[int]:
-        return pow2_up_to(bucket(cdiv(self.max_len, PAGE), 1))
+        return [p for p in pow2_up_to(bucket(cdiv(self.max_len, PAGE), 1)) if p >= self.table] or \
+            [bucket(self.table, 1)]
 
     def shapes(self) -> list[tuple[int, int, int, bool]]:
         """Every (B, S, P, decode) a step may have (with one stop id per sequence): what a warm-up
@@ -256,7 +258,7 @@ class Scheduler:
             if not seqs:
                 return None
             feed, S = [1] * len(seqs), 1
-        P = bucket(max(len(s.pages) for s in seqs), 1)  # padding past the table: scratch
+        P = bucket(max(self.table, *(len(s.pages) for s in seqs)), 1)  # padding past a table: scratch
         stops = bucket(max(1, *(len(s.sampling.stop_ids) for s in seqs)), 1) if width > 1 else 1
         each = bucket(max(self._per_shard(seqs)), 1)  # rows per shard
         rows, taken = [], [0] * self.shards

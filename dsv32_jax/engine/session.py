@@ -12,6 +12,9 @@ Compiles: a step program this process has not run yet is announced to ``on_compi
 before it starts and ``(label, seconds)`` after (the compile and that first step), and ``stats``
 gets ``compile_s`` apart from the steady-state ``prefill_s`` / ``decode_s``.
 
+Every step reads page tables as wide as the pool (as the old contiguous cache was read whole), so a
+session compiles its step programs once per pool size, not again as the conversation grows.
+
 The pool grows with the conversation: it holds a power of two of positions (at least
 ``MIN_CAPACITY``, at most ``max_len``); growing builds a larger engine, whose first turn prefills the
 whole conversation once.
@@ -210,7 +213,8 @@ class ChatSession:
         capacity = min(self.max_len, max(MIN_CAPACITY, bucket(needed)))
         self._engine = Engine(self.model, max_batch=1, pages=cdiv(capacity, PAGE) + 1, chunk=PIECE,
                               max_waiting=1, max_prefill=1, speculative=self.speculative,
-                              max_len=capacity, lockstep=True, on_compile=self.on_compile)
+                              max_len=capacity, lockstep=True, on_compile=self.on_compile,
+                              table=cdiv(capacity, PAGE))  # one table width: compiles per capacity only
         return self._engine
 
 
