@@ -17,11 +17,10 @@ seed. In a multi-process run every process calls with the same arguments and run
 
 from __future__ import annotations
 
-import numbers
 from typing import Iterator, Sequence
 
 from dsv32_jax.engine import generate as gen
-from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling
+from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling, check_seed
 from dsv32_jax.engine.core import Engine
 from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
 from dsv32_jax.model.cache import PAGE
@@ -50,14 +49,13 @@ class _Batch:
                 raise ValueError(f"token ids {bad[:5]} are outside [0, {cfg.vocab_size})")
             check_budget(len(p), n_new, cfg.max_seq_len)
         stops = (cfg.eos_token_id,) if stop_tokens is None else tuple(int(t) for t in stop_tokens)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        seed = check_seed(seed)
         self.model = model
         self.engine = _engine(model, self.prompts, n_new, speculative, decode_steps)
         self.out: list[list[int]] = [[] for _ in self.prompts]
         self.finish: list[str | None] = [None] * len(self.prompts)
         for i, p in enumerate(self.prompts):
-            sampling = Sampling(n_new, temperature, top_p, (int(seed) + i) % (1 << 32), stops)
+            sampling = Sampling(n_new, temperature, top_p, (seed + i) % (1 << 32), stops)
             self.engine.submit(p, sampling, self._emit(i))
 
     def _emit(self, i: int):

@@ -49,6 +49,13 @@ def check_max_new_tokens(max_new_tokens) -> int:
     return n
 
 
+def check_seed(seed) -> int:
+    """seed: an integer (a bool is refused)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
 MAX_DRAFTS = 3  # speculative decoding: drafts an iteration at most (the MTP layer chained)
 
 

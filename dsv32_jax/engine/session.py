@@ -3,10 +3,10 @@
 ``ChatSession(model, max_len)`` keeps the conversation's tokens and an engine (``engine.core.Engine``, one
 sequence, driven from the caller's thread) whose pool outlives the turns. ``stream(new_ids, ...)``
 submits the conversation plus ``new_ids`` as one request and yields its tokens as the engine samples
-them. The engine's prefix cache keeps every full page (``PAGE`` = 64 positions) of the conversation
-between turns, so a turn prefills the conversation's last partial page and ``new_ids``, never the
-history before. ``truncate(n)`` and ``prepare(ids)`` edit the tokens only: the prefix cache finds
-the full pages of the new context that it holds.
+them. The request is submitted with ``keep``: when a turn ends its sequence parks with its pages, and
+the next turn resumes it (``Engine.resume``), so only the tokens after its computed keys run (the new
+ids, and the last reply's final token, sampled but not yet run). ``truncate(n)`` and ``prepare(ids)``
+edit the tokens only: on resuming, the sequence keeps its whole pages before the first change.
 
 Compiles: a step program this process has not run yet is announced to ``on_compile(label, None)``
 before it starts and ``(label, seconds)`` after (the compile and that first step), and ``stats``
@@ -32,7 +32,7 @@ import numpy as np
 
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine import speculative as spec
-from dsv32_jax.engine.checks import check_budget, check_sampling
+from dsv32_jax.engine.checks import check_budget, check_sampling, check_seed
 from dsv32_jax.engine.core import Engine
 from dsv32_jax.engine.generate import bucket
 from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
@@ -155,9 +155,7 @@ class ChatSession:
             raise ValueError(f"token ids {bad[:5]} are outside [0, {cfg.vocab_size})")
         n = check_budget(self.length + len(ids), max_new_tokens, self.max_len)
         stops = (cfg.eos_token_id,) if stop_tokens is None else tuple(_ids(stop_tokens, "stop_tokens"))
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        sampling = Sampling(n, temperature, top_p, int(seed) % (1 << 32), stops)
+        sampling = Sampling(n, temperature, top_p, check_seed(seed) % (1 << 32), stops)
         return self._run(ids, sampling, {} if stats is None else stats)
 
     def _run(self, ids: list[int], sampling: Sampling, stats: dict) -> Iterator[int]:
