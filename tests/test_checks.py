@@ -9,6 +9,7 @@ import pytest
 
 from dsv32_jax.engine.checks import (
     check_budget,
+    check_ids,
     check_max_new_tokens,
     check_sampling,
     check_temperature,
@@ -65,6 +66,21 @@ def test_max_new_tokens_accepts(value):
 def test_max_new_tokens_refuses(value):
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         check_max_new_tokens(value)
+
+
+def test_ids():
+    assert check_ids([0, np.int64(5), 9], "prompt", 10) == [0, 5, 9]
+    assert check_ids(np.array([[1, 2], [3, 4]]), "prompt", 10) == [1, 2, 3, 4]
+    assert check_ids((7, 10**6), "stop_tokens") == [7, 10**6]  # no vocab: only >= 0
+    for bad, match in (([10], r"prompt: token ids \[10\] are outside \[0, 10\)"),
+                       ([-1], r"prompt: token ids \[-1\] are outside \[0, 10\)"),
+                       ([1.0], "prompt must be integer token ids, got 1.0"),
+                       ([True], "prompt must be integer token ids, got True"),
+                       (["3"], "prompt must be integer token ids")):
+        with pytest.raises(ValueError, match=match):
+            check_ids(bad, "prompt", 10)
+    with pytest.raises(ValueError, match=r"stop_tokens: token ids \[-2\] are negative"):
+        check_ids([-2], "stop_tokens")
 
 
 def test_budget():

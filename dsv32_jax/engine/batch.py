@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from dsv32_jax.engine import generate as gen
-from dsv32_jax.engine.checks import check_budget, check_max_new_tokens, check_sampling, check_seed
+from dsv32_jax.engine.checks import (check_budget, check_ids, check_max_new_tokens, check_sampling,
+                                     check_seed)
 from dsv32_jax.engine.core import Engine
 from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
 from dsv32_jax.model.cache import PAGE
@@ -42,11 +43,8 @@ class _Batch:
         n_new = check_max_new_tokens(max_new_tokens)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
-        self.prompts = [[int(t) for t in p] for p in prompts]
+        self.prompts = [check_ids(p, "prompts", cfg.vocab_size) for p in prompts]
         for p in self.prompts:
-            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise ValueError(f"token ids {bad[:5]} are outside [0, {cfg.vocab_size})")
             check_budget(len(p), n_new, cfg.max_seq_len)
         stops = (cfg.eos_token_id,) if stop_tokens is None else tuple(int(t) for t in stop_tokens)
         seed = check_seed(seed)

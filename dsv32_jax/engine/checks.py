@@ -49,6 +49,23 @@ def check_max_new_tokens(max_new_tokens) -> int:
     return n
 
 
+def check_ids(values, what: str, vocab: int | None = None) -> list[int]:
+    """Token ids (a sequence or numpy array of integers) -> a list of ints, each >= 0 and, given
+    ``vocab``, < vocab. A bool, a float or an id out of range is refused, naming ``what``."""
+    if hasattr(values, "tolist") and hasattr(values, "reshape"):  # a numpy / jax array
+        values = values.reshape(-1).tolist()
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{what} must be integer token ids, got {v!r}")
+        out.append(int(v))
+    bad = [t for t in out if not 0 <= t < (vocab if vocab is not None else math.inf)]
+    if bad:
+        where = f"outside [0, {vocab})" if vocab is not None else "negative"
+        raise ValueError(f"{what}: token ids {bad[:5]} are {where}")
+    return out
+
+
 def check_seed(seed) -> int:
     """seed: an integer (a bool is refused)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):

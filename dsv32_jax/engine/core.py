@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 
 from dsv32_jax.engine import speculative as spec
 from dsv32_jax.engine import step as st
-from dsv32_jax.engine.checks import check_budget, check_sampling
+from dsv32_jax.engine.checks import check_budget, check_ids, check_sampling
 from dsv32_jax.engine.pages import Pages
 from dsv32_jax.engine.scheduler import Batch, Sampling, Scheduler, Seq
 from dsv32_jax.model.cache import PAGE
@@ -159,10 +159,7 @@ class Engine:
             self.sched.release(rid)
 
     def _checked(self, prompt, sampling: Sampling) -> list[int]:
-        prompt = [int(t) for t in prompt]
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: token ids {bad[:5]} are outside [0, {self.config.vocab_size})")
+        prompt = check_ids(prompt, "prompt", self.config.vocab_size)
         check_budget(len(prompt), sampling.max_tokens, self.max_len)
         check_sampling(sampling.temperature, sampling.top_p)
         return prompt

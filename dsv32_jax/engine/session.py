@@ -25,14 +25,13 @@ whole conversation once.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from dsv32_jax.engine import generate as gen
 from dsv32_jax.engine import speculative as spec
-from dsv32_jax.engine.checks import check_budget, check_sampling, check_seed
+from dsv32_jax.engine.checks import check_budget, check_ids, check_sampling, check_seed
 from dsv32_jax.engine.core import Engine
 from dsv32_jax.engine.generate import bucket
 from dsv32_jax.engine.scheduler import NONFINITE_FINISH, Sampling
@@ -41,15 +40,6 @@ from dsv32_jax.model.config import cdiv
 
 MIN_CAPACITY = 1024
 PIECE = 512  # prefill at most this many tokens per step
-
-
-def _ids(values, what: str) -> list[int]:
-    out = []
-    for v in np.asarray(values).reshape(-1).tolist() if isinstance(values, np.ndarray) else values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-            raise ValueError(f"{what} must be non-negative integer token ids, got {v!r}")
-        out.append(int(v))
-    return out
 
 
 class ChatSession:
@@ -118,7 +108,7 @@ class ChatSession:
         """Make the session a prefix of ``context`` (the longest common prefix of the two) and return
         the ids of ``context`` after it (at least one, so that there are logits to sample from).
         Pass them to ``stream``."""
-        context = _ids(context, "context")
+        context = check_ids(context, "context", self.model.config.vocab_size)
         if not context:
             raise ValueError("the context must have at least one token")
         n = 0
@@ -147,14 +137,11 @@ class ChatSession:
         """
         cfg = self.model.config
         temperature, top_p = check_sampling(temperature, top_p)
-        ids = _ids(new_ids, "new_ids")
+        ids = check_ids(new_ids, "new_ids", cfg.vocab_size)
         if not ids:
             raise ValueError("new_ids must have at least one token (the logits to sample from come from it)")
-        bad = [t for t in ids if not t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside [0, {cfg.vocab_size})")
         n = check_budget(self.length + len(ids), max_new_tokens, self.max_len)
-        stops = (cfg.eos_token_id,) if stop_tokens is None else tuple(_ids(stop_tokens, "stop_tokens"))
+        stops = (cfg.eos_token_id,) if stop_tokens is None else tuple(check_ids(stop_tokens, "stop_tokens"))
         sampling = Sampling(n, temperature, top_p, check_seed(seed) % (1 << 32), stops)
         return self._run(ids, sampling, {} if stats is None else stats)
 
