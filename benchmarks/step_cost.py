@@ -15,7 +15,9 @@ Median wall ms per step of --repeats after a warm-up, and the process CPU ms per
 threads). `--weights`: the weight storages timed side by side in this process at each length
 (`checkpoint.storage`: "narrow" = the checkpoint's e4m3/bf16, "f32" = the float32 copies
 `load_model` keeps on a CPU host; default: both), with the ratio narrow / f32; each row prints
-the 1-minute load average before it. `--demo N`: also the demo model's (`dsv32 demo`) greedy
+the 1-minute load average before it. First it prints the MB of weights each storage reads per
+token (`read_mb`) and the least step time that allows at the rate XLA:CPU reads a float32 matrix
+in a matrix-vector product here (`read_gb_s`, a 512 MB matrix): the step's memory floor. `--demo N`: also the demo model's (`dsv32 demo`) greedy
 decode tokens/s over N new tokens after a 64-token prompt (`Model.generate`'s decode_s: the
 engine's decode steps, which give all but the first token), loaded
 with each storage, alternated over 5 rounds, the median. `--profile DIR` traces a few steps per
@@ -69,6 +71,30 @@ def model_config(max_len: int):
 def n_params(params) -> int:
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return sum(int(np.prod(a.shape)) for p, a in leaves if "scale" not in jax.tree_util.keystr(p))
+
+
+def read_mb(params, cfg) -> float:
+    """MB of weights a batch-1 decode step reads, as stored: every leaf once, but the embedding
+    table (one row) and the routed experts' stacks (n_activated_experts of n_routed_experts)."""
+    total = 0.0
+    for path, a in jax.tree_util.tree_leaves_with_path(params):
+        key, size = jax.tree_util.keystr(path), a.size * a.dtype.itemsize
+        if "'embed'" in key:
+            size = a.shape[-1] * a.dtype.itemsize
+        elif "'experts'" in key:
+            size *= cfg.n_activated_experts / cfg.n_routed_experts
+        total += size
+    return total / 1e6
+
+
+def read_gb_s(mb: int = 512, repeats: int = 9) -> float:
+    """GB/s at which XLA:CPU reads a float32 matrix in a matrix-vector product (mb MB, larger
+    than the caches): the rate a decode step's weight reads can reach on this machine."""
+    w = jnp.ones((mb * 2**20 // 4 // 1024, 1024), jnp.float32)  # K = the model's width
+    x = jnp.ones((1, 1024), jnp.float32)
+    mv = jax.jit(lambda x, w: x @ w.T)
+    ms, _ = _median_ms(lambda: mv(x, w), repeats)
+    return w.size * 4 / ms / 1e6
 
 
 def _median_ms(fn, repeats: int) -> tuple[float, float]:
@@ -204,6 +230,12 @@ def main(argv=None) -> None:
     result = {"device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
               "params": n_params(narrow), "rows": []}
     print(f"{result['params'] / 1e6:.1f}M parameters, {result['device']}", flush=True)
+    result["read_gb_s"] = read_gb_s()
+    result["read_mb"] = {w: read_mb(p, cfg) for w, p in stores.items()}
+    for w, mb in result["read_mb"].items():
+        print(f"{w:>6}: {mb:.0f} MB of weights read per token; at {result['read_gb_s']:.1f} GB/s "
+              f"(this machine's float32 matrix-vector read rate) >= {mb / result['read_gb_s']:.1f} "
+              f"ms a step", flush=True)
     for length in args.lengths:
         for weights, params in stores.items():
             row = {"length": length, "weights": weights, "llama_cpp_ms": LLAMA_CPP_MS.get(length),
