@@ -13,6 +13,10 @@
    tokens/s, and the ratio continuous / static. `Model.generate` runs on the same engine core
    (`engine.batch`: a batch's prompts prefilled together, then decode steps of up to 16 tokens
    per program), so the two differ in the batching policy and in the server around the engine.
+   Both print the engine's busy fraction: the seconds its steps took (the server's
+   engine_step_seconds_total; generate's prefill_s + decode_s) over the wall time; the continuous
+   rows also the CPU cores the server and the clients (this process's threads, on the same
+   machine) used on average.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
 Every server compiles its step shapes before it serves (its warm-up; the later servers run the same
@@ -99,6 +103,15 @@ class Server:
         self.proc.wait(60)
 
 
+def cpu_s(pid: int) -> float | None:
+    """Seconds of CPU (user + system, all threads) process `pid` has used: /proc (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def stream(url: str, path: str, body: dict) -> dict:
     """One streamed request -> its time to first token, time per output token after the first
     (a chunk may hold several tokens when the server is behind), tokens out."""
@@ -149,14 +162,18 @@ def _pct(xs, q):
 def static(model, tokenizer, bodies: list[dict], batch: int) -> dict:
     """The requests through Model.generate in static batches of `batch` (greedy)."""
     ids = [tokenizer.encode(b["prompt"]) for b in bodies]
+    stats = [{} for _ in range(0, len(ids), batch)]
     run = lambda: [model.generate(ids[i:i + batch], max(b["max_tokens"] for b in bodies[i:i + batch]),  # noqa: E731
-                                  temperature=0, stop_tokens=[]) for i in range(0, len(ids), batch)]
+                                  temperature=0, stop_tokens=[], stats=st)
+                   for i, st in zip(range(0, len(ids), batch), stats)]
     run()  # compile
     t0 = time.perf_counter()
     outs = [o for group in run() for o in group]
     wall = time.perf_counter() - t0
     tokens = sum(min(len(o), b["max_tokens"]) for o, b in zip(outs, bodies))
-    return {"batch": batch, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+    steps = sum(st["prefill_s"] + st["decode_s"] for st in stats)
+    return {"batch": batch, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "busy": steps / wall}
 
 
 def prefix_mix(n: int, other: bool = False) -> list[dict]:
@@ -197,8 +214,14 @@ def main(argv=None) -> int:
             try:
                 drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
                 for n in args.clients:
-                    report["continuous"].append(drive(server.url, "/v1/completions", bodies, n)
-                                                | {"decode_steps": steps})
+                    busy, cpu = server.metric("engine_step_seconds_total"), cpu_s(server.proc.pid)
+                    mine = time.process_time()
+                    r = drive(server.url, "/v1/completions", bodies, n) | {"decode_steps": steps}
+                    r["busy"] = (server.metric("engine_step_seconds_total") - busy) / r["wall_s"]
+                    r["client_cores"] = (time.process_time() - mine) / r["wall_s"]
+                    if cpu is not None:
+                        r["server_cores"] = (cpu_s(server.proc.pid) - cpu) / r["wall_s"]
+                    report["continuous"].append(r)
                     print(json.dumps(report["continuous"][-1]), flush=True)
             finally:
                 server.close()
@@ -228,14 +251,16 @@ def main(argv=None) -> int:
 
 def print_table(r: dict) -> None:
     print(f"\n{r['requests']} requests, {r['machine']}\n")
-    print("| clients | decode steps | continuous tok/s | static tok/s | ratio | TTFT p50 / p99 (s) | "
-          "TPOT p50 / p99 (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | decode steps | continuous tok/s | static tok/s | ratio | engine busy (cont. / static) "
+          "| cores: server / clients | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     static = {s["batch"]: s for s in r["static"]}  # empty with --part prefix
     for c in r["continuous"] if static else ():
         s = static[c["clients"]]
         print(f"| {c['clients']} | {c['decode_steps']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
-              f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
+              f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {100 * c['busy']:.0f}% / {100 * s['busy']:.0f}% | "
+              f"{c.get('server_cores', float('nan')):.2f} / {c['client_cores']:.2f} | "
+              f"{c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
               f"{1e3 * c['tpot_p50_s']:.0f} / {1e3 * c['tpot_p99_s']:.0f} |")
     on, off = r["prefix"].get("on"), r["prefix"].get("off")
     if on and off:

@@ -182,7 +182,8 @@ class Engine:
             return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox),
                     "pages_used": p.used, "pages_cached": p.cached, "pages_total": p.usable,
                     "prompt_tokens": self._prompt_tokens, **s.counts,
-                    "generation_tokens_per_s": self._rate.value()}
+                    "generation_tokens_per_s": self._rate.value(),
+                    "step_s": self.seconds["prefill"] + self.seconds["decode"]}
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile the step for every shape bucket (a step on padding only: it writes the scratch

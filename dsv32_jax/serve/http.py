@@ -104,6 +104,8 @@ _METRICS = (
      lambda m: m["prefix_hit_tokens"] / m["prefix_query_tokens"] if m["prefix_query_tokens"] else 0.0),
     ("preemptions_total", "counter", "requests preempted (recomputed later) when the cache ran out", "preemptions"),
     ("engine_steps_total", "counter", "engine steps run", "steps"),
+    ("engine_step_seconds_total", "counter",
+     "seconds the engine spent in its steps (prefill and decode, compiles excluded)", "step_s"),
     ("engine_multi_steps_total", "counter", "engine steps that decoded several tokens (--decode-steps)",
      "multi_steps"),
     ("engine_riding_decodes_total", "counter", "decode tokens taken in the free rows of a prefill step",
