@@ -15,8 +15,9 @@
    per program), so the two differ in the batching policy and in the server around the engine.
    Both print the engine's busy fraction: the seconds its steps took (the server's
    engine_step_seconds_total; generate's prefill_s + decode_s) over the wall time; the continuous
-   rows also the CPU cores the server and the clients (this process's threads, on the same
-   machine) used on average.
+   rows also the share the engine waited for requests (engine_idle_seconds_total; the rest is
+   the engine thread's Python: scheduling, and waiting for the interpreter lock) and the CPU
+   cores the server and the clients (this process's threads, on the same machine) used.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
 Every server compiles its step shapes before it serves (its warm-up; the later servers run the same
@@ -215,9 +216,10 @@ def main(argv=None) -> int:
                 drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
                 for n in args.clients:
                     busy, cpu = server.metric("engine_step_seconds_total"), cpu_s(server.proc.pid)
-                    mine = time.process_time()
+                    idle, mine = server.metric("engine_idle_seconds_total"), time.process_time()
                     r = drive(server.url, "/v1/completions", bodies, n) | {"decode_steps": steps}
                     r["busy"] = (server.metric("engine_step_seconds_total") - busy) / r["wall_s"]
+                    r["idle"] = (server.metric("engine_idle_seconds_total") - idle) / r["wall_s"]
                     r["client_cores"] = (time.process_time() - mine) / r["wall_s"]
                     if cpu is not None:
                         r["server_cores"] = (cpu_s(server.proc.pid) - cpu) / r["wall_s"]
@@ -252,14 +254,14 @@ def main(argv=None) -> int:
 def print_table(r: dict) -> None:
     print(f"\n{r['requests']} requests, {r['machine']}\n")
     print("| clients | decode steps | continuous tok/s | static tok/s | ratio | engine busy (cont. / static) "
-          "| cores: server / clients | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| engine idle | cores: server / clients | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     static = {s["batch"]: s for s in r["static"]}  # empty with --part prefix
     for c in r["continuous"] if static else ():
         s = static[c["clients"]]
         print(f"| {c['clients']} | {c['decode_steps']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
               f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {100 * c['busy']:.0f}% / {100 * s['busy']:.0f}% | "
-              f"{c.get('server_cores', float('nan')):.2f} / {c['client_cores']:.2f} | "
+              f"{100 * c['idle']:.0f}% | {c.get('server_cores', float('nan')):.2f} / {c['client_cores']:.2f} | "
               f"{c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
               f"{1e3 * c['tpot_p50_s']:.0f} / {1e3 * c['tpot_p99_s']:.0f} |")
     on, off = r["prefix"].get("on"), r["prefix"].get("off")

@@ -122,9 +122,10 @@ class Engine:
         self.error: str | None = None
         self._prompt_tokens = 0
         self._rate = _Rate()
-        # seconds spent in prefill steps, in decode steps, and in the first run of a step program
-        # this process compiled (`compile`: compile + one step; not counted in the others)
-        self.seconds = {"prefill": 0.0, "decode": 0.0, "compile": 0.0}
+        # seconds spent in prefill steps, in decode steps, in the first run of a step program
+        # this process compiled (`compile`: compile + one step; not counted in the others), and
+        # the engine thread's waits for work (`idle`)
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "compile": 0.0, "idle": 0.0}
 
     # Client side (any thread) -----------------------------------------------------------------------
 
@@ -183,7 +184,8 @@ class Engine:
                     "pages_used": p.used, "pages_cached": p.cached, "pages_total": p.usable,
                     "prompt_tokens": self._prompt_tokens, **s.counts,
                     "generation_tokens_per_s": self._rate.value(),
-                    "step_s": self.seconds["prefill"] + self.seconds["decode"]}
+                    "step_s": self.seconds["prefill"] + self.seconds["decode"],
+                    "idle_s": self.seconds["idle"]}
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile the step for every shape bucket (a step on padding only: it writes the scratch
@@ -332,7 +334,9 @@ class Engine:
             else:
                 done = False
                 if self.sched.idle and not events:
+                    t0 = time.perf_counter()
                     self._cv.wait()
+                    self.seconds["idle"] += time.perf_counter() - t0
                     return True
             batch = None if done else self.sched.plan()
         _send(events)

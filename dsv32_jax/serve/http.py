@@ -106,6 +106,7 @@ _METRICS = (
     ("engine_steps_total", "counter", "engine steps run", "steps"),
     ("engine_step_seconds_total", "counter",
      "seconds the engine spent in its steps (prefill and decode, compiles excluded)", "step_s"),
+    ("engine_idle_seconds_total", "counter", "seconds the engine waited for requests", "idle_s"),
     ("engine_multi_steps_total", "counter", "engine steps that decoded several tokens (--decode-steps)",
      "multi_steps"),
     ("engine_riding_decodes_total", "counter", "decode tokens taken in the free rows of a prefill step",
