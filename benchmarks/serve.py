@@ -18,6 +18,9 @@
    rows also the share the engine waited for requests (engine_idle_seconds_total; the rest is
    the engine thread's Python: scheduling, and waiting for the interpreter lock) and the CPU
    cores the server and the clients (this process's threads, on the same machine) used.
+   And the same requests through the engine core alone, without the server: all submitted at once
+   to an `Engine` running N at a time (as `--max-batch N`, decode steps of one token), driven from
+   the benchmark's thread: what continuous batching gives before HTTP and the clients.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
 Every server compiles its step shapes before it serves (its warm-up; the later servers run the same
@@ -177,6 +180,31 @@ def static(model, tokenizer, bodies: list[dict], batch: int) -> dict:
             "busy": steps / wall}
 
 
+def alone(model, tokenizer, bodies: list[dict], batch: int, chunk: int) -> dict:
+    """The requests through the engine core without the server: all submitted at once to an
+    `Engine` of `batch` running sequences (as the server's --max-batch, no prefix cache), driven
+    from this thread (`Engine.run`), greedy, each to its max_tokens."""
+    from dsv32_jax.engine.core import Engine
+    from dsv32_jax.engine.scheduler import Sampling
+
+    ids = [tokenizer.encode(b["prompt"]) for b in bodies]
+
+    def run():
+        eng = Engine(model, max_batch=batch, chunk=chunk, prefix_cache=False)
+        for i, b in zip(ids, bodies):
+            eng.submit(i, Sampling(b["max_tokens"], temperature=0.0), lambda *a: None)
+        t0 = time.perf_counter()
+        for _ in eng.run():
+            pass
+        return time.perf_counter() - t0, eng
+
+    run()  # compile
+    wall, eng = run()
+    tokens = sum(b["max_tokens"] for b in bodies)
+    return {"batch": batch, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "busy": (eng.seconds["prefill"] + eng.seconds["decode"]) / wall}
+
+
 def prefix_mix(n: int, other: bool = False) -> list[dict]:
     """n chats sharing one ~180-word system prompt; `other`: other user turns (a warm-up set)."""
     words = CORPUS.read_text().split()
@@ -206,7 +234,7 @@ def main(argv=None) -> int:
     n_requests = args.requests or 4 * max(args.clients)
     bodies = [{**b, "temperature": 0} for b in mix(n_requests, tokenizer)]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
-              "continuous": [], "static": [], "prefix": {}}
+              "continuous": [], "static": [], "alone": [], "prefix": {}}
     if args.part != "prefix":
         for steps in args.decode_steps:
             server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
@@ -231,6 +259,8 @@ def main(argv=None) -> int:
         for n in args.clients:
             report["static"].append(static(model, tokenizer, bodies, n))
             print(json.dumps(report["static"][-1]), flush=True)
+            report["alone"].append(alone(model, tokenizer, bodies, n, args.chunk))
+            print(json.dumps(report["alone"][-1]), flush=True)
         del model
     if args.part != "throughput":
         for name, extra in (("on", ()), ("off", ("--no-prefix-cache",))):
@@ -257,6 +287,7 @@ def print_table(r: dict) -> None:
           "| engine idle | cores: server / clients | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     static = {s["batch"]: s for s in r["static"]}  # empty with --part prefix
+    alone = {s["batch"]: s for s in r.get("alone", [])}
     for c in r["continuous"] if static else ():
         s = static[c["clients"]]
         print(f"| {c['clients']} | {c['decode_steps']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
@@ -264,6 +295,13 @@ def print_table(r: dict) -> None:
               f"{100 * c['idle']:.0f}% | {c.get('server_cores', float('nan')):.2f} / {c['client_cores']:.2f} | "
               f"{c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
               f"{1e3 * c['tpot_p50_s']:.0f} / {1e3 * c['tpot_p99_s']:.0f} |")
+    if alone:
+        print("\nThe engine core alone (no server; every request submitted at once, `clients` running):\n")
+        print("| running | engine alone tok/s | static tok/s | ratio | engine busy |")
+        print("|---|---|---|---|---|")
+        for n, a in alone.items():
+            print(f"| {n} | {a['tokens_per_s']:.1f} | {static[n]['tokens_per_s']:.1f} | "
+                  f"{a['tokens_per_s'] / static[n]['tokens_per_s']:.2f}x | {100 * a['busy']:.0f}% |")
     on, off = r["prefix"].get("on"), r["prefix"].get("off")
     if on and off:
         print(f"\nshared system prompt (after other chats with it), 16 chats, 8 clients: prefill tokens "
