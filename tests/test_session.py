@@ -153,7 +153,8 @@ def test_arguments_are_checked_before_any_work(model):
         (dict(max_new_tokens=123), "exceeds the context of 128 positions; at most 122 new tokens fit"),
         (dict(new_ids=[]), "at least one token"),
         (dict(new_ids=[0, 2048]), r"outside \[0, 2048\)"),
-        (dict(new_ids=[0, -1]), "non-negative integer"),
+        (dict(new_ids=[0, -1]), r"new_ids: token ids \[-1\] are outside \[0, 2048\)"),
+        (dict(new_ids=[0, 1.0]), "new_ids must be integer token ids, got 1.0"),
         (dict(seed=1.5), "seed must be an integer"),
     ]
     for kw, match in cases:
