@@ -202,7 +202,7 @@ def alone(model, tokenizer, bodies: list[dict], batch: int, chunk: int) -> dict:
     wall, eng = run()
     tokens = sum(b["max_tokens"] for b in bodies)
     return {"batch": batch, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "busy": (eng.seconds["prefill"] + eng.seconds["decode"]) / wall}
+            "busy": eng.metrics()["step_s"] / wall}
 
 
 def prefix_mix(n: int, other: bool = False) -> list[dict]:

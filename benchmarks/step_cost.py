@@ -78,10 +78,10 @@ def read_mb(params, cfg) -> float:
     table (one row) and the routed experts' stacks (n_activated_experts of n_routed_experts)."""
     total = 0.0
     for path, a in jax.tree_util.tree_leaves_with_path(params):
-        key, size = jax.tree_util.keystr(path), a.size * a.dtype.itemsize
-        if "'embed'" in key:
+        keys, size = [getattr(k, "key", None) for k in path], a.size * a.dtype.itemsize
+        if any(g in keys for g in storage.GATHERED):  # read by rows
             size = a.shape[-1] * a.dtype.itemsize
-        elif "'experts'" in key:
+        elif "experts" in keys:  # the routed ones ("shared" is another key)
             size *= cfg.n_activated_experts / cfg.n_routed_experts
         total += size
     return total / 1e6

@@ -46,7 +46,7 @@ class _Batch:
         self.prompts = [check_ids(p, "prompts", cfg.vocab_size) for p in prompts]
         for p in self.prompts:
             check_budget(len(p), n_new, cfg.max_seq_len)
-        stops = (cfg.eos_token_id,) if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+        stops = (cfg.eos_token_id,) if stop_tokens is None else tuple(check_ids(stop_tokens, "stop_tokens"))
         seed = check_seed(seed)
         self.model = model
         self.engine = _engine(model, self.prompts, n_new, speculative, decode_steps)
