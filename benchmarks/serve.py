@@ -21,6 +21,9 @@
    And the same requests through the engine core alone, without the server: all submitted at once
    to an `Engine` running N at a time (as `--max-batch N`, decode steps of one token), driven from
    the benchmark's thread: what continuous batching gives before HTTP and the clients.
+CPUs (Linux, unless --no-pin): the server, static and engine-alone runs get the same CPUs, all but
+the last; the client threads get the last one. On a 2-CPU machine the clients would otherwise take
+0.3-0.7 of a core from the server's engine, while static and alone run with no clients beside them.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
 Every server compiles its step shapes before it serves (its warm-up; the later servers run the same
@@ -75,14 +78,15 @@ def free_port() -> int:
 class Server:
     """`dsv32 serve` as a subprocess on a free port, its stderr in a temporary file."""
 
-    def __init__(self, ckpt: Path, *extra: str, warmup: bool = False):
+    def __init__(self, ckpt: Path, *extra: str, warmup: bool = False, cpus: set[int] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dsv32_jax.cli", "serve", "--ckpt", str(ckpt), "--port",
              str(self.port), *(() if warmup else ("--no-warmup",)), "--served-model-name", MODEL,
-             *extra], cwd=ROOT, stderr=self.log, text=True)
+             *extra], cwd=ROOT, stderr=self.log, text=True,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
         deadline = time.monotonic() + 1800  # a warm-up compiles every step shape
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -143,9 +147,22 @@ def _has_text(choice: dict) -> bool:
     return bool(choice.get("text") or d.get("content") or d.get("reasoning_content"))
 
 
-def drive(url: str, path: str, bodies: list[dict], clients: int) -> dict:
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(the server's / static's CPUs, the clients' CPU): all but the last of this process's, and the last."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return (set(cpus[:-1]), set(cpus[-1:])) if len(cpus) > 1 else None
+
+
+def pin(cpus: set[int]) -> None:
+    """Every thread of this process (XLA's pool among them) onto `cpus` (Linux)."""
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def drive(url: str, path: str, bodies: list[dict], clients: int, cpus: set[int] | None = None) -> dict:
     t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(clients) as pool:
+    with cf.ThreadPoolExecutor(clients, initializer=None if cpus is None else os.sched_setaffinity,
+                               initargs=() if cpus is None else (0, cpus)) as pool:
         results = list(pool.map(lambda b: stream(url, path, b), bodies))
     wall = time.perf_counter() - t0
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
@@ -224,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1],
                     help="the servers' --decode-steps: one continuous run per value (default 1)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-pin", action="store_true",
+                    help="leave every run on every CPU (default: clients on the last CPU, the rest on the others)")
     ap.add_argument("--part", choices=("all", "throughput", "prefix"), default="all",
                     help="run parts 1-2 (throughput), part 3 (prefix) or both")
     args = ap.parse_args(argv)
@@ -233,19 +252,23 @@ def main(argv=None) -> int:
     tokenizer = Tokenizer.load(args.ckpt)
     n_requests = args.requests or 4 * max(args.clients)
     bodies = [{**b, "temperature": 0} for b in mix(n_requests, tokenizer)]
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "requests": len(bodies),
+    split = None if args.no_pin else split_cpus()
+    engine_cpus, client_cpus = split or (None, None)
+    where = f"; server, static and alone on CPUs {sorted(engine_cpus)}, clients on {sorted(client_cpus)}" \
+        if split else "; no CPUs pinned"
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs{where}", "requests": len(bodies),
               "continuous": [], "static": [], "alone": [], "prefix": {}}
     if args.part != "prefix":
         for steps in args.decode_steps:
             server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
                             "--decode-steps", str(steps), "--no-prefix-cache",
-                            warmup=True)  # every step shape compiled before it serves
+                            warmup=True, cpus=engine_cpus)  # every step shape compiled before it serves
             try:
-                drive(server.url, "/v1/completions", bodies, max(args.clients))  # untimed: warm caches
+                drive(server.url, "/v1/completions", bodies, max(args.clients), client_cpus)  # untimed: warm
                 for n in args.clients:
                     busy, cpu = server.metric("engine_step_seconds_total"), cpu_s(server.proc.pid)
                     idle, mine = server.metric("engine_idle_seconds_total"), time.process_time()
-                    r = drive(server.url, "/v1/completions", bodies, n) | {"decode_steps": steps}
+                    r = drive(server.url, "/v1/completions", bodies, n, client_cpus) | {"decode_steps": steps}
                     r["busy"] = (server.metric("engine_step_seconds_total") - busy) / r["wall_s"]
                     r["idle"] = (server.metric("engine_idle_seconds_total") - idle) / r["wall_s"]
                     r["client_cores"] = (time.process_time() - mine) / r["wall_s"]
@@ -255,6 +278,8 @@ def main(argv=None) -> int:
                     print(json.dumps(report["continuous"][-1]), flush=True)
             finally:
                 server.close()
+        if split:
+            pin(engine_cpus)  # static and alone on the server's CPUs
         model = dsv32_jax.load_model(args.ckpt)
         for n in args.clients:
             report["static"].append(static(model, tokenizer, bodies, n))
@@ -265,11 +290,11 @@ def main(argv=None) -> int:
     if args.part != "throughput":
         for name, extra in (("on", ()), ("off", ("--no-prefix-cache",))):
             server = Server(args.ckpt, "--max-batch", str(max(args.clients)), "--chunk", str(args.chunk),
-                            *extra, warmup=True)  # the programs of the first server: from the compile cache
+                            *extra, warmup=True, cpus=engine_cpus)  # its programs: from the compile cache
             try:
-                drive(server.url, "/v1/chat/completions", prefix_mix(16, other=True), 8)  # untimed
+                drive(server.url, "/v1/chat/completions", prefix_mix(16, other=True), 8, client_cpus)  # untimed
                 hit0 = server.metric("prefix_cache_hit_tokens_total")
-                r = drive(server.url, "/v1/chat/completions", prefix_mix(16), 8)
+                r = drive(server.url, "/v1/chat/completions", prefix_mix(16), 8, client_cpus)
                 r["prefill_tokens_saved"] = server.metric("prefix_cache_hit_tokens_total") - hit0
                 report["prefix"][name] = r
                 print(name, json.dumps(r), flush=True)

@@ -76,7 +76,11 @@ def params_mesh(params) -> Mesh | None:
 def on_mesh(params):
     """Context for tracing or running the model over these params: their mesh set (constraints,
     expert parallelism), or nothing for params on one device."""
-    mesh = params_mesh(params)
+    return use_mesh(params_mesh(params))
+
+
+def use_mesh(mesh: Mesh | None):
+    """Context with `mesh` set (None: nothing), as `on_mesh` for params laid out on it."""
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 

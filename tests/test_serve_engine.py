@@ -290,6 +290,38 @@ def engine():  # 8 pages: one request at full length, and preemption when two gr
     eng.stop(drain=False)
 
 
+def test_step_inputs_move_to_the_device_in_one_transfer_bit_for_bit(monkeypatch):
+    """`step.inputs`: a step's host arrays as one packed buffer (one transfer, in which the engine thread
+    lets go of the interpreter lock once, not once per array), each back with its dtype, shape and bits."""
+    from dsv32_jax.engine import step as st
+
+    host = {"table": np.array([[-1, 2**31 - 1], [0, 5]], np.int32), "seeds": np.array([0, 2**32 - 1], np.uint32),
+            "top_p": np.array([np.inf, -0.0, 1.5e-40], np.float32), "ends": np.array([True, False, True]),
+            "steps": np.asarray(7, np.int32)}
+    puts, real = [], jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda *a, **k: puts.append(a) or real(*a, **k))
+    out = st.inputs(host)
+    assert len(puts) == 1 and list(out) == list(host)
+    for k, x in host.items():
+        assert isinstance(out[k], jax.Array) and (out[k].dtype, out[k].shape) == (x.dtype, x.shape), k
+        assert np.asarray(out[k]).tobytes() == x.tobytes(), k
+    with pytest.raises(TypeError, match="int64"):
+        st.inputs({"x": np.zeros(2, np.int64)})
+
+
+def test_the_engine_hands_its_step_programs_device_arrays(monkeypatch):
+    from dsv32_jax.engine import step as st
+
+    args, real = [], st.step
+    monkeypatch.setattr(st, "step", lambda *a, **k: args.append(a[2:]) or real(*a, **k))
+    eng = Engine(demo(), max_batch=2, chunk=16, max_prefill=2, pages=1 + 8)
+    eng.submit(prompts((20,), seed=3)[0], greedy(max_tokens=3), lambda *a: None)
+    for _ in eng.run():
+        pass
+    assert len(args) == 4  # prefill chunks of 16 and 4 tokens, two decodes
+    assert all(isinstance(x, jax.Array) for a in args for x in a), [[type(x) for x in a] for a in args]
+
+
 def test_mixed_lengths_and_arrivals_mid_decode_equal_generate(engine):
     first, later = FIRST, LATER
     got = Collect()
@@ -472,6 +504,7 @@ def test_compiles_stop_short_of_the_memory_map_limit(monkeypatch):
     eng.warmup(lines.append)
     assert len(lines) == 1 and lines[0].startswith(f"compiled 0 of {len(eng.sched.shapes())} step shapes")
     monkeypatch.setattr(eng_mod, "memory_maps", lambda: (96, 100))
+    monkeypatch.setattr(eng_mod, "_SEEN", set())  # a step this process has not compiled, whatever ran before
     with pytest.raises(MemoryError, match="vm.max_map_count"):
         eng._run(Batch([], [], 1, 1, 1))
 

@@ -249,7 +249,7 @@ def test_emits_that_queued_up_go_out_as_one_chunk(tok):
     the same."""
     import asyncio
 
-    from dsv32_jax.serve.http import Turn
+    from dsv32_jax.serve.http import Mailbox, Turn
 
     ids = tok.encode("one two three four five")
 
@@ -264,7 +264,7 @@ def test_emits_that_queued_up_go_out_as_one_chunk(tok):
     async def run():
         engine = Engine()
         req = p.Request([1], 8, 0.0, 1.0, 0, (), True, False, False, None)
-        turn = Turn(engine, req, p.Reply(tok, None, ()), asyncio.get_running_loop())
+        turn = Turn(engine, req, p.Reply(tok, None, ()), Mailbox(asyncio.get_running_loop()))
         for t in ids[:-1]:  # the engine's emits, all queued before the loop reads any
             engine.emit([t], None)
         engine.emit([ids[-1]], "length")
@@ -274,3 +274,28 @@ def test_emits_that_queued_up_go_out_as_one_chunk(tok):
     events = asyncio.run(run())
     assert len(events) == 1 and events[0][1] == "length"
     assert "".join(d["text"] for d in events[0][0]) == tok.decode(ids)
+
+
+def test_the_mailbox_wakes_the_loop_once_for_the_posts_not_yet_delivered():
+    """The engine's emits of one step (posted from its thread) share one wake-up of the event loop."""
+    import asyncio
+    import threading
+
+    from dsv32_jax.serve.http import Mailbox
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        wakes, real = [], loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakes.append(a) or real(*a)
+        box, queues = Mailbox(loop), [asyncio.Queue() for _ in range(3)]
+        poster = threading.Thread(target=lambda: [box.post(queues[i % 3], i) for i in range(30)])
+        poster.start()
+        poster.join()  # the loop runs nothing meanwhile
+        assert len(wakes) == 1
+        await asyncio.sleep(0)
+        assert [[q.get_nowait() for _ in range(q.qsize())] for q in queues] == [list(range(i, 30, 3))
+                                                                               for i in range(3)]
+        box.post(queues[0], "next")  # delivered: the next post wakes the loop again
+        assert len(wakes) == 2 and await queues[0].get() == "next"
+
+    asyncio.run(run())

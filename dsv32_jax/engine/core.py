@@ -31,6 +31,7 @@ whoever drives the engine ends the open requests with the cause (`on_fatal` -> `
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -49,7 +50,7 @@ from dsv32_jax.model.cache import PAGE
 from dsv32_jax.model.config import cdiv
 from sharding import distributed
 from sharding.distributed import to_host
-from sharding.mesh import on_mesh, params_mesh
+from sharding.mesh import params_mesh, use_mesh
 
 Emit = Callable[[list[int], "str | None"], object]
 
@@ -84,7 +85,7 @@ class Engine:
         self.model, self.config = model, cfg
         # the most positions a request may use (prompt + new tokens); the pool must hold one
         self.max_len = cfg.max_seq_len if max_len is None else min(int(max_len), cfg.max_seq_len)
-        mesh = params_mesh(model.params)
+        self._mesh = mesh = params_mesh(model.params)
         shards = 1 if mesh is None else mesh.shape["data"]  # the pool is split over data
         self.k = speculative
         mtp = bool(speculative)
@@ -102,13 +103,12 @@ class Engine:
         self.max_waiting = max_waiting
         self.sched = Scheduler(Pages(shards * pages, prefix_cache, shards), max_batch, chunk,
                                max_prefill, self.max_len, speculative, decode_steps, table)
-        with on_mesh(model.params):
+        with use_mesh(mesh):
             # committed to their devices, as every step returns them: else the first step compiles
             # its shape for uncommitted pools and the next step of that shape compiles it again
             self._pools, self._slots = jax.tree.map(_committed, (
                 st.pools(cfg, shards * pages, mtp), st.draft_slots(cfg, max_batch + 1) if mtp else None))
         self._ids = itertools.count()
-        self._compiled: set[tuple] = set()  # the step shapes run so far
         # what a step program's compile depends on besides the step's shape (`_SEEN`)
         self._programs = (cfg, model.attention_impl, self.k, _leaf_key((model.params, model.mtp)),
                           _leaf_key((self._pools, self._slots)))
@@ -260,12 +260,10 @@ class Engine:
         process has not run yet compiles first: `on_compile(label, None)` before, `(label,
         seconds)` after (the compile and this first step)."""
         shape = (a["decode"], a["width"], *((k, v.shape) for k, v in sorted(a.items()) if k not in KIND))
-        if shape not in self._compiled:  # its first step compiles it
-            _check_maps()
-            self._compiled.add(shape)
         key = (shape, self._programs)
         if key in _SEEN:
             return self._program(a)
+        _check_maps()  # before a compile only: reading /proc/self/maps takes ~10 ms at 15,000 mappings
         label = _label(a, self.k)
         if self.on_compile is not None:
             self.on_compile(label, None)
@@ -281,26 +279,32 @@ class Engine:
 
     def _program(self, a: dict):
         m, kw = self.model, {"cfg": self.config, "impl": self.model.attention_impl}
-        sampling = (a["seeds"], a["counters"], a["temperature"], a["top_p"])
-        decode = a["decode"]
-        with on_mesh(m.params):
-            if "left" in a:  # multi-step: the tokens after the first count as accepted
+        multi, decode = "left" in a, a["decode"]
+        host = {k: v for k, v in a.items() if k not in KIND}
+        if multi or (self.k and decode):  # one token a sequence in
+            host |= {"tokens": a["tokens"][:, 0], "positions": a["positions"][:, 0]}
+        if multi:
+            host["steps"] = np.asarray(a["steps"], np.int32)
+        with use_mesh(self._mesh):
+            x = st.inputs(host, self._mesh)
+            sampling = (x["seeds"], x["counters"], x["temperature"], x["top_p"])
+            if multi:  # the tokens after the first count as accepted
                 tokens, n, self._pools = st.decode_steps(
-                    m.params, self._pools, a["table"], a["tokens"][:, 0], a["positions"][:, 0],
-                    np.int32(a["steps"]), a["left"], a["stops"], *sampling, width=a["width"], **kw)
+                    m.params, self._pools, x["table"], x["tokens"], x["positions"], x["steps"], x["left"],
+                    x["stops"], *sampling, width=a["width"], **kw)
                 return tokens, n
             if not self.k:
-                token, self._pools = st.step(m.params, self._pools, a["table"], a["tokens"],
-                                             a["positions"], a["last"], *sampling, **kw)
+                token, self._pools = st.step(m.params, self._pools, x["table"], x["tokens"],
+                                             x["positions"], x["last"], *sampling, **kw)
                 return token, None
             if decode:
                 n, tokens, self._pools, self._slots = st.spec_decode(
-                    m.params, m.mtp, self._pools, self._slots, a["table"], a["tokens"][:, 0],
-                    a["positions"][:, 0], a["slot"], *sampling, k=self.k, **kw)
+                    m.params, m.mtp, self._pools, self._slots, x["table"], x["tokens"], x["positions"],
+                    x["slot"], *sampling, k=self.k, **kw)
                 return tokens, n
             token, self._pools, self._slots = st.spec_prefill(
-                m.params, m.mtp, self._pools, self._slots, a["table"], a["tokens"], a["positions"],
-                a["last"], a["after"], a["ends"], a["slot"], *sampling, **kw)
+                m.params, m.mtp, self._pools, self._slots, x["table"], x["tokens"], x["positions"],
+                x["last"], x["after"], x["ends"], x["slot"], *sampling, **kw)
             return token, None
 
     def _loop(self) -> None:
@@ -476,12 +480,13 @@ class _Rate:
     """Generated tokens per second over the last ~10 s."""
 
     def __init__(self, window: float = 10.0):
-        self.window, self.events = window, []
+        self.window, self.events = window, collections.deque()  # (time, tokens), oldest first
 
     def add(self, n: int) -> None:
         now = time.monotonic()
         self.events.append((now, n))
-        self.events = [(t, k) for t, k in self.events if now - t <= self.window]
+        while now - self.events[0][0] > self.window:
+            self.events.popleft()
 
     def value(self) -> float:
         now = time.monotonic()

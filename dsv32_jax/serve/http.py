@@ -5,8 +5,10 @@ chunks then ``data: [DONE]``, or whole), ``GET /v1/models``, ``/health``, ``/met
 Requests are read and replies built by ``serve.protocol``; errors are OpenAI's JSON error object (400 for a
 bad request, 429 with Retry-After when the engine's queue is full, 503 while the server shuts down).
 
-The engine calls each request's ``emit`` from its own thread; ``loop.call_soon_threadsafe`` hands the ids to
-the request's asyncio queue. A client that goes away (a stream closed early, a connection dropped while a
+The engine calls each request's ``emit`` from its own thread; a `Mailbox` hands the ids to the request's asyncio
+queue, waking the event loop once for all the emits of an engine step (each wake-up is a write to the loop's
+self-pipe, in which the engine thread lets go of the interpreter lock: with 32 requests, 32 times a step, each
+time waiting for the HTTP thread to hand the lock back). A client that goes away (a stream closed early, a connection dropped while a
 whole reply is awaited) cancels its request, which frees its cache pages.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -31,24 +34,48 @@ class EngineError(RuntimeError):
     """The engine ended a request with an error ("error: <message>")."""
 
 
+class Mailbox:
+    """Items for asyncio queues, posted from other threads: `post` wakes the loop only when nothing is already
+    waiting for delivery, so the posts made while the loop has not yet run `_deliver` share one wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []  # (queue, item), in the order posted
+
+    def post(self, queue: asyncio.Queue, item) -> None:  # any thread
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a wake-up is on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody waits for these any more
+            with self._lock:
+                self._items.clear()
+
+    def _deliver(self) -> None:  # the loop's thread
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Turn:
     """One submitted request as seen from asyncio: the engine's emits on a queue, read into `Reply` deltas
     (the emits that queued up while the loop was busy are read at once: one chunk, not one each)."""
 
-    def __init__(self, engine, req: p.Request, reply: p.Reply, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine, req: p.Request, reply: p.Reply, mailbox: Mailbox) -> None:
         self.engine, self.req, self.reply = engine, req, reply
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._loop = loop
+        self._mailbox = mailbox
         self.open = False  # the engine holds the request: close() cancels it
         sampling = Sampling(req.max_tokens, req.temperature, req.top_p, req.seed, reply.stop_ids)
         self.rid = engine.submit(req.prompt, sampling, self._emit)
         self.open = True
 
     def _emit(self, tokens, finish) -> None:  # the engine's thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (list(tokens), finish))
-        except RuntimeError:  # the loop is closed: nobody waits for this request any more
-            pass
+        self._mailbox.post(self._queue, (list(tokens), finish))
 
     async def events(self):
         """-> (deltas, None) while the reply runs, then (the last deltas, finish_reason) once. Raises
@@ -134,6 +161,13 @@ def make_app(engine, tokenizer, model_name: str) -> FastAPI:
     app = FastAPI(title="dsv32 serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.closing = False
     created = p.now()
+    boxes: list[Mailbox] = []  # the one of the running loop
+
+    def mailbox() -> Mailbox:
+        loop = asyncio.get_running_loop()
+        if not boxes or boxes[0].loop is not loop:
+            boxes[:] = [Mailbox(loop)]
+        return boxes[0]
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, exc: HTTPException):  # unknown routes, wrong methods: OpenAI's error shape too
@@ -167,7 +201,7 @@ def make_app(engine, tokenizer, model_name: str) -> FastAPI:
         try:
             req = read(body)
             reply = p.Reply(tokenizer, req.mode, req.stop, req.ignore_eos)
-            turn = Turn(engine, req, reply, asyncio.get_running_loop())
+            turn = Turn(engine, req, reply, mailbox())
         except p.RequestError as e:
             return _error(e)
         except EngineStopped as e:
