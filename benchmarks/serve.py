@@ -1,6 +1,6 @@
 """`dsv32 serve` under load, against static batching on the same requests, in one run.
 
-    python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests N] [--json FILE]
+    python -m benchmarks.serve [--ckpt DIR] [--clients 1 8 32] [--requests N] [--json FILE] [--pin]
                                [--part all|throughput|prefix]
 
 1. A fixed mix of requests (raw-text prompts of 20-300 tokens, max_tokens 16-128, greedy,
@@ -21,9 +21,9 @@
    And the same requests through the engine core alone, without the server: all submitted at once
    to an `Engine` running N at a time (as `--max-batch N`, decode steps of one token), driven from
    the benchmark's thread: what continuous batching gives before HTTP and the clients.
-CPUs (Linux, unless --no-pin): the server, static and engine-alone runs get the same CPUs, all but
-the last; the client threads get the last one. On a 2-CPU machine the clients would otherwise take
-0.3-0.7 of a core from the server's engine, while static and alone run with no clients beside them.
+`--pin` (Linux): the server, static and engine-alone runs get the same CPUs, all but the last; the
+client threads get the last one. Unpinned, on a 2-CPU machine the clients take 0.3-0.7 of a core
+from the server's engine, while static and alone run with no clients beside them.
 3. Prefix caching: chat requests that share a long system prompt, on a server with and one without
    the prefix cache: prefill tokens saved (from /metrics) and time to first token.
 Every server compiles its step shapes before it serves (its warm-up; the later servers run the same
@@ -241,8 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1],
                     help="the servers' --decode-steps: one continuous run per value (default 1)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--no-pin", action="store_true",
-                    help="leave every run on every CPU (default: clients on the last CPU, the rest on the others)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the clients on the last CPU, the server, static and alone on the others")
     ap.add_argument("--part", choices=("all", "throughput", "prefix"), default="all",
                     help="run parts 1-2 (throughput), part 3 (prefix) or both")
     args = ap.parse_args(argv)
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     tokenizer = Tokenizer.load(args.ckpt)
     n_requests = args.requests or 4 * max(args.clients)
     bodies = [{**b, "temperature": 0} for b in mix(n_requests, tokenizer)]
-    split = None if args.no_pin else split_cpus()
+    split = split_cpus() if args.pin else None
     engine_cpus, client_cpus = split or (None, None)
     where = f"; server, static and alone on CPUs {sorted(engine_cpus)}, clients on {sorted(client_cpus)}" \
         if split else "; no CPUs pinned"
