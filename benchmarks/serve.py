@@ -16,7 +16,9 @@
    Both print the engine's busy fraction: the seconds its steps took (the server's
    engine_step_seconds_total; generate's prefill_s + decode_s) over the wall time; the continuous
    rows also the share the engine waited for requests (engine_idle_seconds_total; the rest is
-   the engine thread's Python: scheduling, and waiting for the interpreter lock) and the CPU
+   the engine thread's Python: scheduling, and waiting for the interpreter lock), the step programs
+   it compiled in the timed pass (engine_compiles_total: a shape the warm-up and the untimed pass
+   left; each compile stalls every request for seconds) and the CPU
    cores the server and the clients (this process's threads, on the same machine) used.
    And the same requests through the engine core alone, without the server: all submitted at once
    to an `Engine` running N at a time (as `--max-batch N`, decode steps of one token), driven from
@@ -268,10 +270,12 @@ def main(argv=None) -> int:
                 for n in args.clients:
                     busy, cpu = server.metric("engine_step_seconds_total"), cpu_s(server.proc.pid)
                     idle, mine = server.metric("engine_idle_seconds_total"), time.process_time()
+                    compiles = server.metric("engine_compiles_total")
                     r = drive(server.url, "/v1/completions", bodies, n, client_cpus) | {"decode_steps": steps}
                     r["busy"] = (server.metric("engine_step_seconds_total") - busy) / r["wall_s"]
                     r["idle"] = (server.metric("engine_idle_seconds_total") - idle) / r["wall_s"]
                     r["client_cores"] = (time.process_time() - mine) / r["wall_s"]
+                    r["compiles"] = server.metric("engine_compiles_total") - compiles  # in the timed pass
                     if cpu is not None:
                         r["server_cores"] = (cpu_s(server.proc.pid) - cpu) / r["wall_s"]
                     report["continuous"].append(r)
@@ -309,15 +313,16 @@ def main(argv=None) -> int:
 def print_table(r: dict) -> None:
     print(f"\n{r['requests']} requests, {r['machine']}\n")
     print("| clients | decode steps | continuous tok/s | static tok/s | ratio | engine busy (cont. / static) "
-          "| engine idle | cores: server / clients | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| engine idle | compiles | cores: server / clients | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     static = {s["batch"]: s for s in r["static"]}  # empty with --part prefix
     alone = {s["batch"]: s for s in r.get("alone", [])}
     for c in r["continuous"] if static else ():
         s = static[c["clients"]]
         print(f"| {c['clients']} | {c['decode_steps']} | {c['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
               f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {100 * c['busy']:.0f}% / {100 * s['busy']:.0f}% | "
-              f"{100 * c['idle']:.0f}% | {c.get('server_cores', float('nan')):.2f} / {c['client_cores']:.2f} | "
+              f"{100 * c['idle']:.0f}% | {c.get('compiles', 0):.0f} | "
+              f"{c.get('server_cores', float('nan')):.2f} / {c['client_cores']:.2f} | "
               f"{c['ttft_p50_s']:.2f} / {c['ttft_p99_s']:.2f} | "
               f"{1e3 * c['tpot_p50_s']:.0f} / {1e3 * c['tpot_p99_s']:.0f} |")
     if alone:

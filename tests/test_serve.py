@@ -288,14 +288,15 @@ def test_prometheus_text():
     m = dict(running=2, waiting=1, pages_used=5, pages_cached=2, pages_total=20, prompt_tokens=100,
              generation_tokens=40, prefix_hit_tokens=30, prefix_query_tokens=120, preemptions=0, steps=9,
              multi_steps=3, riding_decodes=4, draft_tokens=8, accepted_draft_tokens=6,
-             generation_tokens_per_s=12.5, step_s=3.5, idle_s=0.25)
+             generation_tokens_per_s=12.5, step_s=3.5, idle_s=0.25, compiles=7, compile_s=40.5)
     text = prometheus(m)
     values = dict(re.findall(r"^dsv32_(\w+) (\S+)$", text, re.M))
     assert values["requests_running"] == "2" and values["cache_usage_ratio"] == "0.25"
     assert values["prefix_cache_hit_rate"] == "0.25" and values["generation_tokens_per_second"] == "12.5"
     assert values["spec_decode_accepted_tokens_total"] == "6" and values["engine_multi_steps_total"] == "3"
     assert values["engine_riding_decodes_total"] == "4" and values["engine_step_seconds_total"] == "3.5"
-    assert values["engine_idle_seconds_total"] == "0.25"
+    assert values["engine_idle_seconds_total"] == "0.25" and values["engine_compiles_total"] == "7"
+    assert values["engine_compile_seconds_total"] == "40.5"
     assert "# TYPE dsv32_generation_tokens_total counter" in text and text.endswith("\n")
 
 

@@ -185,7 +185,8 @@ class Engine:
                     "prompt_tokens": self._prompt_tokens, **s.counts,
                     "generation_tokens_per_s": self._rate.value(),
                     "step_s": self.seconds["prefill"] + self.seconds["decode"],
-                    "idle_s": self.seconds["idle"]}
+                    "idle_s": self.seconds["idle"], "compiles": len(self.compiled),
+                    "compile_s": self.seconds["compile"]}
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile the step for every shape bucket (a step on padding only: it writes the scratch
