@@ -200,7 +200,8 @@ class Engine:
                 if progress:
                     progress(f"compiled {i} of {len(shapes)} step shapes: this process holds {maps[0]} "
                              f"memory mappings, the kernel allows {maps[1]} (vm.max_map_count); the "
-                             "others compile on first use")
+                             "others compile on first use, each stalling the requests in flight (raise the "
+                             "limit: sysctl -w vm.max_map_count=262144)")
                 return
             if progress:
                 progress(f"compiling step {i + 1}/{len(shapes)} (batch {b}, tokens {s}, pages {p})")

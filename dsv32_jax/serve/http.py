@@ -5,11 +5,12 @@ chunks then ``data: [DONE]``, or whole), ``GET /v1/models``, ``/health``, ``/met
 Requests are read and replies built by ``serve.protocol``; errors are OpenAI's JSON error object (400 for a
 bad request, 429 with Retry-After when the engine's queue is full, 503 while the server shuts down).
 
-The engine calls each request's ``emit`` from its own thread; a `Mailbox` hands the ids to the request's asyncio
-queue, waking the event loop once for all the emits of an engine step (each wake-up is a write to the loop's
-self-pipe, in which the engine thread lets go of the interpreter lock: with 32 requests, 32 times a step, each
-time waiting for the HTTP thread to hand the lock back). A client that goes away (a stream closed early, a connection dropped while a
-whole reply is awaited) cancels its request, which frees its cache pages.
+The engine calls each request's ``emit`` from its own thread; a `Mailbox` hands the ids to the request's
+asyncio queue, waking the event loop once for the emits of an engine step (each wake-up is a write to the
+loop's self-pipe, in which the engine thread lets go of the interpreter lock and then waits for the HTTP
+thread to hand it back: with 32 requests, one wake-up each was 32 such waits a step). A client that goes
+away (a stream closed early, a connection dropped while a whole reply is awaited) cancels its request,
+which frees its cache pages.
 """
 
 from __future__ import annotations
