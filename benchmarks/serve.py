@@ -182,9 +182,8 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def static(model, tokenizer, bodies: list[dict], batch: int) -> dict:
-    """The requests through Model.generate in static batches of `batch` (greedy)."""
-    ids = [tokenizer.encode(b["prompt"]) for b in bodies]
+def static(model, ids: list[list[int]], bodies: list[dict], batch: int) -> dict:
+    """The requests (`ids`: their prompts encoded) through Model.generate in static batches of `batch` (greedy)."""
     stats = [{} for _ in range(0, len(ids), batch)]
     run = lambda: [model.generate(ids[i:i + batch], max(b["max_tokens"] for b in bodies[i:i + batch]),  # noqa: E731
                                   temperature=0, stop_tokens=[], stats=st)
@@ -199,14 +198,12 @@ def static(model, tokenizer, bodies: list[dict], batch: int) -> dict:
             "busy": steps / wall}
 
 
-def alone(model, tokenizer, bodies: list[dict], batch: int, chunk: int) -> dict:
+def alone(model, ids: list[list[int]], bodies: list[dict], batch: int, chunk: int) -> dict:
     """The requests through the engine core without the server: all submitted at once to an
     `Engine` of `batch` running sequences (as the server's --max-batch, no prefix cache), driven
     from this thread (`Engine.run`), greedy, each to its max_tokens."""
     from dsv32_jax.engine.core import Engine
     from dsv32_jax.engine.scheduler import Sampling
-
-    ids = [tokenizer.encode(b["prompt"]) for b in bodies]
 
     def run():
         eng = Engine(model, max_batch=batch, chunk=chunk, prefix_cache=False)
@@ -255,6 +252,8 @@ def main(argv=None) -> int:
     n_requests = args.requests or 4 * max(args.clients)
     bodies = [{**b, "temperature": 0} for b in mix(n_requests, tokenizer)]
     split = split_cpus() if args.pin else None
+    if args.pin and split is None:
+        ap.error("--pin needs Linux and at least 2 CPUs for this process")
     engine_cpus, client_cpus = split or (None, None)
     where = f"; server, static and alone on CPUs {sorted(engine_cpus)}, clients on {sorted(client_cpus)}" \
         if split else "; no CPUs pinned"
@@ -285,10 +284,11 @@ def main(argv=None) -> int:
         if split:
             pin(engine_cpus)  # static and alone on the server's CPUs
         model = dsv32_jax.load_model(args.ckpt)
+        ids = [tokenizer.encode(b["prompt"]) for b in bodies]
         for n in args.clients:
-            report["static"].append(static(model, tokenizer, bodies, n))
+            report["static"].append(static(model, ids, bodies, n))
             print(json.dumps(report["static"][-1]), flush=True)
-            report["alone"].append(alone(model, tokenizer, bodies, n, args.chunk))
+            report["alone"].append(alone(model, ids, bodies, n, args.chunk))
             print(json.dumps(report["alone"][-1]), flush=True)
         del model
     if args.part != "throughput":
