@@ -217,8 +217,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--serve", action="store_true", help="also time engine.step.step (paged)")
-    ap.add_argument("--weights", nargs="+", choices=["narrow", "f32"], default=["narrow", "f32"],
-                    help="weight storages to time side by side (checkpoint.storage)")
+    ap.add_argument("--weights", nargs="+", choices=["narrow", "f32", "native"],
+                    default=["narrow", "f32"],
+                    help="weight storages to time side by side (checkpoint.storage); native: "
+                         "matmul_impl='native' on its e4m3 bits (dsv32_jax.native)")
     ap.add_argument("--demo", type=int, metavar="N", default=0,
                     help="also the demo model's decode tokens/s over N new tokens per storage")
     ap.add_argument("--profile", metavar="DIR", help="trace and print the per-scope breakdown")
@@ -226,12 +228,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = model_config(2 * max(args.lengths))
     narrow = init_params(cfg)
-    stores = {w: storage.store(narrow, w) for w in args.weights}
+    stores = {w: storage.store(narrow, "auto", native=True) if w == "native"
+              else storage.store(narrow, w) for w in args.weights}
+    cfgs = {w: dataclasses.replace(cfg, matmul_impl="native") if w == "native" else cfg
+            for w in args.weights}
     result = {"device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
               "params": n_params(narrow), "rows": []}
     print(f"{result['params'] / 1e6:.1f}M parameters, {result['device']}", flush=True)
     result["read_gb_s"] = read_gb_s()
-    result["read_mb"] = {w: read_mb(p, cfg) for w, p in stores.items()}
+    result["read_mb"] = {w: read_mb(p, cfgs[w]) for w, p in stores.items()}
     for w, mb in result["read_mb"].items():
         print(f"{w:>6}: {mb:.0f} MB of weights read per token; at {result['read_gb_s']:.1f} GB/s "
               f"(this machine's float32 matrix-vector read rate) >= {mb / result['read_gb_s']:.1f} "
@@ -240,22 +245,23 @@ def main(argv=None) -> None:
         for weights, params in stores.items():
             row = {"length": length, "weights": weights, "llama_cpp_ms": LLAMA_CPP_MS.get(length),
                    "load": os.getloadavg()[0]}
-            step = decode_step(params, cfg, length)
+            step = decode_step(params, cfgs[weights], length)
             row["ours_ms"], row["ours_cpu_ms"] = _median_ms(step, args.repeats)
             if args.serve:
-                row["serve_ms"], row["serve_cpu_ms"] = _median_ms(serve_step(params, cfg, length),
+                row["serve_ms"], row["serve_cpu_ms"] = _median_ms(serve_step(params, cfgs[weights],
+                                                                             length),
                                                                   args.repeats)
             if args.profile:
                 cache = init_cache(cfg, 1, length)
                 hlo = forward.lower(params, jnp.zeros((1, 1), jnp.int32),
                                     jnp.full((1, 1), length - 1, jnp.int32), cache,
-                                    jnp.zeros(1, jnp.int32), cfg=cfg).compile().as_text()
+                                    jnp.zeros(1, jnp.int32), cfg=cfgs[weights]).compile().as_text()
                 row["profile"] = profile(step, hlo,
                                          os.path.join(args.profile, f"{length}-{weights}"))
             result["rows"].append(row)
             print(_row_text(row), flush=True)
         by = {r["weights"]: r for r in result["rows"] if r["length"] == length}
-        if len(by) == 2:
+        if "narrow" in by and "f32" in by:
             n, f = by["narrow"], by["f32"]
             print(f"context {length:>6}: narrow / f32 = {n['ours_ms'] / f['ours_ms']:.2f}x wall, "
                   f"{n['ours_cpu_ms'] / f['ours_cpu_ms']:.2f}x cpu", flush=True)

@@ -163,7 +163,7 @@ def test_expert_windows_equal_every_expert_on_every_token(weights, fp8_act, toke
         outs = []
         for e in range(cfg.n_routed_experts):
             lin = lambda n, v: expert_linear(  # noqa: E731
-                cfg, m.w[n][layer, e], m.s[n][layer, e] if m.s else None, v)
+                cfg, m.w[n], m.s[n] if m.s else None, v, (layer, e))
             h = jax.nn.silu(lin("w1", x)) * lin("w3", x)
             outs.append(lin("w2", h))
         return jnp.stack(outs, 1)  # (N, E, D)

@@ -346,13 +346,15 @@ def test_widened_weights_give_bit_equal_logits(base, which, numerics):
 
 
 def test_weight_storage_choice(base):
-    """"auto" widens on CPU devices only, the Pallas kernels keep e4m3, bad names fail early."""
+    """"auto" widens on CPU devices only, the Pallas kernels keep e4m3, the native ones its bits,
+    bad names fail early."""
     from dsv32_jax.checkpoint import storage
 
     params = load_params(base, CFG)
     assert storage.widths("auto", params) == "f32" and storage.widths("narrow", params) == "narrow"
     assert storage.widths("auto", params, pallas=True) == "narrow"
-    with pytest.raises(ValueError, match="Pallas FP8 kernels read e4m3"):
+    assert storage.widths("auto", params, native=True) == "bits"
+    with pytest.raises(ValueError, match="matmul_impl='pallas': its FP8 kernels read e4m3"):
         load_model(base, weights="f32", matmul_impl="pallas")
     with pytest.raises(ValueError, match=r"weight storage must be one of .*'wide'"):
         load_model(base, weights="wide")

@@ -160,8 +160,9 @@ def test_fp8_linear_on_the_cpu():
     np.testing.assert_array_equal(
         np.asarray(fp8_linear(x, wq, ws, "ue8m0", jnp.float32)).view(np.uint32),
         np.asarray(blockwise_matmul(xq, xs, wq, ws)).view(np.uint32).reshape(2, 3, 200))
-    with pytest.raises(ValueError, match="Pallas FP8 kernel reads e4m3"):
-        fp8_linear(x, w, None, "ue8m0", jnp.bfloat16, impl="pallas")
+    for impl in ("pallas", "native"):
+        with pytest.raises(ValueError, match=f"impl '{impl}' reads e4m3 weights and their scales"):
+            fp8_linear(x, w, None, "ue8m0", jnp.bfloat16, impl=impl)
 
 
 def test_hadamard_sylvester_orthonormal():

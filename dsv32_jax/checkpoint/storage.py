@@ -21,7 +21,10 @@ float32 params both).
     "f32"    float32 wherever the params are
 
 The Pallas FP8 kernels (`Config.matmul_impl="pallas"`) read e4m3 bytes: with them "auto" is narrow
-and "f32" an error.
+and "f32" an error. So do the native CPU kernels (`matmul_impl="native"`, `dsv32_jax.native`): with
+them "auto" is "bits", the checkpoint's dtypes with each FP8 weight as its e4m3 bits (uint8, the
+same bytes), which XLA:CPU slices out of a layer stack as bytes (an e4m3 stack it widens to fp16
+whole first), and "f32" an error.
 
 The token-embedding tables are read by rows, not by a dot, and stay narrow.
 """
@@ -44,21 +47,36 @@ def on_cpu(params) -> bool:
                for d in a.sharding.device_set)
 
 
-def check(storage: str, pallas: bool = False) -> None:
-    """A ValueError for an unknown storage name, or float32 weights for the Pallas FP8 kernels."""
+def check(storage: str, pallas: bool = False, native: bool = False) -> None:
+    """A ValueError for an unknown storage name, or float32 weights for FP8 kernels."""
     if storage not in STORAGES:
         raise ValueError(f"weight storage must be one of {STORAGES}, got {storage!r}")
-    if storage == "f32" and pallas:
-        raise ValueError("weight storage 'f32' with matmul_impl='pallas': the Pallas FP8 kernels "
-                         "read e4m3 weights (use 'narrow' or 'auto')")
+    for impl, on in (("pallas", pallas), ("native", native)):
+        if storage == "f32" and on:
+            raise ValueError(f"weight storage 'f32' with matmul_impl={impl!r}: its FP8 kernels "
+                             "read e4m3 weights (use 'narrow' or 'auto')")
 
 
-def widths(storage: str, params, pallas: bool = False) -> str:
-    """The storage `storage` ("auto" resolved by where the params are): "narrow" or "f32"."""
-    check(storage, pallas)
+def widths(storage: str, params, pallas: bool = False, native: bool = False) -> str:
+    """The storage `storage` ("auto" resolved by where the params are and the kernels):
+    "narrow", "f32" or "bits" (native)."""
+    check(storage, pallas, native)
+    if storage == "auto" and native:
+        return "bits"
     if storage == "auto":
         return "f32" if on_cpu(params) and not pallas else "narrow"
     return storage
+
+
+def as_bits(params: dict) -> dict:
+    """params with every FP8 leaf as its bits (uint8, the same bytes, on its own sharding)."""
+    def leaf(a):
+        if jnp.dtype(a.dtype) != FP8:
+            return a
+        return jax.jit(lambda w: jax.lax.bitcast_convert_type(w, jnp.uint8),
+                       out_shardings=a.sharding)(a)
+
+    return jax.tree_util.tree_map(leaf, params)
 
 
 def scale_name(weight: str) -> str:
@@ -98,7 +116,10 @@ def dequantize_for(cfg) -> bool:
 
 
 def store(params: dict, storage: str = "auto", pallas: bool = False,
-          dequantize: bool = True) -> dict:
+          dequantize: bool = True, native: bool = False) -> dict:
     """params in the storage `storage` (see the module docstring); dequantize: `widen`'s
     (`dequantize_for` the config)."""
-    return widen(params, dequantize) if widths(storage, params, pallas) == "f32" else params
+    kind = widths(storage, params, pallas, native)
+    if kind == "f32":
+        return widen(params, dequantize)
+    return as_bits(params) if kind == "bits" else params

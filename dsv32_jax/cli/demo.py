@@ -50,7 +50,8 @@ def _trained(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     tok = Tokenizer.load(DEMO_DIR)
     model = dsv32_jax.load_model(DEMO_DIR, dtype=args.dtype, fp8_activations=not args.no_fp8,
-                                 mtp=args.speculative > 0, weights=args.weights)
+                                 mtp=args.speculative > 0, weights=args.weights,
+                                 matmul_impl=args.matmul)
     c = model.config
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params))
     print(f"dsv32 demo: a tiny DeepSeek-V3.2 ({n_params / 1e6:.2f}M params: {c.n_layers} layers, "
@@ -106,7 +107,8 @@ def _random(args: argparse.Namespace) -> int:
     n = check_budget(len(ids), args.max_new_tokens, cfg.max_seq_len)
     t = time.perf_counter()
     model = dsv32_jax.load_model(ckpt, dtype=args.dtype, fp8_activations=not args.no_fp8,
-                                 mtp=args.speculative > 0, weights=args.weights)
+                                 mtp=args.speculative > 0, weights=args.weights,
+                                 matmul_impl=args.matmul)
     c = model.config
     print(f"loaded in {time.perf_counter() - t:.1f}s: {c.n_layers} layers ({c.n_dense_layers} dense, "
           f"{c.n_moe_layers} MoE, {c.n_routed_experts} experts), dim {c.dim}, vocab {c.vocab_size}; "

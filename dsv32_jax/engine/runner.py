@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 
+from dsv32_jax import native
 from dsv32_jax.checkpoint import storage
 from dsv32_jax.checkpoint.hf import has_mtp_layer, is_hf_dir, load_mtp_params, load_params
 from dsv32_jax.checkpoint.weights import abstract_params
@@ -140,9 +141,11 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     caches are created in shards, and the routed experts run expert-parallel (all-to-all).
     ep_capacity_factor: None (exact: no routed pick is ever dropped) or f > 0: expert-parallel
     send buffers of f x the mean load, overflow dropped and counted (`sharding.expert_parallel`).
-    matmul_impl: "xla" (default, `quant.blockwise_matmul`) or "pallas" (the FP8 linear and the
-    grouped routed-expert Pallas kernels of `pallas_kernels`; interpreted off GPU): FP8
-    checkpoints with fp8_activations only (`Config.matmul_impl`). mtp: also load the checkpoint's
+    matmul_impl: "xla" (default, `quant.blockwise_matmul`), "pallas" (the FP8 linear and the
+    grouped routed-expert Pallas kernels of `pallas_kernels`; interpreted off GPU) or "native"
+    (a CPU host: decode steps' FP8 linears and head by the C++ kernels of `dsv32_jax.native`,
+    built on first use; `native.NativeUnavailable` when they cannot be): FP8 checkpoints with
+    fp8_activations only (`Config.matmul_impl`). mtp: also load the checkpoint's
     MTP layer (`load_mtp`; one error if it has none) as `Model.mtp`, for speculative decoding.
     weights: how the loaded weights are stored (`checkpoint.storage`): "auto" (default), when the
     params live on CPU devices, keeps the bf16 weights widened to float32 and the FP8 ones
@@ -154,8 +157,10 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _check_impl(attention_impl)
-    pallas = matmul_impl == "pallas"
-    storage.check(weights, pallas)
+    pallas, native_impl = matmul_impl == "pallas", matmul_impl == "native"
+    storage.check(weights, pallas, native_impl)
+    if native_impl:
+        native.require()
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
@@ -175,10 +180,10 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     if mesh is not None:
         if not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh (see sharding.make_mesh), got {type(mesh)}")
-        if matmul_impl == "pallas" and mesh.size > 1:
-            raise NotImplementedError("matmul_impl='pallas' on a mesh of several devices is not "
-                                      "implemented yet (the kernels are not wrapped per shard); "
-                                      "use matmul_impl='xla' with a mesh")
+        if matmul_impl != "xla" and mesh.size > 1:
+            raise NotImplementedError(f"matmul_impl={matmul_impl!r} on a mesh of several devices "
+                                      "is not implemented yet (the kernels are not wrapped per "
+                                      "shard); use matmul_impl='xla' with a mesh")
         if tuple(mesh.axis_names) != MESH_AXES:
             raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected {MESH_AXES} "
                              "(sharding.make_mesh(data=, expert=, tensor=))")
@@ -188,8 +193,9 @@ def load_model(path: str | os.PathLike, dtype: str = "bfloat16", fp8_activations
     else:
         params = load_params(path, cfg, shardings, progress=progress)
     deq = storage.dequantize_for(cfg)
-    params = storage.store(params, weights, pallas, deq)
-    mtp_params = storage.store(load_mtp(path, cfg, mesh), weights, pallas, deq) if mtp else None
+    params = storage.store(params, weights, pallas, deq, native_impl)
+    mtp_params = (storage.store(load_mtp(path, cfg, mesh), weights, pallas, deq, native_impl)
+                  if mtp else None)
     return Model(cfg, params, attention_impl, mtp_params)
 
 

@@ -17,7 +17,7 @@ from dsv32_jax.files import no_constants, read_regular
 
 BLOCK = 128  # FP8 block size: 128x128 weight blocks, 128-wide activation blocks
 DTYPES = ("bfloat16", "float32")
-MATMUL_IMPLS = ("xla", "pallas")
+MATMUL_IMPLS = ("xla", "pallas", "native")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -78,7 +78,10 @@ class Config:
     ep_capacity_factor: float | None = None
     # the FP8 linears (block-scaled, fp8 weights x fp8 activations): "xla" = quant.blockwise_matmul
     # (the reference); "pallas" = the kernels of pallas_kernels.fp8_linear / grouped_fp8
-    # (interpreted off GPU). Only defined for fp8 weights with fp8_activations (validated).
+    # (interpreted off GPU); "native" = on a CPU host, linears of few rows (a decode step) by the
+    # C++ kernels of `dsv32_jax.native`, which read the e4m3 (and the head's bf16) weights as
+    # stored, elsewhere "xla". Only defined for fp8 weights with fp8_activations (validated),
+    # "native" for the bf16 numerics only.
     matmul_impl: str = "xla"
 
     def __post_init__(self):
@@ -455,6 +458,9 @@ def _validate(c: Config) -> None:
          f"matmul_impl={c.matmul_impl!r} runs the FP8 block-scaled kernels: it needs FP8 weights "
          f"and fp8_activations=True (got weight_dtype={c.weight_dtype!r}, fp8_activations="
          f"{c.fp8_activations}); use matmul_impl='xla'")
+    need(c.matmul_impl != "native" or c.dtype == "bfloat16",
+         "matmul_impl='native' takes the bf16 numerics' FP8 linears (one float32 product of the "
+         f"dequantized operands); dtype={c.dtype!r} keeps the release's blockwise order: use 'xla'")
     need(c.weight_dtype in ("fp8", "bf16"), f"weight_dtype must be 'fp8' or 'bf16', got {c.weight_dtype!r}")
     need(c.scale_fmt in (None, "ue8m0"), f"scale_fmt must be None or 'ue8m0', got {c.scale_fmt!r}")
     need(0 <= c.n_dense_layers <= c.n_layers,

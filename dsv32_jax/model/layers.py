@@ -11,8 +11,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsv32_jax.model.config import BLOCK, Config, cdiv
-from dsv32_jax.model.quant import (FP32_BY_SPEC, FP8, HIGHEST, act_quant, blockwise_matmul,
-                                   dequant, dequant_matmul, einsum)
+from dsv32_jax.model.quant import (FP32_BY_SPEC, FP8, HIGHEST, act_f32, act_quant,
+                                   blockwise_matmul, dequant, dequant_matmul, einsum, to_f32)
+from dsv32_jax import native
+from pallas_kernels.common import from_bits
 from pallas_kernels.fp8_linear import fp8_linear as pallas_fp8_linear
 
 Axes = tuple[str, ...]
@@ -83,9 +85,16 @@ class Linear(nn.Module):
         return jnp.float32 if self.f32 else jnp.dtype(self.cfg.dtype)
 
     def dense_weight(self) -> jax.Array:
-        """W (out, in) in the compute dtype (dequantized if FP8)."""
+        """W (out, in) in the compute dtype (dequantized if FP8; lowered for the CPU, its e4m3
+        values widened by `quant.to_f32`, the same values, where XLA:CPU's convert is software)."""
         if self.quantized and self.scale is not None:
-            return dequant(self.weight, self.scale, self.dtype)
+            def cpu(w, s):
+                return dequant(to_f32(from_bits(w)), s, self.dtype)
+
+            def default(w, s):
+                return dequant(from_bits(w), s, self.dtype)
+
+            return jax.lax.platform_dependent(self.weight, self.scale, cpu=cpu, default=default)
         return self.weight.astype(self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -93,7 +102,7 @@ class Linear(nn.Module):
             return fp8_linear(x, self.weight, self.scale, self.cfg.scale_fmt, self.dtype,
                               self.cfg.matmul_impl)
         if self.f32 and not self.quantized:  # bf16 weight used in float32, widened in chunks
-            return f32_matmul(x, self.weight)
+            return f32_matmul(x, self.weight, self.cfg.matmul_impl == "native")
         return matmul(x, self.dense_weight(), self.dtype)
 
 
@@ -109,7 +118,7 @@ def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array | None, scale_fmt, dtype,
-               impl: str = "xla") -> jax.Array:
+               impl: str = "xla", index: tuple = ()) -> jax.Array:
     """act_quant(x) (..., K) times FP8 w (N, K) with block scales s (N/128, K/128), blockwise:
     `quant.blockwise_matmul` (impl "xla") or the Pallas kernel `pallas_kernels.fp8_linear`.
 
@@ -118,23 +127,39 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array | None, scale_fmt, dtype
     float32 order, rounded to bf16 after. A float32 result keeps the blockwise order everywhere (an e4m3 re-quantization
     downstream would carry its last-bit differences: tests/test_parity.py's float32 checks).
     s None: w is stored dequantized in float32 (`checkpoint.storage`, a bf16 result only) and goes
-    to `quant.dequant_matmul`."""
-    n, k = w.shape[0], x.shape[-1]
+    to `quant.dequant_matmul`. w may be given as its e4m3 bits (uint8: the storage of impl
+    "native", which XLA:CPU slices without widening). Impl "native" (bf16 results): lowered for
+    the CPU, up to `native.GEMV_ROWS` rows go to the C++ kernel (`native.gemv`: the dequantized
+    activations times the stored e4m3 weight and its scales, float32 sums in another order), more
+    rows and other platforms as "xla". index: w and s are stacks (L..., N, K) / (L..., N/128,
+    K/128) and the weight is w[index] (the routed experts' [layer, e]), which the native kernel
+    reads in place and the others slice out."""
+    n, k = w.shape[-2], x.shape[-1]
     lead = x.shape[:-1]
-    if impl not in ("xla", "pallas"):
-        raise ValueError(f"fp8_linear: unknown impl {impl!r} (xla, pallas)")
-    if s is None and impl == "pallas":
-        raise ValueError("fp8_linear: the Pallas FP8 kernel reads e4m3 weights, not a dequantized "
-                         "float32 one")
+    if impl not in ("xla", "pallas", "native"):
+        raise ValueError(f"fp8_linear: unknown impl {impl!r} (xla, pallas, native)")
+    if s is None and impl != "xla":
+        raise ValueError(f"fp8_linear: impl {impl!r} reads e4m3 weights and their scales, not a "
+                         "dequantized float32 weight")
+    if index and impl != "native":
+        w, s, index = w[index], (None if s is None else s[index]), ()
     xq, xs = act_quant(x.reshape(-1, k), scale_fmt)
     if s is None:
         y = dequant_matmul(xq, xs, w)
     elif impl == "pallas":
-        y = pallas_fp8_linear(xq, xs, w, s)
+        y = pallas_fp8_linear(xq, xs, from_bits(w), s)
     elif jnp.dtype(dtype) == jnp.float32:  # the release's order: see the docstring
-        y = blockwise_matmul(xq, xs, w, s)
+        y = blockwise_matmul(xq, xs, from_bits(w), s)
     else:
-        y = jax.lax.platform_dependent(xq, xs, w, s, default=blockwise_matmul, cpu=dequant_matmul)
+        def cpu(xq, xs, w, s, *index):
+            if impl == "native" and xq.shape[0] <= native.GEMV_ROWS:
+                return native.gemv(act_f32(xq, xs), w, s, index)
+            return dequant_matmul(xq, xs, from_bits(w[index]), s[index])
+
+        def default(xq, xs, w, s, *index):
+            return blockwise_matmul(xq, xs, from_bits(w[index]), s[index])
+
+        y = jax.lax.platform_dependent(xq, xs, w, s, *index, cpu=cpu, default=default)
     return y.reshape(*lead, n).astype(dtype)
 
 
@@ -142,14 +167,20 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array | None, scale_fmt, dtype
 WIDEN_ROWS = 2048
 
 
-def f32_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+def f32_matmul(h: jax.Array, w: jax.Array, native_rows: bool = False) -> jax.Array:
     """float32 h (..., D) @ w (V, D)^T for a bf16 w used in float32 (the head, the indexer's
     weights_proj): w is widened WIDEN_ROWS rows at a time, so no float32 copy of a whole
-    (129280, 7168) head exists; a w stored widened (`checkpoint.storage`) is one dot."""
+    (129280, 7168) head exists; a w stored widened (`checkpoint.storage`) is one dot.
+    native_rows (matmul_impl "native"): lowered for the CPU, up to `native.GEMV_ROWS` rows of h
+    times a bf16 w go to the C++ kernel (`native.gemv`, w read as stored)."""
     v, d = w.shape
     lead = h.shape[:-1]
     x = h.reshape(-1, d).astype(jnp.float32)
     with jax.named_scope(FP32_BY_SPEC):
+        if native_rows and w.dtype == jnp.bfloat16 and x.shape[0] <= native.GEMV_ROWS:
+            return jax.lax.platform_dependent(
+                x, w, cpu=native.gemv,
+                default=lambda x, w: f32_matmul(x, w)).reshape(*lead, v)
         if v <= WIDEN_ROWS or w.dtype == jnp.float32:
             return matmul(x, w, jnp.float32).reshape(*lead, v)
         n = cdiv(v, WIDEN_ROWS)

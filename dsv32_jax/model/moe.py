@@ -148,7 +148,7 @@ def routed_rows(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.Array, s
     xs = jnp.pad(x[src[order]], ((0, window), (0, 0)))  # (R + window, D), pad rows unused
 
     def linear(name, e, rows):
-        return expert_linear(cfg, w[name][layer, e], s[name][layer, e] if s else None, rows)
+        return expert_linear(cfg, w[name], s[name] if s else None, rows, (layer, e))
 
     def run(i, y):
         e, start, rows = plan[0][i], plan[1][i], plan[2][i]
@@ -203,10 +203,16 @@ def routed_rows_pallas(cfg: Config, w: dict, s: dict, layer: jax.Array, x: jax.A
     return y[:r]
 
 
-def expert_linear(cfg: Config, w: jax.Array, s: jax.Array | None, x: jax.Array) -> jax.Array:
-    """One expert's projection: rows x (C, K), weight w (N, K) (+ block scales s when FP8; none
-    when stored dequantized, `checkpoint.storage`) -> (C, N) in the compute dtype."""
+def expert_linear(cfg: Config, w: jax.Array, s: jax.Array | None, x: jax.Array,
+                  index: tuple) -> jax.Array:
+    """One expert's projection: rows x (C, K), weight w[index] (N, K) of the stack w (+ block
+    scales s[index] when FP8; none when stored dequantized, `checkpoint.storage`) -> (C, N) in the
+    compute dtype. The native kernels read w[index] in place; the rest slice it out."""
     dtype = jnp.dtype(cfg.dtype)
+    if cfg.quantized and cfg.fp8_activations and s is not None:
+        return fp8_linear(x, w, s, cfg.scale_fmt, dtype,
+                          "native" if cfg.matmul_impl == "native" else "xla", index)
+    w, s = w[index], None if s is None else s[index]
     if not cfg.quantized:
         return matmul(x, w, dtype)
     if cfg.fp8_activations:

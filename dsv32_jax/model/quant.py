@@ -204,6 +204,13 @@ def blockwise_matmul(x_q: jax.Array, x_s: jax.Array, w_q: jax.Array, w_s: jax.Ar
 DEQUANT_ROWS = 2048
 
 
+def act_f32(x_q: jax.Array, x_s: jax.Array) -> jax.Array:
+    """act_quant's x_q (M, K) e4m3 times its scales x_s (M, K/128) -> (M, K) float32 (`to_f32`:
+    XLA:CPU's e4m3 convert is software)."""
+    m, k = x_q.shape
+    return (to_f32(x_q).reshape(m, k // BLOCK, BLOCK) * x_s[..., None]).reshape(m, k)
+
+
 def dequant_matmul(x_q: jax.Array, x_s: jax.Array, w: jax.Array,
                    w_s: jax.Array | None = None) -> jax.Array:
     """The FP8 linear on the CPU: act_quant's x_q (M, K) e4m3 with scales x_s (M, K/128) times the
@@ -217,8 +224,8 @@ def dequant_matmul(x_q: jax.Array, x_s: jax.Array, w: jax.Array,
     The same real sum as `blockwise_matmul` in another float32 order (its K/128 per-block dots
     and their scaled sum cost XLA:CPU ~1.6x one matrix-vector product); x_q * x_s is exact with
     ue8m0 (power-of-two) scales."""
-    m, k = x_q.shape
-    x = (to_f32(x_q).reshape(m, k // BLOCK, BLOCK) * x_s[..., None]).reshape(m, k)  # (M, K) f32
+    m = x_q.shape[0]
+    x = act_f32(x_q, x_s)  # (M, K) f32
 
     def product(w, s):  # rows (R, K) of the weight (+ their block scales) -> (M, R) f32
         return einsum(MATMUL, x, w if s is None else dequant(to_f32(w), s, jnp.float32),
