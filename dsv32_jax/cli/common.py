@@ -280,7 +280,8 @@ def load_weights(path: str, args: argparse.Namespace):
     where = "" if mesh is None else f" on a {'x'.join(map(str, mesh.devices.shape))} mesh"
     say(f"loading {path}{where} ...")
     model = dsv32_jax.load_model(path, dtype=args.dtype, fp8_activations=not args.no_fp8, mesh=mesh,
-                                 progress=not quiet, weights=args.weights, matmul_impl=args.matmul,
+                                 progress=not quiet, weights=args.weights,
+                                 matmul_impl=getattr(args, "matmul", "xla"),
                                  attention_impl=args.attention, mtp=getattr(args, "speculative", 0) > 0)
     say(f"loaded in {time.perf_counter() - t:.1f}s")
     if mesh is not None and model.config.n_moe_layers:
