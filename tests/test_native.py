@@ -292,10 +292,12 @@ def test_a_failed_build_leaves_no_library(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
+    """The tiny FP8 preset at 2 layers: not the programs of `dsv32 demo --random` (tiny), which
+    tests/test_cli.py expects to compile afresh (the test run shares one compile cache)."""
     from dsv32_jax import preset
     from dsv32_jax.checkpoint.synthetic import write_checkpoint
 
-    return write_checkpoint(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny")
+    return write_checkpoint(preset("tiny", n_layers=2), tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 def test_cli_generate_with_native_kernels(tiny_ckpt, capsys, monkeypatch):
@@ -304,7 +306,7 @@ def test_cli_generate_with_native_kernels(tiny_ckpt, capsys, monkeypatch):
     from dsv32_jax.cli import main
 
     args = ["generate", "--ckpt", str(tiny_ckpt), "--prompt", "Hello there", "--max-new-tokens", "6",
-            "--temperature", "0", "--no-compile-cache"]  # JAX's cache dir is set once a process
+            "--temperature", "0"]
     assert main(args) == 0
     xla = capsys.readouterr().out
     assert main([*args, "--matmul", "native"]) == 0
