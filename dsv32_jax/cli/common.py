@@ -120,28 +120,35 @@ def say(*parts, end: str = "\n") -> None:
     print(*parts, file=sys.stderr, flush=True, end=end)
 
 
-_cache_hits = [0, 0]  # persistent compilation cache hits: so far, and when the open compile line began
+# persistent compilation cache events so far, and when the open compile line began: a step's line says
+# "(from the compile cache)" when its programs were read, none compiled (a small program another run
+# compiled identically, e.g. the step inputs' unpacking, is a hit beside a step program compiled afresh)
+_cache = {"hits": 0, "misses": 0}
+_cache_at_open = dict(_cache)
 
 
 def _compile_notice(label: str, seconds: float | None) -> None:
     """`ChatSession.on_compile`: a line on stderr while a new shape compiles (10-25 s on a large model)."""
     global _open_line
     if seconds is None:
-        _cache_hits[1] = _cache_hits[0]
+        _cache_at_open.update(_cache)
         if _reply_open and sys.stderr.isatty() and sys.stdout.isatty():  # not inside a reply's line
             print(file=sys.stderr)
         say(f"compiling {label} ...", end="")
     else:
         _open_line = False
-        say(f" {seconds:.1f}s" + (" (from the compile cache)" if _cache_hits[0] > _cache_hits[1] else ""))
+        read = _cache["hits"] > _cache_at_open["hits"] and _cache["misses"] == _cache_at_open["misses"]
+        say(f" {seconds:.1f}s" + (" (from the compile cache)" if read else ""))
 
 
-def _count_hit(event: str, **_) -> None:
+def _count_event(event: str, **_) -> None:
     if event == "/jax/compilation_cache/cache_hits":
-        _cache_hits[0] += 1
+        _cache["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":  # JAX's name for a compile written to the cache
+        _cache["misses"] += 1
 
 
-_listening = False  # _count_hit is a JAX event listener, registered once per process
+_listening = False  # _count_event is a JAX event listener, registered once per process
 
 
 @contextlib.contextmanager
@@ -166,7 +173,7 @@ def compile_cache(enabled: bool):
         jax.config.update(names[0], os.path.join(cache_dir(), "xla"))
         jax.config.update(names[1], 0.0)
     if not _listening:
-        jax.monitoring.register_event_listener(_count_hit)
+        jax.monitoring.register_event_listener(_count_event)
         _listening = True
     try:
         yield

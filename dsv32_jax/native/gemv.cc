@@ -91,10 +91,9 @@ inline void widen32(const uint16_t* p, __m512& lo, __m512& hi) { bf16_32(p, lo, 
 inline float widen1(uint8_t b) { return e4m3_value(b) * 0x1p-8f; }  // as e4m3_32
 inline float widen1(uint16_t h) { return bf16_value(h); }
 
-// y[m, r] for r < nr, m < mr: rows x (mr, K) (already scaled), weight rows w + r * ldw.
+// y[m, r] for r < nr, m < mr: rows x (mr, K) (already scaled), weight rows w + r * K.
 template <typename W, int nr, int mr>
-void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float* y,
-          int64_t ldy) {
+void tile(const float* x, int64_t ldx, const W* w, int64_t k, float* y, int64_t ldy) {
   int64_t k16 = 0;
   float sums[nr][mr];
 #if defined(__AVX512F__)
@@ -110,8 +109,8 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float
     }
     for (int r = 0; r < nr; ++r) {
       __m512 lo, hi;
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + j) + PREFETCH, _MM_HINT_T0);
-      widen32(w + r * ldw + j, lo, hi);
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * k + j) + PREFETCH, _MM_HINT_T0);
+      widen32(w + r * k + j, lo, hi);
       for (int m = 0; m < mr; ++m) {
         acc[r][m] = _mm512_fmadd_ps(xl[m], lo, acc[r][m]);
         acc[r][m] = _mm512_fmadd_ps(xh[m], hi, acc[r][m]);
@@ -126,7 +125,7 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float
 #endif
   for (int64_t j = k16; j < k; ++j)
     for (int r = 0; r < nr; ++r) {
-      float wv = widen1(w[r * ldw + j]);
+      float wv = widen1(w[r * k + j]);
       for (int m = 0; m < mr; ++m) sums[r][m] += x[m * ldx + j] * wv;
     }
   for (int r = 0; r < nr; ++r)
@@ -134,14 +133,13 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, float
 }
 
 template <typename W, int nr>
-void rows_tile(const float* x, int64_t m, int64_t k, const W* w, int64_t ldw, float* y,
-               int64_t ldy) {
+void rows_tile(const float* x, int64_t m, int64_t k, const W* w, float* y, int64_t ldy) {
   int64_t i = 0;
-  for (; i + MR <= m; i += MR) tile<W, nr, MR>(x + i * k, k, w, ldw, k, y + i * ldy, ldy);
+  for (; i + MR <= m; i += MR) tile<W, nr, MR>(x + i * k, k, w, k, y + i * ldy, ldy);
   switch (m - i) {
-    case 3: tile<W, nr, 3>(x + i * k, k, w, ldw, k, y + i * ldy, ldy); break;
-    case 2: tile<W, nr, 2>(x + i * k, k, w, ldw, k, y + i * ldy, ldy); break;
-    case 1: tile<W, nr, 1>(x + i * k, k, w, ldw, k, y + i * ldy, ldy); break;
+    case 3: tile<W, nr, 3>(x + i * k, k, w, k, y + i * ldy, ldy); break;
+    case 2: tile<W, nr, 2>(x + i * k, k, w, k, y + i * ldy, ldy); break;
+    case 1: tile<W, nr, 1>(x + i * k, k, w, k, y + i * ldy, ldy); break;
     default: break;
   }
 }
@@ -150,8 +148,8 @@ template <typename W, int nr>
 void rows_by(const float* x, int64_t m, int64_t k, const W* w, int64_t n, int64_t n0, int64_t n1,
              float* y) {
   int64_t r = n0;
-  for (; r + nr <= n1; r += nr) rows_tile<W, nr>(x, m, k, w + r * k, k, y + r, n);
-  for (; r < n1; ++r) rows_tile<W, 1>(x, m, k, w + r * k, k, y + r, n);
+  for (; r + nr <= n1; r += nr) rows_tile<W, nr>(x, m, k, w + r * k, y + r, n);
+  for (; r < n1; ++r) rows_tile<W, 1>(x, m, k, w + r * k, y + r, n);
 }
 
 // Weight rows [n0, n1) (within one 128-row block when scaled): x (M, K), y (M, N). 8 weight rows
