@@ -11,6 +11,7 @@ import sys
 import time
 
 from dsv32_jax import argtypes
+from dsv32_jax.cachedir import cache_dir
 from dsv32_jax.engine import checks
 
 # ------------------------------------------------------------------------------------------------------------
@@ -98,10 +99,6 @@ def mesh_options(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Lines on stderr, the compile cache, input text
 # ------------------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> str:
-    return os.environ.get("DSV32_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv32_jax")
 
 
 _open_line = False  # a "compiling ..." line on stderr waits for its time

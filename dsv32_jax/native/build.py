@@ -19,6 +19,8 @@ import tempfile
 
 import jax
 
+from dsv32_jax.cachedir import cache_dir
+
 SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 TARGETS = ("dsv32_gemv_e4m3", "dsv32_gemv_bf16")
@@ -27,11 +29,6 @@ TARGETS = ("dsv32_gemv_e4m3", "dsv32_gemv_bf16")
 class NativeUnavailable(OSError):
     """The native kernels could not be built or loaded on this host (the message says why): an
     environment error, as a missing file is (the CLI prints it in one line)."""
-
-
-def cache_root() -> str:
-    return os.environ.get("DSV32_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "dsv32_jax")
 
 
 def _cpu_flags() -> str:
@@ -47,7 +44,7 @@ def library_path(cxx: str) -> str:
         src = f.read()
     key = hashlib.sha256(b"\0".join([src, jax.lib.__version__.encode(), cxx.encode(),
                                      " ".join(FLAGS).encode(), _cpu_flags().encode()]))
-    return os.path.join(cache_root(), "native", f"gemv-{key.hexdigest()[:16]}.so")
+    return os.path.join(cache_dir(), "native", f"gemv-{key.hexdigest()[:16]}.so")
 
 
 def _compile(cxx: str, out: str) -> None:
