@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.decode import median_time
 from dsv32_jax import native
 from dsv32_jax.model.layers import f32_matmul
 from dsv32_jax.model.quant import dequant, dequant_matmul, einsum
@@ -36,16 +35,6 @@ SHAPES = [
     ("671B expert w1", 2048, 7168, "e4m3"),
     ("671B expert w2", 7168, 2048, "e4m3"),
 ]
-
-
-def _median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def case(n: int, k: int, kind: str, m: int, repeats: int, rng) -> dict[str, float]:
@@ -70,7 +59,7 @@ def case(n: int, k: int, kind: str, m: int, repeats: int, rng) -> dict[str, floa
                 "xla narrow": (jax.jit(dequant_matmul), (xq, xs, w, s), w.nbytes)}
     out = {}
     for name, (fn, args, nbytes) in runs.items():
-        ms = _median_ms(fn, *args, repeats=repeats)
+        ms = 1e3 * median_time(lambda: fn(*args), repeats)
         out[name] = ms
         out[name + " GB/s"] = nbytes / ms / 1e6
     return out
